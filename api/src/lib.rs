@@ -1,0 +1,37 @@
+//! Wire types shared by the capmesh proxy, control plane and CLI.
+//!
+//! This crate owns the *shape* of what crosses process boundaries — names, registrations, the
+//! topology stream's frames, REST bodies — and the rules for reading them (tag selectors, version
+//! constraints, authorization policy). It does no I/O.
+#![forbid(unsafe_code)]
+// Tests may unwrap: a panic there is a failed assertion. The library build is still linted.
+
+pub mod dependency;
+pub mod names;
+pub mod policy;
+pub mod registration;
+pub mod rest;
+pub mod selector;
+pub mod snapshot;
+pub mod stream;
+pub mod version;
+
+pub use dependency::{Dependency, DependencyTarget};
+pub use names::{AgentName, Capability, NameError, Namespace, Tag, TrustDomain};
+pub use policy::{
+    Policy, PolicyAction, PolicyDefault, PolicyError, PolicyRule, UNAUTHENTICATED, glob_match,
+};
+pub use registration::{CapabilityOverride, FlagError, Registration, ToolSpec};
+pub use rest::{
+    AgentInfo, CapabilityInfo, CertificateRequest, CertificateResponse, Entity, EntityRequest,
+    ErrorBody, InstanceInfo, TokenCreated, TokenInfo, TokenRequest,
+};
+pub use selector::{Selector, SelectorError, TagRule};
+pub use snapshot::{
+    Delta, DeltaError, Endpoint, EndpointId, EntityTrust, MeshSettings, Snapshot, SnapshotVersion,
+    TrustBundle,
+};
+pub use stream::{
+    ControlFrame, FrameError, Hello, MAX_FRAME_BYTES, Node, ProxyFrame, decode_frame, encode_frame,
+};
+pub use version::{VersionError, parse_version, parse_version_req};

@@ -1,0 +1,223 @@
+//! Request and response bodies (JSON) of the control plane's REST API under `/v1/`.
+
+use semver::Version;
+use serde::{Deserialize, Serialize};
+
+use crate::names::{AgentName, Capability, NameError, Namespace, Tag};
+use crate::registration::ToolSpec;
+use crate::snapshot::{Endpoint, SnapshotVersion};
+
+/// Every error response: a short machine-readable `error` and a `detail` saying what to do.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// A stable code (`not_found`, `invalid_request`, `unauthorized`, ...).
+    pub error: String,
+    /// What went wrong and how to fix it, for people.
+    pub detail: String,
+}
+
+/// One running instance of an agent (one proxy).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    /// The instance's proxy id.
+    pub proxy_id: String,
+    /// The `host:port` other proxies dial.
+    pub address: String,
+    /// The instance's zone, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Whether its agent is healthy.
+    pub healthy: bool,
+    /// Whether its proxy's stream is connected now (false during the grace period).
+    pub connected: bool,
+    /// The agent's tags.
+    #[serde(default)]
+    pub tags: Vec<Tag>,
+    /// The agent's version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<Version>,
+    /// The snapshot version the proxy last acked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_version: Option<SnapshotVersion>,
+    /// The tools it registered.
+    #[serde(default)]
+    pub tools: Vec<ToolSpec>,
+}
+
+/// An agent and its instances (`GET /v1/agents`, `GET /v1/agents/{id}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentInfo {
+    /// The agent's name.
+    pub name: AgentName,
+    /// The agent's namespace.
+    pub namespace: Namespace,
+    /// The agent's SPIFFE ID.
+    pub identity: String,
+    /// Its running instances.
+    #[serde(default)]
+    pub instances: Vec<InstanceInfo>,
+}
+
+/// A capability and every endpoint serving it (`GET /v1/capabilities`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CapabilityInfo {
+    /// The capability.
+    pub capability: Capability,
+    /// Its endpoints, healthy or not.
+    #[serde(default)]
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// `POST /v1/certificates`: a CSR, with a bootstrap token for a proxy's first certificate
+/// (renewals authenticate with the current certificate instead).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateRequest {
+    /// The PKCS#10 certificate signing request (PEM).
+    pub csr_pem: String,
+    /// The bootstrap token, for a first certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
+}
+
+/// The answer to a [`CertificateRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertificateResponse {
+    /// The issued certificate followed by any intermediates (PEM).
+    pub certificate_chain_pem: String,
+    /// The CAs to trust for mesh peers (PEM).
+    pub ca_bundle_pem: String,
+    /// When the certificate expires (Unix seconds).
+    pub not_after_unix: i64,
+    /// The SPIFFE ID the certificate carries.
+    pub identity: String,
+}
+
+/// `POST /v1/entities`: register an extra CA the mesh trusts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EntityRequest {
+    /// The entity's name: a DNS label (`partner-a`).
+    pub name: String,
+    /// The entity's CA certificate (PEM).
+    pub ca_pem: String,
+}
+
+impl EntityRequest {
+    /// Checks the name is a DNS label (lowercase letters, digits and '-', at most 63).
+    pub fn validate(&self) -> Result<(), NameError> {
+        // Same rule as a namespace; only the name of the thing differs in the message.
+        Namespace::new(self.name.as_str())
+            .map(drop)
+            .map_err(|e| NameError {
+                kind: "entity name",
+                ..e
+            })
+    }
+}
+
+/// A registered entity (`GET /v1/entities`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entity {
+    /// The entity's name.
+    pub name: String,
+    /// The entity's CA certificate (PEM).
+    pub ca_pem: String,
+    /// SHA-256 of the CA certificate's DER, lowercase hex.
+    pub fingerprint_sha256: String,
+    /// When it was registered (Unix seconds).
+    pub created_unix: i64,
+    /// When it was revoked (Unix seconds), if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_unix: Option<i64>,
+}
+
+/// `POST /v1/tokens`: create a bootstrap token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenRequest {
+    /// The namespace the token may get certificates in.
+    pub namespace: Namespace,
+    /// Which agent names it may get certificates for (a glob: `weather-*`, `*`).
+    pub agent_pattern: String,
+    /// How long the token is valid, in seconds.
+    pub ttl_secs: u64,
+    /// A note for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// A bootstrap token, without its secret (`GET /v1/tokens`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    /// The token's id (for `DELETE /v1/tokens/{id}`).
+    pub id: String,
+    /// The namespace it may get certificates in.
+    pub namespace: Namespace,
+    /// Which agent names it may get certificates for (a glob).
+    pub agent_pattern: String,
+    /// When it expires (Unix seconds).
+    pub expires_unix: i64,
+    /// Whether it was revoked.
+    pub revoked: bool,
+    /// A note for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// The answer to a [`TokenRequest`]: the only time the secret is shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenCreated {
+    /// The token's details.
+    pub info: TokenInfo,
+    /// The secret to pass as `--bootstrap-token`.
+    pub token: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entity_names_follow_the_dns_label_rule() {
+        let request = |name: &str| EntityRequest {
+            name: name.into(),
+            ca_pem: String::new(),
+        };
+        assert!(request("partner-a").validate().is_ok());
+        let err = request("Partner A").validate().unwrap_err().to_string();
+        assert!(
+            err.starts_with("entity name \"Partner A\" is not valid: it is a DNS label"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bodies_read_with_missing_optionals_and_unknown_fields() {
+        let info: TokenInfo = serde_json::from_str(
+            r#"{"id":"t1","namespace":"default","agent_pattern":"*","expires_unix":1,"revoked":false,"new":0}"#,
+        )
+        .unwrap();
+        assert_eq!(info.description, None);
+        let out = serde_json::to_value(&info).unwrap();
+        assert!(
+            out.get("description").is_none(),
+            "absent optionals are left out: {out}"
+        );
+
+        let agent: AgentInfo = serde_json::from_str(
+            r#"{"name":"weather","namespace":"default","identity":"spiffe://capmesh.local/ns/default/agent/weather",
+                "instances":[{"proxy_id":"p-1","address":"10.0.0.7:15006","healthy":true,"connected":false,
+                "snapshot_version":4,"tools":[{"function":"get_weather","capability":"weather"}]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            agent.instances[0].snapshot_version,
+            Some(SnapshotVersion(4))
+        );
+        assert!(!agent.instances[0].connected);
+        assert_eq!(agent.instances[0].tools[0].function, "get_weather");
+
+        let bad = serde_json::from_str::<TokenRequest>(
+            r#"{"namespace":"Bad NS","agent_pattern":"*","ttl_secs":60}"#,
+        );
+        assert!(bad.is_err());
+    }
+}

@@ -1,0 +1,407 @@
+//! Peer verification: chains checked against a *set* of trust anchors (the mesh CA plus
+//! registered entity CAs) minus revocations, and identity read from the SPIFFE URI SAN.
+//!
+//! The anchors and revocations live behind an `ArcSwap`, so a change applies to the next
+//! handshake of every listener and client built on the same [`TrustStore`], with no restart.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use capmesh_api::TrustDomain;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::WebPkiSupportedAlgorithms;
+use rustls::pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
+
+use crate::inspect::{certs_from_pem, identity_of, inspect_der};
+use crate::{CertError, SpiffeId};
+
+/// Why a peer's certificate (or connection) was refused. Each case names one rule.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// The chain does not lead to any trusted CA.
+    #[error("unknown CA: the certificate does not chain to the mesh CA or a registered entity")]
+    UnknownCa,
+    /// The certificate's validity window has ended.
+    #[error("expired: the certificate's validity window has ended")]
+    Expired,
+    /// The certificate's validity window has not started.
+    #[error("not yet valid: the certificate's validity window starts in the future (check clocks)")]
+    NotYetValid,
+    /// The certificate's (or an intermediate's) serial is on the revocation list.
+    #[error("revoked serial: the certificate's serial number is revoked")]
+    RevokedSerial,
+    /// The certificate chains to an entity CA that has been revoked.
+    #[error("revoked entity: the certificate was issued by entity {0:?}, which is revoked")]
+    RevokedEntity(String),
+    /// The peer is not the workload this side expected.
+    #[error("identity mismatch: expected {expected}, the peer is {actual}")]
+    IdentityMismatch {
+        /// Who we meant to reach.
+        expected: String,
+        /// Who answered.
+        actual: String,
+    },
+    /// The certificate carries no (or an invalid) SPIFFE ID.
+    #[error("no identity: {0}")]
+    NoIdentity(String),
+    /// A strict listener received a connection that is not TLS.
+    #[error("plaintext refused: this listener is in strict mode and accepts only mutual TLS")]
+    Plaintext,
+    /// A strict listener's client presented no certificate.
+    #[error(
+        "no client certificate: this listener is in strict mode and requires a mesh certificate"
+    )]
+    NoClientCertificate,
+    /// The peer refused *our* certificate and told us so with a TLS alert.
+    #[error("refused by the peer with TLS alert {0}")]
+    PeerAlert(String),
+    /// Anything else wrong with the certificate.
+    #[error("invalid certificate: {0}")]
+    Invalid(String),
+}
+
+impl Refusal {
+    /// Classifies a rustls error, as returned by a failed handshake, into the rule it broke.
+    pub fn from_tls_error(err: &rustls::Error) -> Option<Refusal> {
+        match err {
+            rustls::Error::InvalidCertificate(cert) => Some(match cert {
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
+                    Refusal::Expired
+                }
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
+                    Refusal::NotYetValid
+                }
+                CertificateError::UnknownIssuer => Refusal::UnknownCa,
+                CertificateError::Revoked => Refusal::RevokedSerial,
+                CertificateError::Other(OtherError(inner)) => match inner.downcast_ref::<Refusal>()
+                {
+                    Some(r) => r.clone(),
+                    None => Refusal::Invalid(inner.to_string()),
+                },
+                other => Refusal::Invalid(other.to_string()),
+            }),
+            rustls::Error::NoCertificatesPresented => Some(Refusal::NoClientCertificate),
+            rustls::Error::AlertReceived(alert) => Some(Refusal::PeerAlert(format!("{alert:?}"))),
+            _ => None,
+        }
+    }
+
+    /// Classifies the `io::Error` a tokio-rustls handshake returns.
+    pub fn from_io_error(err: &std::io::Error) -> Option<Refusal> {
+        err.get_ref()
+            .and_then(|e| e.downcast_ref::<rustls::Error>())
+            .and_then(Refusal::from_tls_error)
+    }
+
+    /// A short stable label for metrics (`refusals{reason="expired"}`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::UnknownCa => "unknown_ca",
+            Refusal::Expired => "expired",
+            Refusal::NotYetValid => "not_yet_valid",
+            Refusal::RevokedSerial => "revoked_serial",
+            Refusal::RevokedEntity(_) => "revoked_entity",
+            Refusal::IdentityMismatch { .. } => "identity_mismatch",
+            Refusal::NoIdentity(_) => "no_identity",
+            Refusal::Plaintext => "plaintext",
+            Refusal::NoClientCertificate => "no_client_certificate",
+            Refusal::PeerAlert(_) => "peer_alert",
+            Refusal::Invalid(_) => "invalid",
+        }
+    }
+
+    fn into_rustls(self) -> rustls::Error {
+        // Standard variants where rustls has them, so the peer gets the precise TLS alert.
+        let cert = match self {
+            Refusal::UnknownCa => CertificateError::UnknownIssuer,
+            Refusal::Expired => CertificateError::Expired,
+            Refusal::NotYetValid => CertificateError::NotValidYet,
+            Refusal::RevokedSerial => CertificateError::Revoked,
+            other => CertificateError::Other(OtherError(Arc::new(other))),
+        };
+        rustls::Error::InvalidCertificate(cert)
+    }
+}
+
+/// What the mesh trusts right now. Built from the topology stream's trust bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustConfig {
+    /// The mesh's trust domain.
+    pub trust_domain: TrustDomain,
+    /// The mesh CA certificate(s), PEM.
+    pub mesh_ca_pem: String,
+    /// Registered entity CAs: (entity name, CA PEM).
+    pub entities: Vec<(String, String)>,
+    /// Names of revoked entities (their CAs may still be listed; they are refused by name).
+    pub revoked_entities: Vec<String>,
+    /// Revoked serial numbers, lowercase hex.
+    pub revoked_serials: Vec<String>,
+}
+
+#[derive(Debug)]
+struct Anchor {
+    /// `None` for the mesh CA, the entity's name otherwise.
+    entity: Option<String>,
+    anchor: TrustAnchor<'static>,
+}
+
+#[derive(Debug)]
+struct TrustState {
+    anchors: Vec<Anchor>,
+    webpki_anchors: Vec<TrustAnchor<'static>>,
+    revoked_entities: HashSet<String>,
+    revoked_serials: HashSet<String>,
+}
+
+impl TrustState {
+    fn build(cfg: &TrustConfig) -> Result<Self, CertError> {
+        let mut anchors = Vec::new();
+        let mut add = |entity: Option<&str>, pem: &str| -> Result<(), CertError> {
+            for der in certs_from_pem(pem)? {
+                let anchor = webpki::anchor_from_trusted_cert(&der)
+                    .map_err(|e| CertError::Pem {
+                        what: "trust anchor",
+                        detail: format!("{}: {e}", entity.unwrap_or("mesh CA")),
+                    })?
+                    .to_owned();
+                anchors.push(Anchor {
+                    entity: entity.map(str::to_owned),
+                    anchor,
+                });
+            }
+            Ok(())
+        };
+        add(None, &cfg.mesh_ca_pem)?;
+        for (name, pem) in &cfg.entities {
+            add(Some(name), pem)?;
+        }
+        Ok(Self {
+            webpki_anchors: anchors.iter().map(|a| a.anchor.clone()).collect(),
+            anchors,
+            revoked_entities: cfg.revoked_entities.iter().cloned().collect(),
+            revoked_serials: cfg
+                .revoked_serials
+                .iter()
+                .map(|s| s.to_ascii_lowercase())
+                .collect(),
+        })
+    }
+}
+
+/// Trust anchors and revocations, swappable at run time. Share one per process.
+#[derive(Debug)]
+pub struct TrustStore {
+    trust_domain: ArcSwap<TrustDomain>,
+    state: ArcSwap<TrustState>,
+}
+
+fn algorithms() -> WebPkiSupportedAlgorithms {
+    rustls::crypto::ring::default_provider().signature_verification_algorithms
+}
+
+impl TrustStore {
+    /// Builds a store from `cfg`; fails if any CA PEM does not parse.
+    pub fn new(cfg: &TrustConfig) -> Result<Self, CertError> {
+        Ok(Self {
+            trust_domain: ArcSwap::from_pointee(cfg.trust_domain.clone()),
+            state: ArcSwap::from_pointee(TrustState::build(cfg)?),
+        })
+    }
+
+    /// Replaces what is trusted. All or nothing: on error the old state stays in force.
+    /// Takes effect on the next handshake of every listener and client using this store.
+    pub fn update(&self, cfg: &TrustConfig) -> Result<(), CertError> {
+        let state = TrustState::build(cfg)?;
+        self.trust_domain.store(Arc::new(cfg.trust_domain.clone()));
+        self.state.store(Arc::new(state));
+        tracing::info!(
+            anchors = cfg.entities.len() + 1,
+            revoked_entities = cfg.revoked_entities.len(),
+            revoked_serials = cfg.revoked_serials.len(),
+            "trust bundle applied"
+        );
+        Ok(())
+    }
+
+    /// The mesh's trust domain.
+    pub fn trust_domain(&self) -> TrustDomain {
+        self.trust_domain.load().as_ref().clone()
+    }
+
+    /// Verifies a presented chain for `usage` and returns the peer's identity.
+    pub fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<SpiffeId, Refusal> {
+        let state = self.state.load();
+        let cert = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| Refusal::Invalid(format!("cannot parse the certificate: {e}")))?;
+        let algs = algorithms();
+        let path = cert
+            .verify_for_usage(
+                algs.all,
+                &state.webpki_anchors,
+                intermediates,
+                now,
+                usage,
+                None,
+                None,
+            )
+            .map_err(|e| match e {
+                webpki::Error::CertExpired { .. } => Refusal::Expired,
+                webpki::Error::CertNotValidYet { .. } => Refusal::NotYetValid,
+                // A same-named issuer whose key did not sign this chain is still not a CA we trust.
+                webpki::Error::UnknownIssuer | webpki::Error::InvalidSignatureForPublicKey => {
+                    Refusal::UnknownCa
+                }
+                other => Refusal::Invalid(format!("{other:?}")),
+            })?;
+        let used = path.anchor();
+        let entity = state
+            .anchors
+            .iter()
+            .find(|a| {
+                a.anchor.subject == used.subject
+                    && a.anchor.subject_public_key_info == used.subject_public_key_info
+            })
+            .and_then(|a| a.entity.clone());
+        if let Some(name) = entity
+            && state.revoked_entities.contains(&name)
+        {
+            return Err(Refusal::RevokedEntity(name));
+        }
+        for der in std::iter::once(end_entity).chain(intermediates.iter()) {
+            if let Ok(info) = inspect_der(der)
+                && state.revoked_serials.contains(&info.serial)
+            {
+                tracing::info!(serial = %info.serial, "refused a revoked certificate");
+                return Err(Refusal::RevokedSerial);
+            }
+        }
+        identity_of(end_entity).map_err(|e| Refusal::NoIdentity(e.to_string()))
+    }
+}
+
+/// Verifies clients of a mesh listener. Mandatory (strict) or optional (permissive): either way
+/// a certificate that *is* presented must pass every check.
+#[derive(Debug)]
+pub(crate) struct MeshClientVerifier {
+    pub(crate) trust: Arc<TrustStore>,
+    pub(crate) mandatory: bool,
+}
+
+impl ClientCertVerifier for MeshClientVerifier {
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.trust
+            .verify(
+                end_entity,
+                intermediates,
+                now,
+                webpki::KeyUsage::client_auth(),
+            )
+            .map(|_| ClientCertVerified::assertion())
+            .map_err(Refusal::into_rustls)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algorithms().supported_schemes()
+    }
+}
+
+/// Verifies a server: its chain, then that its SPIFFE ID is exactly the one expected. DNS names
+/// and the TLS server name are ignored: in the mesh, identity is the SPIFFE ID.
+#[derive(Debug)]
+pub(crate) struct MeshServerVerifier {
+    pub(crate) trust: Arc<TrustStore>,
+    pub(crate) expected: SpiffeId,
+}
+
+impl ServerCertVerifier for MeshServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let actual = self
+            .trust
+            .verify(
+                end_entity,
+                intermediates,
+                now,
+                webpki::KeyUsage::server_auth(),
+            )
+            .map_err(Refusal::into_rustls)?;
+        if actual != self.expected {
+            return Err(Refusal::IdentityMismatch {
+                expected: self.expected.to_string(),
+                actual: actual.to_string(),
+            }
+            .into_rustls());
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &algorithms())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        algorithms().supported_schemes()
+    }
+}

@@ -1,0 +1,2 @@
+//! The `capmesh` command: demo, up, list, status, call, entity, token, policy, cert. Not built yet.
+#![forbid(unsafe_code)]
