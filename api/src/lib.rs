@@ -7,6 +7,7 @@
 // Tests may unwrap: a panic there is a failed assertion. The library build is still linted.
 
 pub mod dependency;
+pub mod duration;
 pub mod names;
 pub mod policy;
 pub mod registration;

@@ -251,6 +251,15 @@ impl Ca {
         Ok(())
     }
 
+    /// The signing certificate and key as PEM, plus the root when the signer is an
+    /// intermediate: what a store keeps so every replica signs with the same CA.
+    pub fn export_pem(&self) -> (String, String, Option<String>) {
+        match &self.intermediate {
+            Some((cert, key)) => (cert.clone(), key.clone(), Some(self.root_pem.clone())),
+            None => (self.root_pem.clone(), self.root_key_pem.clone(), None),
+        }
+    }
+
     /// The trust domain this CA issues for.
     pub fn trust_domain(&self) -> &TrustDomain {
         &self.trust_domain
@@ -337,6 +346,30 @@ impl Ca {
             chain_pem: self.chain(cert.pem()),
             not_after: validity.not_after,
         })
+    }
+}
+
+/// The identity a CSR asks for: its one URI SAN, which must be a valid SPIFFE ID. The CSR's
+/// signature is checked too.
+pub fn requested_identity(csr_pem: &str) -> Result<SpiffeId, CertError> {
+    let csr = CertificateSigningRequestParams::from_pem(csr_pem)
+        .map_err(|e| CertError::BadCsr(e.to_string()))?;
+    let uris: Vec<&str> = csr
+        .params
+        .subject_alt_names
+        .iter()
+        .filter_map(|san| match san {
+            SanType::URI(u) => Some(u.as_str()),
+            _ => None,
+        })
+        .collect();
+    match uris.as_slice() {
+        [one] if csr.params.subject_alt_names.len() == 1 => one
+            .parse()
+            .map_err(|e: crate::SpiffeError| CertError::BadCsr(e.to_string())),
+        _ => Err(CertError::BadCsr(
+            "a CSR must carry exactly one SAN: the SPIFFE ID it asks for".into(),
+        )),
     }
 }
 

@@ -25,7 +25,7 @@ pub use key::WorkloadKey;
 pub use rotate::{Renew, RenewPolicy, run_rotation};
 pub use spiffe::{SpiffeError, SpiffeId};
 pub use tls::{AcceptError, Accepted, MeshAcceptor, TlsMode};
-pub use verify::{Refusal, TrustConfig, TrustStore};
+pub use verify::{Refusal, TrustConfig, TrustStore, VerifiedPeer};
 
 /// Everything that can go wrong making, reading or using certificates.
 #[derive(Debug, thiserror::Error)]

@@ -154,6 +154,7 @@ impl AcceptError {
 pub struct MeshAcceptor {
     mode: TlsMode,
     acceptor: TlsAcceptor,
+    trust: Arc<TrustStore>,
     handshake_timeout: Duration,
 }
 
@@ -177,10 +178,11 @@ impl MeshAcceptor {
         trust: Arc<TrustStore>,
         alpn: &[&[u8]],
     ) -> Result<Self, CertError> {
-        let config = server_config(cell, trust, mode == TlsMode::Strict, alpn)?;
+        let config = server_config(cell, trust.clone(), mode == TlsMode::Strict, alpn)?;
         Ok(Self {
             mode,
             acceptor: TlsAcceptor::from(config),
+            trust,
             handshake_timeout: Duration::from_secs(10),
         })
     }
@@ -197,38 +199,52 @@ impl MeshAcceptor {
             return Ok(Accepted::Plain(tcp));
         }
         let timeout = self.handshake_timeout;
-        let work =
-            async {
-                let mut first = [0u8; 1];
-                let n = tcp.peek(&mut first).await.map_err(AcceptError::Handshake)?;
-                if n == 0 {
-                    return Err(AcceptError::Handshake(
-                        std::io::ErrorKind::UnexpectedEof.into(),
-                    ));
-                }
-                if first[0] != TLS_HANDSHAKE_RECORD {
-                    return match self.mode {
-                        TlsMode::Permissive => Ok(Accepted::Plain(tcp)),
-                        _ => Err(AcceptError::Refused(Refusal::Plaintext)),
-                    };
-                }
-                let stream = self.acceptor.accept(tcp).await.map_err(|e| {
-                    match Refusal::from_io_error(&e) {
+        let work = async {
+            let mut first = [0u8; 1];
+            let n = tcp.peek(&mut first).await.map_err(AcceptError::Handshake)?;
+            if n == 0 {
+                return Err(AcceptError::Handshake(
+                    std::io::ErrorKind::UnexpectedEof.into(),
+                ));
+            }
+            if first[0] != TLS_HANDSHAKE_RECORD {
+                return match self.mode {
+                    TlsMode::Permissive => Ok(Accepted::Plain(tcp)),
+                    _ => Err(AcceptError::Refused(Refusal::Plaintext)),
+                };
+            }
+            let stream =
+                self.acceptor
+                    .accept(tcp)
+                    .await
+                    .map_err(|e| match Refusal::from_io_error(&e) {
                         Some(r) => AcceptError::Refused(r),
                         None => AcceptError::Handshake(e),
-                    }
-                })?;
-                let peer = stream
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|chain| chain.first())
-                    .and_then(|leaf| identity_of(leaf).ok());
-                Ok(Accepted::Tls {
-                    stream: Box::new(stream),
-                    peer,
-                })
-            };
+                    })?;
+            let conn = stream.get_ref().1;
+            // A resumed TLS 1.3 session skips certificate verification: check the chain it
+            // carries against what is trusted *now*, so a revocation also ends resumptions.
+            if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+                && let Some((leaf, rest)) = conn.peer_certificates().and_then(|c| c.split_first())
+            {
+                self.trust
+                    .verify(
+                        leaf,
+                        rest,
+                        rustls::pki_types::UnixTime::now(),
+                        webpki::KeyUsage::client_auth(),
+                    )
+                    .map_err(AcceptError::Refused)?;
+            }
+            let peer = conn
+                .peer_certificates()
+                .and_then(|chain| chain.first())
+                .and_then(|leaf| identity_of(leaf).ok());
+            Ok(Accepted::Tls {
+                stream: Box::new(stream),
+                peer,
+            })
+        };
         tokio::time::timeout(timeout, work)
             .await
             .unwrap_or(Err(AcceptError::Timeout(timeout)))

@@ -128,6 +128,15 @@ impl Refusal {
     }
 }
 
+/// A peer whose chain passed every check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedPeer {
+    /// Its SPIFFE ID.
+    pub identity: SpiffeId,
+    /// The registered entity whose CA issued it; `None` for the mesh CA.
+    pub entity: Option<String>,
+}
+
 /// What the mesh trusts right now. Built from the topology stream's trust bundle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrustConfig {
@@ -241,6 +250,19 @@ impl TrustStore {
         now: UnixTime,
         usage: webpki::KeyUsage,
     ) -> Result<SpiffeId, Refusal> {
+        self.verify_peer(end_entity, intermediates, now, usage)
+            .map(|p| p.identity)
+    }
+
+    /// Like [`TrustStore::verify`], and also says which entity's CA the chain leads to (`None`
+    /// for the mesh CA), so a stream can be closed when that entity is revoked.
+    pub fn verify_peer(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: webpki::KeyUsage,
+    ) -> Result<VerifiedPeer, Refusal> {
         let state = self.state.load();
         let cert = webpki::EndEntityCert::try_from(end_entity)
             .map_err(|e| Refusal::Invalid(format!("cannot parse the certificate: {e}")))?;
@@ -273,10 +295,10 @@ impl TrustStore {
                     && a.anchor.subject_public_key_info == used.subject_public_key_info
             })
             .and_then(|a| a.entity.clone());
-        if let Some(name) = entity
-            && state.revoked_entities.contains(&name)
+        if let Some(name) = &entity
+            && state.revoked_entities.contains(name)
         {
-            return Err(Refusal::RevokedEntity(name));
+            return Err(Refusal::RevokedEntity(name.clone()));
         }
         for der in std::iter::once(end_entity).chain(intermediates.iter()) {
             if let Ok(info) = inspect_der(der)
@@ -286,7 +308,8 @@ impl TrustStore {
                 return Err(Refusal::RevokedSerial);
             }
         }
-        identity_of(end_entity).map_err(|e| Refusal::NoIdentity(e.to_string()))
+        let identity = identity_of(end_entity).map_err(|e| Refusal::NoIdentity(e.to_string()))?;
+        Ok(VerifiedPeer { identity, entity })
     }
 }
 

@@ -409,3 +409,32 @@ async fn strict_refuses_plaintext_and_missing_certificates_permissive_marks_them
         "untrusted certs still refused"
     );
 }
+
+#[tokio::test]
+async fn a_resumed_session_is_checked_against_current_revocations() {
+    let mesh = Mesh::new();
+    let mut server = mesh.server("weather", TlsMode::Strict).await;
+    let client = fresh(&mesh.ca, "planner");
+    // One client config, so the second connection resumes the first one's session.
+    let config =
+        client_config(Some(client.clone()), mesh.trust.clone(), id("weather"), &[]).unwrap();
+    let addr = server.addr;
+    let round = || async {
+        let mut tls = connect(config.clone(), TcpStream::connect(addr).await?).await?;
+        tls.write_all(b"ping").await?;
+        let mut buf = [0u8; 4];
+        tls.read_exact(&mut buf).await?;
+        std::io::Result::Ok(())
+    };
+    round().await.expect("first connection");
+    server.next().await.unwrap();
+
+    let mut cfg = trust_for(&mesh.ca);
+    cfg.revoked_serials = vec![client.current().serial().to_owned()];
+    mesh.trust.update(&cfg).unwrap();
+    assert!(
+        round().await.is_err(),
+        "a resumed session must not bypass revocation"
+    );
+    assert_eq!(refused(server.next().await), Refusal::RevokedSerial);
+}

@@ -1,4 +1,287 @@
 //! capmesh control plane: the registry of agents and capabilities, the topology stream that
-//! pushes snapshots and deltas to proxies, the CA service, entities (registration trust) and the
-//! authorization policy. Not built yet: see issue "Control plane" and `docs/protocol.md`.
+//! pushes snapshots and deltas to proxies, the CA service, entities (registration trust), the
+//! authorization policy, the REST API and the admin endpoints.
+//!
+//! It owns the mesh's durable state (the store) and its live state (the registry). It does not
+//! route calls: proxies do, on the snapshots it pushes. Data-plane traffic never touches it, so
+//! an outage here stops changes, not calls.
 #![forbid(unsafe_code)]
+
+pub mod ca;
+pub mod config;
+pub mod entities;
+pub mod metrics;
+pub mod registry;
+pub mod rest;
+pub mod server;
+pub mod store;
+pub mod stream;
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use capmesh_api::{AgentName, MeshSettings, Namespace, TrustDomain};
+use capmesh_certs::{
+    Ca, Credential, CredentialCell, MeshAcceptor, Renew, RenewPolicy, SpiffeId, TlsMode,
+    TrustStore, Validity, WorkloadKey,
+};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::Config;
+use metrics::Metrics;
+use registry::Registry;
+use store::{SqliteStore, Store};
+
+/// Everything a request handler needs. One per process.
+#[derive(Debug)]
+pub struct App {
+    /// Durable state.
+    pub store: Arc<dyn Store>,
+    /// Live state.
+    pub registry: Arc<Registry>,
+    /// The mesh CA.
+    pub ca: Ca,
+    /// What this process's listener trusts (mesh CA + entities).
+    pub trust: Arc<TrustStore>,
+    /// The mesh's trust domain.
+    pub trust_domain: TrustDomain,
+    /// Lifetime of issued workload certificates.
+    pub cert_ttl: Duration,
+    /// How long a dropped stream's endpoints stay.
+    pub grace: Duration,
+    /// The admin token.
+    pub admin_token: String,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// True once the API listener is serving.
+    pub ready: AtomicBool,
+}
+
+/// The control plane's own identity: `spiffe://<td>/ns/capmesh-system/agent/control-plane`.
+pub fn control_plane_identity(trust_domain: &TrustDomain) -> anyhow::Result<SpiffeId> {
+    Ok(SpiffeId::new(
+        trust_domain.clone(),
+        Namespace::new("capmesh-system")?,
+        AgentName::new("control-plane")?,
+    ))
+}
+
+fn admin_token(config: &Config) -> anyhow::Result<String> {
+    if let Some(path) = &config.admin_token_file {
+        let token = std::fs::read_to_string(path)
+            .with_context(|| format!("--admin-token-file {}: cannot read it", path.display()))?;
+        let token = token.trim().to_owned();
+        if token.len() < 16 {
+            bail!(
+                "--admin-token-file {}: the token is shorter than 16 characters; use a long random string",
+                path.display()
+            );
+        }
+        return Ok(token);
+    }
+    let path = config.data_dir.join("admin-token");
+    if path.exists() {
+        return Ok(std::fs::read_to_string(&path)?.trim().to_owned());
+    }
+    let token = ca::random_hex(32).map_err(|e| anyhow::anyhow!(e.detail))?;
+    capmesh_certs::ca::write_file(&path, &format!("{token}\n"), 0o600)?;
+    tracing::info!(path = %path.display(), "generated the admin token");
+    Ok(token)
+}
+
+fn host_names(config: &Config) -> Vec<String> {
+    let mut names = vec!["localhost".to_owned()];
+    if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+        let host = host.trim();
+        if !host.is_empty() && host != "localhost" {
+            names.push(host.to_owned());
+        }
+    }
+    names.extend(config.server_names.iter().cloned());
+    names
+}
+
+/// Issues (and re-issues, for rotation) the control plane's serving certificate.
+#[derive(Debug)]
+struct ServingCert {
+    ca: Ca,
+    identity: SpiffeId,
+    names: Vec<String>,
+    ips: Vec<IpAddr>,
+    ttl: Duration,
+}
+
+impl ServingCert {
+    fn issue(&self) -> Result<Credential, capmesh_certs::CertError> {
+        let key = WorkloadKey::generate()?;
+        let issued = self.ca.issue_serving(
+            &key,
+            &self.identity,
+            &self.names,
+            &self.ips,
+            Validity::for_ttl(self.ttl),
+        )?;
+        Credential::with_key(&issued.chain_pem, &key)
+    }
+}
+
+impl Renew for ServingCert {
+    async fn renew(&self, _current: Arc<Credential>) -> Result<Credential, String> {
+        self.issue().map_err(|e| e.to_string())
+    }
+}
+
+fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
+    match config.store.as_deref() {
+        None => Ok(Arc::new(SqliteStore::open(
+            &config.data_dir.join("capmesh.db"),
+        )?)),
+        Some(url) if url.starts_with("sqlite://") => Ok(Arc::new(SqliteStore::open(Path::new(
+            url.trim_start_matches("sqlite://"),
+        ))?)),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => bail!(
+            "--store {url:?}: the PostgreSQL store is not built yet; leave --store unset for the SQLite store in the data dir"
+        ),
+        Some(url) => bail!(
+            "--store {url:?}: use sqlite:///path/to/file.db (or leave it unset for <data-dir>/capmesh.db)"
+        ),
+    }
+}
+
+/// Runs the control plane until `shutdown` resolves.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("--data-dir {}: cannot create it", config.data_dir.display()))?;
+    // The store holds the CA key: nobody else may read the data dir.
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&config.data_dir, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| {
+                format!(
+                    "--data-dir {}: cannot restrict it to mode 0700",
+                    config.data_dir.display()
+                )
+            })?;
+    }
+    let store = open_store(&config)?;
+    let byo = match (&config.ca_cert, &config.ca_key) {
+        (Some(cert), Some(key)) => Some((
+            std::fs::read_to_string(cert)
+                .with_context(|| format!("--ca-cert {}", cert.display()))?,
+            std::fs::read_to_string(key).with_context(|| format!("--ca-key {}", key.display()))?,
+        )),
+        _ => None,
+    };
+    let ca = ca::load_or_create(store.as_ref(), &config.trust_domain, &config.data_dir, byo)?;
+    let admin_token = admin_token(&config)?;
+    let (bundle, trust_config) =
+        entities::trust_from_store(ca.root_pem(), &config.trust_domain, &store.entities()?);
+    let trust = Arc::new(TrustStore::new(&trust_config)?);
+    let policy = store.policy()?.unwrap_or_default();
+    let registry = Arc::new(Registry::new(bundle, policy, MeshSettings::default()));
+
+    let (cert_pem, key_pem, root) = ca.export_pem();
+    let serving = ServingCert {
+        ca: Ca::from_pem(
+            config.trust_domain.clone(),
+            &cert_pem,
+            &key_pem,
+            root.as_deref(),
+        )?,
+        identity: control_plane_identity(&config.trust_domain)?,
+        names: host_names(&config),
+        ips: {
+            let mut ips: Vec<IpAddr> = vec!["127.0.0.1".parse()?, "::1".parse()?];
+            if !config.listen.ip().is_unspecified() && !ips.contains(&config.listen.ip()) {
+                ips.push(config.listen.ip());
+            }
+            ips
+        },
+        ttl: config.cert_ttl,
+    };
+    let cell = Arc::new(CredentialCell::new(serving.issue()?));
+    let acceptor = MeshAcceptor::new(
+        TlsMode::Permissive,
+        cell.clone(),
+        trust.clone(),
+        &[b"h2", b"http/1.1"],
+    )?;
+
+    let app = Arc::new(App {
+        store,
+        registry,
+        ca,
+        trust,
+        trust_domain: config.trust_domain.clone(),
+        cert_ttl: config.cert_ttl,
+        grace: config.grace,
+        admin_token,
+        metrics: Metrics::new(),
+        ready: AtomicBool::new(false),
+    });
+
+    let api = TcpListener::bind(config.listen).await.with_context(|| {
+        format!(
+            "--listen {}: cannot bind (in use? try another port)",
+            config.listen
+        )
+    })?;
+    let admin = TcpListener::bind(config.admin_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "--admin-listen {}: cannot bind (in use? try another port)",
+                config.admin_listen
+            )
+        })?;
+    tracing::info!(
+        api = %api.local_addr()?,
+        admin = %admin.local_addr()?,
+        data_dir = %config.data_dir.display(),
+        trust_domain = %config.trust_domain,
+        "control plane listening"
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let rotation = tokio::spawn(capmesh_certs::run_rotation(
+        cell,
+        serving,
+        RenewPolicy::default(),
+        {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.changed().await;
+            }
+        },
+    ));
+    let api_task = tokio::spawn(server::serve_api(
+        app.clone(),
+        api,
+        acceptor,
+        stop_rx.clone(),
+    ));
+    let admin_task = tokio::spawn(server::serve_admin(app.clone(), admin, stop_rx));
+    app.ready.store(true, Ordering::Release);
+
+    shutdown.await;
+    tracing::info!(
+        "shutting down: proxies keep their last snapshot and reconnect when we are back"
+    );
+    app.ready.store(false, Ordering::Release);
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
+        let _ = api_task.await;
+        let _ = admin_task.await;
+        let _ = rotation.await;
+    })
+    .await;
+    Ok(())
+}

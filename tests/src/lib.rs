@@ -1,3 +1,407 @@
-//! End-to-end tests that start the real binaries with real MCP peers (Python, TypeScript, the
-//! conformance suite). Helpers to build and start them live here; the tests in `tests/tests/`.
+//! End-to-end test harness: starts the real capmesh binaries on loopback and speaks their
+//! protocols, so tests (and benches) assert what a user would see.
+//!
+//! - [`ControlPlane`]: a `capmesh-control-plane` process on free ports with a temporary data
+//!   dir, its admin client, bootstrap tokens and certificates for test workloads.
+//! - [`TestProxy`]: a topology-stream client that keeps a local snapshot the way a proxy does
+//!   (apply, ack) so tests can wait for "the consumer now sees X".
 #![forbid(unsafe_code)]
+
+use std::net::TcpListener as StdListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use capmesh_api::rest::{CertificateRequest, CertificateResponse, TokenCreated, TokenRequest};
+use capmesh_api::{
+    AgentName, ControlFrame, Hello, Namespace, Node, ProxyFrame, Registration, Snapshot,
+    TrustDomain,
+};
+use capmesh_certs::{Credential, CredentialCell, SpiffeId, TrustConfig, TrustStore, WorkloadKey};
+use capmesh_client::{
+    ControlPlaneClient, ControlPlaneUrl, ServerCheck, StreamReceiver, StreamSender,
+};
+
+/// A free loopback port (bound then released; fine for tests on one machine).
+pub fn free_port() -> Result<u16> {
+    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The path of a workspace binary built next to the running test binary.
+pub fn workspace_bin(name: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .context("cannot locate the target directory")?;
+    let bin = dir.join(name);
+    if !bin.exists() {
+        bail!(
+            "{} is not built: run `cargo build -p {name}` (cargo test builds it for its own crate)",
+            bin.display()
+        );
+    }
+    Ok(bin)
+}
+
+/// SPIFFE ID in the default trust domain.
+pub fn spiffe(namespace: &str, agent: &str) -> Result<SpiffeId> {
+    Ok(SpiffeId::new(
+        TrustDomain::new("capmesh.local")?,
+        Namespace::new(namespace)?,
+        AgentName::new(agent)?,
+    ))
+}
+
+/// A running `capmesh-control-plane`. Killed when dropped.
+#[derive(Debug)]
+pub struct ControlPlane {
+    child: Option<Child>,
+    bin: PathBuf,
+    /// The data dir (kept across [`ControlPlane::restart`]).
+    pub data_dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+    /// The API port.
+    pub port: u16,
+    /// The admin port.
+    pub admin_port: u16,
+    extra: Vec<String>,
+}
+
+impl ControlPlane {
+    /// Starts the binary at `bin` with a fresh data dir and `extra` flags; waits for `/ready`.
+    pub async fn start(bin: &Path, extra: &[&str]) -> Result<Self> {
+        let tmp = tempfile::tempdir()?;
+        let mut cp = Self {
+            child: None,
+            bin: bin.to_owned(),
+            data_dir: tmp.path().join("data"),
+            _tmp: Some(tmp),
+            port: 0,
+            admin_port: 0,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        cp.spawn().await?;
+        Ok(cp)
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        self.port = free_port()?;
+        self.admin_port = free_port()?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.data_dir.with_extension("log"))?;
+        let child = Command::new(&self.bin)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{}", self.port))
+            .arg("--admin-listen")
+            .arg(format!("127.0.0.1:{}", self.admin_port))
+            .args(&self.extra)
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("cannot start {}", self.bin.display()))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(body) = self.admin_get("/ready").await
+                && body.starts_with("ready")
+            {
+                return Ok(());
+            }
+            if let Some(child) = self.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "the control plane exited with {status}; log:\n{}",
+                    self.log()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the control plane was not ready within 20 s; log:\n{}",
+                    self.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// What the process logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
+    }
+
+    /// Stops the process with SIGTERM (waits up to 10 s), keeping the data dir.
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    child.kill()?;
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.wait();
+        }
+        Ok(())
+    }
+
+    /// Stops and starts again on the same data dir (new ports).
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop()?;
+        self.spawn().await
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// A plain-HTTP GET on the admin address; returns the body.
+    pub async fn admin_get(&self, path: &str) -> Result<String> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port)).await?;
+        tcp.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
+        let mut buf = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await??;
+        let text = String::from_utf8_lossy(&buf).to_string();
+        Ok(text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default())
+    }
+
+    /// The URL of the API.
+    pub fn url(&self) -> Result<ControlPlaneUrl> {
+        Ok(format!("https://127.0.0.1:{}", self.port).parse()?)
+    }
+
+    /// The CA bundle the control plane wrote.
+    pub fn ca_pem(&self) -> Result<String> {
+        Ok(std::fs::read_to_string(self.data_dir.join("ca.pem"))?)
+    }
+
+    /// The admin token the control plane generated.
+    pub fn admin_token(&self) -> Result<String> {
+        Ok(std::fs::read_to_string(self.data_dir.join("admin-token"))?
+            .trim()
+            .to_owned())
+    }
+
+    /// A REST client that checks the server by host name against `ca.pem` (as the CLI does).
+    pub fn rest(&self) -> Result<ControlPlaneClient> {
+        let url: ControlPlaneUrl = format!("https://localhost:{}", self.port).parse()?;
+        Ok(ControlPlaneClient::new(
+            url,
+            ServerCheck::Hostname {
+                ca_pem: self.ca_pem()?,
+            },
+            None,
+            None,
+        )?)
+    }
+
+    /// Creates a bootstrap token for `namespace` / `pattern`.
+    pub async fn token(&self, namespace: &str, pattern: &str) -> Result<String> {
+        let created: TokenCreated = self
+            .rest()?
+            .post(
+                "/v1/tokens",
+                &TokenRequest {
+                    namespace: Namespace::new(namespace)?,
+                    agent_pattern: pattern.to_owned(),
+                    ttl_secs: 3600,
+                    description: Some("test".into()),
+                },
+                Some(&self.admin_token()?),
+            )
+            .await?;
+        Ok(created.token)
+    }
+
+    /// A mesh certificate for `namespace/agent`, got the way a proxy gets its first one.
+    pub async fn credential(&self, namespace: &str, agent: &str) -> Result<Credential> {
+        let token = self.token(namespace, agent).await?;
+        let key = WorkloadKey::generate()?;
+        let resp: CertificateResponse = self
+            .rest()?
+            .post(
+                "/v1/certificates",
+                &CertificateRequest {
+                    csr_pem: key.csr_pem(&spiffe(namespace, agent)?)?,
+                    token: Some(token),
+                },
+                None,
+            )
+            .await?;
+        Ok(Credential::with_key(&resp.certificate_chain_pem, &key)?)
+    }
+
+    /// The trust store a proxy starts with: the mesh CA only.
+    pub fn trust(&self) -> Result<Arc<TrustStore>> {
+        Ok(Arc::new(TrustStore::new(&TrustConfig {
+            trust_domain: TrustDomain::new("capmesh.local")?,
+            mesh_ca_pem: self.ca_pem()?,
+            entities: vec![],
+            revoked_entities: vec![],
+            revoked_serials: vec![],
+        })?))
+    }
+
+    /// A stream client presenting `credential`.
+    pub fn stream_client(&self, credential: Credential) -> Result<ControlPlaneClient> {
+        Ok(ControlPlaneClient::new(
+            self.url()?,
+            ServerCheck::Spiffe(spiffe("capmesh-system", "control-plane")?),
+            Some(self.trust()?),
+            Some(Arc::new(CredentialCell::new(credential))),
+        )?)
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A topology-stream client that behaves like a proxy: applies frames to a local snapshot and
+/// acks them.
+#[derive(Debug)]
+pub struct TestProxy {
+    /// Frames go up here.
+    pub tx: StreamSender,
+    rx: StreamReceiver,
+    /// The snapshot as applied so far.
+    pub snapshot: Option<Snapshot>,
+    /// Error frames received.
+    pub errors: Vec<(String, String)>,
+    /// Whether the control plane ended the stream.
+    pub ended: bool,
+}
+
+impl TestProxy {
+    /// Opens a stream with `hello` built from the arguments, and reports healthy.
+    pub async fn connect(
+        client: &ControlPlaneClient,
+        namespace: &str,
+        agent: &str,
+        proxy_id: &str,
+        registration: Registration,
+    ) -> Result<Self> {
+        let hello = ProxyFrame::Hello(Hello {
+            node: Node {
+                proxy_id: proxy_id.to_owned(),
+                agent: AgentName::new(agent)?,
+                namespace: Namespace::new(namespace)?,
+                zone: None,
+            },
+            registration,
+            version: None,
+        });
+        let (tx, rx) = client.open_stream(&hello).await?;
+        tx.send(&ProxyFrame::Health {
+            healthy: true,
+            detail: None,
+        })
+        .await?;
+        Ok(Self {
+            tx,
+            rx,
+            snapshot: None,
+            errors: Vec::new(),
+            ended: false,
+        })
+    }
+
+    /// Reads and applies one frame (acking it); false when the stream ended or `wait` passed.
+    pub async fn step(&mut self, wait: Duration) -> Result<bool> {
+        let frame = match tokio::time::timeout(wait, self.rx.next()).await {
+            Err(_) => return Ok(false),
+            Ok(None) => {
+                self.ended = true;
+                return Ok(false);
+            }
+            Ok(Some(Err(e))) => {
+                self.ended = true;
+                bail!("stream error: {e}")
+            }
+            Ok(Some(Ok(frame))) => frame,
+        };
+        match frame {
+            ControlFrame::Snapshot(s) => {
+                let version = s.version;
+                self.snapshot = Some(s);
+                let _ = self.tx.send(&ProxyFrame::Ack { version }).await;
+            }
+            ControlFrame::Delta(d) => {
+                let held = self
+                    .snapshot
+                    .as_ref()
+                    .context("a delta arrived before any snapshot")?;
+                let next = held
+                    .apply(&d)
+                    .map_err(|e| anyhow::anyhow!("delta does not apply: {e}"))?;
+                self.snapshot = Some(next);
+                let _ = self.tx.send(&ProxyFrame::Ack { version: d.version }).await;
+            }
+            ControlFrame::Error { code, message } => self.errors.push((code, message)),
+        }
+        Ok(true)
+    }
+
+    /// Applies frames until `cond` holds on the snapshot, or fails after `timeout`.
+    pub async fn until(
+        &mut self,
+        timeout: Duration,
+        what: &str,
+        cond: impl Fn(&Snapshot) -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.snapshot.as_ref().is_some_and(&cond) {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.ended {
+                bail!(
+                    "{what}: not seen within {timeout:?} (ended: {}, errors: {:?})",
+                    self.ended,
+                    self.errors
+                );
+            }
+            self.step(left).await?;
+        }
+    }
+
+    /// Reads until the stream ends; returns the error frames seen.
+    pub async fn until_end(&mut self, timeout: Duration) -> Result<Vec<(String, String)>> {
+        let deadline = Instant::now() + timeout;
+        while !self.ended {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("the stream did not end within {timeout:?}");
+            }
+            let _ = self.step(left).await;
+        }
+        Ok(self.errors.clone())
+    }
+}

@@ -1,0 +1,228 @@
+//! The CA service: the mesh CA's life (created on first start, kept in the store), bootstrap
+//! tokens, and `POST /v1/certificates`.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use capmesh_api::rest::{
+    CertificateRequest, CertificateResponse, TokenCreated, TokenInfo, TokenRequest,
+};
+use capmesh_api::{TrustDomain, glob_match};
+use capmesh_certs::ca::requested_identity;
+use capmesh_certs::{Ca, CertError, SpiffeId, Validity};
+use ring::rand::SecureRandom;
+
+use crate::rest::ApiError;
+use crate::store::{Store, StoreError, StoredCa, StoredToken};
+
+/// Loads the CA from the store, or creates one (from `byo` files when given) and saves it.
+/// Writes the root to `<data-dir>/ca.pem` for clients either way.
+pub fn load_or_create(
+    store: &dyn Store,
+    trust_domain: &TrustDomain,
+    data_dir: &Path,
+    byo: Option<(String, String)>,
+) -> anyhow::Result<Ca> {
+    let ca = match store.ca()? {
+        Some(s) => Ca::from_pem(
+            trust_domain.clone(),
+            &s.cert_pem,
+            &s.key_pem,
+            s.root_pem.as_deref(),
+        )?,
+        None => {
+            let (ca, stored) = match byo {
+                Some((cert, key)) => {
+                    let ca = Ca::from_pem(trust_domain.clone(), &cert, &key, None)?;
+                    (
+                        ca,
+                        StoredCa {
+                            cert_pem: cert,
+                            key_pem: key,
+                            root_pem: None,
+                        },
+                    )
+                }
+                None => {
+                    let ca = Ca::generate(trust_domain.clone(), false)?;
+                    let (cert_pem, key_pem, root_pem) = ca.export_pem();
+                    (
+                        ca,
+                        StoredCa {
+                            cert_pem,
+                            key_pem,
+                            root_pem,
+                        },
+                    )
+                }
+            };
+            store.insert_ca(&stored)?;
+            tracing::info!(trust_domain = %trust_domain, "created the mesh CA");
+            ca
+        }
+    };
+    capmesh_certs::ca::write_file(&data_dir.join("ca.pem"), ca.root_pem(), 0o644)?;
+    Ok(ca)
+}
+
+pub(crate) fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+pub(crate) fn random_hex(bytes: usize) -> Result<String, ApiError> {
+    let mut buf = vec![0u8; bytes];
+    ring::rand::SystemRandom::new()
+        .fill(&mut buf)
+        .map_err(|_| ApiError::internal("the system random number generator failed"))?;
+    Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Compares secrets without an early exit, so timing does not reveal how much of a guess
+/// matched.
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Longest bootstrap token lifetime: a year.
+const MAX_TOKEN_TTL: u64 = 365 * 24 * 3600;
+
+/// Creates a bootstrap token. The secret is shown once, here; only its hash is stored.
+pub fn create_token(store: &dyn Store, req: TokenRequest) -> Result<TokenCreated, ApiError> {
+    if req.ttl_secs == 0 || req.ttl_secs > MAX_TOKEN_TTL {
+        return Err(ApiError::bad_request(format!(
+            "ttl_secs {} is out of range: use 1 to {MAX_TOKEN_TTL} seconds",
+            req.ttl_secs
+        )));
+    }
+    if req.agent_pattern.is_empty()
+        || !req
+            .agent_pattern
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'*')
+    {
+        return Err(ApiError::bad_request(format!(
+            "agent_pattern {:?} is not valid: use an agent name with '*' wildcards, such as weather-* or *",
+            req.agent_pattern
+        )));
+    }
+    let id = random_hex(6)?;
+    let secret = random_hex(24)?;
+    let info = TokenInfo {
+        id: id.clone(),
+        namespace: req.namespace,
+        agent_pattern: req.agent_pattern,
+        expires_unix: unix_now() + req.ttl_secs as i64,
+        revoked: false,
+        description: req.description,
+    };
+    store.insert_token(&StoredToken {
+        info: info.clone(),
+        secret_sha256: sha256_hex(secret.as_bytes()),
+    })?;
+    tracing::info!(id = %id, namespace = %info.namespace, pattern = %info.agent_pattern, "bootstrap token created");
+    Ok(TokenCreated {
+        info,
+        token: format!("cmt_{id}_{secret}"),
+    })
+}
+
+/// Checks a bootstrap token for `identity`: it must exist, match, be unexpired and unrevoked,
+/// and cover the identity's namespace and agent name.
+fn check_token(store: &dyn Store, token: &str, identity: &SpiffeId) -> Result<(), ApiError> {
+    let denied = |why: &str| ApiError::forbidden(format!("bootstrap token refused: {why}"));
+    let rest = token
+        .strip_prefix("cmt_")
+        .ok_or_else(|| denied("it is not a capmesh token (cmt_…)"))?;
+    let (id, secret) = rest
+        .split_once('_')
+        .ok_or_else(|| denied("it is malformed"))?;
+    let stored = store.token(id)?.ok_or_else(|| denied("unknown token"))?;
+    let given = sha256_hex(secret.as_bytes());
+    if !constant_time_eq(given.as_bytes(), stored.secret_sha256.as_bytes()) {
+        return Err(denied("unknown token"));
+    }
+    if stored.info.revoked {
+        return Err(denied("the token was revoked"));
+    }
+    if stored.info.expires_unix <= unix_now() {
+        return Err(denied(
+            "the token expired: create a new one with `capmesh token create`",
+        ));
+    }
+    if identity.namespace() != &stored.info.namespace
+        || !glob_match(&stored.info.agent_pattern, identity.agent().as_str())
+    {
+        return Err(denied(&format!(
+            "it is for namespace {} and agents {:?}, not {identity}",
+            stored.info.namespace, stored.info.agent_pattern
+        )));
+    }
+    Ok(())
+}
+
+/// `POST /v1/certificates`: first certificates against a bootstrap token, renewals against the
+/// caller's current mesh certificate (the identity must stay the same).
+pub fn issue(
+    ca: &Ca,
+    store: &dyn Store,
+    ttl: Duration,
+    peer: Option<&SpiffeId>,
+    req: &CertificateRequest,
+) -> Result<CertificateResponse, ApiError> {
+    let requested =
+        requested_identity(&req.csr_pem).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    match (&req.token, peer) {
+        (Some(token), _) => check_token(store, token, &requested)?,
+        (None, Some(peer)) if *peer == requested => {}
+        (None, Some(peer)) => {
+            return Err(ApiError::forbidden(format!(
+                "renewal refused: the CSR asks for {requested}, but your certificate is {peer}"
+            )));
+        }
+        (None, None) => {
+            return Err(ApiError::unauthorized(
+                "present a bootstrap token (\"token\") or your current mesh certificate",
+            ));
+        }
+    }
+    let issued = ca
+        .issue(&req.csr_pem, &requested, Validity::for_ttl(ttl))
+        .map_err(|e| match e {
+            CertError::NotEntitled { .. } | CertError::WrongTrustDomain { .. } => {
+                ApiError::forbidden(e.to_string())
+            }
+            CertError::BadCsr(_) => ApiError::bad_request(e.to_string()),
+            other => ApiError::internal(other.to_string()),
+        })?;
+    tracing::info!(identity = %requested, serial = %issued.serial, renewal = req.token.is_none(), "certificate issued");
+    Ok(CertificateResponse {
+        certificate_chain_pem: issued.chain_pem,
+        ca_bundle_pem: ca.root_pem().to_owned(),
+        not_after_unix: issued.not_after.unix_timestamp(),
+        identity: requested.to_string(),
+    })
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound { .. } => ApiError::not_found(e.to_string()),
+            StoreError::Conflict { .. } => ApiError::conflict(e.to_string()),
+            other => {
+                tracing::error!(error = %other, "store failure");
+                ApiError::internal(other.to_string())
+            }
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! Flags. Every flag is also an environment variable `CAPMESH_<FLAG>`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use capmesh_api::TrustDomain;
+use capmesh_api::duration::parse_duration;
+use clap::Parser;
+
+/// The capmesh control plane: registry, topology stream, CA, entities and policy.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "capmesh-control-plane",
+    version,
+    after_help = "Examples:\n  capmesh-control-plane --data-dir /var/lib/capmesh\n  \
+                  CAPMESH_LISTEN=127.0.0.1:8000 capmesh-control-plane --grace 5s"
+)]
+pub struct Config {
+    /// Address of the API: the topology stream and REST, over TLS (ALPN h2 and http/1.1).
+    #[arg(long, env = "CAPMESH_LISTEN", default_value = "0.0.0.0:8000")]
+    pub listen: SocketAddr,
+
+    /// Plain-HTTP address for /live, /ready and /metrics.
+    #[arg(long, env = "CAPMESH_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+
+    /// Directory for the SQLite store, the CA, `ca.pem` (the trust bundle for clients) and
+    /// `admin-token` (when no --admin-token-file is given).
+    #[arg(long, env = "CAPMESH_DATA_DIR", default_value = "./capmesh-data")]
+    pub data_dir: PathBuf,
+
+    /// Store URL. Default: the SQLite file `capmesh.db` in the data dir.
+    #[arg(long, env = "CAPMESH_STORE")]
+    pub store: Option<String>,
+
+    /// SPIFFE trust domain of the mesh.
+    #[arg(long, env = "CAPMESH_TRUST_DOMAIN", default_value = "capmesh.local")]
+    pub trust_domain: TrustDomain,
+
+    /// File holding the admin token (mutating REST calls need it as `Authorization: Bearer`).
+    /// Default: generated once into `<data-dir>/admin-token`, mode 0600.
+    #[arg(long, env = "CAPMESH_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// How long a disconnected proxy's endpoints stay published before they are withdrawn.
+    #[arg(long, env = "CAPMESH_GRACE", default_value = "2s", value_parser = parse_duration)]
+    pub grace: Duration,
+
+    /// Lifetime of the workload certificates the CA issues.
+    #[arg(long, env = "CAPMESH_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub cert_ttl: Duration,
+
+    /// Bring your own CA: its certificate (PEM). Needs --ca-key. Used only when the store has
+    /// no CA yet.
+    #[arg(long, env = "CAPMESH_CA_CERT", requires = "ca_key")]
+    pub ca_cert: Option<PathBuf>,
+
+    /// Bring your own CA: its private key (PEM). Needs --ca-cert.
+    #[arg(long, env = "CAPMESH_CA_KEY", requires = "ca_cert")]
+    pub ca_key: Option<PathBuf>,
+
+    /// Extra DNS names for the control plane's serving certificate (repeatable), such as the
+    /// Kubernetes service name. `localhost` and the host name are always included.
+    #[arg(
+        long = "server-name",
+        env = "CAPMESH_SERVER_NAMES",
+        value_delimiter = ','
+    )]
+    pub server_names: Vec<String>,
+
+    /// Log format: `text` or `json`. The level comes from RUST_LOG (default `info`).
+    #[arg(long, env = "CAPMESH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}

@@ -1,0 +1,601 @@
+//! The live registry: which proxies are connected, what their agents offer, and what each
+//! subscriber needs to be told.
+//!
+//! Endpoints are indexed by capability, and every capability carries the generation at which it
+//! last changed. A subscriber's [`View`] remembers the generation it saw per capability, so on a
+//! change it diffs only the capabilities that moved: a change costs O(subscribers × changed
+//! capabilities), not O(subscribers × endpoints). Endpoint maps are shared (`Arc`) between the
+//! registry and every view, so a thousand views of the same capability cost one copy.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+use capmesh_api::rest::{AgentInfo, CapabilityInfo, InstanceInfo};
+use capmesh_api::{
+    Capability, Delta, Dependency, DependencyTarget, Endpoint, EndpointId, MeshSettings, Node,
+    Policy, Registration, Snapshot, SnapshotVersion, TrustBundle,
+};
+use tokio::sync::{oneshot, watch};
+
+type EndpointMap = Arc<BTreeMap<EndpointId, Arc<Endpoint>>>;
+
+#[derive(Debug, Clone)]
+struct CapEntry {
+    generation: u64,
+    endpoints: EndpointMap,
+}
+
+/// One connected (or recently disconnected) proxy and its agent.
+#[derive(Debug)]
+struct Instance {
+    node: Node,
+    identity: String,
+    entity: Option<String>,
+    registration: Registration,
+    healthy: bool,
+    connected: bool,
+    epoch: u64,
+    held: Option<SnapshotVersion>,
+    close: Option<oneshot::Sender<String>>,
+    endpoint_ids: Vec<(Capability, EndpointId)>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    generation: u64,
+    next_epoch: u64,
+    instances: HashMap<String, Instance>,
+    caps: BTreeMap<Capability, CapEntry>,
+    known_generation: u64,
+    trust: (u64, TrustBundle),
+    policy: (u64, Policy),
+    settings: (u64, MeshSettings),
+}
+
+/// A handle on one stream's registration: which instance, and which connection of it.
+#[derive(Debug)]
+pub struct Lease {
+    /// The proxy id.
+    pub proxy_id: String,
+    /// Distinguishes this connection from earlier and later ones of the same proxy.
+    pub epoch: u64,
+    /// Fires with a reason when the control plane wants this stream closed (replaced by a newer
+    /// connection of the same proxy, or its entity revoked).
+    pub closed: oneshot::Receiver<String>,
+}
+
+/// What one subscriber was last sent.
+#[derive(Debug, Clone)]
+pub struct View {
+    /// The version the subscriber was last sent.
+    pub version: SnapshotVersion,
+    deps: Vec<Dependency>,
+    caps: HashMap<Capability, (u64, EndpointMap)>,
+    known_generation: u64,
+    trust_generation: u64,
+    policy_generation: u64,
+    settings_generation: u64,
+}
+
+/// The live registry. Cheap to share (`Arc<Registry>`); every mutation wakes all subscribers.
+#[derive(Debug)]
+pub struct Registry {
+    inner: Mutex<Inner>,
+    changed: watch::Sender<u64>,
+}
+
+fn covers_all(deps: &[Dependency]) -> bool {
+    deps.iter().any(|d| d.capability == DependencyTarget::All)
+}
+
+fn endpoints_of(node: &Node, identity: &str, reg: &Registration, healthy: bool) -> Vec<Endpoint> {
+    reg.tools
+        .iter()
+        .map(|tool| {
+            let mut tags = reg.tags.clone();
+            for t in &tool.tags {
+                if !tags.contains(t) {
+                    tags.push(t.clone());
+                }
+            }
+            Endpoint {
+                id: EndpointId::new(&node.namespace, &node.agent, &node.proxy_id, &tool.function),
+                agent: node.agent.clone(),
+                namespace: node.namespace.clone(),
+                instance: node.proxy_id.clone(),
+                identity: identity.to_owned(),
+                address: reg.endpoint.clone(),
+                zone: node.zone.clone(),
+                capability: tool.capability.clone(),
+                function: tool.function.clone(),
+                version: tool.version.clone().or_else(|| reg.version.clone()),
+                tags,
+                description: tool.description.clone(),
+                input_schema: tool.input_schema.clone(),
+                healthy,
+            }
+        })
+        .collect()
+}
+
+impl Inner {
+    fn bump(&mut self) -> u64 {
+        self.generation += 1;
+        self.generation
+    }
+
+    /// Replaces the endpoints an instance publishes. Capabilities whose endpoint set really
+    /// changed get a new generation; others are left alone so subscribers skip them.
+    fn publish(&mut self, proxy_id: &str, fresh: Vec<Endpoint>) -> bool {
+        let old: Vec<(Capability, EndpointId)> = self
+            .instances
+            .get(proxy_id)
+            .map(|i| i.endpoint_ids.clone())
+            .unwrap_or_default();
+        let mut touched: BTreeMap<Capability, BTreeMap<EndpointId, Arc<Endpoint>>> =
+            BTreeMap::new();
+        for (cap, _) in &old {
+            touched.entry(cap.clone()).or_insert_with(|| {
+                self.caps
+                    .get(cap)
+                    .map(|e| (*e.endpoints).clone())
+                    .unwrap_or_default()
+            });
+        }
+        for ep in &fresh {
+            touched.entry(ep.capability.clone()).or_insert_with(|| {
+                self.caps
+                    .get(&ep.capability)
+                    .map(|e| (*e.endpoints).clone())
+                    .unwrap_or_default()
+            });
+        }
+        for (cap, id) in &old {
+            if let Some(map) = touched.get_mut(cap) {
+                map.remove(id);
+            }
+        }
+        let ids: Vec<(Capability, EndpointId)> = fresh
+            .iter()
+            .map(|e| (e.capability.clone(), e.id.clone()))
+            .collect();
+        for ep in fresh {
+            if let Some(map) = touched.get_mut(&ep.capability) {
+                let unchanged = map.get(&ep.id).is_some_and(|cur| **cur == ep);
+                if !unchanged {
+                    map.insert(ep.id.clone(), Arc::new(ep));
+                }
+            }
+        }
+        if let Some(inst) = self.instances.get_mut(proxy_id) {
+            inst.endpoint_ids = ids;
+        }
+        let mut changed = false;
+        let mut known_changed = false;
+        for (cap, map) in touched {
+            let same = match self.caps.get(&cap) {
+                Some(cur) => *cur.endpoints == map,
+                None => map.is_empty(),
+            };
+            if same {
+                continue;
+            }
+            changed = true;
+            let generation = self.bump();
+            if map.is_empty() {
+                self.caps.remove(&cap);
+                known_changed = true;
+            } else {
+                known_changed |= !self.caps.contains_key(&cap);
+                self.caps.insert(
+                    cap,
+                    CapEntry {
+                        generation,
+                        endpoints: Arc::new(map),
+                    },
+                );
+            }
+        }
+        if known_changed {
+            self.known_generation = self.bump();
+        }
+        changed
+    }
+
+    fn republish(&mut self, proxy_id: &str) -> bool {
+        let Some(inst) = self.instances.get(proxy_id) else {
+            return false;
+        };
+        let fresh = endpoints_of(&inst.node, &inst.identity, &inst.registration, inst.healthy);
+        self.publish(proxy_id, fresh)
+    }
+
+    fn known(&self) -> Vec<Capability> {
+        self.caps.keys().cloned().collect()
+    }
+
+    fn relevant_caps(&self, deps: &[Dependency]) -> BTreeSet<Capability> {
+        if covers_all(deps) {
+            return self.caps.keys().cloned().collect();
+        }
+        deps.iter()
+            .filter_map(|d| match &d.capability {
+                DependencyTarget::One(c) => Some(c.clone()),
+                DependencyTarget::All => None,
+            })
+            .collect()
+    }
+}
+
+impl Registry {
+    /// A registry with the given trust bundle, policy and settings, and no agents.
+    pub fn new(trust: TrustBundle, policy: Policy, settings: MeshSettings) -> Self {
+        let (changed, _) = watch::channel(1);
+        Self {
+            inner: Mutex::new(Inner {
+                generation: 1,
+                next_epoch: 1,
+                instances: HashMap::new(),
+                caps: BTreeMap::new(),
+                known_generation: 1,
+                trust: (1, trust),
+                policy: (1, policy),
+                settings: (1, settings),
+            }),
+            changed,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Poisoning means a panic elsewhere; the registry's invariants hold between statements
+        // that cannot panic, so keep serving.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn notify(&self, inner: &Inner) {
+        self.changed.send_replace(inner.generation);
+    }
+
+    /// Wakes whenever anything in the registry changes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// Registers a proxy's stream. A newer connection of the same proxy id replaces the older
+    /// one (whose stream is told to close) and keeps its health, so a reconnect does not flap
+    /// the proxy's endpoints.
+    pub fn connect(
+        &self,
+        node: Node,
+        identity: String,
+        entity: Option<String>,
+        registration: Registration,
+    ) -> Lease {
+        let mut inner = self.lock();
+        let epoch = inner.next_epoch;
+        inner.next_epoch += 1;
+        let (close_tx, closed) = oneshot::channel();
+        let proxy_id = node.proxy_id.clone();
+        let previous = inner.instances.remove(&proxy_id);
+        let (healthy, endpoint_ids) = match previous {
+            Some(mut prev) => {
+                if let Some(close) = prev.close.take() {
+                    let _ = close.send("replaced by a newer stream from the same proxy".into());
+                }
+                (prev.healthy, prev.endpoint_ids)
+            }
+            None => (false, Vec::new()),
+        };
+        inner.instances.insert(
+            proxy_id.clone(),
+            Instance {
+                node,
+                identity,
+                entity,
+                registration,
+                healthy,
+                connected: true,
+                epoch,
+                held: None,
+                close: Some(close_tx),
+                endpoint_ids,
+            },
+        );
+        inner.republish(&proxy_id);
+        inner.bump();
+        self.notify(&inner);
+        Lease {
+            proxy_id,
+            epoch,
+            closed,
+        }
+    }
+
+    fn with_instance(&self, lease_id: &str, epoch: u64, f: impl FnOnce(&mut Instance) -> bool) {
+        let mut inner = self.lock();
+        let republish = match inner.instances.get_mut(lease_id) {
+            Some(inst) if inst.epoch == epoch => f(inst),
+            _ => return,
+        };
+        if republish && inner.republish(lease_id) {
+            self.notify(&inner);
+        }
+    }
+
+    /// Records the agent's health; flips its endpoints when it changed.
+    pub fn set_health(&self, proxy_id: &str, epoch: u64, healthy: bool) {
+        self.with_instance(proxy_id, epoch, |inst| {
+            let changed = inst.healthy != healthy;
+            inst.healthy = healthy;
+            changed
+        });
+    }
+
+    /// Replaces the registration (the agent's tools changed).
+    pub fn register(&self, proxy_id: &str, epoch: u64, registration: Registration) {
+        self.with_instance(proxy_id, epoch, |inst| {
+            inst.registration = registration;
+            true
+        });
+    }
+
+    /// Records the version a proxy acknowledged.
+    pub fn ack(&self, proxy_id: &str, epoch: u64, version: SnapshotVersion) {
+        self.with_instance(proxy_id, epoch, |inst| {
+            inst.held = Some(version);
+            false
+        });
+    }
+
+    /// A stream ended. Graceful: withdraw now. Otherwise the endpoints stay until
+    /// [`Registry::expire`] runs after the grace period.
+    pub fn disconnect(&self, proxy_id: &str, epoch: u64, graceful: bool) {
+        let mut inner = self.lock();
+        match inner.instances.get_mut(proxy_id) {
+            Some(inst) if inst.epoch == epoch => {
+                inst.connected = false;
+                inst.close = None;
+            }
+            _ => return,
+        }
+        if graceful {
+            inner.publish(proxy_id, Vec::new());
+            inner.instances.remove(proxy_id);
+        }
+        inner.bump();
+        self.notify(&inner);
+    }
+
+    /// Withdraws a disconnected instance if it has not reconnected since `epoch`.
+    pub fn expire(&self, proxy_id: &str, epoch: u64) -> bool {
+        let mut inner = self.lock();
+        match inner.instances.get(proxy_id) {
+            Some(inst) if inst.epoch == epoch && !inst.connected => {}
+            _ => return false,
+        }
+        inner.publish(proxy_id, Vec::new());
+        inner.instances.remove(proxy_id);
+        inner.bump();
+        self.notify(&inner);
+        true
+    }
+
+    /// Closes every open stream whose certificate chains to `entity`.
+    pub fn close_entity_streams(&self, entity: &str) -> usize {
+        let mut inner = self.lock();
+        let mut closed = 0;
+        for inst in inner.instances.values_mut() {
+            if inst.entity.as_deref() == Some(entity)
+                && let Some(close) = inst.close.take()
+            {
+                let _ = close.send(format!("entity {entity:?} was revoked"));
+                closed += 1;
+            }
+        }
+        closed
+    }
+
+    /// Replaces the trust bundle pushed to every proxy.
+    pub fn set_trust(&self, trust: TrustBundle) {
+        let mut inner = self.lock();
+        let generation = inner.bump();
+        inner.trust = (generation, trust);
+        self.notify(&inner);
+    }
+
+    /// Replaces the authorization policy pushed to every proxy.
+    pub fn set_policy(&self, policy: Policy) {
+        let mut inner = self.lock();
+        let generation = inner.bump();
+        inner.policy = (generation, policy);
+        self.notify(&inner);
+    }
+
+    /// The full snapshot for a subscriber with these dependencies, and the view to diff from.
+    pub fn snapshot(&self, deps: &[Dependency]) -> (Snapshot, View) {
+        let inner = self.lock();
+        let mut caps = HashMap::new();
+        let mut endpoints = Vec::new();
+        for cap in inner.relevant_caps(deps) {
+            if let Some(entry) = inner.caps.get(&cap) {
+                endpoints.extend(entry.endpoints.values().map(|e| (**e).clone()));
+                caps.insert(cap, (entry.generation, entry.endpoints.clone()));
+            }
+        }
+        let version = SnapshotVersion(inner.generation);
+        let snapshot = Snapshot {
+            version,
+            endpoints,
+            known_capabilities: inner.known(),
+            trust: inner.trust.1.clone(),
+            policy: inner.policy.1.clone(),
+            settings: inner.settings.1.clone(),
+        };
+        let view = View {
+            version,
+            deps: deps.to_vec(),
+            caps,
+            known_generation: inner.known_generation,
+            trust_generation: inner.trust.0,
+            policy_generation: inner.policy.0,
+            settings_generation: inner.settings.0,
+        };
+        (snapshot, view)
+    }
+
+    /// What changed for this subscriber since `view`; `None` when nothing it cares about did.
+    /// `deps` may differ from the view's (the proxy re-registered with new dependencies).
+    pub fn delta(&self, view: &mut View, deps: &[Dependency]) -> Option<Delta> {
+        let inner = self.lock();
+        let mut upserts = Vec::new();
+        let mut removals = Vec::new();
+        let relevant = inner.relevant_caps(deps);
+        let mut seen: BTreeSet<Capability> = BTreeSet::new();
+        for cap in &relevant {
+            let current = inner.caps.get(cap);
+            let previous = view.caps.get(cap);
+            match (previous, current) {
+                (Some((g, _)), Some(entry)) if *g == entry.generation => {}
+                (prev, Some(entry)) => {
+                    let old = prev.map(|(_, m)| m.clone()).unwrap_or_default();
+                    for (id, ep) in entry.endpoints.iter() {
+                        match old.get(id) {
+                            Some(o) if Arc::ptr_eq(o, ep) || **o == **ep => {}
+                            _ => upserts.push((**ep).clone()),
+                        }
+                    }
+                    removals.extend(
+                        old.keys()
+                            .filter(|id| !entry.endpoints.contains_key(*id))
+                            .cloned(),
+                    );
+                    view.caps
+                        .insert(cap.clone(), (entry.generation, entry.endpoints.clone()));
+                }
+                (Some((_, old)), None) => {
+                    removals.extend(old.keys().cloned());
+                    view.caps.remove(cap);
+                }
+                (None, None) => {}
+            }
+            seen.insert(cap.clone());
+        }
+        // Capabilities the subscriber no longer covers (or that vanished under `*`).
+        let gone: Vec<Capability> = view
+            .caps
+            .keys()
+            .filter(|c| !seen.contains(*c))
+            .cloned()
+            .collect();
+        for cap in gone {
+            if let Some((_, old)) = view.caps.remove(&cap) {
+                removals.extend(old.keys().cloned());
+            }
+        }
+        let known = (view.known_generation != inner.known_generation).then(|| inner.known());
+        let trust = (view.trust_generation != inner.trust.0).then(|| inner.trust.1.clone());
+        let policy = (view.policy_generation != inner.policy.0).then(|| inner.policy.1.clone());
+        let settings =
+            (view.settings_generation != inner.settings.0).then(|| inner.settings.1.clone());
+        view.known_generation = inner.known_generation;
+        view.trust_generation = inner.trust.0;
+        view.policy_generation = inner.policy.0;
+        view.settings_generation = inner.settings.0;
+        view.deps = deps.to_vec();
+        if upserts.is_empty()
+            && removals.is_empty()
+            && known.is_none()
+            && trust.is_none()
+            && policy.is_none()
+            && settings.is_none()
+        {
+            return None;
+        }
+        let base_version = view.version;
+        view.version = SnapshotVersion(inner.generation.max(base_version.0 + 1));
+        Some(Delta {
+            version: view.version,
+            base_version,
+            upserts,
+            removals,
+            known_capabilities: known,
+            trust,
+            policy,
+            settings,
+        })
+    }
+
+    /// The dependencies an instance registered (for its stream's views).
+    pub fn dependencies(&self, proxy_id: &str) -> Vec<Dependency> {
+        self.lock()
+            .instances
+            .get(proxy_id)
+            .map(|i| i.registration.dependencies.clone())
+            .unwrap_or_default()
+    }
+
+    /// Every agent with its instances, for `GET /v1/agents`.
+    pub fn agents(&self) -> Vec<AgentInfo> {
+        let inner = self.lock();
+        let mut agents: BTreeMap<(String, String), AgentInfo> = BTreeMap::new();
+        for inst in inner.instances.values() {
+            let key = (inst.node.namespace.to_string(), inst.node.agent.to_string());
+            let agent = agents.entry(key).or_insert_with(|| AgentInfo {
+                name: inst.node.agent.clone(),
+                namespace: inst.node.namespace.clone(),
+                identity: inst.identity.clone(),
+                instances: Vec::new(),
+            });
+            agent.instances.push(InstanceInfo {
+                proxy_id: inst.node.proxy_id.clone(),
+                address: inst.registration.endpoint.clone(),
+                zone: inst.node.zone.clone(),
+                healthy: inst.healthy,
+                connected: inst.connected,
+                tags: inst.registration.tags.clone(),
+                version: inst.registration.version.clone(),
+                snapshot_version: inst.held,
+                tools: inst.registration.tools.clone(),
+            });
+        }
+        let mut out: Vec<AgentInfo> = agents.into_values().collect();
+        for a in &mut out {
+            a.instances.sort_by(|x, y| x.proxy_id.cmp(&y.proxy_id));
+        }
+        out
+    }
+
+    /// Every capability with its endpoints, for `GET /v1/capabilities`.
+    pub fn capabilities(&self) -> Vec<CapabilityInfo> {
+        self.lock()
+            .caps
+            .iter()
+            .map(|(cap, entry)| CapabilityInfo {
+                capability: cap.clone(),
+                endpoints: entry.endpoints.values().map(|e| (**e).clone()).collect(),
+            })
+            .collect()
+    }
+
+    /// Counts for metrics: (connected streams, agents, capabilities).
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let inner = self.lock();
+        let connected = inner.instances.values().filter(|i| i.connected).count();
+        let agents: BTreeSet<(&str, &str)> = inner
+            .instances
+            .values()
+            .map(|i| (i.node.namespace.as_str(), i.node.agent.as_str()))
+            .collect();
+        (connected, agents.len(), inner.caps.len())
+    }
+}
+
+/// When a frame was sent, to time its ack.
+#[derive(Debug, Clone, Copy)]
+pub struct Sent {
+    /// The version sent.
+    pub version: SnapshotVersion,
+    /// When.
+    pub at: Instant,
+}

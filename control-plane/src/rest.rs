@@ -1,0 +1,299 @@
+//! The REST API (JSON). Reads need the admin token or a mesh certificate; changes need the
+//! admin token (`Authorization: Bearer`) or an admin certificate
+//! (`spiffe://<trust-domain>/ns/capmesh-system/agent/admin`). Errors are `{error, detail}`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use capmesh_api::rest::{CertificateRequest, EntityRequest, ErrorBody, TokenRequest};
+use capmesh_api::{Dependency, DependencyTarget, Policy, Selector};
+use capmesh_certs::SpiffeId;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::App;
+
+/// Largest accepted REST request body.
+pub const MAX_BODY: usize = 1024 * 1024;
+
+/// The response body type of every handler.
+pub type Body = BoxBody<Bytes, Infallible>;
+
+/// An error on its way to the client as `{error, detail}` with a status.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Short machine-readable code.
+    pub error: &'static str,
+    /// What went wrong and what to do.
+    pub detail: String,
+}
+
+macro_rules! constructor {
+    ($name:ident, $status:ident, $code:literal) => {
+        /// An error with this status.
+        pub fn $name(detail: impl Into<String>) -> Self {
+            Self {
+                status: StatusCode::$status,
+                error: $code,
+                detail: detail.into(),
+            }
+        }
+    };
+}
+
+impl ApiError {
+    constructor!(bad_request, BAD_REQUEST, "bad_request");
+    constructor!(unauthorized, UNAUTHORIZED, "unauthorized");
+    constructor!(forbidden, FORBIDDEN, "forbidden");
+    constructor!(not_found, NOT_FOUND, "not_found");
+    constructor!(conflict, CONFLICT, "conflict");
+    constructor!(too_large, PAYLOAD_TOO_LARGE, "payload_too_large");
+    constructor!(internal, INTERNAL_SERVER_ERROR, "internal");
+    constructor!(method_not_allowed, METHOD_NOT_ALLOWED, "method_not_allowed");
+
+    /// The HTTP response.
+    pub fn into_response(self) -> Response<Body> {
+        json(
+            self.status,
+            &ErrorBody {
+                error: self.error.to_owned(),
+                detail: self.detail,
+            },
+        )
+    }
+}
+
+/// A JSON response.
+pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let body = serde_json::to_vec_pretty(value).unwrap_or_else(|_| b"{}".to_vec());
+    let mut resp = Response::new(Full::new(Bytes::from(body)).boxed());
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// Who is calling, as proven by TLS and the `Authorization` header.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The client certificate's identity, if one was presented.
+    pub peer: Option<SpiffeId>,
+    /// Whether the caller holds the admin token or an admin certificate.
+    pub admin: bool,
+}
+
+impl Caller {
+    fn read(&self) -> Result<(), ApiError> {
+        if self.admin || self.peer.is_some() {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized(
+                "send the admin token as `Authorization: Bearer <token>` (see <data-dir>/admin-token) or a mesh certificate",
+            ))
+        }
+    }
+
+    fn write(&self) -> Result<(), ApiError> {
+        if self.admin {
+            Ok(())
+        } else {
+            Err(ApiError::unauthorized(
+                "this call changes the mesh: send the admin token as `Authorization: Bearer <token>` (see <data-dir>/admin-token)",
+            ))
+        }
+    }
+}
+
+/// Reads a JSON body of at most [`MAX_BODY`] bytes.
+pub async fn read_json<T: DeserializeOwned>(body: Incoming) -> Result<T, ApiError> {
+    let bytes = Limited::new(body, MAX_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                ApiError::too_large(format!("the request body is over {MAX_BODY} bytes"))
+            } else {
+                ApiError::bad_request(format!("cannot read the request body: {e}"))
+            }
+        })?
+        .to_bytes();
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+}
+
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Routes one REST request.
+pub async fn handle(app: Arc<App>, caller: Caller, req: Request<Incoming>) -> Response<Body> {
+    match route(&app, &caller, req).await {
+        Ok(resp) => resp,
+        Err(e) => {
+            if e.status == StatusCode::UNAUTHORIZED || e.status == StatusCode::FORBIDDEN {
+                app.metrics.refuse(e.error);
+            }
+            e.into_response()
+        }
+    }
+}
+
+async fn route(
+    app: &App,
+    caller: &Caller,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let method = req.method().clone();
+    let path = req.uri().path().trim_end_matches('/').to_owned();
+    let query = req.uri().query().map(str::to_owned);
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match (&method, segments.as_slice()) {
+        (&Method::GET, ["v1", "agents"]) => {
+            caller.read()?;
+            ok(&app.registry.agents())
+        }
+        (&Method::GET, ["v1", "agents", rest @ ..]) if !rest.is_empty() && rest.len() <= 2 => {
+            caller.read()?;
+            let (ns, name) = match rest {
+                [name] => ("default", *name),
+                [ns, name] => (*ns, *name),
+                _ => unreachable_route()?,
+            };
+            let agent = app
+                .registry
+                .agents()
+                .into_iter()
+                .find(|a| a.namespace.as_str() == ns && a.name.as_str() == name)
+                .ok_or_else(|| {
+                    ApiError::not_found(format!("agent {ns}/{name} is not registered"))
+                })?;
+            ok(&agent)
+        }
+        (&Method::GET, ["v1", "capabilities"]) => {
+            caller.read()?;
+            ok(&app.registry.capabilities())
+        }
+        (&Method::GET, ["v1", "topology"]) => {
+            caller.read()?;
+            let deps = match query_param(query.as_deref(), "proxy") {
+                Some(proxy) => {
+                    if !app
+                        .registry
+                        .agents()
+                        .iter()
+                        .any(|a| a.instances.iter().any(|i| i.proxy_id == proxy))
+                    {
+                        return Err(ApiError::not_found(format!(
+                            "no proxy with id {proxy:?} is registered"
+                        )));
+                    }
+                    app.registry.dependencies(proxy)
+                }
+                None => vec![Dependency {
+                    alias: None,
+                    capability: DependencyTarget::All,
+                    selector: Selector::default(),
+                }],
+            };
+            let (snapshot, _) = app.registry.snapshot(&deps);
+            ok(&snapshot)
+        }
+        (&Method::POST, ["v1", "certificates"]) => {
+            let body: CertificateRequest = read_json(req.into_body()).await?;
+            let resp = crate::ca::issue(
+                &app.ca,
+                app.store.as_ref(),
+                app.cert_ttl,
+                caller.peer.as_ref(),
+                &body,
+            )?;
+            app.metrics.certificates_issued.inc();
+            ok(&resp)
+        }
+        (&Method::GET, ["v1", "entities"]) => {
+            caller.read()?;
+            ok(&app.store.entities()?)
+        }
+        (&Method::POST, ["v1", "entities"]) => {
+            caller.write()?;
+            let body: EntityRequest = read_json(req.into_body()).await?;
+            let entity = crate::entities::register(app, body)?;
+            Ok(json(StatusCode::CREATED, &entity))
+        }
+        (&Method::DELETE, ["v1", "entities", name]) => {
+            caller.write()?;
+            ok(&crate::entities::revoke(app, name)?)
+        }
+        (&Method::GET, ["v1", "tokens"]) => {
+            caller.write()?;
+            let infos: Vec<_> = app.store.tokens()?.into_iter().map(|t| t.info).collect();
+            ok(&infos)
+        }
+        (&Method::POST, ["v1", "tokens"]) => {
+            caller.write()?;
+            let body: TokenRequest = read_json(req.into_body()).await?;
+            let created = crate::ca::create_token(app.store.as_ref(), body)?;
+            Ok(json(StatusCode::CREATED, &created))
+        }
+        (&Method::DELETE, ["v1", "tokens", id]) => {
+            caller.write()?;
+            let info = app.store.revoke_token(id)?;
+            tracing::info!(id = %id, "bootstrap token revoked");
+            ok(&info)
+        }
+        (&Method::GET, ["v1", "policies"]) => {
+            caller.read()?;
+            ok(&app.store.policy()?.unwrap_or_default())
+        }
+        (&Method::PUT, ["v1", "policies"]) => {
+            caller.write()?;
+            let policy: Policy = read_json(req.into_body()).await?;
+            policy
+                .validate()
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            app.store.set_policy(&policy)?;
+            app.registry.set_policy(policy.clone());
+            tracing::info!(rules = policy.rules.len(), "policy replaced");
+            ok(&policy)
+        }
+        (
+            _,
+            [
+                "v1",
+                "agents" | "capabilities" | "topology" | "certificates" | "entities" | "tokens"
+                | "policies",
+                ..,
+            ],
+        ) => Err(ApiError::method_not_allowed(format!(
+            "{method} is not supported on {path}"
+        ))),
+        _ => Err(ApiError::not_found(format!(
+            "no API at {path}: see docs/control-plane.md for the endpoints"
+        ))),
+    }
+}
+
+fn unreachable_route<T>() -> Result<T, ApiError> {
+    Err(ApiError::not_found(
+        "no such agent path: use /v1/agents/<name> or /v1/agents/<namespace>/<name>",
+    ))
+}
+
+fn ok<T: Serialize>(value: &T) -> Result<Response<Body>, ApiError> {
+    Ok(json(StatusCode::OK, value))
+}

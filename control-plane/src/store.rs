@@ -1,0 +1,369 @@
+//! Durable state: the CA, entities, bootstrap tokens and the policy. Live connection state
+//! (which proxies are connected, their endpoints) is in memory, in `registry`.
+//!
+//! Behind the [`Store`] trait so PostgreSQL can join SQLite for several replicas.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use capmesh_api::Policy;
+use capmesh_api::rest::{Entity, TokenInfo};
+use rusqlite::{Connection, OptionalExtension, params};
+
+/// Why the store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The thing to change does not exist.
+    #[error("{what} {name:?} does not exist")]
+    NotFound {
+        /// What kind of thing.
+        what: &'static str,
+        /// Its name or id.
+        name: String,
+    },
+    /// The thing to create exists already.
+    #[error("{what} {name:?} already exists")]
+    Conflict {
+        /// What kind of thing.
+        what: &'static str,
+        /// Its name or id.
+        name: String,
+    },
+    /// The database failed.
+    #[error("store: {0}")]
+    Db(#[from] rusqlite::Error),
+    /// A stored value no longer parses (written by a newer version?).
+    #[error("store: stored {what} is unreadable: {detail}")]
+    Corrupt {
+        /// What was being read.
+        what: &'static str,
+        /// The parser's complaint.
+        detail: String,
+    },
+}
+
+/// The CA as stored: the signing certificate and key, and the root when the signer is an
+/// intermediate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredCa {
+    /// Signing certificate, PEM.
+    pub cert_pem: String,
+    /// Signing key, PEM.
+    pub key_pem: String,
+    /// Root certificate when `cert_pem` is an intermediate.
+    pub root_pem: Option<String>,
+}
+
+/// A bootstrap token as stored: its public facts and the SHA-256 of its secret (never the
+/// secret itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredToken {
+    /// What `GET /v1/tokens` shows.
+    pub info: TokenInfo,
+    /// Lowercase hex SHA-256 of the secret part.
+    pub secret_sha256: String,
+}
+
+/// Durable control-plane state. Every method is one transaction: nothing is half-applied.
+pub trait Store: Send + Sync + std::fmt::Debug {
+    /// The CA, if one was created or loaded before.
+    fn ca(&self) -> Result<Option<StoredCa>, StoreError>;
+    /// Saves the CA; refuses to replace an existing one.
+    fn insert_ca(&self, ca: &StoredCa) -> Result<(), StoreError>;
+    /// Every entity, revoked ones included, oldest first.
+    fn entities(&self) -> Result<Vec<Entity>, StoreError>;
+    /// Registers an entity; refuses a name already used (even by a revoked entity).
+    fn insert_entity(&self, entity: &Entity) -> Result<(), StoreError>;
+    /// Marks an entity revoked at `when_unix`; returns it as it is now.
+    fn revoke_entity(&self, name: &str, when_unix: i64) -> Result<Entity, StoreError>;
+    /// Every bootstrap token, newest first.
+    fn tokens(&self) -> Result<Vec<StoredToken>, StoreError>;
+    /// One token by id.
+    fn token(&self, id: &str) -> Result<Option<StoredToken>, StoreError>;
+    /// Saves a new token.
+    fn insert_token(&self, token: &StoredToken) -> Result<(), StoreError>;
+    /// Revokes a token; returns it as it is now.
+    fn revoke_token(&self, id: &str) -> Result<TokenInfo, StoreError>;
+    /// The authorization policy, if one was ever set.
+    fn policy(&self) -> Result<Option<Policy>, StoreError>;
+    /// Replaces the authorization policy.
+    fn set_policy(&self, policy: &Policy) -> Result<(), StoreError>;
+}
+
+/// SQLite in the data dir: embedded, zero set-up, one file.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS ca (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    cert_pem TEXT NOT NULL,
+    key_pem TEXT NOT NULL,
+    root_pem TEXT
+);
+CREATE TABLE IF NOT EXISTS entities (
+    name TEXT PRIMARY KEY,
+    ca_pem TEXT NOT NULL,
+    fingerprint_sha256 TEXT NOT NULL,
+    created_unix INTEGER NOT NULL,
+    revoked_unix INTEGER
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id TEXT PRIMARY KEY,
+    info_json TEXT NOT NULL,
+    secret_sha256 TEXT NOT NULL,
+    created_seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS policy (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    policy_json TEXT NOT NULL
+);
+";
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        // A poisoned lock only means another thread panicked mid-call; SQLite's own
+        // transactions keep the data consistent, so carry on.
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut conn)
+    }
+}
+
+fn entity_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Entity> {
+    Ok(Entity {
+        name: row.get(0)?,
+        ca_pem: row.get(1)?,
+        fingerprint_sha256: row.get(2)?,
+        created_unix: row.get(3)?,
+        revoked_unix: row.get(4)?,
+    })
+}
+
+fn token_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String)> {
+    Ok((row.get(0)?, row.get(1)?))
+}
+
+fn parse_token((info_json, secret_sha256): (String, String)) -> Result<StoredToken, StoreError> {
+    let info = serde_json::from_str(&info_json).map_err(|e| StoreError::Corrupt {
+        what: "token",
+        detail: e.to_string(),
+    })?;
+    Ok(StoredToken {
+        info,
+        secret_sha256,
+    })
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation
+    )
+}
+
+impl Store for SqliteStore {
+    fn ca(&self) -> Result<Option<StoredCa>, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT cert_pem, key_pem, root_pem FROM ca WHERE id = 1",
+                [],
+                |r| {
+                    Ok(StoredCa {
+                        cert_pem: r.get(0)?,
+                        key_pem: r.get(1)?,
+                        root_pem: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+        })
+    }
+
+    fn insert_ca(&self, ca: &StoredCa) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO ca (id, cert_pem, key_pem, root_pem) VALUES (1, ?1, ?2, ?3)",
+                params![ca.cert_pem, ca.key_pem, ca.root_pem],
+            )
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::Conflict {
+                        what: "CA",
+                        name: "mesh CA".into(),
+                    }
+                } else {
+                    e.into()
+                }
+            })?;
+            Ok(())
+        })
+    }
+
+    fn entities(&self) -> Result<Vec<Entity>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT name, ca_pem, fingerprint_sha256, created_unix, revoked_unix FROM entities
+                 ORDER BY created_unix, name",
+            )?;
+            let rows = stmt
+                .query_map([], entity_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn insert_entity(&self, e: &Entity) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO entities (name, ca_pem, fingerprint_sha256, created_unix, revoked_unix)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![e.name, e.ca_pem, e.fingerprint_sha256, e.created_unix, e.revoked_unix],
+            )
+            .map_err(|err| {
+                if is_unique_violation(&err) {
+                    StoreError::Conflict { what: "entity", name: e.name.clone() }
+                } else {
+                    err.into()
+                }
+            })?;
+            Ok(())
+        })
+    }
+
+    fn revoke_entity(&self, name: &str, when_unix: i64) -> Result<Entity, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "UPDATE entities SET revoked_unix = COALESCE(revoked_unix, ?2) WHERE name = ?1",
+                params![name, when_unix],
+            )?;
+            let entity = tx
+                .query_row(
+                    "SELECT name, ca_pem, fingerprint_sha256, created_unix, revoked_unix FROM entities
+                     WHERE name = ?1",
+                    params![name],
+                    entity_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound { what: "entity", name: name.to_owned() })?;
+            tx.commit()?;
+            Ok(entity)
+        })
+    }
+
+    fn tokens(&self) -> Result<Vec<StoredToken>, StoreError> {
+        self.with(|c| {
+            let mut stmt =
+                c.prepare("SELECT info_json, secret_sha256 FROM tokens ORDER BY created_seq DESC")?;
+            let rows = stmt
+                .query_map([], token_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter().map(parse_token).collect()
+        })
+    }
+
+    fn token(&self, id: &str) -> Result<Option<StoredToken>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT info_json, secret_sha256 FROM tokens WHERE id = ?1",
+                params![id],
+                token_row,
+            )
+            .optional()?
+            .map(parse_token)
+            .transpose()
+        })
+    }
+
+    fn insert_token(&self, t: &StoredToken) -> Result<(), StoreError> {
+        let info_json = serde_json::to_string(&t.info).map_err(|e| StoreError::Corrupt {
+            what: "token",
+            detail: e.to_string(),
+        })?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO tokens (id, info_json, secret_sha256, created_seq)
+                 VALUES (?1, ?2, ?3, (SELECT COALESCE(MAX(created_seq), 0) + 1 FROM tokens))",
+                params![t.info.id, info_json, t.secret_sha256],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn revoke_token(&self, id: &str) -> Result<TokenInfo, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let row = tx
+                .query_row(
+                    "SELECT info_json, secret_sha256 FROM tokens WHERE id = ?1",
+                    params![id],
+                    token_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound {
+                    what: "token",
+                    name: id.to_owned(),
+                })?;
+            let mut token = parse_token(row)?;
+            token.info.revoked = true;
+            let info_json =
+                serde_json::to_string(&token.info).map_err(|e| StoreError::Corrupt {
+                    what: "token",
+                    detail: e.to_string(),
+                })?;
+            tx.execute(
+                "UPDATE tokens SET info_json = ?2 WHERE id = ?1",
+                params![id, info_json],
+            )?;
+            tx.commit()?;
+            Ok(token.info)
+        })
+    }
+
+    fn policy(&self) -> Result<Option<Policy>, StoreError> {
+        self.with(|c| {
+            let json: Option<String> = c
+                .query_row("SELECT policy_json FROM policy WHERE id = 1", [], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            json.map(|j| {
+                serde_json::from_str(&j).map_err(|e| StoreError::Corrupt {
+                    what: "policy",
+                    detail: e.to_string(),
+                })
+            })
+            .transpose()
+        })
+    }
+
+    fn set_policy(&self, policy: &Policy) -> Result<(), StoreError> {
+        let json = serde_json::to_string(policy).map_err(|e| StoreError::Corrupt {
+            what: "policy",
+            detail: e.to_string(),
+        })?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO policy (id, policy_json) VALUES (1, ?1)
+                 ON CONFLICT(id) DO UPDATE SET policy_json = excluded.policy_json",
+                params![json],
+            )?;
+            Ok(())
+        })
+    }
+}
