@@ -29,22 +29,21 @@ pub fn free_port() -> Result<u16> {
     Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-/// The path of a workspace binary built next to the running test binary.
+/// The path of a workspace binary built beside the running program: next to it (a binary in
+/// `target/<profile>/`) or one level up (a test in `target/<profile>/deps/`).
 pub fn workspace_bin(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("cannot locate the target directory")?;
-    let bin = dir.join(name);
-    if !bin.exists() {
-        bail!(
-            "{} is not built: run `cargo build -p {name}` (cargo test builds it for its own crate)",
-            bin.display()
-        );
+    let here = exe.parent().context("cannot locate the target directory")?;
+    for dir in [Some(here), here.parent()].into_iter().flatten() {
+        let bin = dir.join(name);
+        if bin.exists() {
+            return Ok(bin);
+        }
     }
-    Ok(bin)
+    bail!(
+        "{name} is not built next to {}: run `cargo build -p <its crate>` with the same profile",
+        exe.display()
+    )
 }
 
 /// SPIFFE ID in the default trust domain.
