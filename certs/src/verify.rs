@@ -207,6 +207,7 @@ impl TrustState {
 pub struct TrustStore {
     trust_domain: ArcSwap<TrustDomain>,
     state: ArcSwap<TrustState>,
+    generation: std::sync::atomic::AtomicU64,
 }
 
 fn algorithms() -> WebPkiSupportedAlgorithms {
@@ -219,6 +220,7 @@ impl TrustStore {
         Ok(Self {
             trust_domain: ArcSwap::from_pointee(cfg.trust_domain.clone()),
             state: ArcSwap::from_pointee(TrustState::build(cfg)?),
+            generation: std::sync::atomic::AtomicU64::new(1),
         })
     }
 
@@ -228,6 +230,8 @@ impl TrustStore {
         let state = TrustState::build(cfg)?;
         self.trust_domain.store(Arc::new(cfg.trust_domain.clone()));
         self.state.store(Arc::new(state));
+        self.generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release);
         tracing::info!(
             anchors = cfg.entities.len() + 1,
             revoked_entities = cfg.revoked_entities.len(),
@@ -235,6 +239,12 @@ impl TrustStore {
             "trust bundle applied"
         );
         Ok(())
+    }
+
+    /// Bumped on every [`TrustStore::update`]: long-lived connections compare it to decide
+    /// when to re-verify their peer against the new trust.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// The mesh's trust domain.
@@ -252,6 +262,14 @@ impl TrustStore {
     ) -> Result<SpiffeId, Refusal> {
         self.verify_peer(end_entity, intermediates, now, usage)
             .map(|p| p.identity)
+    }
+
+    /// Verifies a client chain (leaf first) as presented on a mesh connection, now.
+    pub fn verify_client_chain(&self, chain: &[CertificateDer<'_>]) -> Result<SpiffeId, Refusal> {
+        let (leaf, rest) = chain
+            .split_first()
+            .ok_or_else(|| Refusal::Invalid("no certificate".into()))?;
+        self.verify(leaf, rest, UnixTime::now(), webpki::KeyUsage::client_auth())
     }
 
     /// Like [`TrustStore::verify`], and also says which entity's CA the chain leads to (`None`

@@ -73,3 +73,32 @@ pub struct Config {
     #[arg(long, env = "CAPMESH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_well_formed() {
+        Config::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_flags_name_the_flag_and_the_fix() {
+        let err = Config::try_parse_from(["capmesh-control-plane", "--grace", "2days"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--grace") && err.contains("use ms, s, m or h"),
+            "{err}"
+        );
+        let err = Config::try_parse_from(["capmesh-control-plane", "--trust-domain", "Bad Domain"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--trust-domain") && err.contains("capmesh.local"),
+            "{err}"
+        );
+    }
+}

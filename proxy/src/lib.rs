@@ -1,3 +1,413 @@
 //! capmesh sidecar proxy: the outbound MCP router (the mesh as one MCP server), the inbound
-//! mutual-TLS server in front of the local agent, and the admin endpoints. Not built yet.
+//! mutual-TLS server in front of the local agent, the control-plane stream client and the admin
+//! endpoints.
+//!
+//! A request's path, top to bottom: [`outbound::handle`] (classify the MCP message, answer the
+//! protocol, resolve and pick an endpoint, retry) → [`pool::PeerPool::send`] (HTTP/2 over mutual
+//! TLS to the provider's proxy) → [`inbound`] on the provider's side (verify the peer, authorize,
+//! strip and set headers, forward to the agent) → the response streams back the same way.
 #![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod agent;
+pub mod backoff;
+pub mod balance;
+pub mod breaker;
+pub mod config;
+pub mod control;
+pub mod headers;
+pub mod identity;
+pub mod inbound;
+pub mod mcp;
+pub mod metrics;
+pub mod outbound;
+pub mod pool;
+pub mod routing;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use capmesh_api::{Capability, ControlFrame, Node, Registration, SnapshotVersion, TrustBundle};
+use capmesh_certs::{MeshAcceptor, RenewPolicy, TrustConfig};
+use capmesh_client::{ControlPlaneClient, ServerCheck};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use config::Config;
+
+/// Errors a body may carry.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// The body type used on every hop.
+pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
+
+/// Boxes any body whose error converts into [`BoxError`].
+pub fn boxed<B>(body: B) -> BoxBody
+where
+    B: http_body::Body<Data = Bytes> + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
+{
+    use http_body_util::BodyExt;
+    body.map_err(Into::into).boxed()
+}
+
+/// `bytes` random bytes as lowercase hex.
+pub fn random_hex(bytes: usize) -> String {
+    use ring::rand::SecureRandom;
+    let mut buf = vec![0u8; bytes];
+    let _ = ring::rand::SystemRandom::new().fill(&mut buf);
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Everything the proxy's tasks share.
+#[derive(Debug)]
+pub struct Proxy {
+    /// The flags.
+    pub config: Config,
+    /// This instance.
+    pub node: Node,
+    /// Identity and trust.
+    pub identity: identity::Identity,
+    /// The routing table in force (last known good).
+    pub routing: ArcSwap<routing::Routing>,
+    /// True once a snapshot arrived.
+    pub ready_snapshot: AtomicBool,
+    /// The local agent, unless `--agent-url none`.
+    pub agent: Option<Arc<agent::Agent>>,
+    /// The current registration (`None` until the agent's tools are known).
+    pub registration: watch::Receiver<Option<Registration>>,
+    /// The agent's health.
+    pub healthy: watch::Receiver<bool>,
+    /// function → capability of the local agent (inbound authorization).
+    pub functions: ArcSwap<HashMap<String, Capability>>,
+    /// Connections to peer proxies.
+    pub peers: pool::PeerPool,
+    /// Legacy sessions of the federated endpoint.
+    pub sessions: outbound::Sessions,
+    /// Bumped when the federated tool list changes.
+    pub tools_changed: watch::Sender<u64>,
+    /// Propagated headers.
+    pub propagation: ArcSwap<headers::Propagation>,
+    /// Retry budget for outbound calls.
+    pub retry_budget: balance::RetryBudget,
+    /// Metrics.
+    pub metrics: metrics::Metrics,
+}
+
+fn trust_config(bundle: &TrustBundle) -> TrustConfig {
+    TrustConfig {
+        trust_domain: bundle.trust_domain.clone(),
+        mesh_ca_pem: bundle.ca_pems.join("\n"),
+        entities: bundle
+            .entities
+            .iter()
+            .map(|e| (e.name.clone(), e.ca_pem.clone()))
+            .collect(),
+        revoked_entities: bundle.revoked_entities.clone(),
+        revoked_serials: bundle.revoked_serials.clone(),
+    }
+}
+
+impl Proxy {
+    /// The registration sent before the agent's tools are known.
+    pub fn empty_registration(&self) -> Registration {
+        Registration {
+            endpoint: self.config.advertised(),
+            tags: self.config.tags.clone(),
+            version: self.config.version.clone(),
+            tools: vec![],
+            dependencies: self.config.dependencies.clone(),
+        }
+    }
+
+    /// Applies a snapshot or delta atomically: a new routing table is built and swapped in, or
+    /// nothing changes. Returns the version to ack, or the version and why to nack.
+    pub fn apply(&self, frame: ControlFrame) -> Result<SnapshotVersion, (SnapshotVersion, String)> {
+        let version = control::frame_version(&frame);
+        let current = self.routing.load_full();
+        let snapshot = match frame {
+            ControlFrame::Snapshot(s) => s,
+            ControlFrame::Delta(d) => match &current.snapshot {
+                Some(held) => held.apply(&d).map_err(|e| (version, e.to_string()))?,
+                None => return Err((version, "a delta arrived before any snapshot".into())),
+            },
+            ControlFrame::Error { .. } => return Ok(version),
+        };
+        let trust_changed = current
+            .snapshot
+            .as_ref()
+            .is_none_or(|s| s.trust != snapshot.trust);
+        if trust_changed {
+            self.identity
+                .trust
+                .update(&trust_config(&snapshot.trust))
+                .map_err(|e| (version, format!("trust bundle refused: {e}")))?;
+        }
+        let mut patterns = self.config.propagate_headers.clone();
+        patterns.extend(snapshot.settings.propagate_headers.iter().cloned());
+        self.propagation
+            .store(Arc::new(headers::Propagation::new(&patterns)));
+        let breaker = breaker::BreakerConfig {
+            failures: snapshot.settings.breaker_failures.max(1),
+            ..Default::default()
+        };
+        let caller = self.identity.id.to_string();
+        let next = routing::Routing::build(
+            snapshot,
+            &self.config.dependencies,
+            &caller,
+            &current,
+            breaker,
+        );
+        let tools_changed = next.tools != current.tools;
+        let addresses: Vec<(String, String)> = next
+            .all_stats()
+            .map(|(_, e, _)| (e.address.clone(), e.identity.clone()))
+            .collect();
+        self.routing.store(Arc::new(next));
+        self.peers
+            .retain(|addr, id| addresses.iter().any(|(a, i)| a == addr && i == id));
+        if tools_changed {
+            self.tools_changed.send_modify(|n| *n += 1);
+            tracing::info!(
+                tools = self.routing.load().tools.len(),
+                "callable capabilities changed"
+            );
+        }
+        if !self.ready_snapshot.swap(true, Ordering::AcqRel) {
+            tracing::info!(version = %version, "first snapshot applied");
+        }
+        self.metrics.snapshot_version.set(version.0 as i64);
+        self.metrics.snapshot_applied.set(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs() as i64)
+                .unwrap_or(0),
+        );
+        Ok(version)
+    }
+}
+
+async fn bind(addr: std::net::SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("{flag} {addr}: cannot bind (in use? pick another port)"))
+}
+
+/// Serves the outbound listener (plain HTTP on loopback) until `stop`, then drains.
+async fn serve_outbound(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        let tcp = tokio::select! {
+            _ = stop.changed() => break,
+            a = listener.accept() => match a { Ok((tcp, _)) => tcp, Err(_) => continue },
+        };
+        let _ = tcp.set_nodelay(true);
+        let (proxy, watcher) = (proxy.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            let svc = service_fn(move |req| {
+                let proxy = proxy.clone();
+                async move { Ok::<_, Infallible>(outbound::handle(proxy, req).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let _ = watcher
+                .watch(
+                    builder
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .into_owned(),
+                )
+                .await;
+        });
+    }
+    let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
+}
+
+/// Runs the proxy until `shutdown` resolves; then withdraws from the mesh, drains and exits.
+pub async fn run(
+    config: Config,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let agent = match config.agent() {
+        Some(url) => Some(Arc::new(agent::Agent::new(url)?)),
+        None => None,
+    };
+    let outbound_listener = bind(config.outbound, "--outbound").await?;
+    let inbound_listener = bind(config.inbound, "--inbound").await?;
+    let admin_listener = bind(config.admin, "--admin").await?;
+    let identity = identity::obtain(&config).await?;
+    let node = Node {
+        proxy_id: config
+            .proxy_id
+            .clone()
+            .unwrap_or_else(|| format!("{}-{}", config.agent_name, random_hex(4))),
+        agent: config.agent_name.clone(),
+        namespace: config.namespace.clone(),
+        zone: config.zone.clone(),
+    };
+    let (reg_tx, reg_rx) = watch::channel(None);
+    let (health_tx, health_rx) = watch::channel(agent.is_none());
+    let proxy = Arc::new(Proxy {
+        node: node.clone(),
+        routing: ArcSwap::from_pointee(routing::Routing::default()),
+        ready_snapshot: AtomicBool::new(false),
+        agent: agent.clone(),
+        registration: reg_rx.clone(),
+        healthy: health_rx.clone(),
+        functions: ArcSwap::from_pointee(HashMap::new()),
+        peers: pool::PeerPool::new(
+            identity.cell.clone(),
+            identity.trust.clone(),
+            Duration::from_secs(1),
+        ),
+        sessions: outbound::Sessions::default(),
+        tools_changed: watch::channel(0).0,
+        propagation: ArcSwap::from_pointee(headers::Propagation::new(&config.propagate_headers)),
+        retry_budget: balance::RetryBudget::new(20, 10),
+        metrics: metrics::Metrics::new(),
+        identity,
+        config,
+    });
+    if agent.is_none() {
+        reg_tx.send_replace(Some(proxy.empty_registration()));
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    // Keep the function → capability map in step with the registration.
+    {
+        let proxy = proxy.clone();
+        let mut reg = reg_rx.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                if let Some(r) = reg.borrow_and_update().as_ref() {
+                    proxy
+                        .functions
+                        .store(Arc::new(outbound::function_map(&r.tools)));
+                }
+                if reg.changed().await.is_err() {
+                    return;
+                }
+            }
+        }));
+    }
+    if let Some(agent) = &agent {
+        let template = agent::RegistrationTemplate {
+            endpoint: proxy.config.advertised(),
+            tags: proxy.config.tags.clone(),
+            version: proxy.config.version.clone(),
+            overrides: proxy.config.capabilities.clone(),
+            dependencies: proxy.config.dependencies.clone(),
+        };
+        tasks.push(tokio::spawn(agent::watch(
+            agent.clone(),
+            template,
+            reg_tx,
+            health_tx,
+            stop_rx.clone(),
+        )));
+    }
+    let url = identity::control_plane_url(&proxy.config)?;
+    let cp_id = identity::control_plane_id(&proxy.config.trust_domain)?;
+    let client = ControlPlaneClient::new(
+        url,
+        ServerCheck::Spiffe(cp_id),
+        Some(proxy.identity.trust.clone()),
+        Some(proxy.identity.cell.clone()),
+    )?;
+    match proxy.identity.source.clone() {
+        identity::Source::ControlPlane => {
+            let renewer = identity::ControlPlaneRenewer {
+                client: client.clone(),
+                id: proxy.identity.id.clone(),
+            };
+            let mut stop = stop_rx.clone();
+            tasks.push(tokio::spawn(capmesh_certs::run_rotation(
+                proxy.identity.cell.clone(),
+                renewer,
+                RenewPolicy::default(),
+                async move {
+                    let _ = stop.changed().await;
+                },
+            )));
+        }
+        identity::Source::Files { cert, key } => {
+            tasks.push(tokio::spawn(identity::watch_files(
+                proxy.identity.cell.clone(),
+                cert,
+                key,
+                stop_rx.clone(),
+            )));
+        }
+    }
+    let (goodbye_tx, goodbye_rx) = tokio::sync::oneshot::channel();
+    let control_task = tokio::spawn(control::run(
+        proxy.clone(),
+        client,
+        node.clone(),
+        reg_rx,
+        health_rx,
+        stop_rx.clone(),
+        goodbye_tx,
+    ));
+
+    // Listeners stay up during the drain, so calls already routed here still land.
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let acceptor = MeshAcceptor::new(
+        proxy.config.tls_mode,
+        proxy.identity.cell.clone(),
+        proxy.identity.trust.clone(),
+        &[b"h2", b"http/1.1"],
+    )?;
+    let drain = Duration::from_secs(10);
+    let inbound_task = tokio::spawn(inbound::serve(
+        proxy.clone(),
+        inbound_listener,
+        acceptor,
+        drain_rx.clone(),
+        drain,
+    ));
+    let outbound_task = tokio::spawn(serve_outbound(
+        proxy.clone(),
+        outbound_listener,
+        drain_rx.clone(),
+        drain,
+    ));
+    let admin_task = tokio::spawn(admin::serve(proxy.clone(), admin_listener, drain_rx));
+    tracing::info!(
+        identity = %proxy.identity.id,
+        proxy_id = %node.proxy_id,
+        outbound = %proxy.config.outbound,
+        inbound = %proxy.config.inbound,
+        admin = %proxy.config.admin,
+        tls_mode = %proxy.config.tls_mode,
+        "proxy running"
+    );
+
+    shutdown.await;
+    tracing::info!("shutting down: withdrawing from the mesh, then draining");
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(3), goodbye_rx).await;
+    // Consumers learn of the withdrawal within one delta; give calls already on their way a
+    // moment to arrive, then stop accepting and let in-flight calls finish.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let _ = drain_tx.send(true);
+    let _ = tokio::join!(inbound_task, outbound_task, admin_task, control_task);
+    for t in tasks {
+        t.abort();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

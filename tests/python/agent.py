@@ -37,7 +37,6 @@ import signal
 import sys
 import time
 import warnings
-import weakref
 from typing import Annotated, Any
 
 import uvicorn
@@ -48,6 +47,7 @@ from mcp.server.mcpserver.context import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.subscriptions import InMemorySubscriptionBus, ToolsListChanged
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 
 # ctx.info()/log() are deprecated in 2026-07-28 (still delivered to legacy sessions, and to
 # modern requests that opt in with _meta log level); keep stderr clean.
@@ -107,12 +107,17 @@ def build_server(args: argparse.Namespace) -> tuple[MCPServer, InMemorySubscript
     bus = InMemorySubscriptionBus()
     server = MCPServer(name, instructions=f"capmesh test agent {name}", log_level="WARNING", subscriptions=bus)
 
-    # Legacy (2025) sessions seen so far, to send them tools/list_changed on their GET stream.
-    legacy_sessions: "weakref.WeakSet[Any]" = weakref.WeakSet()
+    # Legacy (2025) sessions seen so far, to send them tools/list_changed on their standalone
+    # (GET) stream. A ServerSession is per request but sends unrelated notifications on its
+    # connection's standalone channel, so the latest one per Mcp-Session-Id is kept.
+    legacy_sessions: dict[str, Any] = {}
 
     async def remember_sessions(ctx: Any, call_next: Any) -> Any:
-        if getattr(ctx, "session", None) is not None and ctx.session.can_send_request:
-            legacy_sessions.add(ctx.session)
+        request = getattr(ctx, "request", None)
+        headers = getattr(request, "headers", None)
+        session_id = headers.get("mcp-session-id") if headers is not None else None
+        if session_id and ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS:
+            legacy_sessions[session_id] = ctx.session
         return await call_next(ctx)
 
     server.middleware.append(remember_sessions)
@@ -190,11 +195,11 @@ def build_server(args: argparse.Namespace) -> tuple[MCPServer, InMemorySubscript
         state["extra"] = not state["extra"]
         print(f"TOOLS {'added' if state['extra'] else 'removed'} extra", flush=True)
         await bus.publish(ToolsListChanged())
-        for session in list(legacy_sessions):
+        for session_id, session in list(legacy_sessions.items()):
             try:
                 await session.send_tool_list_changed()
-            except Exception as exc:  # a closed session: nothing to tell
-                print(f"list_changed not sent to a session: {exc!r}", file=sys.stderr, flush=True)
+            except Exception:  # a closed session: forget it
+                legacy_sessions.pop(session_id, None)
 
     return server, bus, toggle_extra
 
@@ -214,6 +219,9 @@ async def serve(args: argparse.Namespace) -> None:
         lifespan="on",
     )
     web = uvicorn.Server(config)
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, restores the previous handlers and then
+    # re-raises the signal; with a no-op handler here the process then exits 0.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: None)
     task = asyncio.create_task(web.serve())
     while not web.started:
         if task.done():

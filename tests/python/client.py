@@ -40,6 +40,8 @@ import json
 import sys
 import time
 import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -117,7 +119,8 @@ def classify(exc: BaseException, http: HttpLog) -> tuple[int, dict[str, Any]]:
                 "kind": "http",
                 "http_status": e.response.status_code,
             }
-    first = found[0] if found else exc
+    real = [e for e in found if not isinstance(e, anyio.get_cancelled_exc_class())]
+    first = real[0] if real else (found[0] if found else exc)
     info = {"error": f"{type(first).__name__}: {first}", "kind": "other"}
     if http.last_error_status is not None:
         info["http_status"] = http.last_error_status
@@ -126,60 +129,43 @@ def classify(exc: BaseException, http: HttpLog) -> tuple[int, dict[str, Any]]:
 
 
 class Conn:
-    """One MCP connection (legacy session or 2026-07-28 pinned client) with per-call recorders."""
+    """Per-connection recorders (log messages, tools/list_changed) shared with the SDK callbacks."""
 
-    def __init__(self, args: argparse.Namespace, http: HttpLog) -> None:
-        self.args = args
-        self.http = http
+    def __init__(self) -> None:
         self.logs: list[dict[str, Any]] = []
         self.t0 = time.monotonic()
         self.list_changed = anyio.Event()
-        self.client: Client | None = None
-        self._http_client: httpx2.AsyncClient | None = None
 
-    async def _on_log(self, params: types.LoggingMessageNotificationParams) -> None:
+    async def on_log(self, params: types.LoggingMessageNotificationParams) -> None:
         self.logs.append({"level": params.level, "data": params.data, "elapsed_ms": now_ms(self.t0)})
 
-    async def _on_message(self, message: Any) -> None:
+    async def on_message(self, message: Any) -> None:
         if getattr(message, "method", None) == "notifications/tools/list_changed":
             self.list_changed.set()
 
-    async def __aenter__(self) -> Client:
-        headers = dict(self.args.header)
-        self._http_client = httpx2.AsyncClient(
-            headers=headers,
-            timeout=httpx2.Timeout(min(30.0, self.args.timeout), read=max(300.0, self.args.timeout)),
-            event_hooks={"response": [self.http.on_response]},
-        )
-        await self._http_client.__aenter__()
-        try:
-            self.client = Client(
-                streamable_http_client(self.args.url, http_client=self._http_client),
-                mode=self.args.mode,
-                cache=None,
-                read_timeout_seconds=self.args.timeout,
-                logging_callback=self._on_log,
-                message_handler=self._on_message,
-                log_level=self.args.log_level,
-            )
-            # (No anyio timeout scope around this: the client's task groups outlive it.
-            # read_timeout_seconds bounds the handshake; httpx bounds connecting.)
-            await self.client.__aenter__()
-        except BaseException:
-            await self._http_client.__aexit__(None, None, None)
-            raise
-        return self.client
 
-    async def __aexit__(self, *exc: Any) -> None:
-        try:
-            if self.client is not None:
-                with anyio.move_on_after(5):
-                    await self.client.__aexit__(*exc)
-        except Exception:
-            pass
-        finally:
-            if self._http_client is not None:
-                await self._http_client.__aexit__(None, None, None)
+@asynccontextmanager
+async def connect(args: argparse.Namespace, http: HttpLog, conn: Conn) -> AsyncIterator[Client]:
+    """One MCP connection: a legacy session (initialize ... DELETE) or a pinned 2026-07-28 client.
+
+    Used strictly as `async with`, so a transport failure (which the SDK reports by cancelling
+    the caller and raising from the client's task group on exit) surfaces as an exception here.
+    """
+    timeout = httpx2.Timeout(min(30.0, args.timeout), read=max(300.0, args.timeout))
+    async with httpx2.AsyncClient(
+        headers=dict(args.header), timeout=timeout, event_hooks={"response": [http.on_response]}
+    ) as http_client:
+        client = Client(
+            streamable_http_client(args.url, http_client=http_client),
+            mode=args.mode,
+            cache=None,  # every list/call goes to the wire
+            read_timeout_seconds=args.timeout,
+            logging_callback=conn.on_log,
+            message_handler=conn.on_message,
+            log_level=args.log_level,
+        )
+        async with client:
+            yield client
 
 
 def tool_json(tool: types.Tool) -> dict[str, Any]:
@@ -227,6 +213,20 @@ async def call_once(conn: Conn, client: Client, tool: str, arguments: dict[str, 
 
 
 async def cmd_info(conn: Conn, client: Client, _rest: list[str]) -> int:
+    if client.protocol_version in MODERN_PROTOCOL_VERSIONS:
+        # A pinned 2026-07-28 client sends no handshake; ask the server with server/discover.
+        raw = await client.session.send_discover(client.protocol_version)
+        meta = raw.get("_meta") or {}
+        out(
+            {
+                "protocol_version": client.protocol_version,
+                "server_info": meta.get("io.modelcontextprotocol/serverInfo"),
+                "capabilities": raw.get("capabilities"),
+                "instructions": raw.get("instructions"),
+                "discover": raw,
+            }
+        )
+        return EXIT_OK
     info = client.server_info
     out(
         {
@@ -293,42 +293,65 @@ async def cmd_loop(args: argparse.Namespace, http: HttpLog, rest: list[str]) -> 
     tool, arguments = rest[0], parse_json_args(rest[1])
     count, interval = int(rest[2]), float(rest[3]) / 1000.0
     t0 = time.monotonic()
-    all_ok = True
-    conn: Conn | None = None
-    client: Client | None = None
-    for i in range(count):
-        if i:
-            await anyio.sleep(interval)
-        line: dict[str, Any] = {"i": i, "t_ms": now_ms(t0)}
-        started = time.monotonic()
-        try:
-            if client is None:
-                conn = Conn(args, http)
-                client = await conn.__aenter__()
-            assert conn is not None
-            http.last_error_status = None
-            res = await call_once(conn, client, tool, arguments)
-            line.update(ok=not res["is_error"], text=res["result_text"], is_error=res["is_error"], error=None)
-        except Exception as exc:  # noqa: BLE001 - every failure becomes a line
-            code, info = classify(exc, http)
-            line.update(ok=False, text=None, is_error=None, error=info.get("error"), error_kind=info.get("kind"))
-            if "http_status" in info:
-                line["http_status"] = info["http_status"]
-            if code == EXIT_CONN or info.get("http_status") == 404 or "Session terminated" in str(info.get("error")):
-                # The connection or the session is gone: start a fresh one for the next call.
-                if conn is not None:
-                    with anyio.move_on_after(2):
-                        await conn.__aexit__(None, None, None)
-                conn, client = None, None
-        line["elapsed_ms"] = now_ms(started)
-        all_ok = all_ok and bool(line["ok"])
+    state = {"i": 0, "all_ok": True, "started": time.monotonic(), "line": None}
+
+    def finish(line: dict[str, Any]) -> None:
+        line["elapsed_ms"] = now_ms(state["started"])
+        state["all_ok"] = state["all_ok"] and bool(line["ok"])
         out(line)
-    if conn is not None:
-        await conn.__aexit__(None, None, None)
-    return EXIT_OK if all_ok else EXIT_MCP
+        state["i"] += 1
+        state["line"] = None
+
+    def failed(line: dict[str, Any], exc: BaseException) -> tuple[int, dict[str, Any]]:
+        code, info = classify(exc, http)
+        line.update(ok=False, text=None, is_error=None, error=info.get("error"), error_kind=info.get("kind"))
+        for key in ("code", "http_status"):
+            if key in info:
+                line[key] = info[key]
+        return code, info
+
+    async def wait_turn() -> None:
+        # Calls are scheduled at t0 + i * interval (a late call goes at once).
+        delay = t0 + state["i"] * interval - time.monotonic()
+        if delay > 0:
+            await anyio.sleep(delay)
+
+    while state["i"] < count:
+        await wait_turn()
+        state["started"] = time.monotonic()
+        conn = Conn()
+        try:
+            # One session for as many calls as it survives; a broken connection or a lost
+            # session (404) ends it and the next call starts a fresh one.
+            async with connect(args, http, conn) as client:
+                while state["i"] < count:
+                    await wait_turn()
+                    line: dict[str, Any] = {"i": state["i"], "t_ms": now_ms(t0)}
+                    state["line"], state["started"] = line, time.monotonic()
+                    http.last_error_status = None
+                    try:
+                        res = await call_once(conn, client, tool, arguments)
+                    except MCPError as exc:
+                        _code, info = failed(line, exc)
+                        finish(line)
+                        if info.get("http_status") == 404 or "Session terminated" in str(info.get("error")):
+                            break
+                        continue
+                    line.update(ok=not res["is_error"], text=res["result_text"], is_error=res["is_error"], error=None)
+                    finish(line)
+        except Exception as exc:  # noqa: BLE001 - the connection failed: record it on the pending call
+            line = state["line"] or {"i": state["i"], "t_ms": now_ms(t0)}
+            failed(line, exc)
+            finish(line)
+    return EXIT_OK if state["all_ok"] else EXIT_MCP
 
 
-COMMANDS = {"info": (cmd_info, 0), "list": (cmd_list, 0), "call": (cmd_call, 1), "watch": (cmd_watch, 1)}
+COMMANDS: dict[str, tuple[Callable[[Conn, Client, list[str]], Awaitable[int]], int]] = {
+    "info": (cmd_info, 0),
+    "list": (cmd_list, 0),
+    "call": (cmd_call, 1),
+    "watch": (cmd_watch, 1),
+}
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -342,21 +365,14 @@ async def run(args: argparse.Namespace) -> int:
     if len(args.rest) < min_args:
         out({"error": f"{args.command}: missing arguments", "kind": "usage"})
         return EXIT_MCP
-    conn = Conn(args, http)
+    conn = Conn()
     try:
-        client = await conn.__aenter__()
-    except Exception as exc:  # noqa: BLE001
+        async with connect(args, http, conn) as client:
+            return await handler(conn, client, args.rest)
+    except Exception as exc:  # noqa: BLE001 - every failure is reported as JSON
         code, info = classify(exc, http)
         out(info)
         return code
-    try:
-        return await handler(conn, client, args.rest)
-    except Exception as exc:  # noqa: BLE001
-        code, info = classify(exc, http)
-        out(info)
-        return code
-    finally:
-        await conn.__aexit__(None, None, None)
 
 
 def header(text: str) -> tuple[str, str]:

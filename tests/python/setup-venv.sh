@@ -55,7 +55,7 @@ if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -m pip --version >/dev/nu
     fi
 fi
 
-echo "setup-venv: installing $(tr '\n' ' ' <"$req")into $venv" >&2
+echo "setup-venv: installing $(grep -m1 '^mcp' "$req") and its pinned dependencies into $venv" >&2
 "$venv/bin/python" -m pip install --disable-pip-version-check --no-input -q -r "$req" >&2
 "$venv/bin/python" -c 'import mcp, mcp.server, uvicorn' >&2
 printf '%s\n' "$want" >"$stamp"

@@ -7,6 +7,8 @@
 //!   (apply, ack) so tests can wait for "the consumer now sees X".
 #![forbid(unsafe_code)]
 
+pub mod python;
+
 use std::net::TcpListener as StdListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -44,6 +46,30 @@ pub fn workspace_bin(name: &str) -> Result<PathBuf> {
         "{name} is not built next to {}: run `cargo build -p <its crate>` with the same profile",
         exe.display()
     )
+}
+
+/// A plain HTTP/1.1 GET on a loopback port: (status, body).
+pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    tcp.write_all(
+        format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut buf)).await??;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    Ok((
+        status,
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    ))
 }
 
 /// SPIFFE ID in the default trust domain.
@@ -88,8 +114,11 @@ impl ControlPlane {
     }
 
     async fn spawn(&mut self) -> Result<()> {
-        self.port = free_port()?;
-        self.admin_port = free_port()?;
+        // A restart keeps its ports, so proxies configured with them find it again.
+        if self.port == 0 {
+            self.port = free_port()?;
+            self.admin_port = free_port()?;
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -157,7 +186,7 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Stops and starts again on the same data dir (new ports).
+    /// Stops and starts again on the same data dir and ports.
     pub async fn restart(&mut self) -> Result<()> {
         self.stop()?;
         self.spawn().await
@@ -402,5 +431,145 @@ impl TestProxy {
             let _ = self.step(left).await;
         }
         Ok(self.errors.clone())
+    }
+}
+
+/// A running `capmesh-proxy` next to an agent. Killed when dropped.
+#[derive(Debug)]
+pub struct ProxyProcess {
+    child: Option<Child>,
+    /// The agent's name.
+    pub agent: String,
+    /// Outbound port (the agent's view of the mesh: `http://127.0.0.1:<port>/mcp`).
+    pub outbound: u16,
+    /// Inbound (mutual TLS) port.
+    pub inbound: u16,
+    /// Admin port.
+    pub admin: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl ProxyProcess {
+    /// Starts `capmesh-proxy` for `agent` (`agent_url` `None` = a consumer with no inbound
+    /// tools), with a fresh bootstrap token from `cp`, and waits until `/ready`.
+    pub async fn start(
+        bin: &Path,
+        cp: &ControlPlane,
+        agent: &str,
+        agent_url: Option<&str>,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let token = cp.token("default", agent).await?;
+        let (outbound, inbound, admin) = (free_port()?, free_port()?, free_port()?);
+        let log = dir.path().join("proxy.log");
+        let file = std::fs::File::create(&log)?;
+        let child = Command::new(bin)
+            .env("CAPMESH_BOOTSTRAP_TOKEN", token)
+            .env("RUST_LOG", "info")
+            .args([
+                "--agent-name",
+                agent,
+                "--agent-url",
+                agent_url.unwrap_or("none"),
+            ])
+            .arg("--control-plane")
+            .arg(format!("https://127.0.0.1:{}", cp.port))
+            .arg("--control-plane-ca")
+            .arg(cp.data_dir.join("ca.pem"))
+            .arg("--outbound")
+            .arg(format!("127.0.0.1:{outbound}"))
+            .arg("--inbound")
+            .arg(format!("127.0.0.1:{inbound}"))
+            .arg("--admin")
+            .arg(format!("127.0.0.1:{admin}"))
+            .args(extra)
+            .stdout(Stdio::from(file.try_clone()?))
+            .stderr(Stdio::from(file))
+            .spawn()
+            .with_context(|| format!("cannot start {}", bin.display()))?;
+        let mut p = Self {
+            child: Some(child),
+            agent: agent.to_owned(),
+            outbound,
+            inbound,
+            admin,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok((200, _)) = http_get(admin, "/ready").await {
+                return Ok(p);
+            }
+            if let Some(child) = p.child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                bail!(
+                    "capmesh-proxy for {agent} exited with {status}; log:\n{}",
+                    p.log()
+                );
+            }
+            if Instant::now() > deadline {
+                let why = http_get(admin, "/ready")
+                    .await
+                    .map(|r| r.1)
+                    .unwrap_or_default();
+                bail!(
+                    "capmesh-proxy for {agent} not ready in 30 s ({why}); log:\n{}",
+                    p.log()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The federated endpoint.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/mcp", self.outbound)
+    }
+
+    /// What the proxy logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// GET on the admin port.
+    pub async fn admin_get(&self, path: &str) -> Result<(u16, String)> {
+        http_get(self.admin, path).await
+    }
+
+    /// Sends SIGTERM (graceful: withdraw, drain, exit) and waits up to 20 s.
+    pub fn terminate(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    child.kill()?;
+                    bail!("capmesh-proxy did not exit within 20 s of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGKILL: the process vanishes without a word.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

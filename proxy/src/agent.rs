@@ -1,0 +1,416 @@
+//! The local agent, seen from its sidecar: discovering its tools, health-checking it, keeping
+//! one MCP session open with it for calls that arrive through the mesh, and forwarding.
+//!
+//! The agent is any MCP server speaking Streamable HTTP (either protocol generation). Nothing
+//! here needs capmesh code in the agent.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use capmesh_api::{Capability, CapabilityOverride, Registration, ToolSpec};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use serde_json::{Value, json};
+use tokio::sync::{Mutex, watch};
+
+use crate::mcp::jsonrpc::Id;
+use crate::mcp::sse::find_response;
+use crate::{BoxBody, boxed};
+
+/// The newest session-based protocol version the proxy speaks to agents.
+pub const LEGACY_VERSION: &str = "2025-11-25";
+/// The stateless protocol version.
+pub const MODERN_VERSION: &str = "2026-07-28";
+const MAX_AGENT_RESPONSE: usize = 16 * 1024 * 1024;
+
+/// The MCP session the proxy holds with its agent (legacy generation); `id` is `None` when
+/// the agent mints no session ids, and `version` is the modern one when the agent only speaks
+/// the stateless generation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentSession {
+    /// `Mcp-Session-Id` to send, if any.
+    pub id: Option<String>,
+    /// The negotiated protocol version.
+    pub version: String,
+}
+
+impl AgentSession {
+    /// Whether the agent speaks only the stateless generation.
+    pub fn modern(&self) -> bool {
+        self.version == MODERN_VERSION
+    }
+}
+
+/// A tool as the agent lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentTool {
+    /// The tool's name on the agent.
+    pub name: String,
+    /// Its description.
+    pub description: Option<String>,
+    /// Its input schema.
+    pub input_schema: Option<Value>,
+}
+
+/// The local agent.
+#[derive(Debug)]
+pub struct Agent {
+    url: Uri,
+    authority: HeaderValue,
+    client: Client<HttpConnector, BoxBody>,
+    session: Mutex<Option<AgentSession>>,
+}
+
+impl Agent {
+    /// An agent at `url` (`http://host:port/path`).
+    pub fn new(url: &str) -> anyhow::Result<Self> {
+        let uri: Uri = url.parse().with_context(|| {
+            format!("--agent-url {url:?} is not a URL: use http://127.0.0.1:8080/mcp")
+        })?;
+        if uri.scheme_str() != Some("http") {
+            bail!(
+                "--agent-url {url:?}: the agent is reached over plain HTTP on this host; use http://127.0.0.1:PORT/PATH"
+            );
+        }
+        let authority = uri
+            .authority()
+            .map(|a| a.as_str().to_owned())
+            .with_context(|| format!("--agent-url {url:?} has no host:port"))?;
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_connect_timeout(Some(Duration::from_secs(1)));
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        Ok(Self {
+            authority: HeaderValue::from_str(&authority)?,
+            url: uri,
+            client,
+            session: Mutex::new(None),
+        })
+    }
+
+    /// `host:port` of the agent, the `Host` header it expects.
+    pub fn authority(&self) -> &HeaderValue {
+        &self.authority
+    }
+
+    /// The agent's URL.
+    pub fn url(&self) -> &Uri {
+        &self.url
+    }
+
+    /// A URI on the agent's host with `path_and_query` (for passthrough of other paths).
+    pub fn uri_for(&self, path_and_query: &str) -> anyhow::Result<Uri> {
+        Ok(format!("http://{}{}", self.authority.to_str()?, path_and_query).parse()?)
+    }
+
+    /// Sends a request to the agent as is.
+    pub async fn send(
+        &self,
+        req: Request<BoxBody>,
+    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
+        self.client.request(req).await
+    }
+
+    fn rpc_request(
+        &self,
+        session: Option<&AgentSession>,
+        body: &Value,
+    ) -> anyhow::Result<Request<BoxBody>> {
+        let mut req = Request::builder()
+            .method(Method::POST)
+            .uri(self.url.clone())
+            .header(header::HOST, self.authority.clone())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json, text/event-stream");
+        if let Some(s) = session {
+            req = req.header("mcp-protocol-version", s.version.as_str());
+            if let Some(id) = &s.id {
+                req = req.header("mcp-session-id", id.as_str());
+            }
+            if s.modern()
+                && let Some(method) = body.get("method").and_then(Value::as_str)
+            {
+                req = req.header("mcp-method", method);
+            }
+        }
+        Ok(req.body(boxed(Full::new(Bytes::from(serde_json::to_vec(body)?))))?)
+    }
+
+    async fn call(
+        &self,
+        session: Option<&AgentSession>,
+        body: &Value,
+    ) -> anyhow::Result<(StatusCode, http::HeaderMap, Bytes)> {
+        let resp = tokio::time::timeout(
+            Duration::from_secs(10),
+            self.send(self.rpc_request(session, body)?),
+        )
+        .await
+        .context("the agent did not answer within 10 s")??;
+        let (parts, body) = resp.into_parts();
+        let bytes = tokio::time::timeout(
+            Duration::from_secs(10),
+            Limited::new(body, MAX_AGENT_RESPONSE).collect(),
+        )
+        .await
+        .context("the agent's answer did not finish within 10 s")?
+        .map_err(|e| anyhow::anyhow!("reading the agent's answer: {e}"))?
+        .to_bytes();
+        Ok((parts.status, parts.headers, bytes))
+    }
+
+    fn result_of(headers: &http::HeaderMap, body: &[u8], id: i64) -> anyhow::Result<Value> {
+        let ct = headers
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("application/json");
+        let response = find_response(body, ct, &Id::from(id))
+            .map_err(|e| anyhow::anyhow!("unreadable answer: {e}"))?
+            .context("the agent's answer holds no response to our request")?;
+        if let Some(err) = response.get("error") {
+            bail!("the agent answered with an error: {err}");
+        }
+        response
+            .get("result")
+            .cloned()
+            .context("the agent's response has no result")
+    }
+
+    async fn initialize(&self) -> anyhow::Result<AgentSession> {
+        let init = json!({
+            "jsonrpc": "2.0", "id": 1, "method": "initialize",
+            "params": {
+                "protocolVersion": LEGACY_VERSION,
+                "capabilities": {},
+                "clientInfo": { "name": "capmesh-proxy", "version": env!("CARGO_PKG_VERSION") }
+            }
+        });
+        let (status, headers, body) = self.call(None, &init).await?;
+        if status.is_client_error() {
+            // A stateless-only agent: speak 2026-07-28 to it.
+            tracing::debug!(%status, "agent refused initialize; using protocol 2026-07-28");
+            return Ok(AgentSession {
+                id: None,
+                version: MODERN_VERSION.to_owned(),
+            });
+        }
+        if !status.is_success() {
+            bail!("initialize answered HTTP {status}");
+        }
+        let result = Self::result_of(&headers, &body, 1)?;
+        let version = result
+            .get("protocolVersion")
+            .and_then(Value::as_str)
+            .unwrap_or(LEGACY_VERSION)
+            .to_owned();
+        let id = headers
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let session = AgentSession { id, version };
+        let done = json!({ "jsonrpc": "2.0", "method": "notifications/initialized" });
+        let (status, _, _) = self.call(Some(&session), &done).await?;
+        if !status.is_success() {
+            bail!("notifications/initialized answered HTTP {status}");
+        }
+        tracing::debug!(session = ?session.id, version = %session.version, "session with the agent opened");
+        Ok(session)
+    }
+
+    /// The session to use for calls, opening one when there is none.
+    pub async fn session(&self) -> anyhow::Result<AgentSession> {
+        let mut guard = self.session.lock().await;
+        if let Some(s) = guard.as_ref() {
+            return Ok(s.clone());
+        }
+        let s = self.initialize().await?;
+        *guard = Some(s.clone());
+        Ok(s)
+    }
+
+    /// Forgets `stale` (the agent answered 404: it restarted or expired the session).
+    pub async fn forget_session(&self, stale: &AgentSession) {
+        let mut guard = self.session.lock().await;
+        if guard.as_ref() == Some(stale) {
+            *guard = None;
+        }
+    }
+
+    fn with_meta(session: &AgentSession, mut params: Value) -> Value {
+        if session.modern()
+            && let Some(obj) = params.as_object_mut()
+        {
+            obj.insert(
+                "_meta".into(),
+                json!({
+                    "io.modelcontextprotocol/protocolVersion": MODERN_VERSION,
+                    "io.modelcontextprotocol/clientCapabilities": {}
+                }),
+            );
+        }
+        params
+    }
+
+    /// Every tool the agent offers (follows `nextCursor`). Re-opens the session once on 404.
+    pub async fn list_tools(&self) -> anyhow::Result<Vec<AgentTool>> {
+        for attempt in 0..2 {
+            let session = self.session().await?;
+            let mut tools = Vec::new();
+            let mut cursor: Option<String> = None;
+            let mut stale = false;
+            for page in 0..100 {
+                let mut params = json!({});
+                if let Some(c) = &cursor {
+                    params["cursor"] = json!(c);
+                }
+                let body = json!({ "jsonrpc": "2.0", "id": 2 + page, "method": "tools/list", "params": Self::with_meta(&session, params) });
+                let (status, headers, bytes) = self.call(Some(&session), &body).await?;
+                if status == StatusCode::NOT_FOUND && session.id.is_some() {
+                    stale = true;
+                    break;
+                }
+                if !status.is_success() {
+                    bail!("tools/list answered HTTP {status}");
+                }
+                let result = Self::result_of(&headers, &bytes, 2 + page)?;
+                for tool in result
+                    .get("tools")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    if let Some(name) = tool.get("name").and_then(Value::as_str) {
+                        tools.push(AgentTool {
+                            name: name.to_owned(),
+                            description: tool
+                                .get("description")
+                                .and_then(Value::as_str)
+                                .map(str::to_owned),
+                            input_schema: tool.get("inputSchema").cloned(),
+                        });
+                    }
+                }
+                cursor = result
+                    .get("nextCursor")
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                if cursor.is_none() {
+                    return Ok(tools);
+                }
+            }
+            if stale && attempt == 0 {
+                self.forget_session(&session).await;
+                continue;
+            }
+            bail!("tools/list did not finish (session expired twice or over 100 pages)");
+        }
+        bail!("tools/list failed")
+    }
+}
+
+/// What the proxy registers, built from the agent's tools and the flags.
+#[derive(Debug, Clone)]
+pub struct RegistrationTemplate {
+    /// host:port other proxies dial.
+    pub endpoint: String,
+    /// Agent tags.
+    pub tags: Vec<capmesh_api::Tag>,
+    /// Agent version.
+    pub version: Option<semver::Version>,
+    /// `--capability` overrides.
+    pub overrides: Vec<CapabilityOverride>,
+    /// `--dependency` entries.
+    pub dependencies: Vec<capmesh_api::Dependency>,
+}
+
+impl RegistrationTemplate {
+    /// The registration for these agent tools.
+    pub fn build(&self, tools: &[AgentTool]) -> Registration {
+        let specs = tools
+            .iter()
+            .filter_map(|t| {
+                let capability = match Capability::new(t.name.as_str()) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::warn!(tool = %t.name, error = %e, "tool name is not a valid capability; map it with --capability");
+                        return None;
+                    }
+                };
+                let mut spec = ToolSpec {
+                    function: t.name.clone(),
+                    capability,
+                    version: None,
+                    tags: vec![],
+                    description: t.description.clone(),
+                    input_schema: t.input_schema.clone(),
+                };
+                for o in &self.overrides {
+                    o.apply(&mut spec);
+                }
+                Some(spec)
+            })
+            .collect();
+        Registration {
+            endpoint: self.endpoint.clone(),
+            tags: self.tags.clone(),
+            version: self.version.clone(),
+            tools: specs,
+            dependencies: self.dependencies.clone(),
+        }
+    }
+}
+
+/// Watches the agent: registers its tools, re-registers when they change, and reports health.
+/// Checks every second until the agent first answers, then every 5 s.
+pub async fn watch(
+    agent: Arc<Agent>,
+    template: RegistrationTemplate,
+    registration: watch::Sender<Option<Registration>>,
+    healthy: watch::Sender<bool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut failures = 0u32;
+    loop {
+        match agent.list_tools().await {
+            Ok(tools) => {
+                failures = 0;
+                let next = template.build(&tools);
+                let changed = registration.borrow().as_ref() != Some(&next);
+                if changed {
+                    tracing::info!(tools = next.tools.len(), "agent tools registered");
+                    registration.send_replace(Some(next));
+                }
+                if !*healthy.borrow() {
+                    tracing::info!("agent is healthy");
+                    healthy.send_replace(true);
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                if failures >= 2 && *healthy.borrow() {
+                    tracing::warn!(error = %format!("{e:#}"), "agent is unhealthy");
+                    healthy.send_replace(false);
+                } else {
+                    tracing::debug!(error = %format!("{e:#}"), "agent check failed");
+                }
+            }
+        }
+        let every = if registration.borrow().is_some() {
+            Duration::from_secs(5)
+        } else {
+            Duration::from_secs(1)
+        };
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}

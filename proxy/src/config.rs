@@ -1,0 +1,229 @@
+//! Flags. Every flag is also an environment variable `CAPMESH_<FLAG>`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use capmesh_api::{AgentName, CapabilityOverride, Dependency, Namespace, Tag, TrustDomain};
+use capmesh_certs::TlsMode;
+use clap::Parser;
+
+/// The capmesh sidecar proxy: put it next to an MCP agent (any language, no SDK) and the agent
+/// joins the mesh: its tools become capabilities others can call, and the mesh becomes one MCP
+/// server it can call at http://127.0.0.1:15001/mcp.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "capmesh-proxy",
+    version,
+    // `--version` is the agent's version (DESIGN); the proxy's own shows in --help.
+    disable_version_flag = true,
+    after_help = "Examples:\n  \
+  capmesh-proxy --agent-name weather --agent-url http://127.0.0.1:9001/mcp \\\n    \
+    --control-plane https://127.0.0.1:8000 --control-plane-ca ./capmesh-data/ca.pem \\\n    \
+    --bootstrap-token-file ./token --inbound 127.0.0.1:15006\n  \
+  capmesh-proxy --agent-name planner --agent-url none --dependency weather \\\n    \
+    --dependency 'fast_llm=llm:+claude' --control-plane https://127.0.0.1:8000 \\\n    \
+    --control-plane-ca ./capmesh-data/ca.pem --bootstrap-token-file ./token"
+)]
+pub struct Config {
+    /// The control plane's URL.
+    #[arg(
+        long,
+        env = "CAPMESH_CONTROL_PLANE",
+        default_value = "https://127.0.0.1:8000"
+    )]
+    pub control_plane: String,
+
+    /// The mesh trust bundle (the control plane's `<data-dir>/ca.pem`).
+    #[arg(long, env = "CAPMESH_CONTROL_PLANE_CA")]
+    pub control_plane_ca: Option<PathBuf>,
+
+    /// Bootstrap token for the first certificate (`capmesh token create`).
+    #[arg(long, env = "CAPMESH_BOOTSTRAP_TOKEN", hide_env_values = true)]
+    pub bootstrap_token: Option<String>,
+
+    /// File holding the bootstrap token.
+    #[arg(long, env = "CAPMESH_BOOTSTRAP_TOKEN_FILE")]
+    pub bootstrap_token_file: Option<PathBuf>,
+
+    /// Certificate chain from a file (cert-manager, Vault, SPIRE) instead of the control
+    /// plane's CA; reloaded when the file changes. Needs --tls-key.
+    #[arg(long, env = "CAPMESH_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key for --tls-cert.
+    #[arg(long, env = "CAPMESH_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Trust bundle for file-based certificates (default: --control-plane-ca).
+    #[arg(long, env = "CAPMESH_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// The agent's name (a DNS label): its identity is spiffe://<trust-domain>/ns/<namespace>/agent/<name>.
+    #[arg(long, env = "CAPMESH_AGENT_NAME")]
+    pub agent_name: AgentName,
+
+    /// The agent's namespace.
+    #[arg(long, env = "CAPMESH_NAMESPACE", default_value = "default")]
+    pub namespace: Namespace,
+
+    /// The SPIFFE trust domain of the mesh.
+    #[arg(long, env = "CAPMESH_TRUST_DOMAIN", default_value = "capmesh.local")]
+    pub trust_domain: TrustDomain,
+
+    /// The agent's MCP endpoint, or `none` for an agent that only consumes (a planner, a CLI).
+    #[arg(
+        long,
+        env = "CAPMESH_AGENT_URL",
+        default_value = "http://127.0.0.1:8080/mcp"
+    )]
+    pub agent_url: String,
+
+    /// The host:port other proxies dial to reach this one (default: the inbound address, with
+    /// 127.0.0.1 in place of 0.0.0.0).
+    #[arg(long, env = "CAPMESH_ADVERTISE")]
+    pub advertise: Option<String>,
+
+    /// Where the local agent calls the mesh (plain HTTP, loopback).
+    #[arg(long, env = "CAPMESH_OUTBOUND", default_value = "127.0.0.1:15001")]
+    pub outbound: SocketAddr,
+
+    /// Where the mesh calls the local agent (mutual TLS).
+    #[arg(long, env = "CAPMESH_INBOUND", default_value = "0.0.0.0:15006")]
+    pub inbound: SocketAddr,
+
+    /// Admin endpoints: /live, /ready, /metrics, /config.
+    #[arg(long, env = "CAPMESH_ADMIN", default_value = "127.0.0.1:15020")]
+    pub admin: SocketAddr,
+
+    /// Tags of the agent, comma-separated (added to every tool's tags).
+    #[arg(long, env = "CAPMESH_TAGS", value_delimiter = ',')]
+    pub tags: Vec<Tag>,
+
+    /// Version of the agent (semver).
+    #[arg(long, env = "CAPMESH_VERSION", value_parser = capmesh_api::parse_version)]
+    pub version: Option<semver::Version>,
+
+    /// Zone (locality) of this instance.
+    #[arg(long, env = "CAPMESH_ZONE")]
+    pub zone: Option<String>,
+
+    /// Map a tool to a capability: 'tool=capability@version#tag1,tag2' (repeatable). Default:
+    /// capability = tool name.
+    #[arg(long = "capability", env = "CAPMESH_CAPABILITY", value_delimiter = ';')]
+    pub capabilities: Vec<CapabilityOverride>,
+
+    /// A capability the agent calls: 'alias=capability:+tag,-tag,>=1.2' (repeatable); `*` for all.
+    #[arg(long = "dependency", env = "CAPMESH_DEPENDENCY", value_delimiter = ';')]
+    pub dependencies: Vec<Dependency>,
+
+    /// Inbound TLS mode: strict (mesh certificates only), permissive (also plaintext, marked
+    /// unauthenticated), off (development only).
+    #[arg(long, env = "CAPMESH_TLS_MODE", default_value = "strict")]
+    pub tls_mode: TlsMode,
+
+    /// Headers carried over every proxy hop: exact names or prefixes like 'x-tenant-*'.
+    #[arg(long, env = "CAPMESH_PROPAGATE_HEADERS", value_delimiter = ',', value_parser = parse_propagated)]
+    pub propagate_headers: Vec<String>,
+
+    /// This instance's id (default: <agent-name>-<random>).
+    #[arg(long, env = "CAPMESH_PROXY_ID")]
+    pub proxy_id: Option<String>,
+
+    /// Log format: text or json. The level comes from RUST_LOG (default info).
+    #[arg(long, env = "CAPMESH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+fn parse_propagated(s: &str) -> Result<String, String> {
+    let s = s.trim().to_ascii_lowercase();
+    if s == "*" {
+        return Err(
+            "'*' would leak every header (cookies, credentials) to every agent: list the names or \
+                    prefixes to carry, such as x-tenant-id,x-request-*"
+                .into(),
+        );
+    }
+    let name = s.strip_suffix('*').unwrap_or(&s);
+    if name.is_empty()
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        return Err(format!(
+            "{s:?} is not a header name or prefix: use names like x-tenant-id or prefixes like x-request-*"
+        ));
+    }
+    Ok(s)
+}
+
+impl Config {
+    /// The agent URL, or `None` for `--agent-url none`.
+    pub fn agent(&self) -> Option<&str> {
+        (self.agent_url != "none").then_some(self.agent_url.as_str())
+    }
+
+    /// What other proxies dial.
+    pub fn advertised(&self) -> String {
+        match &self.advertise {
+            Some(a) => a.clone(),
+            None if self.inbound.ip().is_unspecified() => {
+                format!("127.0.0.1:{}", self.inbound.port())
+            }
+            None => self.inbound.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_well_formed() {
+        Config::command().debug_assert();
+    }
+
+    #[test]
+    fn bad_flags_name_the_flag_and_the_fix() {
+        let err = Config::try_parse_from(["capmesh-proxy", "--agent-name", "Bad Name"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--agent-name") && err.contains("lowercase letters"),
+            "{err}"
+        );
+        let err = Config::try_parse_from([
+            "capmesh-proxy",
+            "--agent-name",
+            "a",
+            "--propagate-headers",
+            "*",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("--propagate-headers") && err.contains("list the names"),
+            "{err}"
+        );
+        let err =
+            Config::try_parse_from(["capmesh-proxy", "--agent-name", "a", "--tls-mode", "loose"])
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("strict, permissive or off"), "{err}");
+        let ok = Config::try_parse_from([
+            "capmesh-proxy",
+            "--agent-name",
+            "a",
+            "--version",
+            "1.2.3",
+            "--dependency",
+            "fast_llm=llm:+claude",
+            "--capability",
+            "get_weather=weather@2.0.0#fast",
+        ])
+        .unwrap();
+        assert_eq!(ok.version.unwrap().to_string(), "1.2.3");
+        assert_eq!(ok.dependencies.len(), 1);
+    }
+}

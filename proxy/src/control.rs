@@ -1,0 +1,141 @@
+//! The topology stream, proxy side: hello with the registration, snapshots and deltas applied
+//! atomically and acked (or nacked, keeping the old state), health and re-registration sent up,
+//! last known good kept when the stream drops, reconnects with jittered backoff.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use capmesh_api::{ControlFrame, Hello, Node, ProxyFrame, Registration, SnapshotVersion};
+use capmesh_client::ControlPlaneClient;
+use tokio::sync::watch;
+
+use crate::Proxy;
+use crate::backoff::ExponentialBackoff;
+
+/// Runs the stream until `stop` flips; then says goodbye (withdrawing at once).
+pub async fn run(
+    proxy: Arc<Proxy>,
+    client: ControlPlaneClient,
+    node: Node,
+    mut registration: watch::Receiver<Option<Registration>>,
+    mut healthy: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
+    goodbye_sent: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut backoff = ExponentialBackoff::default_stream().backoff();
+    let mut goodbye_sent = Some(goodbye_sent);
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        let current = registration
+            .borrow_and_update()
+            .clone()
+            .unwrap_or_else(|| proxy.empty_registration());
+        let held = proxy.routing.load().snapshot.as_ref().map(|s| s.version);
+        let hello = ProxyFrame::Hello(Hello {
+            node: node.clone(),
+            registration: current,
+            version: held,
+        });
+        let opened = tokio::select! {
+            _ = stop.changed() => break,
+            r = client.open_stream(&hello) => r,
+        };
+        let (tx, mut rx) = match opened {
+            Ok(pair) => pair,
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %e, retry_in = ?delay, "cannot open the topology stream; routing on the last snapshot");
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = tokio::time::sleep(delay) => continue,
+                }
+            }
+        };
+        proxy.metrics.control_plane_connected.set(1);
+        tracing::info!(held = ?held, "topology stream open");
+        let h = *healthy.borrow_and_update();
+        let _ = tx
+            .send(&ProxyFrame::Health {
+                healthy: h,
+                detail: None,
+            })
+            .await;
+        let mut stopping = false;
+        loop {
+            tokio::select! {
+                _ = stop.changed() => { stopping = true; break; }
+                changed = registration.changed() => {
+                    if changed.is_err() { continue; }
+                    let next = registration.borrow_and_update().clone();
+                    if let Some(reg) = next
+                        && tx.send(&ProxyFrame::Register(reg)).await.is_err()
+                    {
+                        break;
+                    }
+                }
+                changed = healthy.changed() => {
+                    if changed.is_err() { continue; }
+                    let h = *healthy.borrow_and_update();
+                    if tx.send(&ProxyFrame::Health { healthy: h, detail: None }).await.is_err() {
+                        break;
+                    }
+                }
+                frame = rx.next() => match frame {
+                    None => { tracing::warn!("the control plane closed the topology stream; reconnecting"); break; }
+                    Some(Err(e)) => { tracing::warn!(error = %e, "topology stream failed; reconnecting"); break; }
+                    Some(Ok(ControlFrame::Error { code, message })) => {
+                        tracing::warn!(code = %code, message = %message, "the control plane sent an error");
+                    }
+                    Some(Ok(frame)) => {
+                        let reply = match proxy.apply(frame) {
+                            Ok(version) => {
+                                backoff.reset();
+                                ProxyFrame::Ack { version }
+                            }
+                            Err((version, error)) => {
+                                tracing::warn!(version = %version, error = %error, "refused a topology update; keeping the current snapshot");
+                                ProxyFrame::Nack { version, error }
+                            }
+                        };
+                        if tx.send(&reply).await.is_err() {
+                            break;
+                        }
+                    }
+                },
+            }
+        }
+        proxy.metrics.control_plane_connected.set(0);
+        if stopping {
+            // Withdraw from the mesh first: consumers stop choosing us within one delta.
+            let _ = tx.send(&ProxyFrame::Goodbye).await;
+            drop(tx);
+            let _ = tokio::time::timeout(Duration::from_secs(2), async {
+                while rx.next().await.is_some() {}
+            })
+            .await;
+            if let Some(done) = goodbye_sent.take() {
+                let _ = done.send(());
+            }
+            return;
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = stop.changed() => break,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+    if let Some(done) = goodbye_sent.take() {
+        let _ = done.send(());
+    }
+}
+
+/// The version a frame would install.
+pub fn frame_version(frame: &ControlFrame) -> SnapshotVersion {
+    match frame {
+        ControlFrame::Snapshot(s) => s.version,
+        ControlFrame::Delta(d) => d.version,
+        ControlFrame::Error { .. } => SnapshotVersion(0),
+    }
+}

@@ -1,0 +1,150 @@
+//! Which headers cross a proxy hop, and W3C trace context.
+//!
+//! The mesh carries allow-listed headers (`--propagate-headers` plus the mesh settings) over
+//! every proxy hop unchanged; everything else from the client stays behind. `traceparent` is
+//! created when absent and continued on every hop: same trace id, a new span id.
+
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// Allow-list of propagated headers: exact names and `prefix*` patterns, lowercase.
+#[derive(Debug, Clone, Default)]
+pub struct Propagation {
+    exact: Vec<String>,
+    prefixes: Vec<String>,
+}
+
+impl Propagation {
+    /// From flag values and mesh settings (already validated: no bare `*`).
+    pub fn new<'a>(patterns: impl IntoIterator<Item = &'a String>) -> Self {
+        let mut p = Self::default();
+        for pat in patterns {
+            let pat = pat.to_ascii_lowercase();
+            match pat.strip_suffix('*') {
+                Some(prefix) if !prefix.is_empty() => p.prefixes.push(prefix.to_owned()),
+                Some(_) => {}
+                None => p.exact.push(pat),
+            }
+        }
+        p
+    }
+
+    /// Whether `name` is carried.
+    pub fn allows(&self, name: &str) -> bool {
+        self.exact.iter().any(|e| e == name)
+            || self.prefixes.iter().any(|p| name.starts_with(p.as_str()))
+    }
+
+    /// Copies the allow-listed headers of `from` into `to`.
+    pub fn copy(&self, from: &HeaderMap, to: &mut HeaderMap) {
+        for (name, value) in from {
+            let n = name.as_str();
+            if n.starts_with("x-capmesh-") {
+                continue;
+            }
+            if self.allows(n) {
+                to.append(name.clone(), value.clone());
+            }
+        }
+    }
+}
+
+/// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1), plus `host`.
+pub fn is_hop_by_hop(name: &str) -> bool {
+    matches!(
+        name,
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "host"
+            | "content-length"
+    )
+}
+
+fn random_hex(bytes: usize) -> String {
+    use ring::rand::SecureRandom;
+    let mut buf = vec![0u8; bytes];
+    if ring::rand::SystemRandom::new().fill(&mut buf).is_err() {
+        // Never fails on Linux; a fixed non-zero id still keeps the header valid.
+        buf.iter_mut().for_each(|b| *b = 1);
+    }
+    buf.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Continues the trace in `headers` with a new span id, or starts one. Returns the trace id.
+pub fn continue_trace(from: &HeaderMap, to: &mut HeaderMap) -> String {
+    let parsed = from
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            let parts: Vec<&str> = v.trim().split('-').collect();
+            match parts.as_slice() {
+                [version, trace, parent, flags]
+                    if version.len() == 2
+                        && trace.len() == 32
+                        && parent.len() == 16
+                        && flags.len() == 2
+                        && trace.bytes().all(|b| b.is_ascii_hexdigit())
+                        && *trace != "00000000000000000000000000000000" =>
+                {
+                    Some((trace.to_ascii_lowercase(), flags.to_string()))
+                }
+                _ => None,
+            }
+        });
+    let (trace, flags) = parsed.unwrap_or_else(|| (random_hex(16), "01".to_owned()));
+    let value = format!("00-{trace}-{}-{flags}", random_hex(8));
+    if let Ok(v) = HeaderValue::from_str(&value) {
+        to.insert(HeaderName::from_static("traceparent"), v);
+    }
+    if let Some(state) = from.get("tracestate") {
+        to.insert(HeaderName::from_static("tracestate"), state.clone());
+    }
+    trace
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_list_takes_exact_names_and_prefixes_and_never_capmesh_headers() {
+        let p = Propagation::new(&["x-tenant-id".to_owned(), "x-request-*".to_owned()]);
+        let mut from = HeaderMap::new();
+        from.insert("x-tenant-id", HeaderValue::from_static("t1"));
+        from.insert("x-request-source", HeaderValue::from_static("web"));
+        from.insert("x-secret", HeaderValue::from_static("s"));
+        from.insert("authorization", HeaderValue::from_static("Bearer x"));
+        from.insert("x-capmesh-caller", HeaderValue::from_static("forged"));
+        let mut to = HeaderMap::new();
+        p.copy(&from, &mut to);
+        assert_eq!(to.len(), 2);
+        assert!(to.contains_key("x-tenant-id") && to.contains_key("x-request-source"));
+    }
+
+    #[test]
+    fn trace_context_is_continued_or_started() {
+        let mut from = HeaderMap::new();
+        from.insert(
+            "traceparent",
+            HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        );
+        let mut to = HeaderMap::new();
+        let trace = continue_trace(&from, &mut to);
+        assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+        let out = to["traceparent"].to_str().unwrap();
+        assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(!out.contains("00f067aa0ba902b7"), "a new span id per hop");
+
+        let mut to = HeaderMap::new();
+        let fresh = continue_trace(&HeaderMap::new(), &mut to);
+        assert_eq!(fresh.len(), 32);
+        let mut bad = HeaderMap::new();
+        bad.insert("traceparent", HeaderValue::from_static("garbage"));
+        let mut to2 = HeaderMap::new();
+        assert_ne!(continue_trace(&bad, &mut to2), "garbage");
+    }
+}

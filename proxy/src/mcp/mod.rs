@@ -1,0 +1,33 @@
+//! The MCP wire rules the proxy enforces and relies on, for both protocol generations
+//! (2025-03-26 … 2025-11-25 with sessions; 2026-07-28 stateless with `Mcp-Method`/`Mcp-Name`).
+//!
+//! * [`jsonrpc`]: JSON-RPC 2.0 messages, parse/invalid-request errors, error and result bodies,
+//!   and the error codes capmesh sends.
+//! * [`classify`]: what a POST is (generation, method, target name, id, session) and the 400s
+//!   owed to a client that breaks the transport rules; the header-only [`route_hint`].
+//! * [`header`]: MCP header names, the `=?base64?…?=` value encoding, re-emitting routing headers.
+//! * [`rewrite`]: renaming the tool of a `tools/call` body without disturbing any other byte.
+//! * [`sse`]: a bounded, incremental `text/event-stream` decoder and encoder, and
+//!   [`find_response`] for when the proxy itself calls an agent.
+//!
+//! This module does no I/O and holds no state; routing, sessions and forwarding live elsewhere.
+
+#![warn(missing_docs)]
+
+pub mod classify;
+pub mod header;
+pub mod jsonrpc;
+pub mod rewrite;
+pub mod sse;
+
+pub use classify::{
+    Classified, Generation, LEGACY_VERSIONS, MODERN, Rejection, SUPPORTED_VERSIONS, classify,
+    route_hint,
+};
+pub use header::{
+    MCP_METHOD, MCP_NAME, MCP_PROTOCOL_VERSION, MCP_SESSION_ID, header_value_decode,
+    header_value_encode, set_routing_headers,
+};
+pub use jsonrpc::{Id, Message, Parsed, RpcError, error_body, parse, result_body};
+pub use rewrite::rename_tool_call;
+pub use sse::{Event, FindError, SseDecoder, SseError, find_response};

@@ -1,0 +1,701 @@
+//! Outbound: the mesh as one MCP server at `http://127.0.0.1:15001/mcp`.
+//!
+//! The local agent sees one server whose tools are the capabilities it depends on. The proxy
+//! answers the protocol itself (`initialize` with its own session ids, `server/discover`,
+//! `tools/list` from the snapshot, `ping`) and routes each `tools/call` to a provider:
+//! resolve (tags, version) → pick (power of two choices over peak-EWMA) → forward over mutual
+//! TLS to the provider's proxy → on a failure that cannot have reached the agent, retry on
+//! another endpoint within the retry budget. The response streams back unbuffered.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use capmesh_api::{EndpointId, ToolSpec};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde_json::{Value, json};
+
+use crate::balance::{self, Outcome};
+use crate::mcp::classify::{self, Classified, Generation};
+use crate::mcp::jsonrpc::{self, Id, Message, Parsed};
+use crate::{BoxBody, Proxy, boxed};
+
+/// Largest request body accepted from the agent.
+pub const MAX_REQUEST: usize = 4 * 1024 * 1024;
+/// Path of federated calls on a peer proxy's inbound listener.
+pub const CALL_PATH: &str = "/.capmesh/call";
+const MAX_ATTEMPTS: usize = 3;
+
+/// Sessions the proxy minted for legacy clients of the federated endpoint: id → protocol
+/// version.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    map: Mutex<HashMap<String, String>>,
+}
+
+impl Sessions {
+    fn mint(&self, version: &str) -> String {
+        let id = crate::random_hex(16);
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), version.to_owned());
+        id
+    }
+
+    fn version(&self, id: &str) -> Option<String> {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    fn remove(&self, id: &str) -> bool {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+            .is_some()
+    }
+}
+
+fn json_response(status: StatusCode, body: Bytes) -> Response<BoxBody> {
+    let mut resp = Response::new(boxed(Full::new(body)));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+fn rpc_error(
+    status: StatusCode,
+    id: Option<&Id>,
+    code: i64,
+    message: &str,
+    data: Option<Value>,
+) -> Response<BoxBody> {
+    json_response(status, jsonrpc::error_body(id, code, message, data))
+}
+
+fn text(status: StatusCode, msg: &str) -> Response<BoxBody> {
+    let mut resp = Response::new(boxed(Full::new(Bytes::from(format!("{msg}\n")))));
+    *resp.status_mut() = status;
+    resp
+}
+
+/// Routes one request on the outbound listener.
+pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<BoxBody> {
+    let path = req.uri().path().to_owned();
+    match (req.method().clone(), path.as_str()) {
+        (Method::POST, "/mcp") => federated(proxy, req).await,
+        (Method::GET, "/mcp") => listen(proxy, req),
+        (Method::DELETE, "/mcp") => end_session(&proxy, req.headers()),
+        (_, "/mcp") => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "use POST (GET and DELETE for legacy sessions)",
+        ),
+        (_, p) if p.starts_with("/capabilities/") => text(
+            StatusCode::NOT_IMPLEMENTED,
+            "passthrough (/capabilities/<capability>/mcp) is not built yet: use the federated endpoint /mcp",
+        ),
+        _ => text(StatusCode::NOT_FOUND, "the mesh is at /mcp"),
+    }
+}
+
+fn session_header(headers: &HeaderMap) -> Option<&str> {
+    headers.get("mcp-session-id").and_then(|v| v.to_str().ok())
+}
+
+fn is_modern(headers: &HeaderMap) -> bool {
+    headers
+        .get("mcp-protocol-version")
+        .and_then(|v| v.to_str().ok())
+        == Some(classify::MODERN)
+}
+
+fn end_session(proxy: &Proxy, headers: &HeaderMap) -> Response<BoxBody> {
+    if is_modern(headers) {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "protocol 2026-07-28 has no sessions",
+        );
+    }
+    match session_header(headers) {
+        Some(id) if proxy.sessions.remove(id) => text(StatusCode::OK, "session ended"),
+        Some(_) => text(StatusCode::NOT_FOUND, "unknown session"),
+        None => text(StatusCode::BAD_REQUEST, "missing Mcp-Session-Id"),
+    }
+}
+
+/// GET /mcp (legacy): the session's standalone stream, carrying
+/// `notifications/tools/list_changed` whenever the set of callable capabilities changes.
+fn listen(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<BoxBody> {
+    if is_modern(req.headers()) {
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "protocol 2026-07-28 has no GET stream",
+        );
+    }
+    match session_header(req.headers()) {
+        Some(id) if proxy.sessions.version(id).is_some() => {}
+        Some(_) => return text(StatusCode::NOT_FOUND, "unknown session: initialize again"),
+        None => return text(StatusCode::BAD_REQUEST, "missing Mcp-Session-Id"),
+    }
+    let (tx, body) = capmesh_client::channel(8);
+    let mut changes = proxy.tools_changed.subscribe();
+    changes.borrow_and_update();
+    tokio::spawn(async move {
+        let note = Bytes::from_static(
+            b"event: message\ndata: {\"jsonrpc\":\"2.0\",\"method\":\"notifications/tools/list_changed\"}\n\n",
+        );
+        loop {
+            let chunk = tokio::select! {
+                changed = changes.changed() => match changed {
+                    Ok(()) => note.clone(),
+                    Err(_) => return,
+                },
+                // A comment now and then finds clients that went away.
+                _ = tokio::time::sleep(Duration::from_secs(15)) => Bytes::from_static(b": keep-alive\n\n"),
+            };
+            if tx.send(chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut resp = Response::new(boxed(body));
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache, no-transform"),
+    );
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    resp
+}
+
+fn negotiate(requested: Option<&str>) -> &'static str {
+    classify::LEGACY_VERSIONS
+        .iter()
+        .find(|v| Some(**v) == requested)
+        .copied()
+        .unwrap_or(classify::LEGACY_VERSIONS[classify::LEGACY_VERSIONS.len() - 1])
+}
+
+fn server_info() -> Value {
+    json!({ "name": "capmesh", "version": env!("CARGO_PKG_VERSION") })
+}
+
+fn tools_result(proxy: &Proxy) -> Value {
+    let tools: Vec<Value> = proxy
+        .routing
+        .load()
+        .tools
+        .iter()
+        .map(|t| t.to_json())
+        .collect();
+    json!({ "tools": tools })
+}
+
+/// Adds what 2026-07-28 results carry: `resultType`, the server's info in `_meta`, and for
+/// lists and discovery the caching hints. The federated tool list depends on the caller's
+/// policy and on every snapshot, so it is `private` and not to be cached (`ttlMs: 0`).
+fn modern_result(mut v: Value, method: &str) -> Value {
+    v["resultType"] = json!("complete");
+    v["_meta"] = json!({ "io.modelcontextprotocol/serverInfo": server_info() });
+    if method.ends_with("/list") || method == "server/discover" {
+        v["cacheScope"] = json!("private");
+        v["ttlMs"] = json!(0);
+    }
+    v
+}
+
+/// What the proxy answers itself, or `None` when the request goes to a provider.
+fn local_answer(
+    proxy: &Proxy,
+    generation: Generation,
+    method: &str,
+    params: Option<&Value>,
+) -> Option<Result<Value, (i64, String)>> {
+    let result = match method {
+        "initialize" => {
+            let requested = params
+                .and_then(|p| p.get("protocolVersion"))
+                .and_then(Value::as_str);
+            json!({
+                "protocolVersion": negotiate(requested),
+                "capabilities": { "tools": { "listChanged": true } },
+                "serverInfo": server_info(),
+                "instructions": "capmesh: every tool here is a capability of the mesh, routed to a healthy provider."
+            })
+        }
+        "server/discover" => json!({
+            "supportedVersions": [classify::MODERN],
+            "capabilities": { "tools": { "listChanged": true } },
+            "serverInfo": server_info(),
+        }),
+        "ping" | "logging/setLevel" => json!({}),
+        "tools/list" => tools_result(proxy),
+        "resources/list" => json!({ "resources": [] }),
+        "resources/templates/list" => json!({ "resourceTemplates": [] }),
+        "prompts/list" => json!({ "prompts": [] }),
+        "tools/call" => return None,
+        other => {
+            return Some(Err((
+                jsonrpc::METHOD_NOT_FOUND,
+                format!("method {other:?} is not served by the federated endpoint"),
+            )));
+        }
+    };
+    Some(Ok(match generation {
+        Generation::Modern => modern_result(result, method),
+        Generation::Legacy => result,
+    }))
+}
+
+async fn federated(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<BoxBody> {
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, MAX_REQUEST).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return rpc_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                None,
+                jsonrpc::INVALID_REQUEST,
+                &format!("request body over {MAX_REQUEST} bytes"),
+                None,
+            );
+        }
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot read the request: {e}"),
+            );
+        }
+    };
+    let classified = match classify::classify(&parts.headers, &body) {
+        Ok(c) => c,
+        Err(rejection) => return json_response(rejection.status, rejection.body),
+    };
+    let generation = classified.generation;
+
+    // Legacy sessions: initialize mints one; everything else must carry a live one.
+    let mut minted = None;
+    if generation == Generation::Legacy {
+        if classified.method.as_deref() == Some("initialize") {
+            let requested = match &classified.message {
+                Parsed::Single(Message::Request { params, .. }) => params
+                    .as_ref()
+                    .and_then(|p| p.get("protocolVersion"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned),
+                _ => None,
+            };
+            minted = Some(proxy.sessions.mint(negotiate(requested.as_deref())));
+        } else {
+            match classified.session_id.as_deref() {
+                Some(id) if proxy.sessions.version(id).is_some() => {}
+                Some(_) => {
+                    return rpc_error(
+                        StatusCode::NOT_FOUND,
+                        classified.id.as_ref(),
+                        jsonrpc::INVALID_REQUEST,
+                        "unknown session: initialize again",
+                        None,
+                    );
+                }
+                None => {
+                    return rpc_error(
+                        StatusCode::BAD_REQUEST,
+                        classified.id.as_ref(),
+                        jsonrpc::INVALID_REQUEST,
+                        "missing Mcp-Session-Id: send initialize first",
+                        None,
+                    );
+                }
+            }
+        }
+    }
+
+    let mut resp = match &classified.message {
+        Parsed::Batch(items) => batch(&proxy, &parts.headers, generation, items.clone()).await,
+        Parsed::Single(Message::Request { id, method, params }) => {
+            match local_answer(&proxy, generation, method, params.as_ref()) {
+                Some(Ok(result)) => {
+                    json_response(StatusCode::OK, jsonrpc::result_body(id, &result))
+                }
+                Some(Err((code, msg))) => {
+                    let status = if generation == Generation::Modern {
+                        StatusCode::NOT_FOUND
+                    } else {
+                        StatusCode::OK
+                    };
+                    rpc_error(status, Some(id), code, &msg, None)
+                }
+                None => call(&proxy, &parts.headers, &classified, &body).await,
+            }
+        }
+        // Notifications and responses from the client: accepted.
+        Parsed::Single(_) => {
+            let mut r = Response::new(boxed(Full::new(Bytes::new())));
+            *r.status_mut() = StatusCode::ACCEPTED;
+            r
+        }
+    };
+    if let Some(id) = minted
+        && let Ok(v) = HeaderValue::from_str(&id)
+    {
+        resp.headers_mut().insert("mcp-session-id", v);
+    }
+    resp
+}
+
+/// A 2025-03-26 batch: each request answered in turn, the answers returned as one array.
+async fn batch(
+    proxy: &Arc<Proxy>,
+    headers: &HeaderMap,
+    generation: Generation,
+    items: Vec<Message>,
+) -> Response<BoxBody> {
+    let mut out = Vec::new();
+    for item in items {
+        let Message::Request { id, method, params } = item else {
+            continue;
+        };
+        let (id, method) = (&id, method.as_str());
+        let answer = match local_answer(proxy, generation, method, params.as_ref()) {
+            Some(Ok(result)) => json!({ "jsonrpc": "2.0", "id": id, "result": result }),
+            Some(Err((code, msg))) => {
+                json!({ "jsonrpc": "2.0", "id": id, "error": { "code": code, "message": msg } })
+            }
+            None => {
+                let single =
+                    json!({ "jsonrpc": "2.0", "id": id, "method": method, "params": params });
+                let body = Bytes::from(serde_json::to_vec(&single).unwrap_or_default());
+                match classify::classify(headers, &body) {
+                    Ok(c) => {
+                        let resp = call(proxy, headers, &c, &body).await;
+                        collect_response(resp, id.clone()).await
+                    }
+                    Err(r) => serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+                }
+            }
+        };
+        out.push(answer);
+    }
+    if out.is_empty() {
+        let mut r = Response::new(boxed(Full::new(Bytes::new())));
+        *r.status_mut() = StatusCode::ACCEPTED;
+        return r;
+    }
+    json_response(
+        StatusCode::OK,
+        Bytes::from(serde_json::to_vec(&out).unwrap_or_default()),
+    )
+}
+
+/// Reads a whole response (JSON or SSE, at most 16 MiB) and returns the JSON-RPC response
+/// with `id` in it (for batches, which answer all at once).
+async fn collect_response(resp: Response<BoxBody>, id: Id) -> Value {
+    const LIMIT: usize = 16 * 1024 * 1024;
+    let ct = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json")
+        .to_owned();
+    let fail = |msg: String| json!({ "jsonrpc": "2.0", "id": id, "error": { "code": jsonrpc::UPSTREAM_FAILED, "message": msg } });
+    let mut body = resp.into_body();
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    if bytes.len() + data.len() > LIMIT {
+                        return fail(format!("response over {LIMIT} bytes"));
+                    }
+                    bytes.extend_from_slice(data);
+                }
+            }
+            Err(e) => return fail(e.to_string()),
+        }
+    }
+    crate::mcp::sse::find_response(&bytes, &ct, &id)
+        .ok()
+        .flatten()
+        .unwrap_or(Value::Null)
+}
+
+fn call_timeout(proxy: &Proxy, headers: &HeaderMap) -> Duration {
+    headers
+        .get("x-capmesh-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| capmesh_api::duration::parse_duration(v).ok())
+        .unwrap_or_else(|| {
+            let ms = proxy
+                .routing
+                .load()
+                .snapshot
+                .as_ref()
+                .map(|s| s.settings.request_timeout_ms)
+                .unwrap_or(300_000);
+            Duration::from_millis(ms)
+        })
+}
+
+/// Routes a `tools/call` to a provider of the capability.
+async fn call(
+    proxy: &Arc<Proxy>,
+    headers: &HeaderMap,
+    classified: &Classified,
+    body: &Bytes,
+) -> Response<BoxBody> {
+    let id = classified.id.as_ref();
+    let name = classified.name.clone().unwrap_or_default();
+    let routing = proxy.routing.load_full();
+    let Some(tool) = routing.tool(&name).cloned() else {
+        let known: Vec<&str> = routing.tools.iter().map(|t| t.name.as_str()).collect();
+        let why = match capmesh_api::Capability::new(name.as_str()) {
+            Ok(cap) if routing.known(&cap) => {
+                "it exists in the mesh, but this agent does not depend on it or may not call it"
+            }
+            _ => "no agent in the mesh provides it",
+        };
+        return rpc_error(
+            StatusCode::OK,
+            id,
+            jsonrpc::INVALID_PARAMS,
+            &format!(
+                "unknown capability {name:?}: {why}; this agent can call: {}",
+                known.join(", ")
+            ),
+            Some(json!({ "capability": name, "known": known })),
+        );
+    };
+    let cap = tool.capability.clone();
+    let label = [cap.as_str()];
+    proxy.metrics.requests.with_label_values(&label).inc();
+    let all = routing.endpoints(&cap);
+    let ranks = balance::rank(all, &tool.selector);
+    if ranks.iter().all(Vec::is_empty) {
+        proxy
+            .metrics
+            .responses
+            .with_label_values(&[cap.as_str(), "503", "no_endpoint"])
+            .inc();
+        return rpc_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            id,
+            jsonrpc::NO_ENDPOINT,
+            &format!(
+                "capability {cap:?} has no healthy endpoint matching {:?} ({} registered)",
+                tool.selector.to_string(),
+                all.len()
+            ),
+            None,
+        );
+    }
+    proxy.retry_budget.deposit();
+    let timeout = call_timeout(proxy, headers);
+    let started = Instant::now();
+    let mut tried: Vec<EndpointId> = Vec::new();
+    let mut last_error = String::new();
+    for attempt in 0..MAX_ATTEMPTS {
+        let Some(ep) = balance::pick(
+            &ranks,
+            &|id: &EndpointId| routing.stats(id),
+            &tried,
+            Instant::now(),
+        ) else {
+            break;
+        };
+        let ep = ep.clone();
+        if attempt > 0 {
+            if !proxy.retry_budget.try_withdraw() {
+                last_error = format!("{last_error} (retry budget exhausted)");
+                break;
+            }
+            proxy.metrics.retries.with_label_values(&label).inc();
+        }
+        tried.push(ep.id.clone());
+        let request =
+            match upstream_request(proxy, headers, classified, body, &ep.address, &ep.function) {
+                Ok(r) => r,
+                Err(e) => {
+                    return rpc_error(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        id,
+                        jsonrpc::INTERNAL_ERROR,
+                        &e,
+                        None,
+                    );
+                }
+            };
+        let stats = routing.stats(&ep.id);
+        let _in_flight = stats.as_ref().map(|s| s.start());
+        let t0 = Instant::now();
+        let left = timeout.saturating_sub(started.elapsed());
+        let result =
+            tokio::time::timeout(left, proxy.peers.send(&ep.address, &ep.identity, request)).await;
+        let rtt = t0.elapsed();
+        let observe = |outcome: Outcome| {
+            if let Some(s) = &stats {
+                let ejected = s.observe(outcome, rtt);
+                if ejected {
+                    proxy.metrics.ejections.with_label_values(&label).inc();
+                    tracing::info!(capability = %cap, endpoint = %ep.id, "endpoint ejected after consecutive failures");
+                }
+            }
+        };
+        match result {
+            Err(_) => {
+                observe(Outcome::ServerError);
+                proxy
+                    .metrics
+                    .responses
+                    .with_label_values(&[cap.as_str(), "504", "timeout"])
+                    .inc();
+                return rpc_error(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    id,
+                    jsonrpc::UPSTREAM_FAILED,
+                    &format!(
+                        "capability {cap:?}: no response from {} within {timeout:?} (x-capmesh-timeout)",
+                        ep.identity
+                    ),
+                    None,
+                );
+            }
+            Ok(Err(e)) => {
+                observe(Outcome::Unavailable);
+                tracing::debug!(capability = %cap, endpoint = %ep.id, error = %e, "endpoint unavailable; trying another");
+                last_error = e.to_string();
+                continue;
+            }
+            Ok(Ok(resp)) => {
+                let status = resp.status();
+                if status == StatusCode::SERVICE_UNAVAILABLE {
+                    observe(Outcome::Unavailable);
+                    last_error = format!("{} answered 503", ep.identity);
+                    continue;
+                }
+                observe(match status.as_u16() {
+                    429 => Outcome::Overloaded,
+                    500..=599 => Outcome::ServerError,
+                    _ => Outcome::Success,
+                });
+                if attempt > 0 {
+                    proxy.metrics.failovers.with_label_values(&label).inc();
+                }
+                proxy
+                    .metrics
+                    .latency
+                    .with_label_values(&label)
+                    .observe(rtt.as_secs_f64());
+                proxy
+                    .metrics
+                    .responses
+                    .with_label_values(&[
+                        cap.as_str(),
+                        status.as_str(),
+                        if status.is_success() { "" } else { "http" },
+                    ])
+                    .inc();
+                return relay(resp, &ep.identity, &ep.instance);
+            }
+        }
+    }
+    proxy
+        .metrics
+        .responses
+        .with_label_values(&[cap.as_str(), "503", "upstream_failed"])
+        .inc();
+    rpc_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        id,
+        jsonrpc::UPSTREAM_FAILED,
+        &format!(
+            "capability {cap:?}: every attempt failed ({} tried): {last_error}",
+            tried.len()
+        ),
+        None,
+    )
+}
+
+fn upstream_request(
+    proxy: &Proxy,
+    headers: &HeaderMap,
+    classified: &Classified,
+    body: &Bytes,
+    address: &str,
+    function: &str,
+) -> Result<Request<BoxBody>, String> {
+    let renamed = classify::rename_tool_call(body, function).map_err(|e| e.to_string())?;
+    let uri: http::Uri = format!("https://{address}{CALL_PATH}")
+        .parse()
+        .map_err(|e| format!("endpoint address {address:?}: {e}"))?;
+    let mut req = Request::builder().method(Method::POST).uri(uri);
+    let out = req.headers_mut().ok_or("request builder failed")?;
+    out.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    out.insert(
+        header::ACCEPT,
+        headers
+            .get(header::ACCEPT)
+            .cloned()
+            .unwrap_or(HeaderValue::from_static(
+                "application/json, text/event-stream",
+            )),
+    );
+    if let Some(v) = headers.get("mcp-protocol-version") {
+        out.insert("mcp-protocol-version", v.clone());
+    }
+    if classified.generation == Generation::Modern {
+        classify::set_routing_headers(out, "tools/call", Some(function));
+    }
+    proxy.propagation.load().copy(headers, out);
+    crate::headers::continue_trace(headers, out);
+    req.body(boxed(Full::new(renamed)))
+        .map_err(|e| e.to_string())
+}
+
+/// Streams a provider's response back: status, content type and body, each SSE event passed
+/// on as it arrives.
+fn relay(resp: Response<Incoming>, identity: &str, instance: &str) -> Response<BoxBody> {
+    let (parts, body) = resp.into_parts();
+    let mut out = Response::new(boxed(body));
+    *out.status_mut() = parts.status;
+    for name in [header::CONTENT_TYPE, header::CACHE_CONTROL] {
+        if let Some(v) = parts.headers.get(&name) {
+            out.headers_mut().insert(name, v.clone());
+        }
+    }
+    if let Some(v) = parts.headers.get("x-accel-buffering") {
+        out.headers_mut().insert("x-accel-buffering", v.clone());
+    }
+    if let Ok(v) = HeaderValue::from_str(&format!("{identity}#{instance}")) {
+        out.headers_mut().insert("x-capmesh-served-by", v);
+    }
+    out
+}
+
+/// The registration's function → capability map (for inbound authorization).
+pub fn function_map(tools: &[ToolSpec]) -> HashMap<String, capmesh_api::Capability> {
+    tools
+        .iter()
+        .map(|t| (t.function.clone(), t.capability.clone()))
+        .collect()
+}
