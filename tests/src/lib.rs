@@ -460,8 +460,22 @@ impl ProxyProcess {
         agent_url: Option<&str>,
         extra: &[&str],
     ) -> Result<Self> {
-        let dir = tempfile::tempdir()?;
         let token = cp.token("default", agent).await?;
+        let mut p = Self::spawn(bin, cp, &token, agent, agent_url, extra)?;
+        p.wait_ready(Duration::from_secs(30)).await?;
+        Ok(p)
+    }
+
+    /// Starts `capmesh-proxy` with `token` and returns at once (the control plane may be down).
+    pub fn spawn(
+        bin: &Path,
+        cp: &ControlPlane,
+        token: &str,
+        agent: &str,
+        agent_url: Option<&str>,
+        extra: &[&str],
+    ) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
         let (outbound, inbound, admin) = (free_port()?, free_port()?, free_port()?);
         let log = dir.path().join("proxy.log");
         let file = std::fs::File::create(&log)?;
@@ -489,7 +503,7 @@ impl ProxyProcess {
             .stderr(Stdio::from(file))
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
-        let mut p = Self {
+        Ok(Self {
             child: Some(child),
             agent: agent.to_owned(),
             outbound,
@@ -497,28 +511,34 @@ impl ProxyProcess {
             admin,
             log,
             _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        })
+    }
+
+    /// Waits until `/ready` answers 200.
+    pub async fn wait_ready(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
         loop {
-            if let Ok((200, _)) = http_get(admin, "/ready").await {
-                return Ok(p);
+            if let Ok((200, _)) = http_get(self.admin, "/ready").await {
+                return Ok(());
             }
-            if let Some(child) = p.child.as_mut()
+            if let Some(child) = self.child.as_mut()
                 && let Some(status) = child.try_wait()?
             {
                 bail!(
-                    "capmesh-proxy for {agent} exited with {status}; log:\n{}",
-                    p.log()
+                    "capmesh-proxy for {} exited with {status}; log:\n{}",
+                    self.agent,
+                    self.log()
                 );
             }
             if Instant::now() > deadline {
-                let why = http_get(admin, "/ready")
+                let why = http_get(self.admin, "/ready")
                     .await
                     .map(|r| r.1)
                     .unwrap_or_default();
                 bail!(
-                    "capmesh-proxy for {agent} not ready in 30 s ({why}); log:\n{}",
-                    p.log()
+                    "capmesh-proxy for {} not ready in {timeout:?} ({why}); log:\n{}",
+                    self.agent,
+                    self.log()
                 );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
