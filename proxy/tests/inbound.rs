@@ -1,0 +1,394 @@
+//! Issue "Proxy inbound": identity and headers reaching the agent, strict mTLS, revocation,
+//! authorization, registration of an unmodified agent, and graceful shutdown.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use capmesh_api::Policy;
+use capmesh_api::rest::{Entity, EntityRequest};
+use capmesh_certs::tls::{client_config, connect};
+use capmesh_certs::{
+    Ca, Credential, CredentialCell, TrustConfig, TrustStore, Validity, WorkloadKey,
+};
+use capmesh_tests::python::{PyAgent, client_json, json_lines, spawn_client};
+use capmesh_tests::{ProxyProcess, spiffe};
+use common::{MODES, Mesh, call, eventually, served_by, tool_names};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn whoami(v: &Value) -> Value {
+    serde_json::from_str(v["result_text"].as_str().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn the_agent_sees_the_verified_caller_and_only_allow_listed_headers() {
+    let mesh = Mesh::new().await;
+    let (_agent, _provider) = mesh.provider("alpha", &["caller"], &[]).await;
+    let consumer = mesh
+        .consumer(
+            "planner",
+            &["whoami"],
+            &["--propagate-headers", "x-tenant-id"],
+        )
+        .await;
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let headers = [
+        ("x-tenant-id", "tenant-7"),
+        ("x-secret", "do-not-forward"),
+        (
+            "x-capmesh-caller",
+            "spiffe://capmesh.local/ns/default/agent/admin",
+        ),
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+    ];
+    for mode in MODES {
+        let (code, v) = client_json(&consumer.url(), mode, &headers, &["call", "whoami", "{}"])
+            .await
+            .unwrap();
+        assert_eq!(code, 0, "{mode}: {v}");
+        let seen = whoami(&v);
+        assert_eq!(
+            seen["x-capmesh-caller"], "spiffe://capmesh.local/ns/default/agent/planner",
+            "{mode}: forged? {seen}"
+        );
+        assert_eq!(seen["x-tenant-id"], "tenant-7", "{mode}");
+        assert!(
+            seen["x-secret"].is_null(),
+            "{mode}: a header off the allow-list crossed: {seen}"
+        );
+        let tp = seen["traceparent"].as_str().unwrap();
+        assert!(tp.contains(trace), "{mode}: trace id lost: {tp}");
+        assert!(
+            !tp.contains("00f067aa0ba902b7"),
+            "{mode}: each hop has its own span id: {tp}"
+        );
+        let host = seen["host"].as_str().unwrap();
+        assert!(
+            host.starts_with("127.0.0.1:"),
+            "{mode}: Host not rewritten: {host}"
+        );
+    }
+}
+
+/// A TLS client with `cred` against the provider's inbound port; sends one HTTP/1.1 request
+/// and returns what came back (Err when the handshake or connection was refused).
+async fn tls_request(
+    port: u16,
+    trust: Arc<TrustStore>,
+    cred: Credential,
+) -> std::io::Result<String> {
+    let config = client_config(
+        Some(Arc::new(CredentialCell::new(cred))),
+        trust,
+        spiffe("default", "alpha").unwrap(),
+        &[b"http/1.1"],
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let mut tls = connect(config, tcp).await?;
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let req = format!(
+        "POST /mcp HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(req.as_bytes()).await?;
+    let mut out = String::new();
+    tls.read_to_string(&mut out).await?;
+    Ok(out)
+}
+
+#[tokio::test]
+async fn strict_mode_refuses_plaintext_foreign_cas_and_revoked_entities() {
+    let mesh = Mesh::new().await;
+    let (_agent, provider) = mesh.provider("alpha", &["weather"], &[]).await;
+
+    // Plaintext against strict: no HTTP answer at all.
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", provider.inbound))
+        .await
+        .unwrap();
+    tcp.write_all(b"POST /mcp HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut out)).await;
+    assert!(
+        !String::from_utf8_lossy(&out).contains("HTTP/1.1"),
+        "plaintext got an answer: {:?}",
+        String::from_utf8_lossy(&out)
+    );
+
+    // A certificate from a CA the mesh does not trust.
+    let trust = mesh.cp.trust().unwrap();
+    let stranger = Ca::generate("capmesh.local".parse().unwrap(), false).unwrap();
+    let issue = |ca: &Ca, who: &str| {
+        let id = spiffe("default", who).unwrap();
+        let key = WorkloadKey::generate().unwrap();
+        let issued = ca
+            .issue(
+                &key.csr_pem(&id).unwrap(),
+                &id,
+                Validity::for_ttl(Duration::from_secs(600)),
+            )
+            .unwrap();
+        Credential::with_key(&issued.chain_pem, &key).unwrap()
+    };
+    let refused = tls_request(provider.inbound, trust.clone(), issue(&stranger, "planner")).await;
+    assert!(
+        refused.is_err(),
+        "a foreign CA's certificate got an answer: {refused:?}"
+    );
+    // The same request with a mesh certificate is answered, so the refusal above is the CA's.
+    let ok = tls_request(
+        provider.inbound,
+        trust.clone(),
+        mesh.cp.credential("default", "planner").await.unwrap(),
+    )
+    .await;
+    assert!(
+        ok.as_ref().is_ok_and(|r| r.starts_with("HTTP/1.1 200")),
+        "{ok:?}"
+    );
+
+    // An entity's certificates work once registered, and stop within 1 s of its revocation.
+    let token = mesh.cp.admin_token().unwrap();
+    let rest = mesh.cp.rest().unwrap();
+    let acme = Ca::generate("capmesh.local".parse().unwrap(), false).unwrap();
+    let _: Entity = rest
+        .post(
+            "/v1/entities",
+            &EntityRequest {
+                name: "acme".into(),
+                ca_pem: acme.root_pem().into(),
+            },
+            Some(&token),
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "acme's certificate accepted",
+        || async {
+            tls_request(provider.inbound, trust.clone(), issue(&acme, "partner"))
+                .await
+                .is_ok_and(|r| r.contains("200 OK"))
+        },
+    )
+    .await;
+    let _: Entity = rest
+        .delete("/v1/entities/acme", Some(&token))
+        .await
+        .unwrap();
+    let revoked_at = Instant::now();
+    loop {
+        let r = tls_request(provider.inbound, trust.clone(), issue(&acme, "partner")).await;
+        if r.is_err() {
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "still accepted {:?} after revocation",
+            revoked_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!(
+        "revoked entity refused {:?} after DELETE /v1/entities/acme returned",
+        revoked_at.elapsed()
+    );
+    let (_, metrics) = provider.admin_get("/metrics").await.unwrap();
+    for reason in ["plaintext", "unknown_ca", "revoked_entity"] {
+        assert!(
+            metrics.contains(&format!(
+                "capmesh_proxy_tls_refusals_total{{reason=\"{reason}\"}}"
+            )),
+            "{reason} not counted:\n{metrics}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_deny_rule_blocks_the_call_and_hides_the_capability() {
+    let mesh = Mesh::new().await;
+    let (_agent, provider) = mesh.provider("alpha", &["weather", "echo"], &[]).await;
+    let consumer = mesh
+        .consumer("planner", &["get_weather", "echo"], &[])
+        .await;
+    assert_eq!(
+        tool_names(&consumer, "legacy").await,
+        ["echo", "get_weather"]
+    );
+
+    let policy: Policy = serde_json::from_value(serde_json::json!({
+        "default": "allow",
+        "rules": [{ "from": ["spiffe://capmesh.local/ns/default/agent/planner"], "capabilities": ["get_weather"], "action": "deny" }]
+    }))
+    .unwrap();
+    let _: Policy = mesh
+        .cp
+        .rest()
+        .unwrap()
+        .put(
+            "/v1/policies",
+            &policy,
+            Some(&mesh.cp.admin_token().unwrap()),
+        )
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "get_weather leaves the consumer's tools/list",
+        || async { tool_names(&consumer, "legacy").await == ["echo"] },
+    )
+    .await;
+    let (code, v) = call(&consumer, "legacy", "echo", r#"{"text":"still fine"}"#).await;
+    assert_eq!(
+        (code, v["result_text"].as_str()),
+        (0, Some("alpha: still fine")),
+        "{v}"
+    );
+
+    // Even a caller that goes around its own proxy's list is stopped at the provider: 403 with
+    // a JSON-RPC error naming the caller and the capability.
+    let cred = mesh.cp.credential("default", "planner").await.unwrap();
+    let config = client_config(
+        Some(Arc::new(CredentialCell::new(cred))),
+        mesh.cp.trust().unwrap(),
+        spiffe("default", "alpha").unwrap(),
+        &[b"http/1.1"],
+    )
+    .unwrap();
+    let mut tls = connect(
+        config,
+        tokio::net::TcpStream::connect(("127.0.0.1", provider.inbound))
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let body = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"get_weather","arguments":{"city":"X"}}}"#;
+    let req = format!(
+        "POST /.capmesh/call HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tls.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    tls.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
+    assert!(
+        out.contains("agent/planner") && out.contains("get_weather") && out.contains("-32003"),
+        "{out}"
+    );
+    let (_, metrics) = provider.admin_get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains(
+            "capmesh_proxy_inbound_requests_total{capability=\"get_weather\",outcome=\"denied\"} 1"
+        ),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn an_unmodified_agent_joins_by_its_sidecar_and_new_tools_reach_running_consumers() {
+    let mesh = Mesh::new().await;
+    let mut agent = PyAgent::start("alpha", &["weather"], None).await.unwrap();
+    let port = agent.port;
+    let provider = ProxyProcess::start(mesh.proxy_bin(), &mesh.cp, "alpha", Some(&agent.url), &[])
+        .await
+        .unwrap();
+    let consumer = mesh.consumer("planner", &["*"], &[]).await;
+    assert_eq!(tool_names(&consumer, "legacy").await, ["get_weather"]);
+    let (code, v) = call(&consumer, "2026-07-28", "get_weather", r#"{"city":"Kyiv"}"#).await;
+    assert_eq!(
+        (code, served_by(v["result_text"].as_str().unwrap())),
+        (0, "alpha"),
+        "{v}"
+    );
+
+    // A consumer that keeps one session open and watches for list changes.
+    let mut watcher = spawn_client(&consumer.url(), "legacy", &[], &["watch", "25"]).unwrap();
+
+    // The agent restarts with one more tool; nothing else restarts.
+    agent.kill();
+    let agent = PyAgent::start("alpha", &["weather", "echo"], Some(port))
+        .await
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "echo in the running consumer's tools/list",
+        || async {
+            tool_names(&consumer, "legacy")
+                .await
+                .contains(&"echo".to_owned())
+        },
+    )
+    .await;
+    let (code, v) = call(&consumer, "legacy", "echo", r#"{"text":"new"}"#).await;
+    assert_eq!(
+        (code, v["result_text"].as_str()),
+        (0, Some("alpha: new")),
+        "{v}"
+    );
+    drop(agent);
+    drop(provider);
+
+    let _ = watcher.kill().await;
+    let mut out = String::new();
+    let _ = watcher
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .await;
+    let lines = json_lines(&out).unwrap();
+    assert!(
+        lines.iter().any(|l| l["event"] == "list_changed"
+            && l["tools"].as_array().unwrap().iter().any(|t| t == "echo")),
+        "the watching client was never told: {out}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_to_a_provider_sidecar_during_steady_calls_fails_no_call() {
+    let mesh = Mesh::new().await;
+    let (_a, mut alpha) = mesh.provider("alpha", &["weather"], &[]).await;
+    let (_b, _beta) = mesh.provider("beta", &["weather"], &[]).await;
+    let consumer = mesh.consumer("planner", &["get_weather"], &[]).await;
+
+    let mut looping = spawn_client(
+        &consumer.url(),
+        "legacy",
+        &[],
+        &["loop", "get_weather", r#"{"city":"Bern"}"#, "60", "50"],
+    )
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let stop = tokio::task::spawn_blocking(move || alpha.terminate());
+    let mut out = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        looping.stdout.take().unwrap().read_to_string(&mut out),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    stop.await.unwrap().unwrap();
+    let lines = json_lines(&out).unwrap();
+    assert_eq!(lines.len(), 60, "{out}");
+    let failed: Vec<&Value> = lines
+        .iter()
+        .filter(|l| !l["ok"].as_bool().unwrap())
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "calls failed during the graceful shutdown: {failed:?}"
+    );
+    let last = lines.last().unwrap()["text"].as_str().unwrap();
+    assert_eq!(served_by(last), "beta", "{last}");
+}
