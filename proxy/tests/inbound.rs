@@ -11,9 +11,7 @@ use std::time::{Duration, Instant};
 use capmesh_api::Policy;
 use capmesh_api::rest::{Entity, EntityRequest};
 use capmesh_certs::tls::{client_config, connect};
-use capmesh_certs::{
-    Ca, Credential, CredentialCell, TrustConfig, TrustStore, Validity, WorkloadKey,
-};
+use capmesh_certs::{Ca, Credential, CredentialCell, TrustStore, Validity, WorkloadKey};
 use capmesh_tests::python::{PyAgent, client_json, json_lines, spawn_client};
 use capmesh_tests::{ProxyProcess, spiffe};
 use common::{MODES, Mesh, call, eventually, served_by, tool_names};
