@@ -39,6 +39,12 @@ pub struct InstanceInfo {
     /// The snapshot version the proxy last acked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub snapshot_version: Option<SnapshotVersion>,
+    /// When the certificate the proxy presented on its stream expires (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_not_after_unix: Option<i64>,
+    /// When its stream connected, or last disconnected when `connected` is false (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since_unix: Option<i64>,
     /// The tools it registered.
     #[serde(default)]
     pub tools: Vec<ToolSpec>,

@@ -37,6 +37,8 @@ struct Instance {
     connected: bool,
     epoch: u64,
     held: Option<SnapshotVersion>,
+    cert_not_after: Option<i64>,
+    since: i64,
     close: Option<oneshot::Sender<String>>,
     endpoint_ids: Vec<(Capability, EndpointId)>,
 }
@@ -270,6 +272,7 @@ impl Registry {
         node: Node,
         identity: String,
         entity: Option<String>,
+        cert_not_after: Option<i64>,
         registration: Registration,
     ) -> Lease {
         let mut inner = self.lock();
@@ -298,6 +301,8 @@ impl Registry {
                 connected: true,
                 epoch,
                 held: None,
+                cert_not_after,
+                since: crate::ca::unix_now(),
                 close: Some(close_tx),
                 endpoint_ids,
             },
@@ -355,6 +360,7 @@ impl Registry {
         match inner.instances.get_mut(proxy_id) {
             Some(inst) if inst.epoch == epoch => {
                 inst.connected = false;
+                inst.since = crate::ca::unix_now();
                 inst.close = None;
             }
             _ => return,
@@ -556,6 +562,8 @@ impl Registry {
                 tags: inst.registration.tags.clone(),
                 version: inst.registration.version.clone(),
                 snapshot_version: inst.held,
+                certificate_not_after_unix: inst.cert_not_after,
+                since_unix: Some(inst.since),
                 tools: inst.registration.tools.clone(),
             });
         }

@@ -44,6 +44,7 @@ fn bearer_is_admin(app: &App, req: &Request<Incoming>) -> bool {
 async fn dispatch(
     app: Arc<App>,
     peer: Option<VerifiedPeer>,
+    cert_not_after: Option<i64>,
     req: Request<Incoming>,
 ) -> Response<Body> {
     if req.uri().path() == "/v1/stream" {
@@ -53,7 +54,7 @@ async fn dispatch(
             )
             .into_response();
         }
-        return crate::stream::handle(app, peer, req.into_body()).await;
+        return crate::stream::handle(app, peer, cert_not_after, req.into_body()).await;
     }
     let caller = Caller {
         admin: bearer_is_admin(&app, &req) || peer.as_ref().is_some_and(is_admin_identity),
@@ -99,9 +100,17 @@ pub async fn serve_api(
                             )
                             .ok()
                     });
+                    let not_after = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|leaf| capmesh_certs::inspect_der(leaf).ok())
+                        .and_then(|info| info.not_after.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map(|d| d.as_secs() as i64);
                     let svc = service_fn(move |req| {
                         let (app, peer) = (app.clone(), peer.clone());
-                        async move { Ok::<_, Infallible>(dispatch(app, peer, req).await) }
+                        async move { Ok::<_, Infallible>(dispatch(app, peer, not_after, req).await) }
                     });
                     let mut builder =
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());

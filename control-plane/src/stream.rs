@@ -46,7 +46,12 @@ fn read_error_code(e: &ReadError) -> &'static str {
 
 /// Accepts or refuses a stream. On acceptance the stream runs in its own task and the response
 /// body stays open for its life.
-pub async fn handle(app: Arc<App>, peer: Option<VerifiedPeer>, body: Incoming) -> Response<Body> {
+pub async fn handle(
+    app: Arc<App>,
+    peer: Option<VerifiedPeer>,
+    cert_not_after: Option<i64>,
+    body: Incoming,
+) -> Response<Body> {
     let Some(peer) = peer else {
         app.metrics.refuse("no_client_certificate");
         return frame_response(
@@ -113,6 +118,7 @@ pub async fn handle(app: Arc<App>, peer: Option<VerifiedPeer>, body: Incoming) -
         hello.node.clone(),
         peer.identity.to_string(),
         peer.entity.clone(),
+        cert_not_after,
         hello.registration,
     );
     let (tx, body) = channel(64);
