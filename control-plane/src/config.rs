@@ -47,6 +47,11 @@ pub struct Config {
     #[arg(long, env = "CAPMESH_GRACE", default_value = "2s", value_parser = parse_duration)]
     pub grace: Duration,
 
+    /// After a restart, how long the instances the last run knew keep being served before they
+    /// are withdrawn, if their proxies have not reconnected (proxies reconnect within 15 s).
+    #[arg(long, env = "CAPMESH_RESTART_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub restart_grace: Duration,
+
     /// Lifetime of the workload certificates the CA issues.
     #[arg(long, env = "CAPMESH_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
     pub cert_ttl: Duration,

@@ -62,6 +62,61 @@ pub struct App {
     pub ready: AtomicBool,
 }
 
+impl App {
+    /// Saves an instance's current record (after it connected, re-registered or changed
+    /// health), so a restarted control plane keeps serving it until it reconnects.
+    pub fn persist(&self, proxy_id: &str) {
+        let Some(record) = self.registry.record(proxy_id) else {
+            return;
+        };
+        let result = serde_json::to_string(&record)
+            .map_err(|e| e.to_string())
+            .and_then(|json| {
+                self.store
+                    .upsert_instance(proxy_id, &json)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = result {
+            tracing::warn!(proxy_id, error = %e, "cannot persist the instance; a restart would forget it");
+        }
+    }
+
+    /// Forgets a withdrawn instance.
+    pub fn forget(&self, proxy_id: &str) {
+        if let Err(e) = self.store.remove_instance(proxy_id) {
+            tracing::warn!(proxy_id, error = %e, "cannot remove the withdrawn instance from the store");
+        }
+    }
+
+    /// Brings back the instances a previous run knew; each is withdrawn after `restart_grace`
+    /// unless its proxy reconnects first.
+    fn restore_instances(self: &Arc<Self>, restart_grace: Duration) -> anyhow::Result<usize> {
+        let stored = self.store.instances()?;
+        let mut restored = 0;
+        for (proxy_id, json) in stored {
+            let record: registry::InstanceRecord = match serde_json::from_str(&json) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(proxy_id = %proxy_id, error = %e, "dropping an unreadable stored instance");
+                    self.forget(&proxy_id);
+                    continue;
+                }
+            };
+            let epoch = self.registry.restore(record);
+            restored += 1;
+            let app = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(restart_grace).await;
+                if app.registry.expire(&proxy_id, epoch) {
+                    tracing::info!(proxy_id = %proxy_id, "did not reconnect after the restart; endpoints withdrawn");
+                    app.forget(&proxy_id);
+                }
+            });
+        }
+        Ok(restored)
+    }
+}
+
 /// The control plane's own identity: `spiffe://<td>/ns/capmesh-system/agent/control-plane`.
 pub fn control_plane_identity(trust_domain: &TrustDomain) -> anyhow::Result<SpiffeId> {
     Ok(SpiffeId::new(
@@ -227,6 +282,11 @@ pub async fn run(
         metrics: Metrics::new(),
         ready: AtomicBool::new(false),
     });
+
+    let restored = app.restore_instances(config.restart_grace)?;
+    if restored > 0 {
+        tracing::info!(restored, grace = ?config.restart_grace, "serving the last known instances until their proxies reconnect");
+    }
 
     let api = TcpListener::bind(config.listen).await.with_context(|| {
         format!(

@@ -55,6 +55,26 @@ struct Inner {
     settings: (u64, MeshSettings),
 }
 
+/// What is persisted of an instance so a restarted control plane can keep serving it until its
+/// proxy reconnects.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct InstanceRecord {
+    /// The proxy's node.
+    pub node: Node,
+    /// Its SPIFFE ID.
+    pub identity: String,
+    /// The entity that issued its certificate, if any.
+    #[serde(default)]
+    pub entity: Option<String>,
+    /// Its registration.
+    pub registration: Registration,
+    /// Its agent's health as last reported.
+    pub healthy: bool,
+    /// Its certificate's expiry as last seen.
+    #[serde(default)]
+    pub cert_not_after: Option<i64>,
+}
+
 /// A handle on one stream's registration: which instance, and which connection of it.
 #[derive(Debug)]
 pub struct Lease {
@@ -371,6 +391,50 @@ impl Registry {
         }
         inner.bump();
         self.notify(&inner);
+    }
+
+    /// What to persist of an instance (`None` once it is withdrawn).
+    pub fn record(&self, proxy_id: &str) -> Option<InstanceRecord> {
+        let inner = self.lock();
+        inner.instances.get(proxy_id).map(|i| InstanceRecord {
+            node: i.node.clone(),
+            identity: i.identity.clone(),
+            entity: i.entity.clone(),
+            registration: i.registration.clone(),
+            healthy: i.healthy,
+            cert_not_after: i.cert_not_after,
+        })
+    }
+
+    /// Brings back an instance a previous run of the control plane knew, as disconnected: its
+    /// endpoints keep being served until it reconnects or [`Registry::expire`] withdraws it.
+    /// Returns the epoch to expire.
+    pub fn restore(&self, rec: InstanceRecord) -> u64 {
+        let mut inner = self.lock();
+        let epoch = inner.next_epoch;
+        inner.next_epoch += 1;
+        let proxy_id = rec.node.proxy_id.clone();
+        inner.instances.insert(
+            proxy_id.clone(),
+            Instance {
+                node: rec.node,
+                identity: rec.identity,
+                entity: rec.entity,
+                registration: rec.registration,
+                healthy: rec.healthy,
+                connected: false,
+                epoch,
+                held: None,
+                cert_not_after: rec.cert_not_after,
+                since: crate::ca::unix_now(),
+                close: None,
+                endpoint_ids: Vec::new(),
+            },
+        );
+        inner.republish(&proxy_id);
+        inner.bump();
+        self.notify(&inner);
+        epoch
     }
 
     /// Withdraws a disconnected instance if it has not reconnected since `epoch`.

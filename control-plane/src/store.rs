@@ -88,6 +88,12 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn policy(&self) -> Result<Option<Policy>, StoreError>;
     /// Replaces the authorization policy.
     fn set_policy(&self, policy: &Policy) -> Result<(), StoreError>;
+    /// Every persisted proxy instance: (proxy id, JSON record).
+    fn instances(&self) -> Result<Vec<(String, String)>, StoreError>;
+    /// Saves (or replaces) a proxy instance's record.
+    fn upsert_instance(&self, proxy_id: &str, record_json: &str) -> Result<(), StoreError>;
+    /// Forgets a withdrawn proxy instance.
+    fn remove_instance(&self, proxy_id: &str) -> Result<(), StoreError>;
 }
 
 /// SQLite in the data dir: embedded, zero set-up, one file.
@@ -115,6 +121,10 @@ CREATE TABLE IF NOT EXISTS tokens (
     info_json TEXT NOT NULL,
     secret_sha256 TEXT NOT NULL,
     created_seq INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS instances (
+    proxy_id TEXT PRIMARY KEY,
+    record_json TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS policy (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -362,6 +372,38 @@ impl Store for SqliteStore {
                 "INSERT INTO policy (id, policy_json) VALUES (1, ?1)
                  ON CONFLICT(id) DO UPDATE SET policy_json = excluded.policy_json",
                 params![json],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn instances(&self) -> Result<Vec<(String, String)>, StoreError> {
+        self.with(|c| {
+            let mut stmt =
+                c.prepare("SELECT proxy_id, record_json FROM instances ORDER BY proxy_id")?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn upsert_instance(&self, proxy_id: &str, record_json: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO instances (proxy_id, record_json) VALUES (?1, ?2)
+                 ON CONFLICT(proxy_id) DO UPDATE SET record_json = excluded.record_json",
+                params![proxy_id, record_json],
+            )?;
+            Ok(())
+        })
+    }
+
+    fn remove_instance(&self, proxy_id: &str) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "DELETE FROM instances WHERE proxy_id = ?1",
+                params![proxy_id],
             )?;
             Ok(())
         })

@@ -121,6 +121,7 @@ pub async fn handle(
         cert_not_after,
         hello.registration,
     );
+    app.persist(&lease.proxy_id);
     let (tx, body) = channel(64);
     tokio::spawn(run(app, lease, reader, tx));
     let mut resp = Response::new(body.boxed());
@@ -232,10 +233,12 @@ async fn run(
                         ProxyFrame::Health { healthy, detail } => {
                             tracing::debug!(proxy_id = %proxy_id, healthy, detail = ?detail, "health");
                             app.registry.set_health(&proxy_id, epoch, healthy);
+                            app.persist(&proxy_id);
                         }
                         ProxyFrame::Register(registration) => {
                             tracing::info!(proxy_id = %proxy_id, tools = registration.tools.len(), "re-registered");
                             app.registry.register(&proxy_id, epoch, registration);
+                            app.persist(&proxy_id);
                         }
                         ProxyFrame::Goodbye => {
                             tracing::info!(proxy_id = %proxy_id, "goodbye: withdrawing now");
@@ -257,14 +260,17 @@ async fn run(
     }
     app.metrics.streams_connected.dec();
     app.registry.disconnect(&proxy_id, epoch, graceful);
+    if graceful && app.registry.record(&proxy_id).is_none() {
+        app.forget(&proxy_id);
+    }
     if !graceful {
         tracing::info!(proxy_id = %proxy_id, grace = ?app.grace, "stream ended; endpoints withdrawn after the grace period unless it reconnects");
-        let registry = app.registry.clone();
-        let grace = app.grace;
+        let app = app.clone();
         tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            if registry.expire(&proxy_id, epoch) {
+            tokio::time::sleep(app.grace).await;
+            if app.registry.expire(&proxy_id, epoch) {
                 tracing::info!(proxy_id = %proxy_id, "endpoints withdrawn");
+                app.forget(&proxy_id);
             }
         });
     }

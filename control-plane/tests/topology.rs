@@ -603,3 +603,59 @@ async fn restart_keeps_ca_entities_tokens_and_policies() {
         .unwrap_err();
     assert_eq!(err.status(), Some(403), "{err}");
 }
+
+#[tokio::test]
+async fn a_restarted_control_plane_serves_known_instances_until_they_reconnect() {
+    let mut cp = ControlPlane::start(
+        env!("CARGO_BIN_EXE_capmesh-control-plane").as_ref(),
+        &["--grace", "2s", "--restart-grace", "3s"],
+    )
+    .await
+    .unwrap();
+    let weather_client = cp
+        .stream_client(cp.credential("default", "weather").await.unwrap())
+        .unwrap();
+    let planner_cred = cp.credential("default", "planner").await.unwrap();
+    let mut provider = TestProxy::connect(
+        &weather_client,
+        "default",
+        "weather",
+        "w-1",
+        provider("127.0.0.1:7", "weather"),
+    )
+    .await
+    .unwrap();
+    provider
+        .until(WAIT, "provider's snapshot", |_| true)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    cp.restart().await.unwrap();
+    // The provider has not reconnected; a consumer that connects first still sees it.
+    let planner = cp.stream_client(planner_cred).unwrap();
+    let mut consumer = TestProxy::connect(
+        &planner,
+        "default",
+        "planner",
+        "p-1",
+        consumer(&["weather"]),
+    )
+    .await
+    .unwrap();
+    consumer.until(WAIT, "snapshot", |_| true).await.unwrap();
+    let first = consumer.snapshot.clone().unwrap();
+    assert_eq!(
+        weather(&first).len(),
+        1,
+        "the restarted control plane forgot the provider: {first:?}"
+    );
+    assert!(weather(&first)[0].healthy, "restored with its last health");
+    // It never comes back: withdrawn after the restart grace.
+    consumer
+        .until(WAIT, "withdrawn after the restart grace", |s| {
+            weather(s).is_empty()
+        })
+        .await
+        .unwrap();
+}
