@@ -14,6 +14,7 @@ pub mod addr;
 pub mod body;
 pub mod connect;
 pub mod frames;
+pub mod process;
 pub mod rest;
 pub mod stream;
 

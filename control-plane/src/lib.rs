@@ -208,6 +208,23 @@ fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     }
 }
 
+/// The `capmesh-control-plane` program: parses `args` (the first is the program name), then
+/// runs until SIGTERM or Ctrl-C. A bad flag prints clap's message and exits 2.
+pub fn main_with_args(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> std::process::ExitCode {
+    use clap::Parser;
+    let config = match Config::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    capmesh_client::process::init_tracing(&config.log_format);
+    capmesh_client::process::block_on(
+        "capmesh-control-plane",
+        run(config, capmesh_client::process::shutdown_signal()),
+    )
+}
+
 /// Runs the control plane until `shutdown` resolves.
 pub async fn run(
     config: Config,

@@ -235,6 +235,23 @@ async fn serve_outbound(
     let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
 }
 
+/// The `capmesh-proxy` program: parses `args` (the first is the program name), then runs until
+/// SIGTERM or Ctrl-C. A bad flag prints clap's message and exits 2.
+pub fn main_with_args(
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+) -> std::process::ExitCode {
+    use clap::Parser;
+    let config = match Config::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    capmesh_client::process::init_tracing(&config.log_format);
+    capmesh_client::process::block_on(
+        "capmesh-proxy",
+        run(config, capmesh_client::process::shutdown_signal()),
+    )
+}
+
 /// Runs the proxy until `shutdown` resolves; then withdraws from the mesh, drains and exits.
 pub async fn run(
     config: Config,
