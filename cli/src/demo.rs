@@ -357,7 +357,10 @@ async fn demo(
 
     step(3, "The mesh, as the control plane sees it");
     let agents: Vec<AgentInfo> = rest.get("/v1/agents", Some(&token)).await?;
-    println!("   {:<12} {:<50} {:<16} TAGS", "AGENT", "mTLS IDENTITY", "CAPABILITIES");
+    println!(
+        "   {:<12} {:<50} {:<16} TAGS",
+        "AGENT", "mTLS IDENTITY", "CAPABILITIES"
+    );
     for a in &agents {
         let inst = a.instances.first();
         let caps: Vec<String> = inst

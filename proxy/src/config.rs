@@ -112,6 +112,11 @@ pub struct Config {
     #[arg(long = "capability", env = "CAPMESH_CAPABILITY", value_delimiter = ';')]
     pub capabilities: Vec<CapabilityOverride>,
 
+    /// A YAML file listing more mappings in the --capability form, one per item, e.g.
+    /// `- get_weather=weather@2.1.0#eu`.
+    #[arg(long, env = "CAPMESH_CAPABILITIES_FILE")]
+    pub capabilities_file: Option<PathBuf>,
+
     /// A capability the agent calls: 'alias=capability:+tag,-tag,>=1.2' (repeatable); `*` for all.
     #[arg(long = "dependency", env = "CAPMESH_DEPENDENCY", value_delimiter = ';')]
     pub dependencies: Vec<Dependency>,
@@ -157,6 +162,36 @@ fn parse_propagated(s: &str) -> Result<String, String> {
 }
 
 impl Config {
+    /// Every tool → capability mapping: `--capability` flags, then `--capabilities-file`.
+    pub fn overrides(&self) -> anyhow::Result<Vec<CapabilityOverride>> {
+        let mut all = self.capabilities.clone();
+        if let Some(path) = &self.capabilities_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                anyhow::anyhow!(
+                    "--capabilities-file {}: cannot read it: {e}",
+                    path.display()
+                )
+            })?;
+            let items: Vec<String> = serde_yaml_ng::from_str(&text).map_err(|e| {
+                anyhow::anyhow!(
+                    "--capabilities-file {}: {e} (use a YAML list such as `- get_weather=weather@2.1.0#eu`)",
+                    path.display()
+                )
+            })?;
+            for (i, item) in items.iter().enumerate() {
+                let o: CapabilityOverride = item.parse().map_err(|e| {
+                    anyhow::anyhow!(
+                        "--capabilities-file {}: item {}: {e}",
+                        path.display(),
+                        i + 1
+                    )
+                })?;
+                all.push(o);
+            }
+        }
+        Ok(all)
+    }
+
     /// The agent URL, or `None` for `--agent-url none`.
     pub fn agent(&self) -> Option<&str> {
         (self.agent_url != "none").then_some(self.agent_url.as_str())
@@ -178,6 +213,32 @@ impl Config {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn capability_files_add_mappings_and_name_bad_items() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("caps.yaml");
+        std::fs::write(&file, "- get_weather=weather@2.1.0#eu\n- echo=say\n").unwrap();
+        let path = file.display().to_string();
+        let c = Config::try_parse_from([
+            "capmesh-proxy",
+            "--agent-name",
+            "a",
+            "--capability",
+            "x=y",
+            "--capabilities-file",
+            &path,
+        ])
+        .unwrap();
+        let all = c.overrides().unwrap();
+        assert_eq!(all.len(), 3);
+        assert_eq!(all[1].to_string(), "get_weather=weather@2.1.0#eu");
+        std::fs::write(&file, "- ok=fine\n- bad=@@\n").unwrap();
+        let err = c.overrides().unwrap_err().to_string();
+        assert!(err.contains("item 2") && err.contains("caps.yaml"), "{err}");
+        std::fs::write(&file, "just: a map\n").unwrap();
+        assert!(c.overrides().unwrap_err().to_string().contains("YAML list"));
+    }
 
     #[test]
     fn flags_are_well_formed() {

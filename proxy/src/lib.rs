@@ -325,7 +325,7 @@ pub async fn run(
             endpoint: proxy.config.advertised(),
             tags: proxy.config.tags.clone(),
             version: proxy.config.version.clone(),
-            overrides: proxy.config.capabilities.clone(),
+            overrides: proxy.config.overrides()?,
             dependencies: proxy.config.dependencies.clone(),
         };
         tasks.push(tokio::spawn(agent::watch(

@@ -220,3 +220,113 @@ async fn a_control_plane_outage_does_not_stop_calls_and_the_mesh_converges_after
     .await;
     assert_eq!(code, 0, "{v}");
 }
+
+/// A raw HTTP/1.1 POST to the outbound listener: (status, body).
+fn post(port: u16, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut head = format!(
+        "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    tcp.write_all(head.as_bytes()).unwrap();
+    // A refused oversized body may be answered before it is all sent.
+    let _ = tcp.write_all(body);
+    let mut out = Vec::new();
+    let _ = tcp.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        text.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default(),
+    )
+}
+
+#[tokio::test]
+async fn bad_input_gets_json_rpc_errors_and_the_proxy_keeps_serving() {
+    let mesh = Mesh::new().await;
+    let (mut agent, _provider) = mesh.provider("alpha", &["weather"], &[]).await;
+    let consumer = mesh.consumer("planner", &["get_weather"], &[]).await;
+    let port = consumer.outbound;
+    let modern = [
+        ("content-type", "application/json"),
+        ("accept", "application/json, text/event-stream"),
+        ("mcp-protocol-version", "2026-07-28"),
+        ("mcp-method", "tools/call"),
+        ("mcp-name", "get_weather"),
+    ];
+    let code = |body: &str| {
+        serde_json::from_str::<serde_json::Value>(body)
+            .map(|v| v["error"]["code"].clone())
+            .unwrap_or_default()
+    };
+
+    let (status, body) = tokio::task::spawn_blocking(move || post(port, &modern, b"{not json"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, code(&body)),
+        (400, serde_json::json!(-32700)),
+        "{body}"
+    );
+    let (status, body) =
+        tokio::task::spawn_blocking(move || post(port, &modern, br#"{"hello":"world"}"#))
+            .await
+            .unwrap();
+    assert_eq!(
+        (status, code(&body)),
+        (400, serde_json::json!(-32600)),
+        "{body}"
+    );
+    let mismatch = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"other","arguments":{},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+    let (status, body) = tokio::task::spawn_blocking(move || post(port, &modern, mismatch))
+        .await
+        .unwrap();
+    assert_eq!(
+        (status, code(&body)),
+        (400, serde_json::json!(-32020)),
+        "{body}"
+    );
+    let huge = vec![b' '; 5 * 1024 * 1024];
+    let (status, _) = tokio::task::spawn_blocking(move || post(port, &modern, &huge))
+        .await
+        .unwrap();
+    assert_eq!(status, 413);
+
+    // Still serving.
+    let (code_ok, v) = call(&consumer, "2026-07-28", "get_weather", r#"{"city":"Riga"}"#).await;
+    assert_eq!(code_ok, 0, "{v}");
+
+    // The only provider's agent dies (its sidecar lives on and reports it unhealthy): the
+    // capability is known but has no healthy endpoint, which is a 503 saying so.
+    agent.kill();
+    let good = br#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"get_weather","arguments":{"city":"Riga"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = tokio::task::spawn_blocking(move || post(port, &modern, good))
+            .await
+            .unwrap();
+        if status == 503 && code(&body) == serde_json::json!(-32004) {
+            assert!(body.contains("no healthy endpoint"), "{body}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never a 503 for a dead provider: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (status, _) = consumer.admin_get("/live").await.unwrap();
+    assert_eq!(status, 200);
+}
