@@ -152,6 +152,23 @@ pub struct TrustConfig {
     pub revoked_serials: Vec<String>,
 }
 
+impl From<&capmesh_api::TrustBundle> for TrustConfig {
+    /// What a snapshot's trust bundle says to trust.
+    fn from(bundle: &capmesh_api::TrustBundle) -> Self {
+        TrustConfig {
+            trust_domain: bundle.trust_domain.clone(),
+            mesh_ca_pem: bundle.ca_pems.join("\n"),
+            entities: bundle
+                .entities
+                .iter()
+                .map(|e| (e.name.clone(), e.ca_pem.clone()))
+                .collect(),
+            revoked_entities: bundle.revoked_entities.clone(),
+            revoked_serials: bundle.revoked_serials.clone(),
+        }
+    }
+}
+
 #[derive(Debug)]
 struct Anchor {
     /// `None` for the mesh CA, the entity's name otherwise.

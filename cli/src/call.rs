@@ -14,8 +14,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use capmesh_api::rest::{CertificateRequest, CertificateResponse, TokenCreated, TokenRequest};
 use capmesh_api::{
-    AgentName, Capability, Endpoint, EndpointId, Namespace, Selector, Snapshot, TrustBundle,
-    TrustDomain,
+    AgentName, Capability, Endpoint, EndpointId, Namespace, Selector, Snapshot, TrustDomain,
 };
 use capmesh_certs::{Credential, CredentialCell, SpiffeId, TrustConfig, TrustStore, WorkloadKey};
 use capmesh_proxy::balance::{pick, rank};
@@ -223,7 +222,7 @@ pub async fn run(
 
     let credential = obtain_identity(api, &topology.trust.trust_domain).await?;
     let me = credential.identity().to_string();
-    let trust = Arc::new(TrustStore::new(&trust_config(&topology.trust))?);
+    let trust = Arc::new(TrustStore::new(&TrustConfig::from(&topology.trust))?);
     let pool = PeerPool::new(
         Arc::new(CredentialCell::new(credential)),
         trust,
@@ -336,21 +335,6 @@ fn no_healthy_endpoint(cap: &Capability, selector: &Selector, all: &[&Endpoint])
         capability: cap.to_string(),
         matching,
         detail,
-    }
-}
-
-/// What the mesh trusts, from the topology's trust bundle.
-fn trust_config(bundle: &TrustBundle) -> TrustConfig {
-    TrustConfig {
-        trust_domain: bundle.trust_domain.clone(),
-        mesh_ca_pem: bundle.ca_pems.join("\n"),
-        entities: bundle
-            .entities
-            .iter()
-            .map(|e| (e.name.clone(), e.ca_pem.clone()))
-            .collect(),
-        revoked_entities: bundle.revoked_entities.clone(),
-        revoked_serials: bundle.revoked_serials.clone(),
     }
 }
 

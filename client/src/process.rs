@@ -37,6 +37,51 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// A plain HTTP/1.1 GET to `127.0.0.1:<port><path>` (admin endpoints): (status, body).
+/// Bounded to 5 s.
+pub async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(std::time::Duration::from_secs(5), tcp.read_to_end(&mut buf))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 5 s"))??;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The whole life of a capmesh program: parse `args` as `C` (clap prints a bad flag and exits
+/// 2), set up logging in the format `log_format` picks, and run `work` until it ends.
+pub fn main<C, F, E>(
+    name: &str,
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+    log_format: impl Fn(&C) -> &str,
+    work: impl FnOnce(C) -> F,
+) -> ExitCode
+where
+    C: clap::Parser,
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Debug + std::fmt::Display,
+{
+    let config = match C::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    init_tracing(log_format(&config));
+    block_on(name, work(config))
+}
+
 /// Runs `work` on a multi-thread runtime; an error is printed as `<name>: <error chain>` and
 /// gives a failing exit code.
 pub fn block_on<E>(name: &str, work: impl Future<Output = Result<(), E>>) -> ExitCode

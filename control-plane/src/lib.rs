@@ -213,15 +213,12 @@ fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
 pub fn main_with_args(
     args: impl IntoIterator<Item = std::ffi::OsString>,
 ) -> std::process::ExitCode {
-    use clap::Parser;
-    let config = match Config::try_parse_from(args) {
-        Ok(c) => c,
-        Err(e) => e.exit(),
-    };
-    capmesh_client::process::init_tracing(&config.log_format);
-    capmesh_client::process::block_on(
+    use capmesh_client::process;
+    process::main(
         "capmesh-control-plane",
-        run(config, capmesh_client::process::shutdown_signal()),
+        args,
+        |c: &Config| c.log_format.as_str(),
+        |c| run(c, process::shutdown_signal()),
     )
 }
 

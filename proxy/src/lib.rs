@@ -33,7 +33,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use capmesh_api::{Capability, ControlFrame, Node, Registration, SnapshotVersion, TrustBundle};
+use capmesh_api::{Capability, ControlFrame, Node, Registration, SnapshotVersion};
 use capmesh_certs::{MeshAcceptor, RenewPolicy, TrustConfig};
 use capmesh_client::{ControlPlaneClient, ServerCheck};
 use hyper::service::service_fn;
@@ -102,20 +102,6 @@ pub struct Proxy {
     pub metrics: metrics::Metrics,
 }
 
-fn trust_config(bundle: &TrustBundle) -> TrustConfig {
-    TrustConfig {
-        trust_domain: bundle.trust_domain.clone(),
-        mesh_ca_pem: bundle.ca_pems.join("\n"),
-        entities: bundle
-            .entities
-            .iter()
-            .map(|e| (e.name.clone(), e.ca_pem.clone()))
-            .collect(),
-        revoked_entities: bundle.revoked_entities.clone(),
-        revoked_serials: bundle.revoked_serials.clone(),
-    }
-}
-
 impl Proxy {
     /// The registration sent before the agent's tools are known.
     pub fn empty_registration(&self) -> Registration {
@@ -148,7 +134,7 @@ impl Proxy {
         if trust_changed {
             self.identity
                 .trust
-                .update(&trust_config(&snapshot.trust))
+                .update(&TrustConfig::from(&snapshot.trust))
                 .map_err(|e| (version, format!("trust bundle refused: {e}")))?;
         }
         let mut patterns = self.config.propagate_headers.clone();
@@ -240,15 +226,12 @@ async fn serve_outbound(
 pub fn main_with_args(
     args: impl IntoIterator<Item = std::ffi::OsString>,
 ) -> std::process::ExitCode {
-    use clap::Parser;
-    let config = match Config::try_parse_from(args) {
-        Ok(c) => c,
-        Err(e) => e.exit(),
-    };
-    capmesh_client::process::init_tracing(&config.log_format);
-    capmesh_client::process::block_on(
+    use capmesh_client::process;
+    process::main(
         "capmesh-proxy",
-        run(config, capmesh_client::process::shutdown_signal()),
+        args,
+        |c: &Config| c.log_format.as_str(),
+        |c| run(c, process::shutdown_signal()),
     )
 }
 
