@@ -114,7 +114,7 @@ pub struct TrustBundle {
 }
 
 /// Mesh-wide data-plane settings. Missing fields take their defaults.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct MeshSettings {
     /// Header names or prefixes (`x-tenant-*`) carried on every hop.
@@ -129,6 +129,32 @@ pub struct MeshSettings {
     pub retry_min_per_sec: u32,
     /// Consecutive failures that eject an endpoint (default 5).
     pub breaker_failures: u32,
+    /// The mesh's secret for sealing passthrough session ids (32 bytes, lowercase hex), so any
+    /// proxy can open an id another one sealed. Sent to proxies only: blank in every view shown
+    /// to people (`GET /v1/topology`, a proxy's `/config`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub session_key: String,
+}
+
+impl fmt::Debug for MeshSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MeshSettings")
+            .field("propagate_headers", &self.propagate_headers)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .field("retry_budget_percent", &self.retry_budget_percent)
+            .field("retry_min_per_sec", &self.retry_min_per_sec)
+            .field("breaker_failures", &self.breaker_failures)
+            .field(
+                "session_key",
+                &if self.session_key.is_empty() {
+                    ""
+                } else {
+                    "<redacted>"
+                },
+            )
+            .finish()
+    }
 }
 
 impl Default for MeshSettings {
@@ -140,6 +166,7 @@ impl Default for MeshSettings {
             retry_budget_percent: 20,
             retry_min_per_sec: 10,
             breaker_failures: 5,
+            session_key: String::new(),
         }
     }
 }

@@ -191,6 +191,20 @@ impl Renew for ServingCert {
     }
 }
 
+/// The mesh's passthrough session key as hex: created once (32 random bytes), then read back.
+fn session_key(store: &dyn Store) -> anyhow::Result<String> {
+    use ring::rand::SecureRandom;
+    let mut fresh = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut fresh)
+        .map_err(|_| anyhow::anyhow!("no system randomness for the session key"))?;
+    let key = store.session_key_or_insert(&fresh)?;
+    if key.len() != 32 {
+        bail!("the stored session key has {} bytes, not 32", key.len());
+    }
+    Ok(key.iter().map(|b| format!("{b:02x}")).collect())
+}
+
 fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
     match config.store.as_deref() {
         None => Ok(Arc::new(SqliteStore::open(
@@ -255,7 +269,11 @@ pub async fn run(
         entities::trust_from_store(ca.root_pem(), &config.trust_domain, &store.entities()?);
     let trust = Arc::new(TrustStore::new(&trust_config)?);
     let policy = store.policy()?.unwrap_or_default();
-    let registry = Arc::new(Registry::new(bundle, policy, MeshSettings::default()));
+    let settings = MeshSettings {
+        session_key: session_key(store.as_ref())?,
+        ..MeshSettings::default()
+    };
+    let registry = Arc::new(Registry::new(bundle, policy, settings));
 
     let (cert_pem, key_pem, root) = ca.export_pem();
     let serving = ServingCert {

@@ -210,7 +210,9 @@ async fn route(
                     selector: Selector::default(),
                 }],
             };
-            let (snapshot, _) = app.registry.snapshot(&deps);
+            let (mut snapshot, _) = app.registry.snapshot(&deps);
+            // The session key is for proxies only.
+            snapshot.settings.session_key.clear();
             ok(&snapshot)
         }
         (&Method::POST, ["v1", "certificates"]) => {

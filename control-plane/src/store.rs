@@ -94,6 +94,9 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn upsert_instance(&self, proxy_id: &str, record_json: &str) -> Result<(), StoreError>;
     /// Forgets a withdrawn proxy instance.
     fn remove_instance(&self, proxy_id: &str) -> Result<(), StoreError>;
+    /// The mesh's session-sealing key: the one stored, or `fresh` stored now when there is
+    /// none yet (so it is created once and kept across restarts).
+    fn session_key_or_insert(&self, fresh: &[u8]) -> Result<Vec<u8>, StoreError>;
 }
 
 /// SQLite in the data dir: embedded, zero set-up, one file.
@@ -125,6 +128,10 @@ CREATE TABLE IF NOT EXISTS tokens (
 CREATE TABLE IF NOT EXISTS instances (
     proxy_id TEXT PRIMARY KEY,
     record_json TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mesh_secret (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    session_key BLOB NOT NULL
 );
 CREATE TABLE IF NOT EXISTS policy (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -187,6 +194,23 @@ fn is_unique_violation(e: &rusqlite::Error) -> bool {
 }
 
 impl Store for SqliteStore {
+    fn session_key_or_insert(&self, fresh: &[u8]) -> Result<Vec<u8>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT OR IGNORE INTO mesh_secret (id, session_key) VALUES (1, ?1)",
+                params![fresh],
+            )?;
+            let key: Vec<u8> = tx.query_row(
+                "SELECT session_key FROM mesh_secret WHERE id = 1",
+                [],
+                |r| r.get(0),
+            )?;
+            tx.commit()?;
+            Ok(key)
+        })
+    }
+
     fn ca(&self) -> Result<Option<StoredCa>, StoreError> {
         self.with(|c| {
             Ok(c.query_row(
@@ -407,5 +431,27 @@ impl Store for SqliteStore {
             )?;
             Ok(())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_session_key_is_created_once_and_kept_across_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("capmesh.db");
+        let first = SqliteStore::open(&path)
+            .unwrap()
+            .session_key_or_insert(&[1; 32])
+            .unwrap();
+        assert_eq!(first, vec![1; 32]);
+        let again = SqliteStore::open(&path)
+            .unwrap()
+            .session_key_or_insert(&[2; 32])
+            .unwrap();
+        assert_eq!(again, vec![1; 32], "a restart must keep the key");
     }
 }

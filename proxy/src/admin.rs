@@ -83,6 +83,12 @@ fn config(proxy: &Proxy) -> String {
             .map(|d| d.as_secs())
             .unwrap_or(0)
     };
+    // The mesh's session key stays secret.
+    let snapshot = routing.snapshot.as_deref().map(|s| {
+        let mut s = s.clone();
+        s.settings.session_key.clear();
+        s
+    });
     let doc = json!({
         "identity": proxy.identity.id.to_string(),
         "proxy_id": proxy.node.proxy_id,
@@ -91,7 +97,7 @@ fn config(proxy: &Proxy) -> String {
         "registration": *proxy.registration.borrow(),
         "agent_healthy": *proxy.healthy.borrow(),
         "tools": routing.tools.iter().map(|t| t.to_json()).collect::<Vec<_>>(),
-        "snapshot": routing.snapshot.as_deref(),
+        "snapshot": snapshot,
     });
     serde_json::to_string_pretty(&doc).unwrap_or_default()
 }

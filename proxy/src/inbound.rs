@@ -214,7 +214,108 @@ async fn handle(proxy: Arc<Proxy>, peer: Arc<Peer>, req: Request<Incoming>) -> R
         }
         return federated_call(&proxy, &agent, caller.as_deref(), req).await;
     }
+    if req.uri().path() == crate::passthrough::PATH {
+        if caller.is_none() {
+            return rpc_error(
+                StatusCode::FORBIDDEN,
+                None,
+                jsonrpc::FORBIDDEN,
+                "mesh calls need a mesh certificate",
+            );
+        }
+        return mesh_passthrough(&proxy, &agent, caller.as_deref(), req).await;
+    }
     passthrough(&proxy, &agent, caller.as_deref(), req).await
+}
+
+/// A passthrough request from a peer proxy: a whole MCP conversation with the agent, for a
+/// capability it provides and the caller may use. The client owns its session
+/// (`Mcp-Session-Id` is its own, not the pooled one); both directions stream.
+async fn mesh_passthrough(
+    proxy: &Proxy,
+    agent: &Agent,
+    caller: Option<&str>,
+    req: Request<Incoming>,
+) -> Response<BoxBody> {
+    if !matches!(*req.method(), Method::POST | Method::GET | Method::DELETE) {
+        return rpc_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            None,
+            jsonrpc::INVALID_REQUEST,
+            "passthrough takes POST, GET or DELETE",
+        );
+    }
+    let capability = req
+        .headers()
+        .get(crate::passthrough::CAPABILITY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let provided = proxy
+        .functions
+        .load()
+        .values()
+        .any(|c| c.as_str() == capability);
+    if !provided {
+        return rpc_error(
+            StatusCode::NOT_FOUND,
+            None,
+            jsonrpc::INVALID_PARAMS,
+            &format!("this agent does not provide capability {capability:?}"),
+        );
+    }
+    let allowed = proxy
+        .routing
+        .load()
+        .snapshot
+        .as_ref()
+        .is_none_or(|s| s.policy.allows(caller, &capability));
+    if !allowed {
+        proxy
+            .metrics
+            .inbound
+            .with_label_values(&[capability.as_str(), "denied"])
+            .inc();
+        tracing::info!(caller = ?caller, capability = %capability, "passthrough denied by policy");
+        return rpc_error(
+            StatusCode::FORBIDDEN,
+            None,
+            jsonrpc::FORBIDDEN,
+            &format!(
+                "{} may not call capability {capability:?} (authorization policy)",
+                caller.unwrap_or(capmesh_api::UNAUTHENTICATED)
+            ),
+        );
+    }
+    proxy
+        .metrics
+        .inbound
+        .with_label_values(&[capability.as_str(), "allowed"])
+        .inc();
+    let (parts, body) = req.into_parts();
+    let mut out = Request::builder()
+        .method(parts.method.clone())
+        .uri(agent.url().clone());
+    if let Some(h) = out.headers_mut() {
+        *h = agent_headers(&parts.headers, caller, agent);
+    }
+    let Ok(out) = out.body(boxed(body)) else {
+        return rpc_error(
+            StatusCode::BAD_REQUEST,
+            None,
+            jsonrpc::INVALID_REQUEST,
+            "bad request",
+        );
+    };
+    match agent.send(out).await {
+        Ok(resp) => stream_back(resp),
+        Err(e) => rpc_error(
+            StatusCode::BAD_GATEWAY,
+            None,
+            jsonrpc::UPSTREAM_FAILED,
+            &format!("the agent is not answering: {e}"),
+        ),
+    }
 }
 
 /// The headers the agent receives: the caller's minus hop-by-hop and capmesh's own, plus the

@@ -21,6 +21,7 @@ pub mod inbound;
 pub mod mcp;
 pub mod metrics;
 pub mod outbound;
+pub mod passthrough;
 pub mod pool;
 pub mod routing;
 

@@ -73,7 +73,7 @@ fn json_response(status: StatusCode, body: Bytes) -> Response<BoxBody> {
     resp
 }
 
-fn rpc_error(
+pub(crate) fn rpc_error(
     status: StatusCode,
     id: Option<&Id>,
     code: i64,
@@ -100,11 +100,16 @@ pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<BoxBo
             StatusCode::METHOD_NOT_ALLOWED,
             "use POST (GET and DELETE for legacy sessions)",
         ),
-        (_, p) if p.starts_with("/capabilities/") => text(
-            StatusCode::NOT_IMPLEMENTED,
-            "passthrough (/capabilities/<capability>/mcp) is not built yet: use the federated endpoint /mcp",
+        (_, p) if crate::passthrough::capability_in_path(p).is_some() => {
+            let cap = crate::passthrough::capability_in_path(p)
+                .unwrap_or_default()
+                .to_owned();
+            crate::passthrough::handle(proxy, &cap, req).await
+        }
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "the mesh is at /mcp; one capability's provider, unchanged, at /capabilities/<capability>/mcp",
         ),
-        _ => text(StatusCode::NOT_FOUND, "the mesh is at /mcp"),
     }
 }
 
@@ -437,7 +442,7 @@ async fn collect_response(resp: Response<BoxBody>, id: Id) -> Value {
         .unwrap_or(Value::Null)
 }
 
-fn call_timeout(proxy: &Proxy, headers: &HeaderMap) -> Duration {
+pub(crate) fn call_timeout(proxy: &Proxy, headers: &HeaderMap) -> Duration {
     headers
         .get("x-capmesh-timeout")
         .and_then(|v| v.to_str().ok())

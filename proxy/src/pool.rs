@@ -174,6 +174,21 @@ impl PeerPool {
         Ok(sender)
     }
 
+    /// A connection to the proxy at `addr` (which must prove `identity`), ready for one more
+    /// request. Failing here means nothing was sent, so another endpoint may be tried.
+    pub async fn ready(
+        &self,
+        addr: &str,
+        identity: &str,
+    ) -> Result<SendRequest<BoxBody>, PeerError> {
+        let mut sender = self.sender(addr, identity).await?;
+        sender.ready().await.map_err(|source| PeerError::Http {
+            addr: addr.to_owned(),
+            source,
+        })?;
+        Ok(sender)
+    }
+
     /// Sends `req` to the proxy at `addr`, which must prove `identity`.
     pub async fn send(
         &self,
