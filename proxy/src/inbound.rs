@@ -293,29 +293,7 @@ async fn mesh_passthrough(
         .with_label_values(&[capability.as_str(), "allowed"])
         .inc();
     let (parts, body) = req.into_parts();
-    let mut out = Request::builder()
-        .method(parts.method.clone())
-        .uri(agent.url().clone());
-    if let Some(h) = out.headers_mut() {
-        *h = agent_headers(&parts.headers, caller, agent);
-    }
-    let Ok(out) = out.body(boxed(body)) else {
-        return rpc_error(
-            StatusCode::BAD_REQUEST,
-            None,
-            jsonrpc::INVALID_REQUEST,
-            "bad request",
-        );
-    };
-    match agent.send(out).await {
-        Ok(resp) => stream_back(resp),
-        Err(e) => rpc_error(
-            StatusCode::BAD_GATEWAY,
-            None,
-            jsonrpc::UPSTREAM_FAILED,
-            &format!("the agent is not answering: {e}"),
-        ),
-    }
+    forward(agent, parts, agent.url().clone(), caller, boxed(body)).await
 }
 
 /// The headers the agent receives: the caller's minus hop-by-hop and capmesh's own, plus the
@@ -519,11 +497,23 @@ async fn passthrough(
             "bad path",
         );
     };
+    forward(agent, parts, uri, caller, boxed(body)).await
+}
+
+/// Sends a request to the agent at `uri` with the agent's view of the headers, and streams the
+/// answer back.
+async fn forward(
+    agent: &Agent,
+    parts: http::request::Parts,
+    uri: http::Uri,
+    caller: Option<&str>,
+    body: BoxBody,
+) -> Response<BoxBody> {
     let mut out = Request::builder().method(parts.method.clone()).uri(uri);
     if let Some(h) = out.headers_mut() {
         *h = agent_headers(&parts.headers, caller, agent);
     }
-    let Ok(out) = out.body(boxed(body)) else {
+    let Ok(out) = out.body(body) else {
         return rpc_error(
             StatusCode::BAD_REQUEST,
             None,

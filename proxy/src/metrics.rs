@@ -134,6 +134,17 @@ impl Metrics {
         }
     }
 
+    /// Records a provider's answer to a call of `capability`: latency to headers and status.
+    pub fn answered(&self, capability: &str, status: http::StatusCode, rtt: std::time::Duration) {
+        self.latency
+            .with_label_values(&[capability])
+            .observe(rtt.as_secs_f64());
+        let class = if status.is_success() { "" } else { "http" };
+        self.responses
+            .with_label_values(&[capability, status.as_str(), class])
+            .inc();
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

@@ -603,20 +603,7 @@ async fn call(
                 if attempt > 0 {
                     proxy.metrics.failovers.with_label_values(&label).inc();
                 }
-                proxy
-                    .metrics
-                    .latency
-                    .with_label_values(&label)
-                    .observe(rtt.as_secs_f64());
-                proxy
-                    .metrics
-                    .responses
-                    .with_label_values(&[
-                        cap.as_str(),
-                        status.as_str(),
-                        if status.is_success() { "" } else { "http" },
-                    ])
-                    .inc();
+                proxy.metrics.answered(cap.as_str(), status, rtt);
                 return relay(resp, &ep.identity, &ep.instance);
             }
         }

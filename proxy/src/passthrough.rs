@@ -115,49 +115,7 @@ impl Sealer {
     }
 }
 
-const URL_ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-/// URL-safe Base64 without padding (RFC 4648 §5).
-pub fn base64url_encode(input: &[u8]) -> String {
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
-            if i <= chunk.len() {
-                out.push(char::from(URL_ALPHABET[((n >> shift) & 63) as usize]));
-            }
-        }
-    }
-    out
-}
-
-/// Decodes URL-safe Base64 without padding; anything else is `None`.
-pub fn base64url_decode(input: &[u8]) -> Option<Vec<u8>> {
-    if input.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(input.len() / 4 * 3 + 2);
-    for chunk in input.chunks(4) {
-        let mut n = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            let v = URL_ALPHABET.iter().position(|&a| a == c)? as u32;
-            n |= v << (18 - 6 * i as u32);
-        }
-        let bytes = n.to_be_bytes();
-        // Bits beyond the last whole byte must be zero, so each id has one spelling.
-        let used = chunk.len() - 1;
-        if bytes[1 + used..].iter().any(|&b| b != 0) {
-            return None;
-        }
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    Some(out)
-}
+pub use crate::mcp::header::{base64url_decode, base64url_encode};
 
 fn not_found_session() -> Response<BoxBody> {
     rpc_error(
@@ -383,20 +341,7 @@ pub async fn handle(proxy: Arc<Proxy>, name: &str, req: Request<Incoming>) -> Re
             rtt,
         );
     }
-    proxy
-        .metrics
-        .latency
-        .with_label_values(&label)
-        .observe(rtt.as_secs_f64());
-    proxy
-        .metrics
-        .responses
-        .with_label_values(&[
-            cap.as_str(),
-            status.as_str(),
-            if status.is_success() { "" } else { "http" },
-        ])
-        .inc();
+    proxy.metrics.answered(cap.as_str(), status, rtt);
     relay(
         resp,
         &sealer,

@@ -92,10 +92,10 @@ fn set_encoded(headers: &mut HeaderMap, header: HeaderName, value: &str) {
     }
 }
 
-const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+const STANDARD: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+const URL_SAFE: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 
-/// Standard Base64 with `=` padding.
-pub fn base64_encode(input: &[u8]) -> String {
+fn encode_with(input: &[u8], alphabet: &[u8; 64], pad: bool) -> String {
     let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
     for chunk in input.chunks(3) {
         let b = [
@@ -106,8 +106,8 @@ pub fn base64_encode(input: &[u8]) -> String {
         let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
         for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
             if i <= chunk.len() {
-                out.push(char::from(ALPHABET[((n >> shift) & 63) as usize]));
-            } else {
+                out.push(char::from(alphabet[((n >> shift) & 63) as usize]));
+            } else if pad {
                 out.push('=');
             }
         }
@@ -115,16 +115,31 @@ pub fn base64_encode(input: &[u8]) -> String {
     out
 }
 
-fn sextet(c: u8) -> Option<u32> {
-    let v = match c {
-        b'A'..=b'Z' => c - b'A',
-        b'a'..=b'z' => c - b'a' + 26,
-        b'0'..=b'9' => c - b'0' + 52,
-        b'+' => 62,
-        b'/' => 63,
-        _ => return None,
-    };
-    Some(u32::from(v))
+/// Decodes unpadded input; with `canonical`, bits past the last whole byte must be zero, so
+/// each value has exactly one spelling (needed where the text is an identifier).
+fn decode_with(input: &[u8], alphabet: &[u8; 64], canonical: bool) -> Option<Vec<u8>> {
+    if input.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(input.len() / 4 * 3 + 2);
+    for chunk in input.chunks(4) {
+        let mut n = 0u32;
+        for (i, &c) in chunk.iter().enumerate() {
+            let v = alphabet.iter().position(|&a| a == c)? as u32;
+            n |= v << (18 - 6 * i as u32);
+        }
+        let bytes = n.to_be_bytes();
+        if canonical && bytes[chunk.len()..].iter().any(|&b| b != 0) {
+            return None;
+        }
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    Some(out)
+}
+
+/// Standard Base64 with `=` padding.
+pub fn base64_encode(input: &[u8]) -> String {
+    encode_with(input, STANDARD, true)
 }
 
 /// Decodes standard Base64; padding is optional, anything else outside the alphabet (or a
@@ -134,19 +149,18 @@ pub fn base64_decode(input: &[u8]) -> Option<Vec<u8>> {
         [rest @ .., b'=', b'='] | [rest @ .., b'='] if input.len().is_multiple_of(4) => rest,
         _ => input,
     };
-    if trimmed.len() % 4 == 1 {
-        return None;
-    }
-    let mut out = Vec::with_capacity(trimmed.len() / 4 * 3 + 2);
-    for chunk in trimmed.chunks(4) {
-        let mut n = 0u32;
-        for (i, &c) in chunk.iter().enumerate() {
-            n |= sextet(c)? << (18 - 6 * i as u32);
-        }
-        let bytes = n.to_be_bytes();
-        out.extend_from_slice(&bytes[1..chunk.len()]);
-    }
-    Some(out)
+    decode_with(trimmed, STANDARD, false)
+}
+
+/// URL-safe Base64 without padding (RFC 4648 §5).
+pub fn base64url_encode(input: &[u8]) -> String {
+    encode_with(input, URL_SAFE, false)
+}
+
+/// Decodes URL-safe Base64 without padding, accepting only the canonical spelling; anything
+/// else is `None`.
+pub fn base64url_decode(input: &[u8]) -> Option<Vec<u8>> {
+    decode_with(input, URL_SAFE, true)
 }
 
 #[cfg(test)]
