@@ -264,36 +264,46 @@ async fn mesh_passthrough(
             &format!("this agent does not provide capability {capability:?}"),
         );
     }
+    if let Some(denied) = authorize(proxy, caller, &capability, None) {
+        return denied;
+    }
+    let (parts, body) = req.into_parts();
+    forward(agent, parts, agent.url().clone(), caller, boxed(body)).await
+}
+
+/// Checks the snapshot's policy for `caller` calling `capability`, counting the outcome.
+/// Returns the denial to send (403 with JSON-RPC error -32003 naming both), if denied.
+fn authorize(
+    proxy: &Proxy,
+    caller: Option<&str>,
+    capability: &str,
+    id: Option<&jsonrpc::Id>,
+) -> Option<Response<BoxBody>> {
     let allowed = proxy
         .routing
         .load()
         .snapshot
         .as_ref()
-        .is_none_or(|s| s.policy.allows(caller, &capability));
-    if !allowed {
-        proxy
-            .metrics
-            .inbound
-            .with_label_values(&[capability.as_str(), "denied"])
-            .inc();
-        tracing::info!(caller = ?caller, capability = %capability, "passthrough denied by policy");
-        return rpc_error(
-            StatusCode::FORBIDDEN,
-            None,
-            jsonrpc::FORBIDDEN,
-            &format!(
-                "{} may not call capability {capability:?} (authorization policy)",
-                caller.unwrap_or(capmesh_api::UNAUTHENTICATED)
-            ),
-        );
-    }
+        .is_none_or(|s| s.policy.allows(caller, capability));
+    let outcome = if allowed { "allowed" } else { "denied" };
     proxy
         .metrics
         .inbound
-        .with_label_values(&[capability.as_str(), "allowed"])
+        .with_label_values(&[capability, outcome])
         .inc();
-    let (parts, body) = req.into_parts();
-    forward(agent, parts, agent.url().clone(), caller, boxed(body)).await
+    if allowed {
+        return None;
+    }
+    tracing::info!(caller = ?caller, capability = %capability, "call denied by policy");
+    Some(rpc_error(
+        StatusCode::FORBIDDEN,
+        id,
+        jsonrpc::FORBIDDEN,
+        &format!(
+            "{} may not call capability {capability:?} (authorization policy)",
+            caller.unwrap_or(capmesh_api::UNAUTHENTICATED)
+        ),
+    ))
 }
 
 /// The headers the agent receives: the caller's minus hop-by-hop and capmesh's own, plus the
@@ -365,33 +375,9 @@ async fn federated_call(
             &format!("this agent has no tool {function:?} (its registration changed?)"),
         );
     };
-    let routing = proxy.routing.load();
-    let allowed = routing
-        .snapshot
-        .as_ref()
-        .is_none_or(|s| s.policy.allows(caller, capability.as_str()));
-    if !allowed {
-        proxy
-            .metrics
-            .inbound
-            .with_label_values(&[capability.as_str(), "denied"])
-            .inc();
-        tracing::info!(caller = ?caller, capability = %capability, "call denied by policy");
-        return rpc_error(
-            StatusCode::FORBIDDEN,
-            Some(&id),
-            jsonrpc::FORBIDDEN,
-            &format!(
-                "{} may not call capability {capability:?} (authorization policy)",
-                caller.unwrap_or(capmesh_api::UNAUTHENTICATED)
-            ),
-        );
+    if let Some(denied) = authorize(proxy, caller, capability.as_str(), Some(&id)) {
+        return denied;
     }
-    proxy
-        .metrics
-        .inbound
-        .with_label_values(&[capability.as_str(), "allowed"])
-        .inc();
     let headers = agent_headers(&parts.headers, caller, agent);
     let modern = parts
         .headers
