@@ -74,6 +74,24 @@ pub struct Config {
     )]
     pub server_names: Vec<String>,
 
+    /// Serve the admission webhook (`POST /inject`, AdmissionReview v1) over TLS at this
+    /// address, e.g. 0.0.0.0:8443. Off unless set. Needs --webhook-tls-cert and --webhook-tls-key.
+    #[arg(long, env = "CAPMESH_WEBHOOK_LISTEN", requires_all = ["webhook_tls_cert", "webhook_tls_key"])]
+    pub webhook_listen: Option<SocketAddr>,
+
+    /// The webhook's serving certificate (PEM, leaf first), signed by the CA in the
+    /// MutatingWebhookConfiguration's caBundle.
+    #[arg(long, env = "CAPMESH_WEBHOOK_TLS_CERT")]
+    pub webhook_tls_cert: Option<PathBuf>,
+
+    /// The webhook certificate's private key (PEM).
+    #[arg(long, env = "CAPMESH_WEBHOOK_TLS_KEY")]
+    pub webhook_tls_key: Option<PathBuf>,
+
+    /// What the webhook injects (`capmesh inject` takes the same settings without `inject-`).
+    #[command(flatten)]
+    pub inject: crate::inject::WebhookInjectFlags,
+
     /// Log format: `text` or `json`. The level comes from RUST_LOG (default `info`).
     #[arg(long, env = "CAPMESH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,

@@ -1,6 +1,7 @@
 //! capmesh control plane: the registry of agents and capabilities, the topology stream that
 //! pushes snapshots and deltas to proxies, the CA service, entities (registration trust), the
-//! authorization policy, the REST API and the admin endpoints.
+//! authorization policy, the REST API and the admin endpoints, and the admission webhook that
+//! injects the sidecar (with [`inject`], which `capmesh inject` uses too).
 //!
 //! It owns the mesh's durable state (the store) and its live state (the registry). It does not
 //! route calls: proxies do, on the snapshots it pushes. Data-plane traffic never touches it, so
@@ -10,12 +11,14 @@
 pub mod ca;
 pub mod config;
 pub mod entities;
+pub mod inject;
 pub mod metrics;
 pub mod registry;
 pub mod rest;
 pub mod server;
 pub mod store;
 pub mod stream;
+pub mod webhook;
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -326,6 +329,23 @@ pub async fn run(
             config.listen
         )
     })?;
+    // The admission webhook: its own TLS port and certificate (the API server's trust, not
+    // the mesh's). Bound before anything is served, so a bad flag stops the start.
+    let webhook = match (
+        config.webhook_listen,
+        &config.webhook_tls_cert,
+        &config.webhook_tls_key,
+    ) {
+        (Some(addr), Some(cert), Some(key)) => {
+            let tls = webhook::tls_config(cert, key)?;
+            let listener = TcpListener::bind(addr).await.with_context(|| {
+                format!("--webhook-listen {addr}: cannot bind (in use? try another port)")
+            })?;
+            tracing::info!(webhook = %listener.local_addr()?, "admission webhook listening (POST /inject)");
+            Some((listener, tls))
+        }
+        _ => None,
+    };
     let admin = TcpListener::bind(config.admin_listen)
         .await
         .with_context(|| {
@@ -360,6 +380,10 @@ pub async fn run(
         acceptor,
         stop_rx.clone(),
     ));
+    let webhook_task = webhook.map(|(listener, tls)| {
+        let inject = Arc::new(config.inject.config(&config.trust_domain));
+        tokio::spawn(webhook::serve(listener, tls, inject, stop_rx.clone()))
+    });
     let admin_task = tokio::spawn(server::serve_admin(app.clone(), admin, stop_rx));
     app.ready.store(true, Ordering::Release);
 
@@ -373,6 +397,9 @@ pub async fn run(
         let _ = api_task.await;
         let _ = admin_task.await;
         let _ = rotation.await;
+        if let Some(task) = webhook_task {
+            let _ = task.await;
+        }
     })
     .await;
     Ok(())

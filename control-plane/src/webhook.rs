@@ -1,0 +1,377 @@
+//! The admission webhook: `POST /inject` takes the API server's AdmissionReview (v1) for a pod
+//! being created and answers with a JSON Patch that adds the sidecar, made by the same
+//! [`inject_pod`] as `capmesh inject`.
+//!
+//! It serves on its own address over TLS with the certificate the chart generates (the API
+//! server calls webhooks over HTTPS only, checking the `caBundle` of the
+//! MutatingWebhookConfiguration), separate from the mesh API and its mesh certificates. It
+//! mutates pods only; any other request is allowed unchanged.
+
+use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use base64::Engine;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::ServerConfig;
+use rustls::pki_types::PrivateKeyDer;
+use rustls::pki_types::pem::PemObject;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+
+use crate::inject::{InjectConfig, Outcome, generate_name, inject_pod};
+use crate::rest::{ApiError, Body, json as json_response};
+
+/// Largest accepted AdmissionReview (a pod with its old object fits many times over).
+pub const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
+
+/// The AdmissionReview version served.
+const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
+
+/// The webhook's TLS configuration from PEM files (`--webhook-tls-cert`, `--webhook-tls-key`).
+/// Any key type rustls reads (RSA as Helm's `genSignedCert` makes, ECDSA, Ed25519).
+pub fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<ServerConfig>> {
+    let cert_pem = std::fs::read_to_string(cert)
+        .with_context(|| format!("--webhook-tls-cert {}: cannot read it", cert.display()))?;
+    let chain = capmesh_certs::inspect::certs_from_pem(&cert_pem).with_context(|| {
+        format!(
+            "--webhook-tls-cert {}: no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)",
+            cert.display()
+        )
+    })?;
+    let key_pem = std::fs::read(key)
+        .with_context(|| format!("--webhook-tls-key {}: cannot read it", key.display()))?;
+    let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+        anyhow::anyhow!(
+            "--webhook-tls-key {}: no PEM private key in it ({e}); give the key that goes with --webhook-tls-cert",
+            key.display()
+        )
+    })?;
+    let mut config = ServerConfig::builder_with_provider(capmesh_certs::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)
+        .with_context(|| {
+            format!(
+                "--webhook-tls-key {} does not go with --webhook-tls-cert {}",
+                key.display(),
+                cert.display()
+            )
+        })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Serves `POST /inject` over TLS until `shutdown` flips to true.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<ServerConfig>,
+    config: Arc<InjectConfig>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    loop {
+        let tcp = tokio::select! {
+            _ = shutdown.changed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(error = %e, "webhook accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let (acceptor, config) = (acceptor.clone(), config.clone());
+        tokio::spawn(async move {
+            let stream =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => stream,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "webhook TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => return,
+                };
+            let svc = service_fn(move |req| {
+                let config = config.clone();
+                async move { Ok::<_, Infallible>(handle(req, &config).await) }
+            });
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10));
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                tracing::debug!(error = %e, "webhook connection ended with an error");
+            }
+        });
+    }
+}
+
+async fn handle(req: Request<Incoming>, config: &InjectConfig) -> Response<Body> {
+    if req.uri().path() != "/inject" {
+        return ApiError::not_found(
+            "the capmesh admission webhook serves POST /inject (AdmissionReview v1) only",
+        )
+        .into_response();
+    }
+    if req.method() != Method::POST {
+        return ApiError::method_not_allowed("POST an AdmissionReview (v1) to /inject")
+            .into_response();
+    }
+    let body = match Limited::new(req.into_body(), MAX_REVIEW_BYTES)
+        .collect()
+        .await
+    {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return ApiError::too_large(format!(
+                "the AdmissionReview is over {MAX_REVIEW_BYTES} bytes"
+            ))
+            .into_response();
+        }
+        Err(e) => {
+            return ApiError::bad_request(format!("cannot read the request body: {e}"))
+                .into_response();
+        }
+    };
+    match review(&body, config) {
+        Ok(answer) => json_response(StatusCode::OK, &answer),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Answers one AdmissionReview (the request body): the AdmissionReview with its `response`, or
+/// a 400 naming what is wrong with the request.
+pub fn review(body: &[u8], config: &InjectConfig) -> Result<Value, ApiError> {
+    let review: Value = serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body is not JSON ({e}): POST an AdmissionReview ({REVIEW_API_VERSION})"
+        ))
+    })?;
+    if review["apiVersion"] != REVIEW_API_VERSION || review["kind"] != "AdmissionReview" {
+        return Err(ApiError::bad_request(format!(
+            "expected kind AdmissionReview, apiVersion {REVIEW_API_VERSION}; got kind {}, apiVersion {}: \
+             set admissionReviewVersions: [v1] in the MutatingWebhookConfiguration",
+            review["kind"], review["apiVersion"]
+        )));
+    }
+    let request = &review["request"];
+    let Some(uid) = request["uid"].as_str().filter(|u| !u.is_empty()) else {
+        return Err(ApiError::bad_request(
+            "the AdmissionReview has no request.uid: the response must echo it",
+        ));
+    };
+    let mut response = decide(request, config)?;
+    response["uid"] = json!(uid);
+    Ok(json!({"apiVersion": REVIEW_API_VERSION, "kind": "AdmissionReview", "response": response}))
+}
+
+/// The `response` (without its uid) for one admission request.
+fn decide(request: &Value, config: &InjectConfig) -> Result<Value, ApiError> {
+    let allowed = json!({"allowed": true});
+    // Only pods being created are mutated; the configuration sends nothing else, but a wider
+    // one must not break other objects.
+    if request["kind"]["kind"] != "Pod"
+        || request["operation"] != "CREATE"
+        || request["subResource"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty())
+    {
+        return Ok(allowed);
+    }
+    let object = &request["object"];
+    if !object.is_object() {
+        return Err(ApiError::bad_request(
+            "request.object is missing or not a Pod: a CREATE review carries the pod",
+        ));
+    }
+    let namespace = request["namespace"].as_str().unwrap_or("");
+    let name = object["metadata"]["name"]
+        .as_str()
+        .map(str::to_owned)
+        .or_else(|| generate_name(object));
+    let mut pod = object.clone();
+    match inject_pod(&mut pod, name.as_deref(), config, "") {
+        Ok(Outcome::Injected) => {
+            let patch = serde_json::to_vec(&json_patch(object, &pod))
+                .map_err(|e| ApiError::internal(format!("cannot encode the patch: {e}")))?;
+            tracing::info!(
+                namespace,
+                pod = name.as_deref().unwrap_or(""),
+                "sidecar injected"
+            );
+            Ok(json!({
+                "allowed": true,
+                "patchType": "JSONPatch",
+                "patch": base64::engine::general_purpose::STANDARD.encode(patch),
+            }))
+        }
+        Ok(outcome) => {
+            tracing::debug!(
+                namespace,
+                pod = name.as_deref().unwrap_or(""),
+                ?outcome,
+                "pod left unchanged"
+            );
+            Ok(allowed)
+        }
+        // The pod asked for injection (or lives in a namespace that did) with settings that
+        // cannot work: refuse it with the reason rather than start it outside the mesh.
+        Err(e) => {
+            tracing::warn!(namespace, pod = name.as_deref().unwrap_or(""), error = %e, "pod refused");
+            Ok(json!({
+                "allowed": false,
+                "status": {"code": 400, "reason": "BadRequest", "message": format!("capmesh injection: {e}")},
+            }))
+        }
+    }
+}
+
+/// An RFC 6901 reference token: `~` → `~0`, `/` → `~1`.
+fn escape(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+/// The RFC 6902 JSON Patch that turns `before` into `after`, with operations on the fields one
+/// level under the top (`/spec/containers`, `/metadata/annotations`): whole fields, so the
+/// patch does not depend on list positions the API server might see differently.
+pub fn json_patch(before: &Value, after: &Value) -> Vec<Value> {
+    let mut ops = Vec::new();
+    let (Some(b), Some(a)) = (before.as_object(), after.as_object()) else {
+        if before != after {
+            ops.push(json!({"op": "replace", "path": "", "value": after}));
+        }
+        return ops;
+    };
+    for (key, new) in a {
+        let path = format!("/{}", escape(key));
+        match (b.get(key), new) {
+            (Some(old), _) if old == new => {}
+            (Some(Value::Object(old)), Value::Object(new)) => {
+                for (sub, value) in new {
+                    let sub_path = format!("{path}/{}", escape(sub));
+                    match old.get(sub) {
+                        Some(prev) if prev == value => {}
+                        Some(_) => {
+                            ops.push(json!({"op": "replace", "path": sub_path, "value": value}))
+                        }
+                        None => ops.push(json!({"op": "add", "path": sub_path, "value": value})),
+                    }
+                }
+                for sub in old.keys().filter(|k| !new.contains_key(*k)) {
+                    ops.push(json!({"op": "remove", "path": format!("{path}/{}", escape(sub))}));
+                }
+            }
+            (Some(_), _) => ops.push(json!({"op": "replace", "path": path, "value": new})),
+            (None, _) => ops.push(json!({"op": "add", "path": path, "value": new})),
+        }
+    }
+    for key in b.keys().filter(|k| !a.contains_key(*k)) {
+        ops.push(json!({"op": "remove", "path": format!("/{}", escape(key))}));
+    }
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use capmesh_api::TrustDomain;
+
+    fn config() -> InjectConfig {
+        InjectConfig::new(TrustDomain::new("capmesh.local").unwrap())
+    }
+
+    #[test]
+    fn the_patch_turns_the_original_into_the_injected_pod() {
+        let before = json!({"metadata": {"name": "p", "labels": {"a/b": "1"}},
+            "spec": {"containers": [{"name": "agent"}], "volumes": []}});
+        let mut after = before.clone();
+        inject_pod(&mut after, Some("p"), &config(), "").unwrap();
+        let ops = json_patch(&before, &after);
+        let paths: Vec<&str> = ops.iter().map(|o| o["path"].as_str().unwrap()).collect();
+        assert_eq!(
+            paths,
+            [
+                "/metadata/annotations",
+                "/spec/containers",
+                "/spec/initContainers",
+                "/spec/volumes"
+            ]
+        );
+        assert_eq!(ops[0]["op"], "add");
+        assert_eq!(ops[1]["op"], "replace");
+        assert_eq!(escape("capmesh.io/inject~x"), "capmesh.io~1inject~0x");
+    }
+
+    fn admission(object: Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({
+            "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "u-1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                "operation": "CREATE", "namespace": "travel", "object": object}
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_review_is_answered_with_its_uid_and_a_base64_json_patch() {
+        let pod = json!({"metadata": {"generateName": "weather-6d9f-", "labels": {"app": "weather"}},
+            "spec": {"containers": [{"name": "agent", "image": "w:1"}]}});
+        let answer = review(&admission(pod), &config()).unwrap();
+        let r = &answer["response"];
+        assert_eq!(r["uid"], "u-1");
+        assert_eq!(r["allowed"], true);
+        assert_eq!(r["patchType"], "JSONPatch");
+        let patch = base64::engine::general_purpose::STANDARD
+            .decode(r["patch"].as_str().unwrap())
+            .unwrap();
+        let ops: Vec<Value> = serde_json::from_slice(&patch).unwrap();
+        assert!(ops.iter().any(|o| o["path"] == "/spec/containers"));
+
+        // Disabled, and bad settings (refused with the reason).
+        let pod = json!({"metadata": {"labels": {"app": "w", "capmesh.io/inject": "disabled"}},
+            "spec": {"containers": [{"name": "agent"}]}});
+        let r = &review(&admission(pod), &config()).unwrap()["response"];
+        assert_eq!(r["allowed"], true);
+        assert!(r["patch"].is_null());
+        let pod = json!({"metadata": {"labels": {"app": "w"}, "annotations": {"capmesh.io/agent-port": "x"}},
+            "spec": {"containers": [{"name": "agent"}]}});
+        let r = &review(&admission(pod), &config()).unwrap()["response"];
+        assert_eq!(r["allowed"], false);
+        assert!(
+            r["status"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("capmesh.io/agent-port")
+        );
+    }
+
+    #[test]
+    fn bad_requests_are_refused_with_what_to_send() {
+        let e = review(b"{not json", &config()).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(e.detail.contains("not JSON"), "{}", e.detail);
+        let e = review(
+            br#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview"}"#,
+            &config(),
+        )
+        .unwrap_err();
+        assert!(e.detail.contains("admissionReviewVersions"), "{}", e.detail);
+        let e = review(
+            br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{}}"#,
+            &config(),
+        )
+        .unwrap_err();
+        assert!(e.detail.contains("request.uid"), "{}", e.detail);
+    }
+}
