@@ -19,6 +19,7 @@ pub mod call;
 pub mod cert;
 pub mod demo;
 pub mod entity;
+pub mod inject;
 pub mod list;
 pub mod multicall;
 pub mod output;

@@ -31,6 +31,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
         capmesh status                      # control plane and every proxy\n  \
         capmesh call get_weather --args '{\"city\":\"Paris\"}' --tags +fast\n  \
         capmesh token create --agent weather > weather.token\n  \
+        capmesh inject -f deployment.yaml | kubectl apply -f -\n  \
         capmesh --control-plane https://cp.example:8000 --control-plane-ca ca.pem \\\n    \
             --admin-token-file admin-token list endpoints --output json\n\n\
         Settings come from flags, then CAPMESH_* variables, then ~/.config/capmesh/config.toml\n\
@@ -110,6 +111,11 @@ enum Command {
         capmesh policy set -f policy.json"
     )]
     Policy(PolicyCommand),
+
+    /// Add the capmesh sidecar to Kubernetes workloads in YAML (a file or standard input) and
+    /// print the result. Works offline.
+    // Its examples and per-pod annotations are on `InjectArgs` itself.
+    Inject(capmesh::inject::InjectArgs),
 
     /// Inspect certificates (offline).
     #[command(
@@ -199,6 +205,7 @@ async fn dispatch(cli: Cli, sources: ArgSources) -> anyhow::Result<ExitCode> {
         Command::Token(cmd) => capmesh::token::run(&api()?, output, cmd).await?,
         Command::Policy(cmd) => capmesh::policy::run(&api()?, output, cmd).await?,
         Command::Cert(cmd) => capmesh::cert::run(output, cmd)?,
+        Command::Inject(args) => capmesh::inject::run(args)?,
         Command::ControlPlane(_) | Command::Proxy(_) | Command::Agent(_) => {
             anyhow::bail!(
                 "run `capmesh control-plane …` and `capmesh proxy …` without other flags before them"
