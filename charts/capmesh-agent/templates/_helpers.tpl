@@ -269,15 +269,37 @@ charts test runs the binary's own parser over the rendered arguments.
     {{- end }}
 {{- end }}
 
-{{/* The init container of transparent mode (`capmesh-proxy init`: not built yet). */}}
+{{/*
+The init container of transparent mode: `capmesh-proxy init` writes the iptables rules that send
+the pod's TCP through the proxy (outbound to --outbound-port, inbound to --inbound-port), except
+the proxy's own (--proxy-uid) and the admin port. `capmesh inject` and the admission webhook
+add the same container (control-plane/src/inject.rs).
+*/}}
 {{- define "capmesh-agent.initContainer" -}}
 {{- $p := .Values.proxy -}}
+{{- $t := .Values.transparent -}}
 - name: capmesh-init
   image: {{ include "capmesh-agent.image" (dict "image" $p.image "root" . "capmesh" true) | quote }}
   imagePullPolicy: {{ $p.image.pullPolicy }}
   args:
     - init
-    {{- range .Values.transparent.extraArgs }}
+    - --proxy-uid
+    - {{ $p.uid | quote }}
+    - --outbound-port
+    - {{ $p.ports.outbound | quote }}
+    - --inbound-port
+    - {{ $p.ports.inbound | quote }}
+    - --skip-inbound-ports
+    - {{ $p.ports.admin | quote }}
+    {{- with $t.skipOutboundPorts }}
+    - --skip-outbound-ports
+    - {{ join "," . | quote }}
+    {{- end }}
+    {{- with $t.skipOutboundCidrs }}
+    - --skip-outbound-cidrs
+    - {{ join "," . | quote }}
+    {{- end }}
+    {{- range $t.extraArgs }}
     - {{ . | quote }}
     {{- end }}
   resources:
