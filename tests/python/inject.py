@@ -1,15 +1,19 @@
 #!/usr/bin/env python3
 """`capmesh inject` and the admission webhook, side by side, with real tools.
 
+    <charts venv>/bin/python tests/python/inject.py --render-webhook DIR
     <charts venv>/bin/python tests/python/inject.py --job JOB.json --report REPORT.json
 
 Runs inside the charts venv (tests/python/charts.py --setup-only makes it): PyYAML,
 kubernetes-validate and jsonpatch (RFC 6902, applied the way the API server applies a
 webhook's patch), plus helm-python-sdk to render the agent chart for comparison.
 
-The job (written by tests/tests/inject.rs) names the real `capmesh` binary, the webhook's
-https URL and the CA that signed its certificate, a Deployment, and the flags for both
-sides. For that Deployment this script:
+--render-webhook renders charts/capmesh-control-plane and writes the webhook certificate the
+chart generates (genCA/genSignedCert) and the caBundle of its MutatingWebhookConfiguration,
+which the test starts the real control plane with. The job (written by tests/tests/inject.rs)
+names the real `capmesh` binary, the webhook (its port, the Service DNS name its certificate
+is checked for, the caBundle), a Deployment, and the flags for both sides. For that
+Deployment this script:
   * runs `capmesh inject` on it (pod template A);
   * sends the webhook the AdmissionReview the API server would send for one of its pods,
     over TLS checked against the CA, and applies the returned JSON Patch (pod B);
@@ -29,8 +33,8 @@ import json
 import ssl
 import subprocess
 import sys
-import urllib.error
-import urllib.request
+import http.client
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -50,20 +54,54 @@ def validate(kv: Any, obj: Any) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
-def post(url: str, ca: str, body: bytes, method: str = "POST") -> dict[str, Any]:
-    context = ssl.create_default_context(cafile=ca)
-    req = urllib.request.Request(url, data=body if method == "POST" else None, method=method,
-                                 headers={"content-type": "application/json"})
+def post(webhook: dict[str, Any], body: bytes, method: str = "POST") -> dict[str, Any]:
+    """One request to the webhook at 127.0.0.1:<port>, its certificate checked against the CA
+    and for the Service's DNS name, as the API server checks it."""
+    context = ssl.create_default_context(cafile=webhook["ca"])
+
+    class ToService(http.client.HTTPSConnection):
+        def connect(self) -> None:
+            sock = socket.create_connection(("127.0.0.1", webhook["port"]), timeout=20)
+            self.sock = context.wrap_socket(sock, server_hostname=webhook["host"])
+
+    conn = ToService(webhook["host"], webhook["port"], context=context, timeout=20)
     try:
-        with urllib.request.urlopen(req, context=context, timeout=20) as resp:
-            status, text = resp.status, resp.read().decode()
-    except urllib.error.HTTPError as e:
-        status, text = e.code, e.read().decode()
+        conn.request(method, "/inject", body=body if method == "POST" else None,
+                     headers={"content-type": "application/json"})
+        resp = conn.getresponse()
+        status, text = resp.status, resp.read().decode()
+    finally:
+        conn.close()
     try:
         parsed = json.loads(text)
     except ValueError:
         parsed = None
     return {"status": status, "text": text, "json": parsed}
+
+
+def render_webhook(out_dir: Path, namespace: str) -> dict[str, Any]:
+    """Renders charts/capmesh-control-plane with Helm's engine and writes what the control
+    plane and the API server get from it: the Secret's tls.crt and tls.key (for
+    --webhook-tls-cert/--webhook-tls-key) and the MutatingWebhookConfiguration's caBundle."""
+    import helm_python as helm
+    import yaml
+
+    with helm.Chart.load(str(REPO / "charts" / "capmesh-control-plane")) as chart:
+        rendered = chart.render({}, name="capmesh", namespace=namespace, is_install=True)
+    docs = [d for d in yaml.safe_load_all(rendered["capmesh-control-plane/templates/webhook.yaml"])
+            if d]
+    secret = next(d for d in docs if d["kind"] == "Secret")
+    config = next(d for d in docs if d["kind"] == "MutatingWebhookConfiguration")
+    service = config["webhooks"][0]["clientConfig"]["service"]
+    for key in ("tls.crt", "tls.key"):
+        (out_dir / key).write_bytes(base64.b64decode(secret["data"][key]))
+    (out_dir / "ca-bundle.crt").write_bytes(
+        base64.b64decode(config["webhooks"][0]["clientConfig"]["caBundle"]))
+    return {"host": f"{service['name']}.{service['namespace']}.svc", "path": service["path"],
+            "cert": str(out_dir / "tls.crt"), "key": str(out_dir / "tls.key"),
+            "ca": str(out_dir / "ca-bundle.crt"),
+            "bundles_equal": [w["clientConfig"]["caBundle"] for w in config["webhooks"]]
+            == [secret["data"]["ca.crt"]] * len(config["webhooks"])}
 
 
 def review_of(pod: dict[str, Any], namespace: str, uid: str) -> bytes:
@@ -99,9 +137,15 @@ def pod_of(deployment: dict[str, Any], namespace: str) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--job", required=True)
-    parser.add_argument("--report", required=True)
+    parser.add_argument("--job")
+    parser.add_argument("--report")
+    parser.add_argument("--render-webhook", metavar="DIR",
+                        help="write the chart's webhook certificate into DIR, print JSON")
+    parser.add_argument("--namespace", default="capmesh")
     args = parser.parse_args()
+    if args.render_webhook:
+        print(json.dumps(render_webhook(Path(args.render_webhook), args.namespace)))
+        return 0
 
     import helm_python as helm
     import jsonpatch
@@ -126,7 +170,7 @@ def main() -> int:
 
     # B: the webhook's patch on the pod the ReplicaSet would create.
     pod = pod_of(deployment, namespace)
-    answer = post(job["webhook"], job["ca"], review_of(pod, namespace, "7f0c-42"))
+    answer = post(job["webhook"], review_of(pod, namespace, "7f0c-42"))
     report["review"] = answer
     response = (answer["json"] or {}).get("response") or {}
     patched = None
@@ -137,21 +181,19 @@ def main() -> int:
     report["b"] = patched
     report["b_valid"] = validate(kv, patched) if patched else "no patch"
     # The same pod again: already injected, so no patch.
-    report["again"] = post(job["webhook"], job["ca"],
-                           review_of(patched or pod, namespace, "7f0c-43"))["json"]
+    report["again"] = post(job["webhook"], review_of(patched or pod, namespace, "7f0c-43"))["json"]
 
     # A pod that opts out.
     disabled = copy.deepcopy(pod)
     disabled["metadata"].setdefault("labels", {})["capmesh.io/inject"] = "disabled"
-    report["disabled"] = post(job["webhook"], job["ca"],
-                              review_of(disabled, namespace, "7f0c-44"))["json"]
+    report["disabled"] = post(job["webhook"], review_of(disabled, namespace, "7f0c-44"))["json"]
     # Bad requests.
-    report["bad_json"] = post(job["webhook"], job["ca"], b"{\"apiVersion\": ")
-    report["wrong_version"] = post(job["webhook"], job["ca"], json.dumps(
+    report["bad_json"] = post(job["webhook"], b"{\"apiVersion\": ")
+    report["wrong_version"] = post(job["webhook"], json.dumps(
         {"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview",
          "request": {"uid": "x"}}).encode())
-    report["get"] = post(job["webhook"], job["ca"], b"", method="GET")
-    report["too_large"] = post(job["webhook"], job["ca"], b" " * (5 * 1024 * 1024))
+    report["get"] = post(job["webhook"], b"", method="GET")
+    report["too_large"] = post(job["webhook"], b" " * (5 * 1024 * 1024))
 
     # The agent chart's sidecar for the same agent (Helm's own engine).
     with helm.Chart.load(str(REPO / "charts" / "capmesh-agent")) as chart:

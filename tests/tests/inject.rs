@@ -4,18 +4,17 @@
 //! Kubernetes 1.30 schemas. The webhook's JSON Patch is applied with PyPI `jsonpatch`, as the
 //! API server would apply it; `tests/python/inject.py` (in the charts venv) drives both sides
 //! and this file asserts on its report. The injected sidecar is also compared with the agent
-//! chart's, and its arguments are run through the real `capmesh-proxy` parser.
+//! chart's, and its arguments are run through the real `capmesh-proxy` parser. The webhook
+//! serves the certificate the control-plane chart generates, checked against the caBundle of
+//! the chart's MutatingWebhookConfiguration for the Service's DNS name.
 
 #![allow(clippy::unwrap_used)]
 
 use std::collections::BTreeMap;
-use std::net::IpAddr;
 use std::process::{Command, Stdio};
 
-use capmesh_api::TrustDomain;
-use capmesh_certs::{Ca, Validity, WorkloadKey};
 use capmesh_tests::python::repo_root;
-use capmesh_tests::{ControlPlane, free_port, spiffe, workspace_bin};
+use capmesh_tests::{ControlPlane, free_port, workspace_bin};
 use serde_json::{Value, json};
 
 const NAMESPACE: &str = "travel";
@@ -70,31 +69,6 @@ fn flags(prefix: &str) -> Vec<String> {
         .collect()
 }
 
-/// A serving certificate for `localhost` and its CA, as the chart's genCA/genSignedCert make.
-fn webhook_certificate(dir: &std::path::Path) -> (String, String, String) {
-    let ca = Ca::generate(TrustDomain::new("capmesh.local").unwrap(), false).unwrap();
-    let key = WorkloadKey::generate().unwrap();
-    let issued = ca
-        .issue_serving(
-            &key,
-            &spiffe("capmesh-system", "webhook").unwrap(),
-            &["localhost".to_owned()],
-            &["127.0.0.1".parse::<IpAddr>().unwrap()],
-            Validity::for_ttl(std::time::Duration::from_secs(3600)),
-        )
-        .unwrap();
-    let write = |name: &str, text: &str| {
-        let path = dir.join(name);
-        std::fs::write(&path, text).unwrap();
-        path.display().to_string()
-    };
-    (
-        write("tls.crt", &issued.chain_pem),
-        write("tls.key", &key.to_pem()),
-        write("ca.crt", ca.root_pem()),
-    )
-}
-
 /// The charts venv's python (made by `charts.py --setup-only`, shared with the chart tests).
 fn charts_python() -> String {
     let out = Command::new(std::env::var("PYTHON").unwrap_or_else(|_| "python3".into()))
@@ -111,21 +85,48 @@ fn charts_python() -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
+/// Renders the control-plane chart (Helm's engine) and writes its webhook certificate, key
+/// and the MutatingWebhookConfiguration's caBundle into `dir`.
+fn chart_webhook_certificate(python: &str, dir: &std::path::Path) -> Value {
+    let out = Command::new(python)
+        .arg(repo_root().join("tests/python/inject.py"))
+        .arg("--render-webhook")
+        .arg(dir)
+        .arg("--namespace")
+        .arg("capmesh")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rendering the control-plane chart's webhook failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 async fn report() -> Value {
     let capmesh = workspace_bin("capmesh").expect("build capmesh first (cargo build -p capmesh)");
     let cp_bin = workspace_bin("capmesh-control-plane")
         .expect("build capmesh-control-plane first (cargo build -p capmesh-control-plane)");
+    let python = tokio::task::spawn_blocking(charts_python).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key, ca) = webhook_certificate(dir.path());
+    // The control plane serves the webhook with the certificate the chart generates, and the
+    // client checks it as the API server does: against the caBundle, for the Service's name.
+    let webhook = chart_webhook_certificate(&python, dir.path());
+    assert_eq!(
+        webhook["bundles_equal"], true,
+        "the caBundle is the CA in the webhook Secret: {webhook}"
+    );
     let port = free_port().unwrap();
     let listen = format!("127.0.0.1:{port}");
     let mut cp_args: Vec<String> = [
         "--webhook-listen",
         &listen,
         "--webhook-tls-cert",
-        &cert,
+        webhook["cert"].as_str().unwrap(),
         "--webhook-tls-key",
-        &key,
+        webhook["key"].as_str().unwrap(),
     ]
     .map(str::to_owned)
     .into();
@@ -135,8 +136,7 @@ async fn report() -> Value {
 
     let job = json!({
         "capmesh": capmesh,
-        "webhook": format!("https://localhost:{port}/inject"),
-        "ca": ca,
+        "webhook": {"port": port, "host": webhook["host"], "ca": webhook["ca"]},
         "namespace": NAMESPACE,
         "deployment": DEPLOYMENT,
         "cli_args": flags(""),
@@ -148,7 +148,6 @@ async fn report() -> Value {
     let job_path = dir.path().join("job.json");
     std::fs::write(&job_path, job.to_string()).unwrap();
     let report_path = dir.path().join("report.json");
-    let python = charts_python();
     let out = tokio::task::spawn_blocking(move || {
         Command::new(python)
             .arg(repo_root().join("tests/python/inject.py"))

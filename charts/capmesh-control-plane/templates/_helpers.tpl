@@ -59,6 +59,41 @@ app.kubernetes.io/part-of: capmesh
 {{- end }}
 {{- end }}
 
+{{/* The capmesh-proxy image the admission webhook injects (same fallbacks). */}}
+{{- define "capmesh-control-plane.proxyImage" -}}
+{{- $g := .Values.global | default dict }}
+{{- $i := .Values.webhook.proxyImage }}
+{{- $registry := $i.registry | default "" }}
+{{- if $g.imageRegistry }}{{ $registry = $g.imageRegistry }}{{ end }}
+{{- $tag := $i.tag | default $g.imageTag | default .Chart.AppVersion }}
+{{- if $registry }}
+{{- printf "%s/%s:%s" $registry $i.repository $tag }}
+{{- else }}
+{{- printf "%s:%s" $i.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{/*
+The admission webhook's certificate as base64 PEM (ca.crt, tls.crt, tls.key): the Secret's on
+upgrades (lookup), so the caBundle keeps matching; else a new CA (genCA) and a serving
+certificate for the Service's DNS names signed by it (genSignedCert). One call per render:
+the Secret and the caBundle come from the same template.
+*/}}
+{{- define "capmesh-control-plane.webhookCerts" -}}
+{{- $fullname := include "capmesh-control-plane.fullname" . }}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (printf "%s-webhook-tls" $fullname) }}
+{{- $data := (get ($existing | default dict) "data") | default dict }}
+{{- if and (get $data "ca.crt") (get $data "tls.crt") (get $data "tls.key") }}
+{{- dict "ca" (get $data "ca.crt") "crt" (get $data "tls.crt") "key" (get $data "tls.key") | toJson }}
+{{- else }}
+{{- $days := int .Values.webhook.certValidityDays }}
+{{- $ca := genCA (printf "%s-webhook-ca" $fullname) $days }}
+{{- $names := include "capmesh-control-plane.serverNames" . | fromJsonArray }}
+{{- $cert := genSignedCert (printf "%s.%s.svc" $fullname .Release.Namespace) nil $names $days $ca }}
+{{- dict "ca" ($ca.Cert | b64enc) "crt" ($cert.Cert | b64enc) "key" ($cert.Key | b64enc) | toJson }}
+{{- end }}
+{{- end }}
+
 {{- define "capmesh-control-plane.imagePullSecrets" -}}
 {{- $g := .Values.global | default dict }}
 {{- $secrets := concat ($g.imagePullSecrets | default list) (.Values.imagePullSecrets | default list) }}
