@@ -180,6 +180,16 @@ CASES: list[dict[str, Any]] = [
     case(CP, "bad-log-format", values={"controlPlane": {"logFormat": "xml"}},
          refused=["/controlPlane/logFormat"]),
     case(CP, "unknown-key", values={"replicas": 2}, refused=["replicas"]),
+    case(CP, "no-webhook", values={"webhook": {"enabled": False}},
+         about="no admission webhook: no MutatingWebhookConfiguration, no --webhook-listen"),
+    case(CP, "webhook-settings", values={"webhook": {
+        "port": 9443, "failurePolicy": "Fail", "tlsMode": "permissive", "transparent": False,
+        "propagateHeaders": ["x-tenant-id"], "caSecret": "mesh-ca",
+        "proxyImage": {"registry": "mirror.example", "repository": "capmesh/capmesh-proxy",
+                       "tag": "9.9.9", "pullPolicy": "Always"}}},
+         about="what the webhook injects, from webhook.* values"),
+    case(CP, "bad-failure-policy", values={"webhook": {"failurePolicy": "Maybe"}},
+         refused=["/webhook/failurePolicy"]),
     # --- capmesh-agent ---
     case(AGENT, "defaults"),
     case(AGENT, "full", values={
@@ -213,8 +223,13 @@ CASES: list[dict[str, Any]] = [
     case(AGENT, "certificate-files", values={"proxy": {"certificate": {
         "secretName": "weather-tls", "caKey": "ca.crt"}}},
          about="cert-manager Secret: --tls-cert/--tls-key/--tls-ca instead of a bootstrap token"),
-    case(AGENT, "transparent", values={"transparent": {"enabled": True}},
-         about="init container `capmesh-proxy init` (not built yet)"),
+    case(AGENT, "transparent", values={"transparent": {
+        "skipOutboundPorts": [5432, 6379], "skipOutboundCidrs": ["10.96.0.1/32"]}},
+         about="init container `capmesh-proxy init` with the outbound exceptions"),
+    case(AGENT, "no-transparent", values={"transparent": {"enabled": False}},
+         about="no init container"),
+    case(AGENT, "bad-skip-port", values={"transparent": {"skipOutboundPorts": [0]}},
+         refused=["/transparent/skipOutboundPorts/0"]),
     case(AGENT, "sidecar-only", values={"agent": {"enabled": False, "name": "legacy-agent",
                                                  "port": 3000}},
          about="only the ConfigMap with the sidecar snippet"),

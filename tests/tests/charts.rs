@@ -348,12 +348,35 @@ fn charts_lint_clean_render_and_validate_against_kubernetes_1_30() {
 struct Binary {
     name: &'static str,
     path: std::path::PathBuf,
+    /// The subcommand the flags belong to (`init`), if any.
+    sub: Vec<&'static str>,
     flags: BTreeSet<String>,
     envs: BTreeSet<String>,
 }
 
+/// The flags agreed for `capmesh-proxy init` (each also `CAPMESH_<NAME>`), used until the
+/// built proxy has the subcommand.
+const INIT_CONTRACT_FLAGS: [&str; 7] = [
+    "--proxy-uid",
+    "--outbound-port",
+    "--inbound-port",
+    "--skip-inbound-ports",
+    "--skip-outbound-ports",
+    "--skip-outbound-cidrs",
+    "--dry-run",
+];
+
 impl Binary {
     fn load(name: &'static str) -> Result<Self> {
+        Self::load_with(name, &[])
+    }
+
+    /// A subcommand of `name`: its `--help` gives the flags, and checks run `name sub ...`.
+    fn load_sub(name: &'static str, sub: &'static str) -> Result<Self> {
+        Self::load_with(name, &[sub])
+    }
+
+    fn load_with(name: &'static str, sub: &[&'static str]) -> Result<Self> {
         let path = workspace_bin(name).with_context(|| {
             format!(
                 "{name} is not built: the chart tests check the rendered arguments against the \
@@ -362,6 +385,7 @@ impl Binary {
             )
         })?;
         let out = Command::new(&path)
+            .args(sub)
             .arg("--help")
             .env_clear()
             .output()
@@ -392,6 +416,7 @@ impl Binary {
         Ok(Self {
             name,
             path,
+            sub: sub.to_vec(),
             flags,
             envs,
         })
@@ -426,6 +451,7 @@ impl Binary {
             .collect();
         let expanded: Vec<String> = args.iter().map(|a| expand_vars(a, &literal)).collect();
         let out = Command::new(&self.path)
+            .args(&self.sub)
             .args(&expanded)
             .arg("--help")
             .env_clear()
@@ -487,6 +513,13 @@ fn rendered_flags_are_the_real_binaries_flags() {
     ]
     .map(str::to_owned)
     .into();
+
+    // `capmesh-proxy init` (transparent mode): checked with its own parser once the proxy has
+    // the subcommand (`capmesh-proxy init --help` lists --proxy-uid); until then against the
+    // flags agreed for it.
+    let init = Binary::load_sub("capmesh-proxy", "init")
+        .ok()
+        .filter(|b| b.flags.contains("--proxy-uid"));
 
     let mut failures = Vec::new();
     let mut seen: BTreeMap<String, usize> = BTreeMap::new();
@@ -565,11 +598,41 @@ fn rendered_flags_are_the_real_binaries_flags() {
                     if args.first().map(String::as_str) != Some("init") {
                         failures.push(format!("{label}: does not run `capmesh-proxy init`"));
                     }
+                    let flags = flags_in(&args);
+                    for required in [
+                        "--proxy-uid",
+                        "--outbound-port",
+                        "--inbound-port",
+                        "--skip-inbound-ports",
+                    ] {
+                        if !flags.contains(required) {
+                            failures.push(format!("{label}: no {required} in {args:?}"));
+                        }
+                    }
+                    match &init {
+                        Some(bin) => bin.check(&label, &args[1..], env, &mut failures),
+                        None => {
+                            for flag in flags {
+                                if !INIT_CONTRACT_FLAGS.contains(&flag.as_str()) {
+                                    failures.push(format!(
+                                        "{label}: {flag} is not a `capmesh-proxy init` flag of \
+                                         the contract"
+                                    ));
+                                }
+                            }
+                        }
+                    }
                 }
                 "agent" | "postgresql" => {}
                 other => failures.push(format!("{label}: unexpected container {other}")),
             }
         }
+    }
+    if init.is_none() {
+        eprintln!(
+            "note: this capmesh-proxy has no `init` subcommand yet; the init container's \
+             arguments were checked against the agreed flags only"
+        );
     }
     if cli.is_none() {
         eprintln!(
@@ -676,8 +739,99 @@ fn control_plane_chart_shape() {
         .iter()
         .filter_map(|p| p["port"].as_i64())
         .collect();
-    assert_eq!(ports, BTreeSet::from([8000, 9090]));
+    assert_eq!(ports, BTreeSet::from([8000, 8443, 9090]));
     assert_eq!(of_kind(c, "ServiceAccount").len(), 1);
+
+    // The admission webhook: its own TLS port and certificate, and what it injects.
+    assert_eq!(flag_value(&args, "--webhook-listen"), "0.0.0.0:8443");
+    assert_eq!(named_port(cp, "webhook"), 8443);
+    assert_eq!(
+        flag_value(&args, "--webhook-tls-cert"),
+        "/etc/capmesh/webhook/tls.crt"
+    );
+    assert!(mounts.iter().any(|m| m["name"] == "webhook-tls"));
+    assert_eq!(
+        flag_value(&args, "--inject-proxy-control-plane"),
+        "https://capmesh-capmesh-control-plane.capmesh.svc:8000",
+        "injected proxies may live in any namespace"
+    );
+    assert_eq!(
+        flag_value(&args, "--inject-proxy-image"),
+        "ghcr.io/capmesh/capmesh-proxy:0.1.0"
+    );
+    assert_eq!(flag_value(&args, "--inject-ca-secret"), "capmesh-ca");
+    assert_eq!(flag_value(&args, "--inject-transparent"), "true");
+    assert_eq!(
+        sts["spec"]["template"]["metadata"]["labels"]["capmesh.io/inject"], "disabled",
+        "the control plane never injects itself"
+    );
+    let tls = find(c, "Secret", "capmesh-capmesh-control-plane-webhook-tls");
+    assert_eq!(tls["type"], "kubernetes.io/tls");
+    let ca_crt = s(&tls["data"]["ca.crt"]);
+    assert!(ca_crt.len() > 100 && !s(&tls["data"]["tls.key"]).is_empty());
+    let mwc = find(
+        c,
+        "MutatingWebhookConfiguration",
+        "capmesh-capmesh-control-plane-capmesh",
+    );
+    let hooks = arr(&mwc["webhooks"]);
+    assert_eq!(hooks.len(), 2);
+    for hook in hooks {
+        // The API server trusts the webhook's certificate through this bundle.
+        assert_eq!(s(&hook["clientConfig"]["caBundle"]), ca_crt);
+        let svc = &hook["clientConfig"]["service"];
+        assert_eq!(svc["name"], "capmesh-capmesh-control-plane");
+        assert_eq!(svc["namespace"], "capmesh");
+        assert_eq!(svc["path"], "/inject");
+        assert_eq!(svc["port"], 8443);
+        assert_eq!(hook["failurePolicy"], "Ignore");
+        assert_eq!(hook["admissionReviewVersions"], serde_json::json!(["v1"]));
+        assert_eq!(hook["sideEffects"], "None");
+        assert_eq!(hook["rules"][0]["resources"], serde_json::json!(["pods"]));
+        assert_eq!(
+            hook["rules"][0]["operations"],
+            serde_json::json!(["CREATE"])
+        );
+    }
+    // Pods in labelled namespaces, and labelled pods elsewhere.
+    assert_eq!(
+        hooks[0]["namespaceSelector"]["matchLabels"]["capmesh.io/inject"],
+        "enabled"
+    );
+    assert_eq!(
+        hooks[1]["objectSelector"]["matchLabels"]["capmesh.io/inject"],
+        "enabled"
+    );
+
+    let c = case(CP, "no-webhook");
+    assert!(of_kind(c, "MutatingWebhookConfiguration").is_empty());
+    let sts = find(c, "StatefulSet", "capmesh-capmesh-control-plane");
+    let args = args_of(container(pod_spec(sts), "containers", "control-plane"));
+    assert!(flag_values(&args, "--webhook-listen").is_empty());
+    assert!(flags_in(&args).iter().all(|f| !f.starts_with("--inject-")));
+
+    let c = case(CP, "webhook-settings");
+    let sts = find(c, "StatefulSet", "capmesh-capmesh-control-plane");
+    let args = args_of(container(pod_spec(sts), "containers", "control-plane"));
+    assert_eq!(flag_value(&args, "--webhook-listen"), "0.0.0.0:9443");
+    assert_eq!(
+        flag_value(&args, "--inject-proxy-image"),
+        "mirror.example/capmesh/capmesh-proxy:9.9.9"
+    );
+    assert_eq!(flag_value(&args, "--inject-proxy-pull-policy"), "Always");
+    assert_eq!(flag_value(&args, "--inject-proxy-tls-mode"), "permissive");
+    assert_eq!(
+        flag_value(&args, "--inject-proxy-propagate-headers"),
+        "x-tenant-id"
+    );
+    assert_eq!(flag_value(&args, "--inject-ca-secret"), "mesh-ca");
+    assert_eq!(flag_value(&args, "--inject-transparent"), "false");
+    let mwc = of_kind(c, "MutatingWebhookConfiguration");
+    assert_eq!(mwc[0]["webhooks"][0]["failurePolicy"], "Fail");
+    assert_eq!(
+        mwc[0]["webhooks"][0]["clientConfig"]["service"]["port"],
+        9443
+    );
 
     // Without persistence: a Deployment with an emptyDir.
     let c = case(CP, "no-persistence");
@@ -718,10 +872,21 @@ fn control_plane_chart_shape() {
         cp["image"],
         "mirror.example/capmesh/capmesh-control-plane:9.9.9"
     );
-    assert!(
-        of_kind(c, "Secret").is_empty(),
+    let secrets: Vec<&str> = of_kind(c, "Secret")
+        .iter()
+        .map(|o| s(&o["metadata"]["name"]))
+        .collect();
+    assert_eq!(
+        secrets,
+        ["capmesh-capmesh-control-plane-webhook-tls"],
         "no generated token with an existing Secret"
     );
+    // global.imageRegistry/imageTag reach the injected proxy image too.
+    assert_eq!(
+        flag_value(&args, "--inject-proxy-image"),
+        "mirror.example/capmesh/capmesh-proxy:9.9.9"
+    );
+    assert_eq!(flag_value(&args, "--inject-proxy-log-format"), "text");
 }
 
 fn sidecar(dep: &Value) -> &Value {
@@ -738,10 +903,23 @@ fn agent_chart_shape() {
         .map(|k| s(&k["name"]))
         .collect();
     assert_eq!(names, ["agent", "capmesh-proxy"]);
-    assert!(
-        spec["initContainers"].is_null(),
-        "no init container unless transparent"
+    // Transparent mode is on by default: the init container with the agreed flags.
+    let init = container(spec, "initContainers", "capmesh-init");
+    assert_eq!(
+        strings(&init["args"]),
+        [
+            "init",
+            "--proxy-uid",
+            "1337",
+            "--outbound-port",
+            "15001",
+            "--inbound-port",
+            "15006",
+            "--skip-inbound-ports",
+            "15020"
+        ]
     );
+    assert_eq!(init["securityContext"]["runAsUser"], 0);
     let proxy = sidecar(dep);
     let args = args_of(proxy);
     assert_eq!(
@@ -847,13 +1025,23 @@ fn agent_chart_shape() {
     let c = case(AGENT, "transparent");
     let spec = pod_spec(find(c, "Deployment", "capmesh-capmesh-agent"));
     let init = container(spec, "initContainers", "capmesh-init");
-    assert_eq!(init["args"][0], "init");
+    let args = strings(&init["args"]);
+    assert_eq!(args[0], "init");
+    assert_eq!(flag_value(&args, "--skip-outbound-ports"), "5432,6379");
+    assert_eq!(flag_value(&args, "--skip-outbound-cidrs"), "10.96.0.1/32");
     let add = strings(&init["securityContext"]["capabilities"]["add"]);
     assert!(add.contains(&"NET_ADMIN".to_owned()) && add.contains(&"NET_RAW".to_owned()));
     assert!(
-        s(&c["notes"]).contains("not built yet"),
-        "the NOTES warn: {}",
+        s(&c["notes"]).contains("NET_ADMIN"),
+        "the NOTES say what transparent mode needs: {}",
         c["notes"]
+    );
+    let c = case(AGENT, "no-transparent");
+    let spec = pod_spec(find(c, "Deployment", "capmesh-capmesh-agent"));
+    assert!(
+        spec["initContainers"].is_null(),
+        "{}",
+        spec["initContainers"]
     );
 
     // Sidecar only: nothing but the snippet to paste into your own pod.
@@ -917,6 +1105,26 @@ fn platform_chart_shape() {
     // The control plane under a fixed name, which the agents' URL names.
     let cp_svc = find(c, "Service", "capmesh-control-plane");
     assert_eq!(cp_svc["spec"]["ports"][0]["port"], 8000);
+    // Its webhook injects with the platform's global settings.
+    let cp_workload = ["StatefulSet", "Deployment"]
+        .iter()
+        .flat_map(|k| of_kind(c, k))
+        .find(|o| o["metadata"]["name"] == "capmesh-control-plane")
+        .expect("the control plane's workload");
+    let cp_args = args_of(container(
+        pod_spec(cp_workload),
+        "containers",
+        "control-plane",
+    ));
+    assert_eq!(
+        flag_value(&cp_args, "--inject-proxy-control-plane"),
+        "https://capmesh-control-plane.capmesh.svc:8000"
+    );
+    assert_eq!(
+        flag_value(&cp_args, "--inject-proxy-propagate-headers"),
+        "x-tenant-id,x-request-*"
+    );
+    assert_eq!(of_kind(c, "MutatingWebhookConfiguration").len(), 1);
     for alias in AGENTS {
         let dep = find(c, "Deployment", &format!("capmesh-{alias}"));
         let args = args_of(sidecar(dep));
