@@ -319,7 +319,8 @@ pub enum Outcome {
 }
 
 /// Injects a Pod, Deployment, StatefulSet or DaemonSet (its pod template); anything else is
-/// [`Outcome::NotAWorkload`]. `path` prefixes error locations.
+/// [`Outcome::NotAWorkload`]. The workload's name is the agent's name when no annotation or
+/// label gives one.
 pub fn inject_object(object: &mut Value, config: &InjectConfig) -> Result<Outcome, InjectError> {
     let kind = object.get("kind").and_then(Value::as_str).unwrap_or("");
     let name = object

@@ -803,6 +803,12 @@ fn control_plane_chart_shape() {
         "enabled"
     );
 
+    assert!(
+        s(&c["notes"]).contains("kubectl label namespace <ns> capmesh.io/inject=enabled"),
+        "the NOTES say how to turn injection on: {}",
+        c["notes"]
+    );
+
     let c = case(CP, "no-webhook");
     assert!(of_kind(c, "MutatingWebhookConfiguration").is_empty());
     let sts = find(c, "StatefulSet", "capmesh-capmesh-control-plane");

@@ -402,3 +402,62 @@ async fn the_injected_sidecar_is_the_agent_charts_and_the_proxy_accepts_its_flag
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Runs the control plane with `args`; it must exit (not serve) within 20 s.
+fn control_plane_exits(args: &[&str]) -> (i32, String) {
+    let bin = workspace_bin("capmesh-control-plane").expect("build capmesh-control-plane first");
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(bin)
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args(args)
+        .env_clear()
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("the control plane started with {args:?} instead of refusing");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_webhook_does_not_start_without_a_usable_certificate() {
+    // --webhook-listen alone: a usage error naming what it needs.
+    let (code, stderr) = control_plane_exits(&["--webhook-listen", "127.0.0.1:0"]);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("--webhook-tls-cert"), "{stderr}");
+
+    // Files that are not PEM: the error names the flag and the file.
+    let dir = tempfile::tempdir().unwrap();
+    let cert = dir.path().join("tls.crt");
+    let key = dir.path().join("tls.key");
+    std::fs::write(&cert, "not a certificate").unwrap();
+    std::fs::write(&key, "not a key").unwrap();
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let (code, stderr) = control_plane_exits(&[
+        "--webhook-listen",
+        "127.0.0.1:0",
+        "--webhook-tls-cert",
+        &cert,
+        "--webhook-tls-key",
+        &key,
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains(&format!("--webhook-tls-cert {cert}"))
+            && stderr.contains("no PEM certificate"),
+        "{stderr}"
+    );
+}
