@@ -168,6 +168,19 @@ def main() -> int:
     report["a"] = injected
     report["a_valid"] = validate(kv, injected) if injected else "no output"
 
+    # Every other kind capmesh inject handles, in one multi-document stream: each output
+    # document must validate too.
+    stream = subprocess.run([job["capmesh"], "inject", *job["cli_args"]], input=job["stream"],
+                            capture_output=True, text=True, timeout=60)
+    report["stream"] = {"code": stream.returncode, "stderr": stream.stderr, "documents": [
+        {"kind": d.get("kind"), "name": (d.get("metadata") or {}).get("name"),
+         "containers": [c["name"] for c in
+                        ((d.get("spec") or {}).get("containers")
+                         or (((d.get("spec") or {}).get("template") or {}).get("spec") or {})
+                         .get("containers") or [])],
+         "error": validate(kv, d)}
+        for d in (yaml.safe_load_all(stream.stdout) if stream.returncode == 0 else []) if d]}
+
     # B: the webhook's patch on the pod the ReplicaSet would create.
     pod = pod_of(deployment, namespace)
     answer = post(job["webhook"], review_of(pod, namespace, "7f0c-42"))

@@ -48,6 +48,53 @@ spec:
             requests: {cpu: 50m, memory: 64Mi}
 ";
 
+/// The other kinds `capmesh inject` handles, with documents it must leave alone.
+const STREAM: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: ledger}
+spec:
+  clusterIP: None
+  selector: {app: ledger}
+  ports: [{port: 9001}]
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: ledger}
+spec:
+  serviceName: ledger
+  selector: {matchLabels: {app: ledger}}
+  template:
+    metadata: {labels: {app: ledger}}
+    spec:
+      containers: [{name: agent, image: ledger:2, ports: [{containerPort: 9001}]}]
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: node-tools}
+spec:
+  selector: {matchLabels: {app: node-tools}}
+  template:
+    metadata:
+      labels: {app: node-tools}
+      annotations: {capmesh.io/consumer-only: \"true\", capmesh.io/transparent: \"false\"}
+    spec:
+      containers: [{name: agent, image: tools:3}]
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: notebook
+  annotations: {capmesh.io/agent-port: \"8888\", capmesh.io/skip-outbound-ports: \"5432\"}
+spec:
+  containers: [{name: jupyter, image: notebook:1}]
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings}
+data: {units: metric}
+";
+
 /// The same settings for both sides: `capmesh inject --X` and `capmesh-control-plane --inject-X`.
 const SETTINGS: [(&str, &str); 4] = [
     (
@@ -139,6 +186,7 @@ async fn report() -> Value {
         "webhook": {"port": port, "host": webhook["host"], "ca": webhook["ca"]},
         "namespace": NAMESPACE,
         "deployment": DEPLOYMENT,
+        "stream": STREAM,
         "cli_args": flags(""),
         "chart_values": {
             "agent": {"name": "weather", "port": 9001},
@@ -243,6 +291,34 @@ async fn capmesh_inject_and_the_webhook_give_the_same_valid_pod() {
     // ... and both are valid Kubernetes objects.
     assert!(r["a_valid"].is_null(), "A: {}", r["a_valid"]);
     assert!(r["b_valid"].is_null(), "B: {}", r["b_valid"]);
+
+    // The other workload kinds (and the documents left alone) validate too.
+    let stream = &r["stream"];
+    assert_eq!(stream["code"], 0, "{}", stream["stderr"]);
+    let docs = stream["documents"].as_array().unwrap();
+    let kinds: Vec<&str> = docs.iter().map(|d| d["kind"].as_str().unwrap()).collect();
+    assert_eq!(
+        kinds,
+        ["Service", "StatefulSet", "DaemonSet", "Pod", "ConfigMap"]
+    );
+    for d in docs {
+        assert!(
+            d["error"].is_null(),
+            "{} {}: {}",
+            d["kind"],
+            d["name"],
+            d["error"]
+        );
+        if matches!(
+            d["kind"].as_str(),
+            Some("StatefulSet" | "DaemonSet" | "Pod")
+        ) {
+            assert!(
+                strings(&d["containers"]).contains(&"capmesh-proxy".to_owned()),
+                "{d}"
+            );
+        }
+    }
 
     // What was injected is what the settings asked for.
     let proxy = container(a, "containers", "capmesh-proxy");
