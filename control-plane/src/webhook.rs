@@ -8,8 +8,8 @@
 //! mutates pods only; any other request is allowed unchanged.
 
 use std::convert::Infallible;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -22,6 +22,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -37,37 +39,118 @@ pub const MAX_REVIEW_BYTES: usize = 4 * 1024 * 1024;
 const REVIEW_API_VERSION: &str = "admission.k8s.io/v1";
 
 /// The webhook's TLS configuration from PEM files (`--webhook-tls-cert`, `--webhook-tls-key`).
-/// Any key type rustls reads (RSA as Helm's `genSignedCert` makes, ECDSA, Ed25519).
+/// Any key type rustls reads (RSA as Helm's `genSignedCert` makes, ECDSA, Ed25519). The files
+/// are read again when they change (a renewed Secret, cert-manager), without a restart.
 pub fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<ServerConfig>> {
-    let cert_pem = std::fs::read_to_string(cert)
-        .with_context(|| format!("--webhook-tls-cert {}: cannot read it", cert.display()))?;
-    let chain = capmesh_certs::inspect::certs_from_pem(&cert_pem).with_context(|| {
+    let resolver = WebhookCert::load(cert, key)?;
+    let mut config = ServerConfig::builder_with_provider(capmesh_certs::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The webhook's certificate and key, from files that may be replaced while it runs. Each
+/// handshake reads both files (a few kilobytes, at webhook rates) and switches to the new pair
+/// when they changed and go together; a broken pair is logged once and the old one kept.
+#[derive(Debug)]
+struct WebhookCert {
+    cert: PathBuf,
+    key: PathBuf,
+    loaded: Mutex<Loaded>,
+}
+
+#[derive(Debug)]
+struct Loaded {
+    cert_pem: Vec<u8>,
+    key_pem: Vec<u8>,
+    certified: Arc<CertifiedKey>,
+}
+
+impl WebhookCert {
+    fn load(cert: &Path, key: &Path) -> anyhow::Result<Self> {
+        let cert_pem = std::fs::read(cert)
+            .with_context(|| format!("--webhook-tls-cert {}: cannot read it", cert.display()))?;
+        let key_pem = std::fs::read(key)
+            .with_context(|| format!("--webhook-tls-key {}: cannot read it", key.display()))?;
+        let certified = certified_key(cert, key, &cert_pem, &key_pem)?;
+        Ok(Self {
+            cert: cert.to_owned(),
+            key: key.to_owned(),
+            loaded: Mutex::new(Loaded {
+                cert_pem,
+                key_pem,
+                certified,
+            }),
+        })
+    }
+
+    /// The pair to present now, reloaded first if the files changed.
+    fn current(&self) -> Arc<CertifiedKey> {
+        let mut loaded = self
+            .loaded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let (Ok(cert_pem), Ok(key_pem)) = (std::fs::read(&self.cert), std::fs::read(&self.key))
+            && (cert_pem != loaded.cert_pem || key_pem != loaded.key_pem)
+        {
+            match certified_key(&self.cert, &self.key, &cert_pem, &key_pem) {
+                Ok(certified) => {
+                    tracing::info!(cert = %self.cert.display(), "webhook certificate reloaded");
+                    loaded.certified = certified;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %format!("{e:#}"), "keeping the previous webhook certificate");
+                }
+            }
+            // Either way, look again only when the files change again.
+            loaded.cert_pem = cert_pem;
+            loaded.key_pem = key_pem;
+        }
+        loaded.certified.clone()
+    }
+}
+
+impl ResolvesServerCert for WebhookCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.current())
+    }
+}
+
+fn certified_key(
+    cert: &Path,
+    key: &Path,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> anyhow::Result<Arc<CertifiedKey>> {
+    let no_cert = || {
         format!(
             "--webhook-tls-cert {}: no PEM certificate in it (expected -----BEGIN CERTIFICATE-----)",
             cert.display()
         )
-    })?;
-    let key_pem = std::fs::read(key)
-        .with_context(|| format!("--webhook-tls-key {}: cannot read it", key.display()))?;
-    let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
+    };
+    let text = std::str::from_utf8(cert_pem).with_context(no_cert)?;
+    let chain = capmesh_certs::inspect::certs_from_pem(text).with_context(no_cert)?;
+    let key_der = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| {
         anyhow::anyhow!(
             "--webhook-tls-key {}: no PEM private key in it ({e}); give the key that goes with --webhook-tls-cert",
             key.display()
         )
     })?;
-    let mut config = ServerConfig::builder_with_provider(capmesh_certs::tls::provider())
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_single_cert(chain, key_der)
-        .with_context(|| {
-            format!(
-                "--webhook-tls-key {} does not go with --webhook-tls-cert {}",
-                key.display(),
-                cert.display()
-            )
-        })?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    let signer = capmesh_certs::tls::provider()
+        .key_provider
+        .load_private_key(key_der)
+        .with_context(|| format!("--webhook-tls-key {}: unsupported key", key.display()))?;
+    let certified = CertifiedKey::new(chain, signer);
+    certified.keys_match().map_err(|_| {
+        anyhow::anyhow!(
+            "--webhook-tls-key {} does not go with --webhook-tls-cert {}",
+            key.display(),
+            cert.display()
+        )
+    })?;
+    Ok(Arc::new(certified))
 }
 
 /// Serves `POST /inject` over TLS until `shutdown` flips to true.
@@ -373,5 +456,45 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.detail.contains("request.uid"), "{}", e.detail);
+    }
+
+    #[test]
+    fn a_replaced_certificate_is_served_without_a_restart() {
+        use capmesh_certs::{Ca, Validity, WorkloadKey};
+        let td = TrustDomain::new("capmesh.local").unwrap();
+        let issue = || {
+            let ca = Ca::generate(td.clone(), false).unwrap();
+            let key = WorkloadKey::generate().unwrap();
+            let id = crate::control_plane_identity(&td).unwrap();
+            let ttl = Validity::for_ttl(Duration::from_secs(3600));
+            let issued = ca
+                .issue_serving(&key, &id, &["webhook.svc".to_owned()], &[], ttl)
+                .unwrap();
+            (issued.chain_pem, key.to_pem())
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        let leaf = |pem: &str| capmesh_certs::inspect::certs_from_pem(pem).unwrap()[0].clone();
+        let (first, first_key) = issue();
+        std::fs::write(&cert, &first).unwrap();
+        std::fs::write(&key, &first_key).unwrap();
+        let resolver = WebhookCert::load(&cert, &key).unwrap();
+        assert_eq!(resolver.current().cert[0], leaf(&first));
+
+        let (second, second_key) = issue();
+        std::fs::write(&cert, &second).unwrap();
+        std::fs::write(&key, &second_key).unwrap();
+        assert_eq!(resolver.current().cert[0], leaf(&second));
+
+        // A certificate without its key: the working pair stays.
+        let (third, _) = issue();
+        std::fs::write(&cert, &third).unwrap();
+        assert_eq!(resolver.current().cert[0], leaf(&second));
+        std::fs::write(&key, "garbage").unwrap();
+        assert_eq!(resolver.current().cert[0], leaf(&second));
+
+        // At start, a mismatch is an error naming both files.
+        let err = WebhookCert::load(&cert, &key).unwrap_err().to_string();
+        assert!(err.contains("--webhook-tls-key"), "{err}");
     }
 }
