@@ -8,7 +8,7 @@
 //! (comments included). A changed document keeps its keys in their original order, with what
 //! injection added at the end of each mapping.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 
 use capmesh_control_plane::inject::{
@@ -111,7 +111,16 @@ pub fn run(args: InjectArgs) -> anyhow::Result<()> {
     };
     let config = InjectConfig::from(args.settings);
     let injected = inject_stream(&text, &config)?;
-    print!("{}", injected.yaml);
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(injected.yaml.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => {}
+        // `capmesh inject ... | head`: the reader has what it wanted.
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => return Ok(()),
+        Err(e) => anyhow::bail!("cannot write the result to standard output: {e}"),
+    }
     if injected.report.is_empty() {
         eprintln!(
             "capmesh inject: no Deployment, StatefulSet, DaemonSet or Pod in the input; printed it unchanged"
