@@ -82,6 +82,14 @@ impl Netns {
         Ok(ns)
     }
 
+    /// Gives the namespace its own /etc/hosts (removed on drop).
+    fn hosts(&self, text: &str) -> Result<()> {
+        let dir = Path::new("/etc/netns").join(&self.name);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("hosts"), format!("127.0.0.1 localhost\n{text}"))?;
+        Ok(())
+    }
+
     /// Runs a command in the namespace (as root) and returns stdout, failing on a bad exit.
     fn exec(&self, cmd: &[&str]) -> Result<String> {
         let mut args = vec!["netns", "exec", &self.name];
@@ -182,6 +190,7 @@ impl Drop for Netns {
             let _ = child.wait();
         }
         let _ = run("ip", &["netns", "del", &self.name]);
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&self.name));
     }
 }
 
@@ -222,6 +231,9 @@ fn an_unmodified_client_reaches_a_provider_by_its_own_address_through_both_sidec
         ],
     )
     .unwrap();
+    // `ip netns exec` shows /etc/netns/<name>/hosts as /etc/hosts inside the namespace.
+    a.hosts("10.77.0.50 weather.default.svc.cluster.local weather\n")
+        .unwrap();
     a.exec(&["ip", "addr", "add", "10.77.0.1/24", "dev", "eth0"])
         .unwrap();
     a.exec(&["ip", "link", "set", "eth0", "up"]).unwrap();
@@ -392,7 +404,7 @@ fn an_unmodified_client_reaches_a_provider_by_its_own_address_through_both_sidec
     // The client, unmodified: the provider's own address, no proxy settings.
     let client_py = python_dir().join("client.py");
     let url = "http://10.77.0.2:8080/mcp";
-    let call = |tool: &str, args: &str| -> Result<Value> {
+    let call = |url: &str, tool: &str, args: &str| -> Result<Value> {
         let out = a.exec_output(&[
             "timeout",
             "60",
@@ -418,7 +430,7 @@ fn an_unmodified_client_reaches_a_provider_by_its_own_address_through_both_sidec
     // The consumer's snapshot may trail its /ready by one delta; allow a few seconds.
     let deadline = Instant::now() + Duration::from_secs(20);
     let whoami = loop {
-        let v = call("whoami", "{}").unwrap();
+        let v = call(url, "whoami", "{}").unwrap();
         if v.get("result_text").is_some() || Instant::now() > deadline {
             break v;
         }
@@ -436,10 +448,24 @@ fn an_unmodified_client_reaches_a_provider_by_its_own_address_through_both_sidec
         headers["x-capmesh-caller"], "spiffe://capmesh.local/ns/default/agent/planner",
         "the provider must see the consumer's verified identity: {headers}"
     );
-    let weather = call("get_weather", r#"{"city":"Oslo"}"#).unwrap();
+    let weather = call(url, "get_weather", r#"{"city":"Oslo"}"#).unwrap();
     assert_eq!(
         weather["result_text"], "weather: sunny in Oslo",
         "{weather}"
+    );
+    // By name, as in Kubernetes: `weather` resolves to an address no pod has (a Service's
+    // virtual IP); the sidecar routes by the Host header to the agent of that name.
+    let by_name = call(
+        "http://weather.default.svc.cluster.local:8080/mcp",
+        "get_weather",
+        r#"{"city":"Bergen"}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        by_name["result_text"],
+        "weather: sunny in Bergen",
+        "{by_name}\n{}",
+        a.logs()
     );
 
     // Both sidecars carried it: the consumer's intercepted requests went to the mesh, and the
@@ -452,7 +478,7 @@ fn an_unmodified_client_reaches_a_provider_by_its_own_address_through_both_sidec
             &a_metrics,
             "capmesh_proxy_intercepted_total",
             "route=\"mesh\""
-        ) >= 2.0,
+        ) >= 3.0,
         "{a_metrics}"
     );
     let b_metrics = b
