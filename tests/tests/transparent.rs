@@ -8,8 +8,8 @@
 //! call must cross both sidecars over mutual TLS: the server sees the client's SPIFFE ID in
 //! `x-capmesh-caller`.
 //!
-//! Needs root, `ip` (iproute2), `iptables`, `setpriv` and `curl`; `.ci/run` installs them.
-//! Without them the test fails and says what is missing (it never skips).
+//! Needs root, `ip` (iproute2), `iptables`, `setpriv` and `curl`; when one is missing the test
+//! installs it with apt-get, and fails saying what is missing if it cannot (it never skips).
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -50,15 +50,39 @@ fn prerequisites() -> Result<()> {
     if uid.trim() != "0" {
         bail!("this test creates network namespaces and iptables rules: run it as root");
     }
-    for tool in ["ip", "iptables", "setpriv", "curl"] {
-        if run("sh", &["-c", &format!("command -v {tool}")])?
+    let have = |tool: &str| -> Result<bool> {
+        Ok(run("sh", &["-c", &format!("command -v {tool}")])?
             .status
-            .success()
-        {
-            continue;
+            .success())
+    };
+    let mut missing = Vec::new();
+    for (tool, package) in [
+        ("ip", "iproute2"),
+        ("iptables", "iptables"),
+        ("setpriv", "util-linux"),
+        ("curl", "curl"),
+    ] {
+        if !have(tool)? {
+            missing.push(package);
         }
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    // As root on Debian, install what is missing, as the venv script does for python3-venv.
+    eprintln!("installing {missing:?} with apt-get for the transparent-mode test");
+    let _ = run("apt-get", &["update", "-qq"]);
+    let mut args = vec!["install", "-y", "-qq"];
+    args.extend(&missing);
+    let out = Command::new("apt-get")
+        .args(&args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .output()
+        .context("apt-get is not available")?;
+    if !out.status.success() {
         bail!(
-            "`{tool}` is missing: apt-get install iproute2 iptables util-linux curl (.ci/run does)"
+            "{missing:?} are missing and apt-get could not install them: {}",
+            String::from_utf8_lossy(&out.stderr)
         );
     }
     Ok(())
