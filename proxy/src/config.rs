@@ -22,7 +22,10 @@ use clap::Parser;
     --bootstrap-token-file ./token --inbound 127.0.0.1:15006\n  \
   capmesh-proxy --agent-name planner --agent-url none --dependency weather \\\n    \
     --dependency 'fast_llm=llm:+claude' --control-plane https://127.0.0.1:8000 \\\n    \
-    --control-plane-ca ./capmesh-data/ca.pem --bootstrap-token-file ./token"
+    --control-plane-ca ./capmesh-data/ca.pem --bootstrap-token-file ./token\n\n\
+Subcommands:\n  \
+  run     the proxy (the default; these flags)\n  \
+  init    write the iptables rules of transparent mode (capmesh-proxy init --help)"
 )]
 pub struct Config {
     /// The control plane's URL.

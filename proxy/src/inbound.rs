@@ -462,14 +462,81 @@ fn set_session(h: &mut HeaderMap, s: &AgentSession) {
     }
 }
 
-/// Anything else on the inbound listener goes to the agent unchanged (bar headers).
+/// Anything else on the inbound listener (transparent mode: the caller's own request, path and
+/// all) goes to the agent unchanged (bar headers) — if the policy lets the caller use at least
+/// one of the agent's capabilities, and, for `tools/call`, the capability of the tool called.
 async fn passthrough(
-    _proxy: &Proxy,
+    proxy: &Proxy,
     agent: &Agent,
     caller: Option<&str>,
     req: Request<Incoming>,
 ) -> Response<BoxBody> {
+    let functions = proxy.functions.load_full();
+    if functions.is_empty() {
+        return rpc_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            jsonrpc::NO_ENDPOINT,
+            "this agent has not registered its tools with the mesh yet; retry shortly",
+        );
+    }
+    let policy_allows = |capability: &str| {
+        proxy
+            .routing
+            .load()
+            .snapshot
+            .as_ref()
+            .is_none_or(|s| s.policy.allows(caller, capability))
+    };
+    if !functions.values().any(|c| policy_allows(c.as_str())) {
+        proxy
+            .metrics
+            .inbound
+            .with_label_values(&["*", "denied"])
+            .inc();
+        return rpc_error(
+            StatusCode::FORBIDDEN,
+            None,
+            jsonrpc::FORBIDDEN,
+            &format!(
+                "{} may not call any capability of this agent (authorization policy)",
+                caller.unwrap_or(capmesh_api::UNAUTHENTICATED)
+            ),
+        );
+    }
     let (parts, body) = req.into_parts();
+    // A POST may carry tools/call: check the capability of each tool it calls.
+    let body = if parts.method == Method::POST {
+        let bytes = match Limited::new(body, MAX_REQUEST).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => {
+                return rpc_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    None,
+                    jsonrpc::INVALID_REQUEST,
+                    "request body too large",
+                );
+            }
+        };
+        if let Ok(parsed) = jsonrpc::parse(&bytes) {
+            for message in parsed.messages() {
+                if let Message::Request { id, method, params } = message
+                    && method == "tools/call"
+                    && let Some(name) = params
+                        .as_ref()
+                        .and_then(|p| p.get("name"))
+                        .and_then(|n| n.as_str())
+                    && let Some(capability) = functions.get(name)
+                    && let Some(denied) = authorize(proxy, caller, capability.as_str(), Some(id))
+                {
+                    return denied;
+                }
+            }
+        }
+        boxed(Full::new(bytes))
+    } else {
+        boxed(body)
+    };
     let path = parts
         .uri
         .path_and_query()
@@ -483,7 +550,7 @@ async fn passthrough(
             "bad path",
         );
     };
-    forward(agent, parts, uri, caller, boxed(body)).await
+    forward(agent, parts, uri, caller, body).await
 }
 
 /// Sends a request to the agent at `uri` with the agent's view of the headers, and streams the

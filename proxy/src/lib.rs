@@ -18,12 +18,14 @@ pub mod control;
 pub mod headers;
 pub mod identity;
 pub mod inbound;
+pub mod init;
 pub mod mcp;
 pub mod metrics;
 pub mod outbound;
 pub mod passthrough;
 pub mod pool;
 pub mod routing;
+pub mod transparent;
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -101,6 +103,8 @@ pub struct Proxy {
     pub retry_budget: balance::RetryBudget,
     /// Metrics.
     pub metrics: metrics::Metrics,
+    /// Connections intercepted in transparent mode.
+    pub transparent: transparent::Transparent,
 }
 
 impl Proxy {
@@ -204,6 +208,11 @@ async fn serve_outbound(
         };
         let _ = tcp.set_nodelay(true);
         let (proxy, watcher) = (proxy.clone(), graceful.watcher());
+        // Redirected here by `capmesh-proxy init`'s rules: the agent dialled another address.
+        if let Some(dst) = transparent::original_dst(&tcp) {
+            tokio::spawn(transparent::serve(proxy, tcp, dst, watcher));
+            continue;
+        }
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
                 let proxy = proxy.clone();
@@ -223,11 +232,23 @@ async fn serve_outbound(
 }
 
 /// The `capmesh-proxy` program: parses `args` (the first is the program name), then runs until
-/// SIGTERM or Ctrl-C. A bad flag prints clap's message and exits 2.
+/// SIGTERM or Ctrl-C. A bad flag prints clap's message and exits 2. `capmesh-proxy init …`
+/// writes the transparent-mode iptables rules instead; `capmesh-proxy run …` is the default.
 pub fn main_with_args(
     args: impl IntoIterator<Item = std::ffi::OsString>,
 ) -> std::process::ExitCode {
     use capmesh_client::process;
+    let mut args: Vec<std::ffi::OsString> = args.into_iter().collect();
+    match args.get(1).and_then(|a| a.to_str()) {
+        Some("init") => {
+            args.remove(1);
+            return init::main_with_args(args);
+        }
+        Some("run") => {
+            args.remove(1);
+        }
+        _ => {}
+    }
     process::main(
         "capmesh-proxy",
         args,
@@ -278,6 +299,7 @@ pub async fn run(
         propagation: ArcSwap::from_pointee(headers::Propagation::new(&config.propagate_headers)),
         retry_budget: balance::RetryBudget::new(20, 10),
         metrics: metrics::Metrics::new(),
+        transparent: transparent::Transparent::default(),
         identity,
         config,
     });

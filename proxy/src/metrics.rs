@@ -37,6 +37,9 @@ pub struct Metrics {
     pub control_plane_connected: IntGauge,
     /// Unix time the certificate expires.
     pub certificate_expiry: IntGauge,
+    /// Traffic redirected here by the init rules (transparent mode): HTTP requests sent to a
+    /// provider's proxy (`route="mesh"`) and connections relayed as they are (`route="direct"`).
+    pub transparent: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -129,6 +132,11 @@ impl Metrics {
             certificate_expiry: reg!(IntGauge::new(
                 "capmesh_proxy_certificate_expiry_timestamp_seconds",
                 "When the workload certificate expires"
+            )),
+            transparent: reg!(counter(
+                "capmesh_proxy_intercepted_total",
+                "Traffic redirected by the init rules: HTTP requests to the mesh (mesh), connections relayed as they are (direct)",
+                &["route"]
             )),
             registry,
         }

@@ -262,31 +262,34 @@ async fn a_deny_rule_blocks_the_call_and_hides_the_capability() {
         &[b"http/1.1"],
     )
     .unwrap();
-    let mut tls = connect(
-        config,
-        tokio::net::TcpStream::connect(("127.0.0.1", provider.inbound))
-            .await
-            .unwrap(),
-    )
-    .await
-    .unwrap();
     let body = r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"get_weather","arguments":{"city":"X"}}}"#;
-    let req = format!(
-        "POST /.capmesh/call HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    tls.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    tls.read_to_string(&mut out).await.unwrap();
-    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
-    assert!(
-        out.contains("agent/planner") && out.contains("get_weather") && out.contains("-32003"),
-        "{out}"
-    );
+    // The mesh's own call path, and the agent's own path as transparent mode forwards it.
+    for path in ["/.capmesh/call", "/mcp"] {
+        let mut tls = connect(
+            config.clone(),
+            tokio::net::TcpStream::connect(("127.0.0.1", provider.inbound))
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+        let req = format!(
+            "POST {path} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        tls.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        tls.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 403"), "{path}: {out}");
+        assert!(
+            out.contains("agent/planner") && out.contains("get_weather") && out.contains("-32003"),
+            "{path}: {out}"
+        );
+    }
     let (_, metrics) = provider.admin_get("/metrics").await.unwrap();
     assert!(
         metrics.contains(
-            "capmesh_proxy_inbound_requests_total{capability=\"get_weather\",outcome=\"denied\"} 1"
+            "capmesh_proxy_inbound_requests_total{capability=\"get_weather\",outcome=\"denied\"} 2"
         ),
         "{metrics}"
     );
