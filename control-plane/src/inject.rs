@@ -299,15 +299,10 @@ fn is_port(s: &str) -> bool {
     s.parse::<u16>().is_ok_and(|p| p > 0)
 }
 
+/// An IPv4 address or network (`capmesh-proxy init` writes iptables rules: IPv4 only).
 fn is_cidr(s: &str) -> bool {
-    let (addr, len) = s.split_once('/').unwrap_or((s, ""));
-    match addr.parse::<std::net::IpAddr>() {
-        Ok(ip) if len.is_empty() => ip.is_ipv4() || ip.is_ipv6(),
-        Ok(ip) => len
-            .parse::<u8>()
-            .is_ok_and(|l| l <= if ip.is_ipv4() { 32 } else { 128 }),
-        Err(_) => false,
-    }
+    let (addr, len) = s.split_once('/').unwrap_or((s, "32"));
+    addr.parse::<std::net::Ipv4Addr>().is_ok() && len.parse::<u8>().is_ok_and(|l| l <= 32)
 }
 
 fn settings(
@@ -377,7 +372,7 @@ fn settings(
             annotations,
             keys::SKIP_OUTBOUND_CIDRS,
             is_cidr,
-            "addresses or CIDRs (10.0.0.0/8)",
+            "IPv4 addresses or networks (10.0.0.0/8)",
         )?,
     })
 }

@@ -211,17 +211,28 @@ async fn handle(req: Request<Incoming>, config: &InjectConfig) -> Response<Body>
         return ApiError::method_not_allowed("POST an AdmissionReview (v1) to /inject")
             .into_response();
     }
+    let too_large = || {
+        ApiError::too_large(format!(
+            "the AdmissionReview is over {MAX_REVIEW_BYTES} bytes"
+        ))
+        .into_response()
+    };
+    // A declared length over the limit is refused before reading any of it.
+    if req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .is_some_and(|len| len > MAX_REVIEW_BYTES as u64)
+    {
+        return too_large();
+    }
     let body = match Limited::new(req.into_body(), MAX_REVIEW_BYTES)
         .collect()
         .await
     {
         Ok(collected) => collected.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return ApiError::too_large(format!(
-                "the AdmissionReview is over {MAX_REVIEW_BYTES} bytes"
-            ))
-            .into_response();
-        }
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => return too_large(),
         Err(e) => {
             return ApiError::bad_request(format!("cannot read the request body: {e}"))
                 .into_response();

@@ -54,7 +54,8 @@ def validate(kv: Any, obj: Any) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
-def post(webhook: dict[str, Any], body: bytes, method: str = "POST") -> dict[str, Any]:
+def post(webhook: dict[str, Any], body: bytes, method: str = "POST",
+         declared_length: int | None = None) -> dict[str, Any]:
     """One request to the webhook at 127.0.0.1:<port>, its certificate checked against the CA
     and for the Service's DNS name, as the API server checks it."""
     context = ssl.create_default_context(cafile=webhook["ca"])
@@ -66,8 +67,16 @@ def post(webhook: dict[str, Any], body: bytes, method: str = "POST") -> dict[str
 
     conn = ToService(webhook["host"], webhook["port"], context=context, timeout=20)
     try:
-        conn.request(method, "/inject", body=body if method == "POST" else None,
-                     headers={"content-type": "application/json"})
+        if declared_length is None:
+            conn.request(method, "/inject", body=body if method == "POST" else None,
+                         headers={"content-type": "application/json"})
+        else:
+            # Headers only, announcing a body too large to send: the webhook must refuse it
+            # from the header.
+            conn.putrequest(method, "/inject")
+            conn.putheader("content-type", "application/json")
+            conn.putheader("content-length", str(declared_length))
+            conn.endheaders()
         resp = conn.getresponse()
         status, text = resp.status, resp.read().decode()
     finally:
@@ -206,7 +215,7 @@ def main() -> int:
         {"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview",
          "request": {"uid": "x"}}).encode())
     report["get"] = post(job["webhook"], b"", method="GET")
-    report["too_large"] = post(job["webhook"], b" " * (5 * 1024 * 1024))
+    report["too_large"] = post(job["webhook"], b"", declared_length=5 * 1024 * 1024)
 
     # The agent chart's sidecar for the same agent (Helm's own engine).
     with helm.Chart.load(str(REPO / "charts" / "capmesh-agent")) as chart:

@@ -456,8 +456,26 @@ async fn the_injected_sidecar_is_the_agent_charts_and_the_proxy_accepts_its_flag
     };
     assert_eq!(volumes(injected), volumes(chart));
 
-    // The real proxy's parser takes the injected arguments (downward-API values stood in).
+    // The real `capmesh-proxy init` takes the init container's arguments: a dry run prints
+    // the rules it would write.
     let proxy = workspace_bin("capmesh-proxy").expect("build capmesh-proxy first");
+    let init_args = strings(&ii["args"]);
+    let out = Command::new(&proxy)
+        .args(&init_args)
+        .arg("--dry-run")
+        .env_clear()
+        .output()
+        .unwrap();
+    let rules = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && rules.contains("--to-ports 15001")
+            && rules.contains("--uid-owner 1337"),
+        "capmesh-proxy {init_args:?} --dry-run: {}{rules}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The real proxy's parser takes the injected arguments (downward-API values stood in).
     let args: Vec<String> = strings(&ip["args"])
         .into_iter()
         .map(|a| {
