@@ -310,6 +310,26 @@ async fn federated(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<BoxBod
             minted = Some(proxy.sessions.mint(negotiate(requested.as_deref())));
         } else {
             match classified.session_id.as_deref() {
+                // Batches only in sessions negotiated at 2025-03-26, whatever the header says.
+                Some(id)
+                    if matches!(classified.message, Parsed::Batch(_))
+                        && proxy
+                            .sessions
+                            .version(id)
+                            .is_some_and(|v| v != classify::BATCH_VERSION) =>
+                {
+                    let v = proxy.sessions.version(id).unwrap_or_default();
+                    return rpc_error(
+                        StatusCode::BAD_REQUEST,
+                        None,
+                        jsonrpc::INVALID_REQUEST,
+                        &format!(
+                            "JSON-RPC batches are only allowed in protocol {}; this session negotiated {v}: send one message per POST",
+                            classify::BATCH_VERSION
+                        ),
+                        None,
+                    );
+                }
                 Some(id) if proxy.sessions.version(id).is_some() => {}
                 Some(_) => {
                     return rpc_error(
