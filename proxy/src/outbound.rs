@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use capmesh_api::{EndpointId, ToolSpec};
+use capmesh_api::{Endpoint, EndpointId, ToolSpec};
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -21,6 +21,9 @@ use serde_json::{Value, json};
 use crate::balance::{self, Outcome};
 use crate::mcp::classify::{self, Classified, Generation};
 use crate::mcp::jsonrpc::{self, Id, Message, Parsed};
+use crate::mcp::relay::{EventFn, MapEvents};
+use crate::mcp::sse::Event;
+use crate::passthrough::Sealer;
 use crate::{BoxBody, Proxy, boxed};
 
 /// Largest request body accepted from the agent.
@@ -30,10 +33,68 @@ pub const CALL_PATH: &str = "/.capmesh/call";
 const MAX_ATTEMPTS: usize = 3;
 
 /// Sessions the proxy minted for legacy clients of the federated endpoint: id → protocol
-/// version.
+/// version; and the calls of those sessions still streaming, so that a client's
+/// `notifications/cancelled` reaches the provider running the call.
 #[derive(Debug, Default)]
 pub struct Sessions {
     map: Mutex<HashMap<String, String>>,
+    calls: Arc<Mutex<HashMap<(String, String), Route>>>,
+}
+
+/// Where a call or a provider's request to the client lives: the provider instance, the
+/// capability it was reached for, the session its proxy holds with its agent, and the id the
+/// agent knows.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    endpoint: EndpointId,
+    instance: String,
+    capability: String,
+    upstream_session: Option<String>,
+    upstream_id: Value,
+}
+
+impl Route {
+    fn to_json(&self) -> Value {
+        json!([
+            self.endpoint.as_str(),
+            self.instance,
+            self.capability,
+            self.upstream_session,
+            self.upstream_id
+        ])
+    }
+
+    fn from_json(v: Value) -> Option<Self> {
+        let (endpoint, instance, capability, upstream_session, upstream_id): (
+            String,
+            String,
+            String,
+            Option<String>,
+            Value,
+        ) = serde_json::from_value(v).ok()?;
+        Some(Self {
+            endpoint: EndpointId(endpoint),
+            instance,
+            capability,
+            upstream_session,
+            upstream_id,
+        })
+    }
+}
+
+/// Removes a streaming call from [`Sessions`] when its response ends or the client leaves.
+struct CallGuard {
+    calls: Arc<Mutex<HashMap<(String, String), Route>>>,
+    key: (String, String),
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
 }
 
 impl Sessions {
@@ -55,13 +116,44 @@ impl Sessions {
     }
 
     fn remove(&self, id: &str) -> bool {
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(session, _), _| session != id);
         self.map
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(id)
             .is_some()
     }
+
+    /// Records a call of `session` (client id `id`) as streaming from `route`, until the
+    /// returned guard drops.
+    fn track(&self, session: &str, id: &Id, route: Route) -> CallGuard {
+        let key = (session.to_owned(), id.to_string());
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), route);
+        CallGuard {
+            calls: Arc::clone(&self.calls),
+            key,
+        }
+    }
+
+    fn call_route(&self, session: &str, id: &Id) -> Option<Route> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(session.to_owned(), id.to_string()))
+            .cloned()
+    }
 }
+
+/// Prefix of the ids the proxy gives providers' requests to the client (sealed routes).
+const SERVER_REQUEST_PREFIX: &str = "capmesh-";
+/// What sealed server-request ids are bound to.
+const SERVER_REQUEST_CONTEXT: &str = "capmesh/server-request";
 
 fn json_response(status: StatusCode, body: Bytes) -> Response<BoxBody> {
     let mut resp = Response::new(boxed(Full::new(body)));
@@ -371,7 +463,25 @@ async fn federated(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<BoxBod
                 None => call(&proxy, &parts.headers, &classified, &body).await,
             }
         }
-        // Notifications and responses from the client: accepted.
+        // The client's answer to a provider's request: to that provider, with its own id.
+        Parsed::Single(Message::Response {
+            id: Some(Id::String(sealed)),
+            ..
+        }) if sealed.starts_with(SERVER_REQUEST_PREFIX) => {
+            answer_provider(&proxy, &parts.headers, &body, sealed).await
+        }
+        Parsed::Single(Message::Notification { method, params })
+            if method == "notifications/cancelled" && generation == Generation::Legacy =>
+        {
+            cancel(
+                &proxy,
+                &parts.headers,
+                classified.session_id.as_deref(),
+                params.as_ref(),
+            )
+            .await
+        }
+        // Other notifications and responses from the client: accepted.
         Parsed::Single(_) => {
             let mut r = Response::new(boxed(Full::new(Bytes::new())));
             *r.status_mut() = StatusCode::ACCEPTED;
@@ -532,6 +642,9 @@ async fn call(
         );
     }
     proxy.retry_budget.deposit();
+    // The provider's agent serves every consumer in one session: the call gets an id of its
+    // own there, mapped back in the response.
+    let upstream_id = json!(format!("cm-{}", crate::random_hex(12)));
     let timeout = call_timeout(proxy, headers);
     let started = Instant::now();
     let mut tried: Vec<EndpointId> = Vec::new();
@@ -554,19 +667,26 @@ async fn call(
             proxy.metrics.retries.with_label_values(&label).inc();
         }
         tried.push(ep.id.clone());
-        let request =
-            match upstream_request(proxy, headers, classified, body, &ep.address, &ep.function) {
-                Ok(r) => r,
-                Err(e) => {
-                    return rpc_error(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        id,
-                        jsonrpc::INTERNAL_ERROR,
-                        &e,
-                        None,
-                    );
-                }
-            };
+        let request = match upstream_request(
+            proxy,
+            headers,
+            classified,
+            body,
+            &ep.address,
+            &ep.function,
+            &upstream_id,
+        ) {
+            Ok(r) => r,
+            Err(e) => {
+                return rpc_error(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    id,
+                    jsonrpc::INTERNAL_ERROR,
+                    &e,
+                    None,
+                );
+            }
+        };
         let stats = routing.stats(&ep.id);
         let _in_flight = stats.as_ref().map(|s| s.start());
         let t0 = Instant::now();
@@ -624,7 +744,7 @@ async fn call(
                     proxy.metrics.failovers.with_label_values(&label).inc();
                 }
                 proxy.metrics.answered(cap.as_str(), status, rtt);
-                return relay(resp, &ep.identity, &ep.instance);
+                return relay(proxy, resp, &ep, cap.as_str(), classified, &upstream_id).await;
             }
         }
     }
@@ -652,8 +772,12 @@ fn upstream_request(
     body: &Bytes,
     address: &str,
     function: &str,
+    upstream_id: &Value,
 ) -> Result<Request<BoxBody>, String> {
     let renamed = classify::rename_tool_call(body, function).map_err(|e| e.to_string())?;
+    let mut message: Value = serde_json::from_slice(&renamed).map_err(|e| e.to_string())?;
+    message["id"] = upstream_id.clone();
+    let renamed = Bytes::from(serde_json::to_vec(&message).map_err(|e| e.to_string())?);
     let uri: http::Uri = format!("https://{address}{CALL_PATH}")
         .parse()
         .map_err(|e| format!("endpoint address {address:?}: {e}"))?;
@@ -685,10 +809,97 @@ fn upstream_request(
 }
 
 /// Streams a provider's response back: status, content type and body, each SSE event passed
-/// on as it arrives.
-fn relay(resp: Response<Incoming>, identity: &str, instance: &str) -> Response<BoxBody> {
+/// on as it arrives. The call's id goes back to the client's; requests the provider sends the
+/// client on the stream get sealed ids naming the provider (so that two providers' ids cannot
+/// collide and the client's answer finds its way back); a 2025 session's streaming call is
+/// recorded for `notifications/cancelled` until its stream ends.
+async fn relay(
+    proxy: &Arc<Proxy>,
+    resp: Response<Incoming>,
+    ep: &Endpoint,
+    capability: &str,
+    classified: &Classified,
+    upstream_id: &Value,
+) -> Response<BoxBody> {
     let (parts, body) = resp.into_parts();
-    let mut out = Response::new(boxed(body));
+    let client_id = classified.id.as_ref().map_or(Value::Null, Id::to_value);
+    let upstream_session = parts
+        .headers
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let sse = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
+    let route = Route {
+        endpoint: ep.id.clone(),
+        instance: ep.instance.clone(),
+        capability: capability.to_owned(),
+        upstream_session,
+        upstream_id: upstream_id.clone(),
+    };
+    let body = if sse {
+        let guard = match (&classified.session_id, &classified.id) {
+            (Some(session), Some(id)) if classified.generation == Generation::Legacy => {
+                Some(proxy.sessions.track(session, id, route.clone()))
+            }
+            _ => None,
+        };
+        let sealer = mesh_sealer(proxy);
+        let up = upstream_id.clone();
+        let map: EventFn = Box::new(move |mut event: Event| {
+            let _streaming = &guard;
+            let Ok(mut v) = serde_json::from_str::<Value>(&event.data) else {
+                return event;
+            };
+            if v.get("method").is_some() {
+                let Some(id) = v.get("id").filter(|id| !id.is_null()).cloned() else {
+                    return event;
+                };
+                let mut asked = route.clone();
+                asked.upstream_id = id;
+                if let Some(sealed) = sealer
+                    .as_ref()
+                    .and_then(|s| s.seal_json(SERVER_REQUEST_CONTEXT, &asked.to_json()))
+                {
+                    v["id"] = json!(format!("{SERVER_REQUEST_PREFIX}{sealed}"));
+                    event.data = v.to_string();
+                }
+            } else if v.get("id") == Some(&up) {
+                v["id"] = client_id.clone();
+                event.data = v.to_string();
+            }
+            event
+        });
+        boxed(MapEvents::new(body, map))
+    } else {
+        // One JSON response: read it (bounded) to give it the client's id.
+        const LIMIT: usize = 16 * 1024 * 1024;
+        match Limited::new(body, LIMIT).collect().await {
+            Ok(collected) => {
+                let bytes = collected.to_bytes();
+                let bytes = match serde_json::from_slice::<Value>(&bytes) {
+                    Ok(mut v) if v.get("id") == Some(upstream_id) => {
+                        v["id"] = client_id;
+                        Bytes::from(serde_json::to_vec(&v).unwrap_or_else(|_| bytes.to_vec()))
+                    }
+                    _ => bytes,
+                };
+                boxed(Full::new(bytes))
+            }
+            Err(e) => {
+                return rpc_error(
+                    StatusCode::BAD_GATEWAY,
+                    classified.id.as_ref(),
+                    jsonrpc::UPSTREAM_FAILED,
+                    &format!("{}: reading the response failed: {e}", ep.identity),
+                    None,
+                );
+            }
+        }
+    };
+    let mut out = Response::new(body);
     *out.status_mut() = parts.status;
     for name in [header::CONTENT_TYPE, header::CACHE_CONTROL] {
         if let Some(v) = parts.headers.get(&name) {
@@ -698,10 +909,190 @@ fn relay(resp: Response<Incoming>, identity: &str, instance: &str) -> Response<B
     if let Some(v) = parts.headers.get("x-accel-buffering") {
         out.headers_mut().insert("x-accel-buffering", v.clone());
     }
-    if let Ok(v) = HeaderValue::from_str(&format!("{identity}#{instance}")) {
+    if let Ok(v) = HeaderValue::from_str(&format!("{}#{}", ep.identity, ep.instance)) {
         out.headers_mut().insert("x-capmesh-served-by", v);
     }
     out
+}
+
+fn mesh_sealer(proxy: &Proxy) -> Option<Sealer> {
+    proxy
+        .routing
+        .load()
+        .snapshot
+        .as_ref()
+        .and_then(|s| Sealer::from_hex(&s.settings.session_key))
+}
+
+/// The client's answer to a request a provider sent it (sealed id): to that provider instance,
+/// in the session its proxy holds with the agent, with the agent's own id.
+async fn answer_provider(
+    proxy: &Arc<Proxy>,
+    headers: &HeaderMap,
+    body: &Bytes,
+    sealed: &str,
+) -> Response<BoxBody> {
+    let route = sealed
+        .strip_prefix(SERVER_REQUEST_PREFIX)
+        .and_then(|s| mesh_sealer(proxy)?.open_json(SERVER_REQUEST_CONTEXT, s))
+        .and_then(Route::from_json);
+    let Some(route) = route else {
+        return rpc_error(
+            StatusCode::BAD_REQUEST,
+            None,
+            jsonrpc::INVALID_REQUEST,
+            "this response answers no request the mesh relayed (unknown or altered id)",
+            None,
+        );
+    };
+    let Ok(mut message) = serde_json::from_slice::<Value>(body) else {
+        return rpc_error(
+            StatusCode::BAD_REQUEST,
+            None,
+            jsonrpc::PARSE_ERROR,
+            "not JSON",
+            None,
+        );
+    };
+    message["id"] = route.upstream_id.clone();
+    to_provider(proxy, headers, &route, &message).await
+}
+
+/// A 2025 client's `notifications/cancelled` for a call still streaming: to the provider
+/// running it, naming the call by the id the provider knows. Unknown or finished calls: 202, as
+/// a cancellation may arrive after the response.
+async fn cancel(
+    proxy: &Arc<Proxy>,
+    headers: &HeaderMap,
+    session: Option<&str>,
+    params: Option<&Value>,
+) -> Response<BoxBody> {
+    let route = session.zip(
+        params
+            .and_then(|p| p.get("requestId"))
+            .and_then(Id::from_value),
+    );
+    let Some(route) = route.and_then(|(s, id)| proxy.sessions.call_route(s, &id)) else {
+        return accepted();
+    };
+    let mut params = params.cloned().unwrap_or_else(|| json!({}));
+    params["requestId"] = route.upstream_id.clone();
+    let message =
+        json!({ "jsonrpc": "2.0", "method": "notifications/cancelled", "params": params });
+    to_provider(proxy, headers, &route, &message).await
+}
+
+fn accepted() -> Response<BoxBody> {
+    let mut r = Response::new(boxed(Full::new(Bytes::new())));
+    *r.status_mut() = StatusCode::ACCEPTED;
+    r
+}
+
+/// Sends one message into the session the provider's proxy holds with its agent (over the
+/// passthrough path, which checks the caller's policy) and returns the agent's status.
+async fn to_provider(
+    proxy: &Arc<Proxy>,
+    headers: &HeaderMap,
+    route: &Route,
+    message: &Value,
+) -> Response<BoxBody> {
+    let routing = proxy.routing.load_full();
+    let ep = capmesh_api::Capability::new(route.capability.as_str())
+        .ok()
+        .and_then(|cap| {
+            routing
+                .endpoints(&cap)
+                .iter()
+                .find(|e| e.id == route.endpoint && e.instance == route.instance)
+                .cloned()
+        });
+    let Some(ep) = ep else {
+        return rpc_error(
+            StatusCode::NOT_FOUND,
+            None,
+            jsonrpc::UPSTREAM_FAILED,
+            &format!(
+                "the provider instance {} of capability {:?} is gone; its request cannot be answered",
+                route.instance, route.capability
+            ),
+            None,
+        );
+    };
+    let request = (|| -> Result<Request<BoxBody>, String> {
+        let uri: http::Uri = format!("https://{}{}", ep.address, crate::passthrough::PATH)
+            .parse()
+            .map_err(|e| format!("endpoint address {:?}: {e}", ep.address))?;
+        let mut req = Request::builder().method(Method::POST).uri(uri);
+        let out = req.headers_mut().ok_or("request builder failed")?;
+        out.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        out.insert(
+            header::ACCEPT,
+            HeaderValue::from_static("application/json, text/event-stream"),
+        );
+        if let Some(v) = headers.get("mcp-protocol-version") {
+            out.insert("mcp-protocol-version", v.clone());
+        }
+        if let Some(s) = &route.upstream_session {
+            out.insert(
+                "mcp-session-id",
+                HeaderValue::from_str(s).map_err(|e| e.to_string())?,
+            );
+        }
+        out.insert(
+            crate::passthrough::CAPABILITY_HEADER,
+            HeaderValue::from_str(&route.capability).map_err(|e| e.to_string())?,
+        );
+        crate::headers::continue_trace(headers, out);
+        let body = serde_json::to_vec(message).map_err(|e| e.to_string())?;
+        req.body(boxed(Full::new(Bytes::from(body))))
+            .map_err(|e| e.to_string())
+    })();
+    let request = match request {
+        Ok(r) => r,
+        Err(e) => {
+            return rpc_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                None,
+                jsonrpc::INTERNAL_ERROR,
+                &e,
+                None,
+            );
+        }
+    };
+    let timeout = call_timeout(proxy, headers);
+    match tokio::time::timeout(
+        timeout,
+        proxy.peers.send(&ep.address, &ep.identity, request),
+    )
+    .await
+    {
+        Ok(Ok(resp)) => {
+            let (parts, body) = resp.into_parts();
+            let mut out = Response::new(boxed(body));
+            *out.status_mut() = parts.status;
+            if let Some(v) = parts.headers.get(header::CONTENT_TYPE) {
+                out.headers_mut().insert(header::CONTENT_TYPE, v.clone());
+            }
+            out
+        }
+        Ok(Err(e)) => rpc_error(
+            StatusCode::BAD_GATEWAY,
+            None,
+            jsonrpc::UPSTREAM_FAILED,
+            &format!("{}: {e}", ep.identity),
+            None,
+        ),
+        Err(_) => rpc_error(
+            StatusCode::GATEWAY_TIMEOUT,
+            None,
+            jsonrpc::UPSTREAM_FAILED,
+            &format!("{}: no answer within {timeout:?}", ep.identity),
+            None,
+        ),
+    }
 }
 
 /// The registration's function → capability map (for inbound authorization).

@@ -72,18 +72,38 @@ impl Sealer {
 
     /// The sealed id of `pinned`, valid for `capability` only.
     pub fn seal(&self, capability: &str, pinned: &Pinned) -> Option<String> {
+        self.seal_json(
+            capability,
+            &serde_json::json!([
+                pinned.endpoint.as_str(),
+                pinned.instance.as_str(),
+                pinned.upstream.as_str(),
+            ]),
+        )
+    }
+
+    /// What a sealed id holds; `None` when it was not sealed by this mesh for `capability`, or
+    /// was changed.
+    pub fn open(&self, capability: &str, sealed: &str) -> Option<Pinned> {
+        let [endpoint, instance, upstream]: [String; 3] =
+            serde_json::from_value(self.open_json(capability, sealed)?).ok()?;
+        Some(Pinned {
+            endpoint: EndpointId(endpoint),
+            instance,
+            upstream,
+        })
+    }
+
+    /// `value` sealed (encrypted and authenticated, fresh nonce) and bound to `context`, as
+    /// URL-safe Base64 without padding.
+    pub fn seal_json(&self, context: &str, value: &serde_json::Value) -> Option<String> {
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new().fill(&mut nonce).ok()?;
-        let mut data = serde_json::to_vec(&[
-            pinned.endpoint.as_str(),
-            pinned.instance.as_str(),
-            pinned.upstream.as_str(),
-        ])
-        .ok()?;
+        let mut data = serde_json::to_vec(value).ok()?;
         self.key
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(capability.as_bytes()),
+                Aad::from(context.as_bytes()),
                 &mut data,
             )
             .ok()?;
@@ -92,9 +112,8 @@ impl Sealer {
         Some(base64url_encode(&out))
     }
 
-    /// What a sealed id holds; `None` when it was not sealed by this mesh for `capability`, or
-    /// was changed.
-    pub fn open(&self, capability: &str, sealed: &str) -> Option<Pinned> {
+    /// The value [`seal_json`](Self::seal_json) sealed for `context`; `None` for anything else.
+    pub fn open_json(&self, context: &str, sealed: &str) -> Option<serde_json::Value> {
         let raw = base64url_decode(sealed.as_bytes())?;
         if raw.len() < NONCE_LEN {
             return None;
@@ -104,14 +123,9 @@ impl Sealer {
         let mut rest = rest.to_vec();
         let plain = self
             .key
-            .open_in_place(nonce, Aad::from(capability.as_bytes()), &mut rest)
+            .open_in_place(nonce, Aad::from(context.as_bytes()), &mut rest)
             .ok()?;
-        let [endpoint, instance, upstream]: [String; 3] = serde_json::from_slice(plain).ok()?;
-        Some(Pinned {
-            endpoint: EndpointId(endpoint),
-            instance,
-            upstream,
-        })
+        serde_json::from_slice(plain).ok()
     }
 }
 
