@@ -154,6 +154,55 @@ impl Sessions {
 const SERVER_REQUEST_PREFIX: &str = "capmesh-";
 /// What sealed server-request ids are bound to.
 const SERVER_REQUEST_CONTEXT: &str = "capmesh/server-request";
+/// What sealed 2026-07-28 `requestState` values are bound to.
+const REQUEST_STATE_CONTEXT: &str = "capmesh/request-state";
+
+/// A 2026-07-28 `input_required` result: its `requestState` sealed with the route of the
+/// instance that minted it, so that the retry goes back there (another replica could not open
+/// it). Returns whether it changed `v` (a JSON-RPC response).
+fn seal_request_state(v: &mut Value, sealer: Option<&Sealer>, route: &Route) -> bool {
+    let Some(result) = v.get_mut("result") else {
+        return false;
+    };
+    if result.get("resultType").and_then(Value::as_str) != Some("input_required") {
+        return false;
+    }
+    let Some(state) = result
+        .get("requestState")
+        .filter(|s| s.is_string())
+        .cloned()
+    else {
+        return false;
+    };
+    let mut minted = route.clone();
+    minted.upstream_id = state;
+    let Some(sealed) = sealer.and_then(|s| s.seal_json(REQUEST_STATE_CONTEXT, &minted.to_json()))
+    else {
+        return false;
+    };
+    result["requestState"] = json!(format!("{SERVER_REQUEST_PREFIX}{sealed}"));
+    true
+}
+
+/// The route a retried 2026-07-28 call's `requestState` names: `None` when it carries none of
+/// the mesh's, `Some(None)` when it carries one that does not open.
+fn request_state_route(proxy: &Proxy, classified: &Classified) -> Option<Option<Route>> {
+    if classified.generation != Generation::Modern {
+        return None;
+    }
+    let state = classified
+        .message
+        .single()
+        .and_then(Message::params)
+        .and_then(|p| p.get("requestState"))
+        .and_then(Value::as_str)?
+        .strip_prefix(SERVER_REQUEST_PREFIX)?;
+    Some(
+        mesh_sealer(proxy)
+            .and_then(|s| s.open_json(REQUEST_STATE_CONTEXT, state))
+            .and_then(Route::from_json),
+    )
+}
 
 fn json_response(status: StatusCode, body: Bytes) -> Response<BoxBody> {
     let mut resp = Response::new(boxed(Full::new(body)));
@@ -622,7 +671,45 @@ async fn call(
     let label = [cap.as_str()];
     proxy.metrics.requests.with_label_values(&label).inc();
     let all = routing.endpoints(&cap);
-    let ranks = balance::rank(all, &tool.selector);
+    // A retry carrying the mesh's requestState goes to the instance that minted it.
+    let pinned = match request_state_route(proxy, classified) {
+        None => None,
+        Some(Some(route)) if route.capability == cap.as_str() => Some(route),
+        Some(_) => {
+            return rpc_error(
+                StatusCode::OK,
+                id,
+                jsonrpc::INVALID_PARAMS,
+                &format!(
+                    "requestState was not issued by this mesh for capability {cap:?}: call again without it"
+                ),
+                None,
+            );
+        }
+    };
+    let ranks = balance::rank(
+        all.iter().filter(|e| {
+            pinned
+                .as_ref()
+                .is_none_or(|r| e.id == r.endpoint && e.instance == r.instance)
+        }),
+        &tool.selector,
+    );
+    if let Some(route) = &pinned
+        && ranks.iter().all(Vec::is_empty)
+    {
+        return rpc_error(
+            StatusCode::OK,
+            id,
+            jsonrpc::INVALID_PARAMS,
+            &format!(
+                "the provider instance {} that issued this requestState is gone: call again without requestState",
+                route.instance
+            ),
+            None,
+        );
+    }
+    let restored_state = pinned.map(|r| r.upstream_id);
     if ranks.iter().all(Vec::is_empty) {
         proxy
             .metrics
@@ -672,9 +759,9 @@ async fn call(
             headers,
             classified,
             body,
-            &ep.address,
-            &ep.function,
+            &ep,
             &upstream_id,
+            restored_state.as_ref(),
         ) {
             Ok(r) => r,
             Err(e) => {
@@ -770,13 +857,19 @@ fn upstream_request(
     headers: &HeaderMap,
     classified: &Classified,
     body: &Bytes,
-    address: &str,
-    function: &str,
+    ep: &Endpoint,
     upstream_id: &Value,
+    request_state: Option<&Value>,
 ) -> Result<Request<BoxBody>, String> {
+    let (address, function) = (&ep.address, &ep.function);
     let renamed = classify::rename_tool_call(body, function).map_err(|e| e.to_string())?;
     let mut message: Value = serde_json::from_slice(&renamed).map_err(|e| e.to_string())?;
     message["id"] = upstream_id.clone();
+    if let Some(state) = request_state
+        && let Some(params) = message.get_mut("params").and_then(Value::as_object_mut)
+    {
+        params.insert("requestState".to_owned(), state.clone());
+    }
     let renamed = Bytes::from(serde_json::to_vec(&message).map_err(|e| e.to_string())?);
     let uri: http::Uri = format!("https://{address}{CALL_PATH}")
         .parse()
@@ -868,6 +961,7 @@ async fn relay(
                 }
             } else if v.get("id") == Some(&up) {
                 v["id"] = client_id.clone();
+                seal_request_state(&mut v, sealer.as_ref(), &route);
                 event.data = v.to_string();
             }
             event
@@ -882,6 +976,7 @@ async fn relay(
                 let bytes = match serde_json::from_slice::<Value>(&bytes) {
                     Ok(mut v) if v.get("id") == Some(upstream_id) => {
                         v["id"] = client_id;
+                        seal_request_state(&mut v, mesh_sealer(proxy).as_ref(), &route);
                         Bytes::from(serde_json::to_vec(&v).unwrap_or_else(|_| bytes.to_vec()))
                     }
                     _ => bytes,

@@ -377,3 +377,51 @@ async fn cancellation_follows_each_generation() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_2026_input_required_retry_returns_to_the_instance_that_asked() {
+    let mesh = Mesh::new().await;
+    // Two instances of one capability; each seals its requestState with a key of its own.
+    let (_a, _pa) = mesh.provider("alpha", &["consult"], &[]).await;
+    let (_b, _pb) = mesh.provider("beta", &["consult"], &[]).await;
+    let consumer = mesh.consumer("planner", &["consult"], &[]).await;
+    common::eventually(Duration::from_secs(20), "both instances registered", || {
+        let admin = consumer.admin;
+        async move {
+            capmesh_tests::http_get(admin, "/config")
+                .await
+                .is_ok_and(|(_, c)| c.matches("consult").count() >= 1)
+        }
+    })
+    .await;
+    let mut served = std::collections::BTreeSet::new();
+    for round in 0..8 {
+        let (code, v) = client_json(
+            &consumer.url(),
+            "2026-07-28",
+            &[],
+            &[
+                "--sample-reply",
+                "seven",
+                "call",
+                "consult",
+                r#"{"question":"how many days in a week?"}"#,
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(code, 0, "round {round}: {v}");
+        let text = v["result_text"].as_str().unwrap();
+        assert!(
+            text == "alpha: seven" || text == "beta: seven",
+            "round {round}: {v}"
+        );
+        assert_eq!(
+            v["sampling"].as_array().unwrap().len(),
+            1,
+            "round {round}: {v}"
+        );
+        served.insert(common::served_by(text).to_owned());
+    }
+    println!("served by {served:?}");
+}

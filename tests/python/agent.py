@@ -28,6 +28,11 @@ Tools (selected by --tools; default: weather,echo,slow,caller):
     ask             ask(question)                -> asks the client to sample (sampling/createMessage
                                                     on the call's own stream, 2025 sessions only), then
                                                     "<NAME>: <the client's answer>"
+    consult         consult(question)            -> the same through the SDK's resolver (Resolve +
+                                                    Sample): 2026-07-28 answers `input_required`
+                                                    with a requestState only this process can open,
+                                                    and finishes when the client retries with the
+                                                    sampled answer
 
 slow_count prints "CANCELLED slow_count" on stderr when its call is cancelled (a 2026-07-28
 client closing the stream, or notifications/cancelled in a 2025 session).
@@ -50,6 +55,7 @@ from pydantic import Field
 
 import mcp_types as types
 from mcp.server import MCPServer
+from mcp.server.mcpserver import Resolve, Sample
 from mcp.server.mcpserver.context import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.subscriptions import InMemorySubscriptionBus, ToolsListChanged
@@ -77,6 +83,7 @@ TOOL_KEYS = {
     "whoami": "whoami",
     "fail": "fail",
     "ask": "ask",
+    "consult": "consult",
 }
 DEFAULT_TOOLS = "weather,echo,slow,caller"
 REPORTED_HEADERS = (
@@ -107,6 +114,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="disable the SDK's DNS-rebinding protection (Host/Origin allow-list)",
     )
     return p.parse_args(argv)
+
+
+async def sample_answer(question: str) -> Sample:
+    """The resolver of consult(): ask the client's model (module level, so annotations resolve)."""
+    return Sample([types.SamplingMessage(role="user", content=types.TextContent(type="text", text=question))], max_tokens=50)
 
 
 def build_server(args: argparse.Namespace) -> tuple[MCPServer, InMemorySubscriptionBus, Any]:
@@ -167,6 +179,13 @@ def build_server(args: argparse.Namespace) -> tuple[MCPServer, InMemorySubscript
         )
         return f"{name}: {getattr(result.content, 'text', result.content)}"
 
+    async def consult(
+        question: Annotated[str, Field(description="What to ask the client's model")],
+        answer: Annotated[types.CreateMessageResult, Resolve(sample_answer)],
+    ) -> str:
+        await pause()
+        return f"{name}: {getattr(answer.content, 'text', answer.content)}"
+
     async def whoami(ctx: Context) -> str:
         await pause()
         headers = ctx.headers or {}
@@ -194,6 +213,7 @@ def build_server(args: argparse.Namespace) -> tuple[MCPServer, InMemorySubscript
         "whoami": (whoami, "Report the HTTP request headers this tool call arrived with (JSON)."),
         "fail": (fail, "Always fails with a tool error (isError: true)."),
         "ask": (ask, "Ask the client's model a question (sampling) and return its answer."),
+        "consult": (consult, "Ask the client's model a question (SDK resolver; input_required in 2026-07-28)."),
     }
     wanted: list[str] = []
     for key in (k.strip() for k in args.tools.split(",")):
