@@ -46,15 +46,15 @@ pub struct Sessions {
 /// agent knows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Route {
-    endpoint: EndpointId,
-    instance: String,
-    capability: String,
-    upstream_session: Option<String>,
-    upstream_id: Value,
+    pub(crate) endpoint: EndpointId,
+    pub(crate) instance: String,
+    pub(crate) capability: String,
+    pub(crate) upstream_session: Option<String>,
+    pub(crate) upstream_id: Value,
 }
 
 impl Route {
-    fn to_json(&self) -> Value {
+    pub(crate) fn to_json(&self) -> Value {
         json!([
             self.endpoint.as_str(),
             self.instance,
@@ -64,7 +64,7 @@ impl Route {
         ])
     }
 
-    fn from_json(v: Value) -> Option<Self> {
+    pub(crate) fn from_json(v: Value) -> Option<Self> {
         let (endpoint, instance, capability, upstream_session, upstream_id): (
             String,
             String,
@@ -151,16 +151,16 @@ impl Sessions {
 }
 
 /// Prefix of the ids the proxy gives providers' requests to the client (sealed routes).
-const SERVER_REQUEST_PREFIX: &str = "capmesh-";
+pub(crate) const SERVER_REQUEST_PREFIX: &str = "capmesh-";
 /// What sealed server-request ids are bound to.
 const SERVER_REQUEST_CONTEXT: &str = "capmesh/server-request";
 /// What sealed 2026-07-28 `requestState` values are bound to.
-const REQUEST_STATE_CONTEXT: &str = "capmesh/request-state";
+pub(crate) const REQUEST_STATE_CONTEXT: &str = "capmesh/request-state";
 
 /// A 2026-07-28 `input_required` result: its `requestState` sealed with the route of the
 /// instance that minted it, so that the retry goes back there (another replica could not open
 /// it). Returns whether it changed `v` (a JSON-RPC response).
-fn seal_request_state(v: &mut Value, sealer: Option<&Sealer>, route: &Route) -> bool {
+pub(crate) fn seal_request_state(v: &mut Value, sealer: Option<&Sealer>, route: &Route) -> bool {
     let Some(result) = v.get_mut("result") else {
         return false;
     };
