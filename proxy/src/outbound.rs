@@ -6,6 +6,13 @@
 //! resolve (tags, version) → pick (power of two choices over peak-EWMA) → forward over mutual
 //! TLS to the provider's proxy → on a failure that cannot have reached the agent, retry on
 //! another endpoint within the retry budget. The response streams back unbuffered.
+//!
+//! Ids across the mesh: a call gets its own id at the provider (mapped back in the response);
+//! a provider's request to the client on the call's stream gets a sealed id naming the provider
+//! instance, so the client's answer goes back there (`answer_provider`); a 2025 session's
+//! `notifications/cancelled` follows its call ([`Sessions`] keeps the streaming ones); a
+//! 2026-07-28 `input_required` result's `requestState` is sealed with its instance so that the
+//! retry returns to it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
