@@ -424,4 +424,24 @@ async fn a_2026_input_required_retry_returns_to_the_instance_that_asked() {
         served.insert(common::served_by(text).to_owned());
     }
     println!("served by {served:?}");
+
+    // A requestState the mesh did not seal: -32602, and the provider never sees it.
+    let port = consumer.outbound;
+    let forged = br#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"consult","arguments":{"question":"q"},"requestState":"capmesh-bm90IHNlYWxlZCBieSB0aGUgbWVzaA","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{"sampling":{}}}}}"#;
+    let (status, _, body) = tokio::task::spawn_blocking(move || {
+        let h = [
+            ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream"),
+            ("mcp-protocol-version", "2026-07-28"),
+            ("mcp-method", "tools/call"),
+            ("mcp-name", "consult"),
+        ];
+        post(port, &h, forged)
+    })
+    .await
+    .unwrap();
+    assert_eq!(status, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], -32602, "{body}");
+    assert!(body.contains("call again without"), "{body}");
 }
