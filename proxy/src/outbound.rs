@@ -237,9 +237,74 @@ fn text(status: StatusCode, msg: &str) -> Response<BoxBody> {
     resp
 }
 
+/// Whether `host` (a `Host` value or an `Origin`'s host, port allowed) names this machine:
+/// `localhost`, a loopback IP (`127.0.0.0/8`, `[::1]`), or an IP literal at all when
+/// `ip_ok` (a sidecar may listen on a pod address).
+fn local_host(host: &str, ip_ok: bool) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split(']').next().unwrap_or_default()
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        })
+    };
+    if name.eq_ignore_ascii_case("localhost") {
+        return true;
+    }
+    match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip_ok || ip.is_loopback(),
+        Err(_) => false,
+    }
+}
+
+/// DNS-rebinding protection for the outbound listener, a plain-HTTP server on the agent's
+/// machine: a browser page on another site can reach it under a name of its own. An `Origin`
+/// that is not this machine is refused everywhere; on passthrough a `Host` that names another
+/// site is refused too (the provider's own check cannot see it: its proxy sets `Host` to the
+/// agent's address). Returns the 403 to send.
+fn rebinding_refusal(headers: &HeaderMap, passthrough: bool) -> Option<Response<BoxBody>> {
+    if let Some(origin) = headers.get(header::ORIGIN) {
+        let host = origin
+            .to_str()
+            .ok()
+            .and_then(|o| o.split_once("://"))
+            .map(|(_, rest)| rest.split('/').next().unwrap_or_default());
+        if !host.is_some_and(|h| local_host(h, false)) {
+            return Some(rpc_error(
+                StatusCode::FORBIDDEN,
+                None,
+                jsonrpc::INVALID_REQUEST,
+                "Origin is not this machine (DNS-rebinding protection): the mesh takes requests from the local agent only",
+                None,
+            ));
+        }
+    }
+    if passthrough
+        && let Some(host) = headers.get(header::HOST)
+        && !host.to_str().is_ok_and(|h| local_host(h, true))
+    {
+        return Some(rpc_error(
+            StatusCode::FORBIDDEN,
+            None,
+            jsonrpc::INVALID_REQUEST,
+            "Host is not this machine (DNS-rebinding protection): use http://127.0.0.1:<outbound port>/capabilities/<capability>/mcp",
+            None,
+        ));
+    }
+    None
+}
+
 /// Routes one request on the outbound listener.
 pub async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<BoxBody> {
     let path = req.uri().path().to_owned();
+    let passthrough = crate::passthrough::capability_in_path(&path).is_some();
+    if let Some(refused) = rebinding_refusal(req.headers(), passthrough) {
+        return refused;
+    }
     match (req.method().clone(), path.as_str()) {
         (Method::POST, "/mcp") => federated(proxy, req).await,
         (Method::GET, "/mcp") => listen(proxy, req),
@@ -1203,4 +1268,67 @@ pub fn function_map(tools: &[ToolSpec]) -> HashMap<String, capmesh_api::Capabili
         .iter()
         .map(|t| (t.function.clone(), t.capability.clone()))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn this_machine_is_localhost_or_loopback_with_any_port() {
+        for h in [
+            "localhost",
+            "LOCALHOST:15001",
+            "127.0.0.1",
+            "127.0.0.1:15001",
+            "127.9.9.9:80",
+            "[::1]",
+            "[::1]:15001",
+        ] {
+            assert!(local_host(h, false), "{h}");
+        }
+        for h in [
+            "evil.example.com",
+            "evil.example.com:15001",
+            "localhost.evil.com",
+            "10.0.0.5:15001",
+            "[fe80::1]:1",
+            "",
+        ] {
+            assert!(!local_host(h, false), "{h}");
+        }
+        assert!(local_host("10.0.0.5:15001", true));
+        assert!(!local_host("weather.default.svc:15001", true));
+    }
+
+    #[test]
+    fn foreign_origins_and_passthrough_hosts_are_refused() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(*k, HeaderValue::from_static(v));
+            }
+            m
+        };
+        let evil = h(&[
+            ("host", "evil.example.com:15001"),
+            ("origin", "http://evil.example.com:15001"),
+        ]);
+        assert!(rebinding_refusal(&evil, true).is_some());
+        assert!(rebinding_refusal(&evil, false).is_some());
+        let host_only = h(&[("host", "evil.example.com:15001")]);
+        assert!(rebinding_refusal(&host_only, true).is_some());
+        assert!(
+            rebinding_refusal(&host_only, false).is_none(),
+            "/mcp checks Origin only"
+        );
+        let local = h(&[
+            ("host", "127.0.0.1:15001"),
+            ("origin", "http://localhost:15001"),
+        ]);
+        assert!(rebinding_refusal(&local, true).is_none());
+        assert!(rebinding_refusal(&h(&[("origin", "null")]), false).is_some());
+        assert!(rebinding_refusal(&HeaderMap::new(), true).is_none());
+    }
 }

@@ -161,7 +161,9 @@ impl NodeServer {
         .await
     }
 
-    async fn spawn(
+    /// Any server process (the Python conformance server too): started with its output
+    /// captured, ready when `ready` finds its port in a line it prints; killed on drop.
+    pub async fn spawn(
         mut cmd: Command,
         what: &str,
         ready: impl Fn(&str) -> Option<u16>,
