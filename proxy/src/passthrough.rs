@@ -24,7 +24,12 @@ use ring::rand::{SecureRandom, SystemRandom};
 use crate::balance::{self, Outcome};
 use crate::headers::is_hop_by_hop;
 use crate::mcp::jsonrpc;
-use crate::outbound::{call_timeout, rpc_error};
+use crate::mcp::relay::{EventFn, MapEvents};
+use crate::mcp::sse::Event;
+use crate::outbound::{
+    REQUEST_STATE_CONTEXT, Route, SERVER_REQUEST_PREFIX, call_timeout, rpc_error,
+    seal_request_state,
+};
 use crate::{BoxBody, Proxy, boxed};
 
 /// Path of passthrough requests on a peer proxy's inbound listener.
@@ -45,6 +50,7 @@ pub struct Pinned {
 }
 
 /// Seals and opens session ids with the mesh's key.
+#[derive(Clone)]
 pub struct Sealer {
     key: LessSafeKey,
 }
@@ -72,18 +78,38 @@ impl Sealer {
 
     /// The sealed id of `pinned`, valid for `capability` only.
     pub fn seal(&self, capability: &str, pinned: &Pinned) -> Option<String> {
+        self.seal_json(
+            capability,
+            &serde_json::json!([
+                pinned.endpoint.as_str(),
+                pinned.instance.as_str(),
+                pinned.upstream.as_str(),
+            ]),
+        )
+    }
+
+    /// What a sealed id holds; `None` when it was not sealed by this mesh for `capability`, or
+    /// was changed.
+    pub fn open(&self, capability: &str, sealed: &str) -> Option<Pinned> {
+        let [endpoint, instance, upstream]: [String; 3] =
+            serde_json::from_value(self.open_json(capability, sealed)?).ok()?;
+        Some(Pinned {
+            endpoint: EndpointId(endpoint),
+            instance,
+            upstream,
+        })
+    }
+
+    /// `value` sealed (encrypted and authenticated, fresh nonce) and bound to `context`, as
+    /// URL-safe Base64 without padding.
+    pub fn seal_json(&self, context: &str, value: &serde_json::Value) -> Option<String> {
         let mut nonce = [0u8; NONCE_LEN];
         SystemRandom::new().fill(&mut nonce).ok()?;
-        let mut data = serde_json::to_vec(&[
-            pinned.endpoint.as_str(),
-            pinned.instance.as_str(),
-            pinned.upstream.as_str(),
-        ])
-        .ok()?;
+        let mut data = serde_json::to_vec(value).ok()?;
         self.key
             .seal_in_place_append_tag(
                 Nonce::assume_unique_for_key(nonce),
-                Aad::from(capability.as_bytes()),
+                Aad::from(context.as_bytes()),
                 &mut data,
             )
             .ok()?;
@@ -92,9 +118,8 @@ impl Sealer {
         Some(base64url_encode(&out))
     }
 
-    /// What a sealed id holds; `None` when it was not sealed by this mesh for `capability`, or
-    /// was changed.
-    pub fn open(&self, capability: &str, sealed: &str) -> Option<Pinned> {
+    /// The value [`seal_json`](Self::seal_json) sealed for `context`; `None` for anything else.
+    pub fn open_json(&self, context: &str, sealed: &str) -> Option<serde_json::Value> {
         let raw = base64url_decode(sealed.as_bytes())?;
         if raw.len() < NONCE_LEN {
             return None;
@@ -104,14 +129,9 @@ impl Sealer {
         let mut rest = rest.to_vec();
         let plain = self
             .key
-            .open_in_place(nonce, Aad::from(capability.as_bytes()), &mut rest)
+            .open_in_place(nonce, Aad::from(context.as_bytes()), &mut rest)
             .ok()?;
-        let [endpoint, instance, upstream]: [String; 3] = serde_json::from_slice(plain).ok()?;
-        Some(Pinned {
-            endpoint: EndpointId(endpoint),
-            instance,
-            upstream,
-        })
+        serde_json::from_slice(plain).ok()
     }
 }
 
@@ -194,8 +214,28 @@ pub async fn handle(proxy: Arc<Proxy>, name: &str, req: Request<Incoming>) -> Re
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
 
-    // Pinned: the sealed id says where the session lives.
-    let (ep, sender, pinned) = if let Some(sealed) = &client_session {
+    // 2026-07-28: a retry carrying the mesh's requestState goes to the instance that minted it.
+    let (parts, body) = req.into_parts();
+    let (body, state_pin) = match modern_state(&parts, body, &sealer, cap.as_str()).await {
+        Ok(read) => read,
+        Err(refusal) => return refusal,
+    };
+    let modern = state_pin.is_some() || is_modern_post(&parts);
+    let client_session = client_session.filter(|_| !modern);
+
+    // Pinned: the sealed id (or requestState) says where the session lives.
+    let (ep, sender, pinned) = if let Some(route) = &state_pin {
+        let Some(ep) = all
+            .iter()
+            .find(|e| e.id == route.endpoint && e.instance == route.instance && e.healthy)
+        else {
+            return stale_state(&route.instance);
+        };
+        match proxy.peers.ready(&ep.address, &ep.identity).await {
+            Ok(s) => (ep.clone(), s, None),
+            Err(_) => return stale_state(&route.instance),
+        }
+    } else if let Some(sealed) = &client_session {
         let Some(pinned) = sealer.open(cap.as_str(), sealed) else {
             return not_found_session();
         };
@@ -280,7 +320,7 @@ pub async fn handle(proxy: Arc<Proxy>, name: &str, req: Request<Incoming>) -> Re
         (ep, sender, None)
     };
 
-    let request = match upstream_request(&cap, &ep, pinned.as_ref(), req) {
+    let request = match upstream_request(&cap, &ep, pinned.as_ref(), parts, body) {
         Ok(r) => r,
         Err(e) => {
             return rpc_error(
@@ -342,6 +382,11 @@ pub async fn handle(proxy: Arc<Proxy>, name: &str, req: Request<Incoming>) -> Re
         );
     }
     proxy.metrics.answered(cap.as_str(), status, rtt);
+    let resp = if modern {
+        seal_states(resp, &sealer, &cap, &ep).await
+    } else {
+        resp.map(boxed)
+    };
     relay(
         resp,
         &sealer,
@@ -352,13 +397,156 @@ pub async fn handle(proxy: Arc<Proxy>, name: &str, req: Request<Incoming>) -> Re
     )
 }
 
+fn is_modern_post(parts: &http::request::Parts) -> bool {
+    parts.method == Method::POST
+        && parts
+            .headers
+            .get("mcp-protocol-version")
+            .is_some_and(|v| v.as_bytes() == crate::mcp::classify::MODERN.as_bytes())
+}
+
+fn stale_state(instance: &str) -> Response<BoxBody> {
+    rpc_error(
+        StatusCode::OK,
+        None,
+        jsonrpc::INVALID_PARAMS,
+        &format!(
+            "the provider instance {instance} that issued this requestState is gone, or the requestState was not issued by this mesh: call again without requestState"
+        ),
+        None,
+    )
+}
+
+/// A 2026-07-28 POST is read whole (it is one small JSON-RPC request) to find a requestState
+/// the mesh sealed: returned opened, with the provider's own value put back in the body.
+async fn modern_state(
+    parts: &http::request::Parts,
+    body: Incoming,
+    sealer: &Sealer,
+    capability: &str,
+) -> Result<(BoxBody, Option<Route>), Response<BoxBody>> {
+    use http_body_util::{BodyExt, Full, Limited};
+    if !is_modern_post(parts) {
+        return Ok((boxed(body), None));
+    }
+    let bytes = match Limited::new(body, crate::outbound::MAX_REQUEST)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return Err(rpc_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                None,
+                jsonrpc::INVALID_REQUEST,
+                &format!(
+                    "cannot read the request (at most {} bytes): {e}",
+                    crate::outbound::MAX_REQUEST
+                ),
+                None,
+            ));
+        }
+    };
+    let Ok(mut message) = serde_json::from_slice::<serde_json::Value>(&bytes) else {
+        // Not ours to judge: the provider answers it.
+        return Ok((boxed(Full::new(bytes)), None));
+    };
+    let Some(sealed) = message
+        .get("params")
+        .and_then(|p| p.get("requestState"))
+        .and_then(serde_json::Value::as_str)
+        .and_then(|s| s.strip_prefix(SERVER_REQUEST_PREFIX))
+    else {
+        return Ok((boxed(Full::new(bytes)), None));
+    };
+    let route = sealer
+        .open_json(REQUEST_STATE_CONTEXT, sealed)
+        .and_then(Route::from_json)
+        .filter(|r| r.capability == capability);
+    let Some(route) = route else {
+        return Err(stale_state("(unknown)"));
+    };
+    message["params"]["requestState"] = route.upstream_id.clone();
+    let bytes = serde_json::to_vec(&message).map_err(|e| {
+        rpc_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            None,
+            jsonrpc::INTERNAL_ERROR,
+            &e.to_string(),
+            None,
+        )
+    })?;
+    Ok((boxed(Full::new(bytes::Bytes::from(bytes))), Some(route)))
+}
+
+/// A 2026-07-28 response: an `input_required` result's requestState sealed with the instance
+/// that minted it (JSON read whole; an event stream relayed event by event).
+async fn seal_states(
+    resp: Response<Incoming>,
+    sealer: &Sealer,
+    cap: &Capability,
+    ep: &Endpoint,
+) -> Response<BoxBody> {
+    use http_body_util::{BodyExt, Full, Limited};
+    let route = Route {
+        endpoint: ep.id.clone(),
+        instance: ep.instance.clone(),
+        capability: cap.as_str().to_owned(),
+        upstream_session: None,
+        upstream_id: serde_json::Value::Null,
+    };
+    let (parts, body) = resp.into_parts();
+    let content_type = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .map(|v| v.as_bytes().to_vec())
+        .unwrap_or_default();
+    let body = if content_type.starts_with(b"text/event-stream") {
+        let sealer = sealer.clone();
+        let map: EventFn = Box::new(move |mut event: Event| {
+            if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(&event.data)
+                && seal_request_state(&mut v, Some(&sealer), &route)
+            {
+                event.data = v.to_string();
+            }
+            event
+        });
+        boxed(MapEvents::new(body, map))
+    } else if content_type.starts_with(b"application/json") {
+        const LIMIT: usize = 16 * 1024 * 1024;
+        match Limited::new(body, LIMIT).collect().await {
+            Ok(b) => {
+                let bytes = b.to_bytes();
+                let sealed = serde_json::from_slice::<serde_json::Value>(&bytes)
+                    .ok()
+                    .and_then(|mut v| {
+                        seal_request_state(&mut v, Some(sealer), &route).then(|| v.to_string())
+                    });
+                boxed(Full::new(sealed.map_or(bytes, bytes::Bytes::from)))
+            }
+            Err(e) => {
+                return rpc_error(
+                    StatusCode::BAD_GATEWAY,
+                    None,
+                    jsonrpc::UPSTREAM_FAILED,
+                    &format!("{}: reading the response failed: {e}", ep.identity),
+                    None,
+                );
+            }
+        }
+    } else {
+        boxed(body)
+    };
+    Response::from_parts(parts, body)
+}
+
 fn upstream_request(
     cap: &Capability,
     ep: &Endpoint,
     pinned: Option<&Pinned>,
-    req: Request<Incoming>,
+    parts: http::request::Parts,
+    body: BoxBody,
 ) -> Result<Request<BoxBody>, String> {
-    let (parts, body) = req.into_parts();
     let query = parts
         .uri
         .query()
@@ -381,7 +569,7 @@ fn upstream_request(
     if let Ok(v) = HeaderValue::from_str(cap.as_str()) {
         h.insert(CAPABILITY_HEADER, v);
     }
-    out.body(boxed(body)).map_err(|e| e.to_string())
+    out.body(body).map_err(|e| e.to_string())
 }
 
 /// The client's headers minus hop-by-hop ones, `host`, capmesh's own and the trace context
@@ -403,7 +591,7 @@ fn forwarded_headers(from: &HeaderMap) -> HeaderMap {
 
 /// Streams the provider's response back with the session id sealed.
 fn relay(
-    resp: Response<Incoming>,
+    resp: Response<BoxBody>,
     sealer: &Sealer,
     cap: &Capability,
     ep: &Endpoint,
@@ -411,7 +599,7 @@ fn relay(
     client_session: Option<&str>,
 ) -> Response<BoxBody> {
     let (parts, body) = resp.into_parts();
-    let mut out = Response::new(boxed(body));
+    let mut out = Response::new(body);
     *out.status_mut() = parts.status;
     let h = out.headers_mut();
     for (name, value) in &parts.headers {

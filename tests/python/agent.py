@@ -25,6 +25,17 @@ Tools (selected by --tools; default: weather,echo,slow,caller):
     slow            slow_count(n, delay_ms=100)  -> progress 1..n (total n), then "<NAME>: counted <n>"
     caller|headers  whoami()                     -> JSON of the HTTP request headers the tool saw
     fail            fail(message)                -> a tool error (isError: true) with <message>
+    ask             ask(question)                -> asks the client to sample (sampling/createMessage
+                                                    on the call's own stream, 2025 sessions only), then
+                                                    "<NAME>: <the client's answer>"
+    consult         consult(question)            -> the same through the SDK's resolver (Resolve +
+                                                    Sample): 2026-07-28 answers `input_required`
+                                                    with a requestState only this process can open,
+                                                    and finishes when the client retries with the
+                                                    sampled answer
+
+slow_count prints "CANCELLED slow_count" on stderr when its call is cancelled (a 2026-07-28
+client closing the stream, or notifications/cancelled in a 2025 session).
 """
 
 from __future__ import annotations
@@ -42,7 +53,9 @@ from typing import Annotated, Any
 import uvicorn
 from pydantic import Field
 
+import mcp_types as types
 from mcp.server import MCPServer
+from mcp.server.mcpserver import Resolve, Sample
 from mcp.server.mcpserver.context import Context
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.subscriptions import InMemorySubscriptionBus, ToolsListChanged
@@ -69,6 +82,8 @@ TOOL_KEYS = {
     "headers": "whoami",
     "whoami": "whoami",
     "fail": "fail",
+    "ask": "ask",
+    "consult": "consult",
 }
 DEFAULT_TOOLS = "weather,echo,slow,caller"
 REPORTED_HEADERS = (
@@ -99,6 +114,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="disable the SDK's DNS-rebinding protection (Host/Origin allow-list)",
     )
     return p.parse_args(argv)
+
+
+async def sample_answer(question: str) -> Sample:
+    """The resolver of consult(): ask the client's model (module level, so annotations resolve)."""
+    return Sample([types.SamplingMessage(role="user", content=types.TextContent(type="text", text=question))], max_tokens=50)
 
 
 def build_server(args: argparse.Namespace) -> tuple[MCPServer, InMemorySubscriptionBus, Any]:
@@ -140,11 +160,31 @@ def build_server(args: argparse.Namespace) -> tuple[MCPServer, InMemorySubscript
         delay_ms: Annotated[int, Field(description="Milliseconds between steps", ge=0)] = 100,
     ) -> str:
         await pause()
-        for i in range(1, n + 1):
-            await asyncio.sleep(delay_ms / 1000.0)
-            await ctx.report_progress(i, n, f"step {i}/{n}")
-            await ctx.info(f"{name}: step {i}/{n}")
+        try:
+            for i in range(1, n + 1):
+                await asyncio.sleep(delay_ms / 1000.0)
+                await ctx.report_progress(i, n, f"step {i}/{n}")
+                await ctx.info(f"{name}: step {i}/{n}")
+        except asyncio.CancelledError:
+            print("CANCELLED slow_count", file=sys.stderr, flush=True)
+            raise
         return f"{name}: counted {n}"
+
+    async def ask(ctx: Context, question: Annotated[str, Field(description="What to ask the client's model")]) -> str:
+        await pause()
+        result = await ctx.session.create_message(
+            messages=[types.SamplingMessage(role="user", content=types.TextContent(type="text", text=question))],
+            max_tokens=50,
+            related_request_id=ctx.request_context.request_id,
+        )
+        return f"{name}: {getattr(result.content, 'text', result.content)}"
+
+    async def consult(
+        question: Annotated[str, Field(description="What to ask the client's model")],
+        answer: Annotated[types.CreateMessageResult, Resolve(sample_answer)],
+    ) -> str:
+        await pause()
+        return f"{name}: {getattr(answer.content, 'text', answer.content)}"
 
     async def whoami(ctx: Context) -> str:
         await pause()
@@ -172,6 +212,8 @@ def build_server(args: argparse.Namespace) -> tuple[MCPServer, InMemorySubscript
         ),
         "whoami": (whoami, "Report the HTTP request headers this tool call arrived with (JSON)."),
         "fail": (fail, "Always fails with a tool error (isError: true)."),
+        "ask": (ask, "Ask the client's model a question (sampling) and return its answer."),
+        "consult": (consult, "Ask the client's model a question (SDK resolver; input_required in 2026-07-28)."),
     }
     wanted: list[str] = []
     for key in (k.strip() for k in args.tools.split(",")):

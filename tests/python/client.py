@@ -12,13 +12,16 @@
 --header K=V        an HTTP header sent on every request (repeatable), e.g. x-tenant-id=t1.
 --log-level LEVEL   opt in to `notifications/message` on 2026-07-28 requests (legacy sessions
                     get them unconditionally).
+--sample-reply TEXT declare the sampling capability and answer every sampling/createMessage
+                    with TEXT (the requests seen are reported as "sampling" by `call`).
 
 Commands (all output is JSON on stdout):
     info                                  {"protocol_version", "server_info", "capabilities", "instructions"}
     list                                  [{"name", "description", "inputSchema"}, ...]
     call TOOL JSON_ARGS                   {"result_text", "is_error", "structured_content", "progress":
                                            [{"progress", "total", "message", "elapsed_ms"}], "logs":
-                                           [{"level", "data", "elapsed_ms"}], "result_elapsed_ms"}
+                                           [{"level", "data", "elapsed_ms"}], "result_elapsed_ms",
+                                           "sampling": [{"id", "messages"}]}
                                           (elapsed_ms counted from the start of the tools/call)
     watch SECONDS                         one line per listing: {"t_ms", "event": "initial"|"list_changed",
                                            "tools": [names]}; waits SECONDS for
@@ -135,6 +138,7 @@ class Conn:
         self.logs: list[dict[str, Any]] = []
         self.t0 = time.monotonic()
         self.list_changed = anyio.Event()
+        self.sampling: list[dict[str, Any]] = []
 
     async def on_log(self, params: types.LoggingMessageNotificationParams) -> None:
         self.logs.append({"level": params.level, "data": params.data, "elapsed_ms": now_ms(self.t0)})
@@ -155,6 +159,18 @@ async def connect(args: argparse.Namespace, http: HttpLog, conn: Conn) -> AsyncI
     async with httpx2.AsyncClient(
         headers=dict(args.header), timeout=timeout, event_hooks={"response": [http.on_response]}
     ) as http_client:
+        sampling: dict[str, Any] = {}
+        if args.sample_reply is not None:
+            reply = args.sample_reply
+
+            async def on_sampling(ctx: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
+                seen = [getattr(m.content, "text", None) for m in params.messages]
+                conn.sampling.append({"id": getattr(ctx, "request_id", None), "messages": seen})
+                return types.CreateMessageResult(
+                    role="assistant", content=types.TextContent(type="text", text=reply), model="capmesh-test"
+                )
+
+            sampling["sampling_callback"] = on_sampling
         client = Client(
             streamable_http_client(args.url, http_client=http_client),
             mode=args.mode,
@@ -163,6 +179,7 @@ async def connect(args: argparse.Namespace, http: HttpLog, conn: Conn) -> AsyncI
             logging_callback=conn.on_log,
             message_handler=conn.on_message,
             log_level=args.log_level,
+            **sampling,
         )
         async with client:
             yield client
@@ -209,6 +226,7 @@ async def call_once(conn: Conn, client: Client, tool: str, arguments: dict[str, 
         "progress": progress,
         "logs": list(conn.logs),
         "result_elapsed_ms": now_ms(t0),
+        "sampling": list(conn.sampling),
     }
 
 
@@ -389,6 +407,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--header", type=header, action="append", default=[], metavar="K=V")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds per request (and for connecting)")
     p.add_argument("--log-level", default=None, help="2026-07-28 log opt-in level (e.g. info)")
+    p.add_argument("--sample-reply", default=None, help="answer sampling requests with this text")
     p.add_argument("command", choices=["info", "list", "call", "watch", "loop"])
     p.add_argument("rest", nargs="*")
     return p.parse_args(argv)

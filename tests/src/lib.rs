@@ -7,6 +7,7 @@
 //!   (apply, ack) so tests can wait for "the consumer now sees X".
 #![forbid(unsafe_code)]
 
+pub mod node;
 pub mod python;
 
 use std::net::TcpListener as StdListener;

@@ -7,6 +7,8 @@
 //!   owed to a client that breaks the transport rules; the header-only [`route_hint`].
 //! * [`header`]: MCP header names, the `=?base64?…?=` value encoding, re-emitting routing headers.
 //! * [`rewrite`]: renaming the tool of a `tools/call` body without disturbing any other byte.
+//! * [`relay`]: a response body relaying an event stream event by event through a mapping
+//!   (JSON-RPC id remapping on the federated endpoint).
 //! * [`sse`]: a bounded, incremental `text/event-stream` decoder and encoder, and
 //!   [`find_response`] for when the proxy itself calls an agent.
 //!
@@ -17,6 +19,7 @@
 pub mod classify;
 pub mod header;
 pub mod jsonrpc;
+pub mod relay;
 pub mod rewrite;
 pub mod sse;
 
