@@ -189,7 +189,9 @@ impl Agent {
             "jsonrpc": "2.0", "id": 1, "method": "initialize",
             "params": {
                 "protocolVersion": LEGACY_VERSION,
-                "capabilities": {},
+                // Mesh callers' clients answer sampling and elicitation requests relayed on a
+                // call's stream; servers that offer some tools only to such clients list them.
+                "capabilities": { "sampling": {}, "elicitation": {} },
                 "clientInfo": { "name": "capmesh-proxy", "version": env!("CARGO_PKG_VERSION") }
             }
         });

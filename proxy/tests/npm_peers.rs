@@ -163,6 +163,50 @@ async fn server_everything_sessions_sampling_elicitation_and_progress_through_pa
 }
 
 #[tokio::test]
+async fn server_everything_sampling_and_elicitation_through_the_federated_endpoint() {
+    let mesh = Mesh::new().await;
+    let (_server, _provider, consumer, _) = everything_mesh(&mesh).await;
+    // The consumer's one MCP server: the mesh's tools, named by capability.
+    let url = format!("http://127.0.0.1:{}/mcp", consumer.outbound);
+    common::eventually(
+        Duration::from_secs(20),
+        "trigger-sampling-request reaches the consumer's tools",
+        || {
+            let url = url.clone();
+            async move {
+                let (_, out) = capmesh_tests::python::client(&url, "legacy", &[], &["list"])
+                    .await
+                    .unwrap_or_default();
+                out.contains("trigger-sampling-request")
+            }
+        },
+    )
+    .await;
+    let v = everything_client(&url, "session").await;
+    println!("through /mcp: {v}");
+    let s = &v["sampling"];
+    assert_eq!(s["requests"].as_array().unwrap().len(), 1, "{s}");
+    assert!(
+        s["result_text"]
+            .as_str()
+            .unwrap()
+            .contains("capmesh-sampled-reply"),
+        "{s}"
+    );
+    let e = &v["elicitation"];
+    assert_eq!(e["requests"].as_array().unwrap().len(), 1, "{e}");
+    let text = e["result_text"].as_str().unwrap();
+    assert!(text.contains("- Name: Ada Through-The-Mesh"), "{text}");
+    let steps: Vec<f64> = v["progress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["progress"].as_f64().unwrap())
+        .collect();
+    assert_eq!(steps, [1.0, 2.0, 3.0], "{v}");
+}
+
+#[tokio::test]
 async fn a_get_stream_resumes_with_last_event_id_through_passthrough() {
     let mesh = Mesh::new().await;
     let (server, _provider, _consumer, url) = everything_mesh(&mesh).await;
