@@ -89,7 +89,14 @@ echo "== capmesh with its defaults ($(( (rounds + 1) / 2 )) rounds)"
 # Flat CPU profiles of the two capmesh sidecars (round 1), for the budgets a run misses.
 for f in "$out"/*.perf.data; do
   [ -e "$f" ] || continue
-  perf report -i "$f" --stdio --no-children --sort comm,symbol 2>/dev/null | grep -v '^#' | grep -v '^$' | head -40 > "${f%.data}.txt" || true
+  {
+    echo "# self time (top 40)"
+    perf report -i "$f" --stdio --no-children -g none --sort dso,symbol 2>/dev/null \
+      | grep -v '^#' | grep -v '^$' | sed 's/[[:space:]]*$//' | head -40
+    echo "# time including callees, capmesh and allocator frames (top 40)"
+    perf report -i "$f" --stdio --children -g none --sort symbol 2>/dev/null \
+      | grep -E 'capmesh_|malloc|free|clone|drop_in_place' | sed 's/[[:space:]]*$//' | head -40
+  } > "${f%.data}.txt" || true
   echo "profile: ${f%.data}.txt"
 done
 

@@ -399,7 +399,8 @@ impl Runner {
     }
 }
 
-/// `perf record` (CPU-clock samples, 2,999 Hz) of every process of `t` for `secs`.
+/// `perf record` (CPU-clock samples at 999 Hz with DWARF call graphs, so allocations can be
+/// charged to their callers) of every process of `t` for `secs`.
 fn start_perf(
     dir: &Path,
     t: &Target,
@@ -408,7 +409,8 @@ fn start_perf(
 ) -> Result<tokio::process::Child> {
     let pids: Vec<String> = t.meter.roots().iter().map(u32::to_string).collect();
     tokio::process::Command::new("perf")
-        .args(["record", "-q", "-F", "2999", "-p", &pids.join(","), "-o"])
+        .args(["record", "-q", "-F", "999", "--call-graph", "dwarf,16384"])
+        .args(["-p", &pids.join(","), "-o"])
         .arg(dir.join(format!("{}-{label}.perf.data", t.name)))
         .args(["--", "sleep", &secs.as_secs_f64().to_string()])
         .stdout(Stdio::null())
