@@ -483,6 +483,35 @@ async fn until_serving(url: &Uri, providers: usize, what: &str) -> Result<()> {
     }
 }
 
+/// Waits until the consumer sidecar (admin port `admin`) routes to `count` ready endpoints of
+/// `echo`, as its `/metrics` says (`capmesh_proxy_endpoints{state="ready"}`).
+async fn until_ready_endpoints(admin: u16, count: usize, what: &str) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut ready = 0;
+    loop {
+        if let Ok((200, text)) = capmesh_tests::http_get(admin, "/metrics").await {
+            ready = text
+                .lines()
+                .filter(|l| {
+                    l.starts_with("capmesh_proxy_endpoints{")
+                        && l.contains("capability=\"echo\"")
+                        && l.contains("state=\"ready\"")
+                })
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>() as usize;
+            if ready >= count {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{what}: the consumer sees {ready} ready providers of echo after 30 s, not {count}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn version_of(program: &str) -> String {
     let Ok(path) = crate::peers::which(program) else {
         return format!("{program}: not installed");
@@ -686,7 +715,8 @@ pub async fn run(opts: Options) -> Result<Vec<String>> {
                 meter: CpuMeter::new(roots),
                 ..mesh.clone()
             };
-            until_serving(&t.h1, count, name).await?;
+            until_ready_endpoints(consumer.admin, count, name).await?;
+            until_serving(&t.h1, 1, name).await?;
             let mut loads = vec![Load::Rate(r.d.rates[0])];
             if !opts.quick {
                 loads.extend([Load::Rate(r.d.rates[1]), Load::Saturation]);
