@@ -184,8 +184,25 @@ impl Peer {
 impl Drop for Peer {
     fn drop(&mut self) {
         for child in [&mut self.front, &mut self.back] {
+            // An nginx worker outlives a SIGKILLed master: ask the master to stop its workers
+            // (SIGTERM, fast shutdown), then kill whatever of the tree is left.
+            let tree = crate::procstat::tree(child.id());
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(3);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = child.kill();
             let _ = child.wait();
+            for pid in tree.iter().skip(1) {
+                if Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .status();
+                }
+            }
         }
     }
 }
