@@ -2,4 +2,18 @@
 //! goes into `benches/RESULTS.md` with the command and the machine.
 //!
 //! - `capmesh-bench-certs`: leaf issuance per second and full mutual-TLS handshakes per second.
+//! - `capmesh-bench-fanout`: control-plane change → last of 1,000 proxies.
+//! - `capmesh-bench`: routing latency of the mesh path beside direct, nginx and HAProxy
+//!   ([`echo`] upstream, [`load`] generator, [`suite`] of scenarios, [`report`] tables;
+//!   [`peers`] sets up nginx and HAProxy, [`procstat`] meters CPU and RSS). Driven by
+//!   `benches/run.sh`.
+//! - `cargo bench -p capmesh-bench`: criterion micro benches of route resolution, snapshot
+//!   swaps under readers and JSON-RPC classification (`benches/benches/routing.rs`).
 #![forbid(unsafe_code)]
+
+pub mod echo;
+pub mod load;
+pub mod peers;
+pub mod procstat;
+pub mod report;
+pub mod suite;

@@ -1,0 +1,213 @@
+//! `capmesh-bench`: the routing-latency bench (issue 9). Subcommands:
+//!
+//! - `echo --listen ADDR`: the minimal MCP upstream;
+//! - `load --url URL --rate R | --closed N …`: the open-loop (or closed-loop) generator;
+//! - `suite --setup compare|defaults --out FILE.jsonl`: every scenario, one JSON line per point;
+//! - `report FILE.jsonl…`: the Markdown tables (medians over rounds) for `benches/RESULTS.md`.
+//!
+//! `benches/run.sh` drives all of it; see `benches/RESULTS.md` for what each scenario is.
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use capmesh_bench::load::{LoadSpec, Proto, Step};
+use capmesh_bench::suite::{Options, Setup};
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "capmesh-bench",
+    about = "capmesh routing-latency bench",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Serve the minimal MCP echo upstream (one tool, `echo`).
+    Echo {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:9090")]
+        listen: SocketAddr,
+        /// Runtime worker threads.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+    },
+    /// Send MCP `tools/call` at a constant rate (open loop) or from N workers (closed loop).
+    Load {
+        /// The MCP endpoint, e.g. http://127.0.0.1:15001/mcp.
+        #[arg(long)]
+        url: http::Uri,
+        /// HTTP version: 1 (HTTP/1.1, keep-alive) or 2 (HTTP/2 prior knowledge).
+        #[arg(long, default_value = "1")]
+        http: Proto,
+        /// Requests per second (open loop).
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Closed loop with this many concurrent workers instead of a rate (saturation).
+        #[arg(long)]
+        closed: Option<usize>,
+        /// Seconds at the measured rate before recording.
+        #[arg(long, default_value_t = 2.0)]
+        warmup: f64,
+        /// Seconds recorded.
+        #[arg(long, default_value_t = 5.0)]
+        duration: f64,
+        /// Switch to this rate mid-run, without warm-up (load step).
+        #[arg(long, requires = "step_at")]
+        step_rate: Option<f64>,
+        /// Seconds into the recorded phase when the step happens.
+        #[arg(long, requires = "step_rate")]
+        step_at: Option<f64>,
+        /// Seconds before a request counts as failed.
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
+    },
+    /// Run every scenario against every path; one JSON line per measured point.
+    Suite {
+        /// `compare` (one worker per proxy, run pinned) or `defaults` (capmesh as shipped).
+        #[arg(long, default_value = "compare", value_parser = parse_setup)]
+        setup: Setup,
+        /// Short phases, one round, no saturation: checks every scenario runs without errors.
+        #[arg(long)]
+        quick: bool,
+        /// Interleaved rounds; the tables show medians over them.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// `taskset -c` CPU list for the load generator; empty for unpinned.
+        #[arg(long, default_value = "0")]
+        gen_cpus: String,
+        /// Output file (JSON lines).
+        #[arg(long)]
+        out: PathBuf,
+        /// Record `perf` profiles of the capmesh sidecars (round 1) into this directory.
+        #[arg(long)]
+        perf_dir: Option<PathBuf>,
+    },
+    /// Print the Markdown results section from suite outputs.
+    Report {
+        /// Files written by `suite --out`.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+    },
+}
+
+fn parse_setup(s: &str) -> Result<Setup, String> {
+    match s {
+        "compare" => Ok(Setup::Compare),
+        "defaults" => Ok(Setup::Defaults),
+        other => Err(format!("{other:?}: use compare or defaults")),
+    }
+}
+
+fn secs(flag: &str, v: f64) -> Result<Duration> {
+    Duration::try_from_secs_f64(v)
+        .ok()
+        .filter(|d| *d <= Duration::from_secs(3600))
+        .with_context(|| format!("{flag} {v}: use a number of seconds between 0 and 3600"))
+}
+
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
+    let rt = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()?
+    };
+    Ok(rt)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.cmd) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("capmesh-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cmd: Cmd) -> Result<ExitCode> {
+    match cmd {
+        Cmd::Echo { listen, threads } => {
+            runtime(threads)?.block_on(capmesh_bench::echo::serve(listen))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Load {
+            url,
+            http,
+            rate,
+            closed,
+            warmup,
+            duration,
+            step_rate,
+            step_at,
+            timeout,
+        } => {
+            let step = match (step_rate, step_at) {
+                (Some(rate), Some(at)) => Some(Step {
+                    rate,
+                    at: secs("--step-at", at)?,
+                }),
+                _ => None,
+            };
+            let spec = LoadSpec {
+                url,
+                proto: http,
+                rate,
+                closed,
+                warmup: secs("--warmup", warmup)?,
+                duration: secs("--duration", duration)?,
+                step,
+                timeout: secs("--timeout", timeout)?,
+            };
+            let report = runtime(1)?.block_on(capmesh_bench::load::run(&spec))?;
+            println!("{}", serde_json::to_string(&report)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Suite {
+            setup,
+            quick,
+            rounds,
+            gen_cpus,
+            out,
+            perf_dir,
+        } => {
+            let opts = Options {
+                quick,
+                setup,
+                rounds,
+                gen_cpus: (!gen_cpus.is_empty()).then_some(gen_cpus),
+                out,
+                perf_dir,
+            };
+            // The suite's own runtime is small; the proxies it starts read TOKIO_WORKER_THREADS.
+            let failures = runtime(2)?.block_on(capmesh_bench::suite::run(opts))?;
+            if failures.is_empty() {
+                eprintln!("every scenario completed with zero errors where zero is expected");
+                Ok(ExitCode::SUCCESS)
+            } else {
+                for f in &failures {
+                    eprintln!("FAILED: {f}");
+                }
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Cmd::Report { inputs } => {
+            print!("{}", capmesh_bench::report::render(&inputs)?);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
