@@ -337,16 +337,9 @@ async fn federated_call(
     req: Request<Incoming>,
 ) -> Response<BoxBody> {
     let (parts, body) = req.into_parts();
-    let body = match Limited::new(body, MAX_REQUEST).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return rpc_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                None,
-                jsonrpc::INVALID_REQUEST,
-                "request body too large",
-            );
-        }
+    let body = match collect_request(body).await {
+        Ok(b) => b,
+        Err(too_large) => return too_large,
     };
     let (id, function) = match jsonrpc::parse(&body) {
         Ok(Parsed::Single(Message::Request { id, method, params })) if method == "tools/call" => {
@@ -507,16 +500,9 @@ async fn passthrough(
     let (parts, body) = req.into_parts();
     // A POST may carry tools/call: check the capability of each tool it calls.
     let body = if parts.method == Method::POST {
-        let bytes = match Limited::new(body, MAX_REQUEST).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => {
-                return rpc_error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    None,
-                    jsonrpc::INVALID_REQUEST,
-                    "request body too large",
-                );
-            }
+        let bytes = match collect_request(body).await {
+            Ok(b) => b,
+            Err(too_large) => return too_large,
         };
         if let Ok(parsed) = jsonrpc::parse(&bytes) {
             for message in parsed.messages() {
@@ -551,6 +537,19 @@ async fn passthrough(
         );
     };
     forward(agent, parts, uri, caller, body).await
+}
+
+/// Reads a request body of at most [`MAX_REQUEST`] bytes; a larger one gets 413.
+async fn collect_request(body: Incoming) -> Result<bytes::Bytes, Response<BoxBody>> {
+    match Limited::new(body, MAX_REQUEST).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(_) => Err(rpc_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            None,
+            jsonrpc::INVALID_REQUEST,
+            "request body too large",
+        )),
+    }
 }
 
 /// Sends a request to the agent at `uri` with the agent's view of the headers, and streams the

@@ -213,22 +213,39 @@ async fn serve_outbound(
             tokio::spawn(transparent::serve(proxy, tcp, dst, watcher));
             continue;
         }
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(outbound::handle(proxy, req).await) }
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let _ = watcher
-                .watch(
-                    builder
-                        .serve_connection(TokioIo::new(tcp), svc)
-                        .into_owned(),
-                )
-                .await;
+        let svc = service_fn(move |req| {
+            let proxy = proxy.clone();
+            async move { Ok::<_, Infallible>(outbound::handle(proxy, req).await) }
         });
+        tokio::spawn(serve_plain_http(tcp, svc, watcher));
     }
     let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
+}
+
+/// Serves HTTP/1.1 or HTTP/2 (prior knowledge) on a plain connection until it closes or the
+/// listener drains.
+pub(crate) async fn serve_plain_http<S>(
+    tcp: tokio::net::TcpStream,
+    svc: S,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    S: hyper::service::Service<
+            http::Request<hyper::body::Incoming>,
+            Response = http::Response<BoxBody>,
+            Error = Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let _ = watcher
+        .watch(
+            builder
+                .serve_connection(TokioIo::new(tcp), svc)
+                .into_owned(),
+        )
+        .await;
 }
 
 /// The `capmesh-proxy` program: parses `args` (the first is the program name), then runs until

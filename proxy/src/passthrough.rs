@@ -572,9 +572,9 @@ fn upstream_request(
     out.body(body).map_err(|e| e.to_string())
 }
 
-/// The client's headers minus hop-by-hop ones, `host`, capmesh's own and the trace context
-/// (continued separately).
-fn forwarded_headers(from: &HeaderMap) -> HeaderMap {
+/// The client's headers minus hop-by-hop ones, `host`, capmesh's own (a caller cannot forge
+/// them) and the trace context (continued separately). Transparent mode forwards the same.
+pub(crate) fn forwarded_headers(from: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(from.len() + 4);
     for (name, value) in from {
         let n = name.as_str();

@@ -24,11 +24,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use capmesh_api::{Endpoint, Namespace};
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::Watcher;
 use tokio::net::TcpStream;
 
@@ -107,14 +106,7 @@ pub async fn serve(proxy: Arc<Proxy>, tcp: TcpStream, dst: OrigDstAddr, watcher:
         let (proxy, fallback) = (proxy.clone(), fallback.clone());
         async move { Ok::<_, Infallible>(to_mesh(proxy, dst, &fallback, req).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let _ = watcher
-        .watch(
-            builder
-                .serve_connection(TokioIo::new(tcp), svc)
-                .into_owned(),
-        )
-        .await;
+    crate::serve_plain_http(tcp, svc, watcher).await;
 }
 
 /// The instances (one endpoint each) whose proxy advertises `ip`.
@@ -355,26 +347,9 @@ fn upstream_request(ep: &Endpoint, req: Request<Incoming>) -> Result<Request<Box
         .map_err(|e| format!("capmesh: bad request target {path:?}: {e}"))?;
     let mut out = Request::builder().method(parts.method).uri(uri);
     let h = out.headers_mut().ok_or("capmesh: request builder failed")?;
-    *h = forwarded(&parts.headers);
+    *h = crate::passthrough::forwarded_headers(&parts.headers);
     continue_trace(&parts.headers, h);
     out.body(boxed(body)).map_err(|e| e.to_string())
-}
-
-/// The agent's headers minus hop-by-hop ones, capmesh's own (a caller cannot forge them) and
-/// the trace context (continued separately).
-fn forwarded(from: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(from.len() + 2);
-    for (name, value) in from {
-        let n = name.as_str();
-        if is_hop_by_hop(n)
-            || n.starts_with("x-capmesh-")
-            || matches!(n, "traceparent" | "tracestate")
-        {
-            continue;
-        }
-        out.append(name.clone(), value.clone());
-    }
-    out
 }
 
 fn stream_back(resp: Response<Incoming>, ep: &Endpoint) -> Response<BoxBody> {
