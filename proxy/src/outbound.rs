@@ -934,15 +934,16 @@ fn upstream_request(
     request_state: Option<&Value>,
 ) -> Result<Request<BoxBody>, String> {
     let (address, function) = (&ep.address, &ep.function);
-    let renamed = classify::rename_tool_call(body, function).map_err(|e| e.to_string())?;
-    let mut message: Value = serde_json::from_slice(&renamed).map_err(|e| e.to_string())?;
-    message["id"] = upstream_id.clone();
-    if let Some(state) = request_state
-        && let Some(params) = message.get_mut("params").and_then(Value::as_object_mut)
-    {
-        params.insert("requestState".to_owned(), state.clone());
+    let mut renamed = classify::rename_tool_call_with_id(body, function, upstream_id)
+        .map_err(|e| e.to_string())?;
+    // Only a retry carrying a restored requestState needs the JSON tree.
+    if let Some(state) = request_state {
+        let mut message: Value = serde_json::from_slice(&renamed).map_err(|e| e.to_string())?;
+        if let Some(params) = message.get_mut("params").and_then(Value::as_object_mut) {
+            params.insert("requestState".to_owned(), state.clone());
+        }
+        renamed = Bytes::from(serde_json::to_vec(&message).map_err(|e| e.to_string())?);
     }
-    let renamed = Bytes::from(serde_json::to_vec(&message).map_err(|e| e.to_string())?);
     let uri: http::Uri = format!("https://{address}{CALL_PATH}")
         .parse()
         .map_err(|e| format!("endpoint address {address:?}: {e}"))?;

@@ -24,7 +24,7 @@ use super::jsonrpc::{
     self, HEADER_MISMATCH, INVALID_REQUEST, Id, Message, Parsed, RpcError,
     UNSUPPORTED_PROTOCOL_VERSION,
 };
-pub use super::rewrite::rename_tool_call;
+pub use super::rewrite::{rename_tool_call, rename_tool_call_with_id};
 
 /// The session-based protocol versions, oldest first.
 pub const LEGACY_VERSIONS: [&str; 3] = ["2025-03-26", "2025-06-18", "2025-11-25"];

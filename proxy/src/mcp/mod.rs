@@ -32,5 +32,5 @@ pub use header::{
     header_value_encode, set_routing_headers,
 };
 pub use jsonrpc::{Id, Message, Parsed, RpcError, error_body, parse, result_body};
-pub use rewrite::rename_tool_call;
+pub use rewrite::{rename_tool_call, rename_tool_call_with_id};
 pub use sse::{Event, FindError, SseDecoder, SseError, find_response};

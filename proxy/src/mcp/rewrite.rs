@@ -200,6 +200,24 @@ fn scan(body: &[u8]) -> Result<Found, Malformed> {
 /// [`INVALID_REQUEST`]; `params` or `params.name` missing or not an object/string →
 /// [`INVALID_PARAMS`]. Errors carry the request id when it was readable.
 pub fn rename_tool_call(body: &[u8], new_name: &str) -> Result<Bytes, RpcError> {
+    splice_tool_call(body, new_name, None)
+}
+
+/// Like [`rename_tool_call`], and replaces the request's `id` with `new_id` in the same pass
+/// (the provider sees an id of the mesh's own; no JSON tree is built on the way).
+pub fn rename_tool_call_with_id(
+    body: &[u8],
+    new_name: &str,
+    new_id: &Value,
+) -> Result<Bytes, RpcError> {
+    splice_tool_call(body, new_name, Some(new_id))
+}
+
+fn splice_tool_call(
+    body: &[u8],
+    new_name: &str,
+    new_id: Option<&Value>,
+) -> Result<Bytes, RpcError> {
     let f =
         scan(body).map_err(|Malformed| RpcError::new(PARSE_ERROR, "the body is not valid JSON"))?;
     let slice = |span: Option<Span>| span.and_then(|(a, b)| body.get(a..b));
@@ -234,11 +252,20 @@ pub fn rename_tool_call(body: &[u8], new_name: &str) -> Result<Bytes, RpcError> 
     if body.get(start) != Some(&b'"') {
         return fail(INVALID_PARAMS, "\"params.name\" must be a string");
     }
-    let encoded = Value::String(new_name.to_owned()).to_string();
-    let mut out = Vec::with_capacity(body.len() - (end - start) + encoded.len());
-    out.extend_from_slice(&body[..start]);
-    out.extend_from_slice(encoded.as_bytes());
-    out.extend_from_slice(&body[end..]);
+    let mut splices = vec![(start, end, Value::String(new_name.to_owned()).to_string())];
+    if let (Some(new_id), Some((a, b))) = (new_id, f.id) {
+        splices.push((a, b, new_id.to_string()));
+    }
+    splices.sort_by_key(|(a, _, _)| *a);
+    let added: usize = splices.iter().map(|(_, _, t)| t.len()).sum();
+    let mut out = Vec::with_capacity(body.len() + added);
+    let mut at = 0;
+    for (a, b, text) in &splices {
+        out.extend_from_slice(body.get(at..*a).unwrap_or_default());
+        out.extend_from_slice(text.as_bytes());
+        at = *b;
+    }
+    out.extend_from_slice(body.get(at..).unwrap_or_default());
     Ok(Bytes::from(out))
 }
 
@@ -257,6 +284,22 @@ mod tests {
             "method":"tools/call","params":{"arguments":{"big":123456789012345678901234567890,"f":1.10,"name":"inner"},"name":"add","_meta":{}} }"#;
         let out = rename(body, "math_add").unwrap();
         assert_eq!(out, body.replace(r#""name":"add""#, r#""name":"math_add""#));
+    }
+
+    #[test]
+    fn replaces_the_id_in_the_same_pass_wherever_it_stands() {
+        let id = json!("cm-0a1b");
+        for body in [
+            r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"add","arguments":{"id":1}}}"#,
+            r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"add"},"id":"client-7"}"#,
+        ] {
+            let out = rename_tool_call_with_id(body.as_bytes(), "math_add", &id).unwrap();
+            let v: Value = serde_json::from_slice(&out).unwrap();
+            let mut want: Value = serde_json::from_str(body).unwrap();
+            want["id"] = id.clone();
+            want["params"]["name"] = json!("math_add");
+            assert_eq!(v, want, "{}", String::from_utf8_lossy(&out));
+        }
     }
 
     #[test]
