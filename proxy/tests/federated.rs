@@ -53,33 +53,6 @@ async fn a_ts_sdk_v2_server_and_a_python_server_serve_one_consumer_in_both_gener
     }
 }
 
-/// One HTTP/1.1 POST to `/mcp`: (status, response headers, body).
-fn post(port: u16, headers: &[(&str, &str)], body: &[u8]) -> (u16, String, String) {
-    use std::io::{Read, Write};
-    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut head = format!(
-        "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    tcp.write_all(head.as_bytes()).unwrap();
-    tcp.write_all(body).unwrap();
-    let mut out = Vec::new();
-    let _ = tcp.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    (status, head.to_ascii_lowercase(), body.to_owned())
-}
-
 fn session_of(head: &str) -> String {
     head.lines()
         .find_map(|l| l.strip_prefix("mcp-session-id: "))
@@ -109,7 +82,7 @@ async fn batches_are_served_only_in_sessions_negotiated_at_2025_03_26() {
             r#"{{"jsonrpc":"2.0","id":1,"method":"initialize","params":{{"protocolVersion":"{version}","capabilities":{{}},"clientInfo":{{"name":"raw","version":"0"}}}}}}"#
         );
         let (status, head, body) =
-            tokio::task::spawn_blocking(move || post(port, &base, init.as_bytes()))
+            tokio::task::spawn_blocking(move || common::post_mcp(port, &base, init.as_bytes()))
                 .await
                 .unwrap();
         assert_eq!(status, 200, "{body}");
@@ -123,7 +96,7 @@ async fn batches_are_served_only_in_sessions_negotiated_at_2025_03_26() {
         let (status, _, body) = tokio::task::spawn_blocking(move || {
             let mut h = base.to_vec();
             h.push(("mcp-session-id", &session));
-            post(port, &h, batch)
+            common::post_mcp(port, &h, batch)
         })
         .await
         .unwrap();
@@ -149,9 +122,10 @@ async fn batches_are_served_only_in_sessions_negotiated_at_2025_03_26() {
         ("accept", "application/json, text/event-stream"),
         ("mcp-protocol-version", "2026-07-28"),
     ];
-    let (status, _, body) = tokio::task::spawn_blocking(move || post(port, &modern, batch))
-        .await
-        .unwrap();
+    let (status, _, body) =
+        tokio::task::spawn_blocking(move || common::post_mcp(port, &modern, batch))
+            .await
+            .unwrap();
     assert_eq!(status, 400, "{body}");
     assert!(body.contains("-32600"), "{body}");
 }
@@ -220,7 +194,7 @@ async fn providers_requests_reach_the_client_and_its_answers_reach_the_provider_
         ("content-type", "application/json"),
         ("accept", "application/json, text/event-stream"),
     ];
-    let (_, head, _) = tokio::task::spawn_blocking(move || post(port, &base, INIT))
+    let (_, head, _) = tokio::task::spawn_blocking(move || common::post_mcp(port, &base, INIT))
         .await
         .unwrap();
     let session = session_of(&head);
@@ -234,7 +208,7 @@ async fn providers_requests_reach_the_client_and_its_answers_reach_the_provider_
         let mut h = base.to_vec();
         h.push(("mcp-session-id", &session));
         h.push(("mcp-protocol-version", "2025-11-25"));
-        post(port, &h, answer.as_bytes())
+        common::post_mcp(port, &h, answer.as_bytes())
     })
     .await
     .unwrap();
@@ -294,7 +268,7 @@ async fn cancellation_follows_each_generation() {
         ("content-type", "application/json"),
         ("accept", "application/json, text/event-stream"),
     ];
-    let (_, head, _) = tokio::task::spawn_blocking(move || post(port, &legacy, INIT))
+    let (_, head, _) = tokio::task::spawn_blocking(move || common::post_mcp(port, &legacy, INIT))
         .await
         .unwrap();
     let session = session_of(&head);
@@ -333,7 +307,7 @@ async fn cancellation_follows_each_generation() {
         let mut h = legacy.to_vec();
         h.push(("mcp-session-id", &s));
         h.push(("mcp-protocol-version", "2025-11-25"));
-        post(
+        common::post_mcp(
             port,
             &h,
             br#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":"c-2","reason":"changed my mind"}}"#,
@@ -394,35 +368,7 @@ async fn a_2026_input_required_retry_returns_to_the_instance_that_asked() {
         }
     })
     .await;
-    let mut served = std::collections::BTreeSet::new();
-    for round in 0..8 {
-        let (code, v) = client_json(
-            &consumer.url(),
-            "2026-07-28",
-            &[],
-            &[
-                "--sample-reply",
-                "seven",
-                "call",
-                "consult",
-                r#"{"question":"how many days in a week?"}"#,
-            ],
-        )
-        .await
-        .unwrap();
-        assert_eq!(code, 0, "round {round}: {v}");
-        let text = v["result_text"].as_str().unwrap();
-        assert!(
-            text == "alpha: seven" || text == "beta: seven",
-            "round {round}: {v}"
-        );
-        assert_eq!(
-            v["sampling"].as_array().unwrap().len(),
-            1,
-            "round {round}: {v}"
-        );
-        served.insert(common::served_by(text).to_owned());
-    }
+    let served = common::consult_rounds(&consumer.url()).await;
     println!("served by {served:?}");
 
     // A requestState the mesh did not seal: -32602, and the provider never sees it.
@@ -436,7 +382,7 @@ async fn a_2026_input_required_retry_returns_to_the_instance_that_asked() {
             ("mcp-method", "tools/call"),
             ("mcp-name", "consult"),
         ];
-        post(port, &h, forged)
+        common::post_mcp(port, &h, forged)
     })
     .await
     .unwrap();

@@ -223,34 +223,8 @@ async fn a_control_plane_outage_does_not_stop_calls_and_the_mesh_converges_after
 
 /// A raw HTTP/1.1 POST to the outbound listener: (status, body).
 fn post(port: u16, headers: &[(&str, &str)], body: &[u8]) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    let mut head = format!(
-        "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    tcp.write_all(head.as_bytes()).unwrap();
-    // A refused oversized body may be answered before it is all sent.
-    let _ = tcp.write_all(body);
-    let mut out = Vec::new();
-    let _ = tcp.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    (
-        status,
-        text.split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_owned())
-            .unwrap_or_default(),
-    )
+    let (status, _, body) = common::post_mcp(port, headers, body);
+    (status, body)
 }
 
 #[tokio::test]

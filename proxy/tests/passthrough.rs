@@ -344,34 +344,6 @@ async fn a_2026_input_required_retry_through_passthrough_returns_to_the_instance
     let (_b, _pb) = mesh.provider("beta", &["consult"], &[]).await;
     let consumer = mesh.consumer("planner", &["consult"], &[]).await;
     let url = passthrough_url(&consumer, "consult");
-    let mut served = std::collections::BTreeSet::new();
-    for round in 0..8 {
-        let (code, v) = client_json(
-            &url,
-            "2026-07-28",
-            &[],
-            &[
-                "--sample-reply",
-                "seven",
-                "call",
-                "consult",
-                r#"{"question":"how many days in a week?"}"#,
-            ],
-        )
-        .await
-        .unwrap();
-        assert_eq!(code, 0, "round {round}: {v}");
-        let text = v["result_text"].as_str().unwrap();
-        assert!(
-            text == "alpha: seven" || text == "beta: seven",
-            "round {round}: {v}"
-        );
-        assert_eq!(
-            v["sampling"].as_array().unwrap().len(),
-            1,
-            "round {round}: {v}"
-        );
-        served.insert(text.split(':').next().unwrap().to_owned());
-    }
+    let served = common::consult_rounds(&url).await;
     println!("served by {served:?}");
 }

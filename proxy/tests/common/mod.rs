@@ -104,3 +104,68 @@ where
 pub fn served_by(text: &str) -> &str {
     text.split(':').next().unwrap_or("")
 }
+
+/// One raw HTTP/1.1 POST to `/mcp` on `port`: (status, response head lowercased, body).
+/// Blocking; run it in `spawn_blocking`.
+pub fn post_mcp(port: u16, headers: &[(&str, &str)], body: &[u8]) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let mut tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut head = format!(
+        "POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\ncontent-length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    tcp.write_all(head.as_bytes()).unwrap();
+    // A refused oversized body may be answered before it is all sent.
+    let _ = tcp.write_all(body);
+    let mut out = Vec::new();
+    let _ = tcp.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+/// Eight 2026-07-28 calls of `consult` (the agent asks the client for a sample, then answers
+/// with it) at `url`; each must come back answered by alpha or beta after exactly one sampling
+/// round trip. Returns which instances served.
+pub async fn consult_rounds(url: &str) -> std::collections::BTreeSet<String> {
+    let mut served = std::collections::BTreeSet::new();
+    for round in 0..8 {
+        let (code, v) = client_json(
+            url,
+            "2026-07-28",
+            &[],
+            &[
+                "--sample-reply",
+                "seven",
+                "call",
+                "consult",
+                r#"{"question":"how many days in a week?"}"#,
+            ],
+        )
+        .await
+        .unwrap();
+        assert_eq!(code, 0, "round {round}: {v}");
+        let text = v["result_text"].as_str().unwrap();
+        assert!(
+            text == "alpha: seven" || text == "beta: seven",
+            "round {round}: {v}"
+        );
+        assert_eq!(
+            v["sampling"].as_array().unwrap().len(),
+            1,
+            "round {round}: {v}"
+        );
+        served.insert(served_by(text).to_owned());
+    }
+    served
+}
