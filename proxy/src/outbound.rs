@@ -924,6 +924,35 @@ async fn call(
     )
 }
 
+/// A JSON POST to `path` on the peer proxy at `address`: content type, `accept` (the client's,
+/// or both MCP answers) and the client's `MCP-Protocol-Version`.
+fn mesh_post(
+    address: &str,
+    path: &str,
+    client: &HeaderMap,
+    accept: Option<&HeaderValue>,
+) -> Result<http::request::Builder, String> {
+    let uri: http::Uri = format!("https://{address}{path}")
+        .parse()
+        .map_err(|e| format!("endpoint address {address:?}: {e}"))?;
+    let mut req = Request::builder().method(Method::POST).uri(uri);
+    let out = req.headers_mut().ok_or("request builder failed")?;
+    out.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    out.insert(
+        header::ACCEPT,
+        accept.cloned().unwrap_or(HeaderValue::from_static(
+            "application/json, text/event-stream",
+        )),
+    );
+    if let Some(v) = client.get("mcp-protocol-version") {
+        out.insert("mcp-protocol-version", v.clone());
+    }
+    Ok(req)
+}
+
 fn upstream_request(
     proxy: &Proxy,
     headers: &HeaderMap,
@@ -944,27 +973,8 @@ fn upstream_request(
         }
         renamed = Bytes::from(serde_json::to_vec(&message).map_err(|e| e.to_string())?);
     }
-    let uri: http::Uri = format!("https://{address}{CALL_PATH}")
-        .parse()
-        .map_err(|e| format!("endpoint address {address:?}: {e}"))?;
-    let mut req = Request::builder().method(Method::POST).uri(uri);
+    let mut req = mesh_post(address, CALL_PATH, headers, headers.get(header::ACCEPT))?;
     let out = req.headers_mut().ok_or("request builder failed")?;
-    out.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    out.insert(
-        header::ACCEPT,
-        headers
-            .get(header::ACCEPT)
-            .cloned()
-            .unwrap_or(HeaderValue::from_static(
-                "application/json, text/event-stream",
-            )),
-    );
-    if let Some(v) = headers.get("mcp-protocol-version") {
-        out.insert("mcp-protocol-version", v.clone());
-    }
     if classified.generation == Generation::Modern {
         classify::set_routing_headers(out, "tools/call", Some(function));
     }
@@ -1187,22 +1197,8 @@ async fn to_provider(
         );
     };
     let request = (|| -> Result<Request<BoxBody>, String> {
-        let uri: http::Uri = format!("https://{}{}", ep.address, crate::passthrough::PATH)
-            .parse()
-            .map_err(|e| format!("endpoint address {:?}: {e}", ep.address))?;
-        let mut req = Request::builder().method(Method::POST).uri(uri);
+        let mut req = mesh_post(&ep.address, crate::passthrough::PATH, headers, None)?;
         let out = req.headers_mut().ok_or("request builder failed")?;
-        out.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        out.insert(
-            header::ACCEPT,
-            HeaderValue::from_static("application/json, text/event-stream"),
-        );
-        if let Some(v) = headers.get("mcp-protocol-version") {
-            out.insert("mcp-protocol-version", v.clone());
-        }
         if let Some(s) = &route.upstream_session {
             out.insert(
                 "mcp-session-id",

@@ -12,20 +12,10 @@ use anyhow::{Context, Result, bail};
 use capmesh_api::{
     AgentName, Capability, ControlFrame, Hello, Namespace, Node, ProxyFrame, Registration, ToolSpec,
 };
+use capmesh_bench::procstat::rss_kib;
 use capmesh_tests::{ControlPlane, TestProxy, workspace_bin};
 use hdrhistogram::Histogram;
 use tokio::sync::mpsc;
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
 
 fn registration(deps: &[&str], tools: &[&str]) -> Result<Registration> {
     Ok(Registration {
