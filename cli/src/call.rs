@@ -19,7 +19,7 @@ use capmesh_api::{
 use capmesh_certs::{Credential, CredentialCell, SpiffeId, TrustConfig, TrustStore, WorkloadKey};
 use capmesh_proxy::balance::{pick, rank};
 use capmesh_proxy::mcp::{Id, find_response};
-use capmesh_proxy::outbound::CALL_PATH;
+use capmesh_proxy::contract::CALL_PATH;
 use capmesh_proxy::pool::{PeerError, PeerPool};
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
