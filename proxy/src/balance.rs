@@ -743,6 +743,39 @@ mod tests {
     }
 
     #[test]
+    fn a_new_endpoint_takes_its_share_at_once() {
+        // A known endpoint answering in 0.2 ms and a new one never observed. With a pessimistic
+        // first estimate (1 ms) the new one would lose every comparison until the known one
+        // looked slow; with the neutral estimate it is as fast as the one it is compared with.
+        let endpoints = [endpoint("known", &[], None), endpoint("new", &[], None)];
+        let ranks = rank(&endpoints, &Selector::default());
+        let table = Table::new(&endpoints);
+        let now = Instant::now();
+        table
+            .get(&endpoints[0])
+            .observe_at(Outcome::Success, Duration::from_micros(200), now);
+        let stats = table.lookup();
+        let mut new = 0;
+        for _ in 0..1_000 {
+            if pick(&ranks, &stats, &[], now).unwrap().agent.as_str() == "new" {
+                new += 1;
+            }
+        }
+        assert!((400..600).contains(&new), "the new endpoint got {new} of 1000");
+        // Its requests in flight count: a burst does not all go to it before it answers.
+        let mut guards = Vec::new();
+        let mut burst_new = 0;
+        for _ in 0..100 {
+            let e = pick(&ranks, &stats, &[], now).unwrap();
+            if e.agent.as_str() == "new" {
+                burst_new += 1;
+            }
+            guards.push(table.get(e).start());
+        }
+        assert!((30..70).contains(&burst_new), "{burst_new} of a burst of 100");
+    }
+
+    #[test]
     fn requests_in_flight_spread_load_by_latency() {
         let endpoints = [endpoint("fast", &[], None), endpoint("slow", &[], None)];
         let ranks = rank(&endpoints, &Selector::default());
