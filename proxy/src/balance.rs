@@ -176,9 +176,7 @@ impl EndpointStats {
     /// flight plus one. An endpoint never observed counts 1 ms here; [`pick`] instead takes it
     /// to be as fast as the endpoint it is compared with.
     pub fn cost(&self, now: Instant) -> f64 {
-        let estimate = self
-            .estimate(now)
-            .unwrap_or(DEFAULT_RTT.as_nanos() as f64);
+        let estimate = self.estimate(now).unwrap_or(DEFAULT_RTT.as_nanos() as f64);
         estimate * f64::from(self.in_flight().saturating_add(1))
     }
 
@@ -761,7 +759,10 @@ mod tests {
                 new += 1;
             }
         }
-        assert!((400..600).contains(&new), "the new endpoint got {new} of 1000");
+        assert!(
+            (400..600).contains(&new),
+            "the new endpoint got {new} of 1000"
+        );
         // Its requests in flight count: a burst does not all go to it before it answers.
         let mut guards = Vec::new();
         let mut burst_new = 0;
@@ -772,7 +773,10 @@ mod tests {
             }
             guards.push(table.get(e).start());
         }
-        assert!((30..70).contains(&burst_new), "{burst_new} of a burst of 100");
+        assert!(
+            (30..70).contains(&burst_new),
+            "{burst_new} of a burst of 100"
+        );
     }
 
     #[test]

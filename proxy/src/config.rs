@@ -159,8 +159,12 @@ pub struct Config {
 fn parse_positive_duration(s: &str) -> Result<std::time::Duration, String> {
     match capmesh_api::duration::parse_duration(s) {
         Ok(d) if !d.is_zero() => Ok(d),
-        Ok(_) => Err(format!("{s:?} is zero: give a positive duration such as 10s")),
-        Err(e) => Err(format!("{s:?}: {e} (use a duration such as 500ms, 10s or 5m)")),
+        Ok(_) => Err(format!(
+            "{s:?} is zero: give a positive duration such as 10s"
+        )),
+        Err(e) => Err(format!(
+            "{s:?}: {e} (use a duration such as 500ms, 10s or 5m)"
+        )),
     }
 }
 

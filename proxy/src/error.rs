@@ -65,7 +65,10 @@ pub enum ProxyError {
         modern: bool,
     },
     /// A `tools/call` on the federated endpoint names a tool this agent cannot call.
-    #[error("unknown capability \"{name}\": {why}; this agent can call: {}", list(known))]
+    #[error(
+        "unknown capability \"{name}\": {why}; this agent can call: {}",
+        list(known)
+    )]
     UnknownTool {
         /// The tool (capability or alias) called.
         name: String,
@@ -88,7 +91,10 @@ pub enum ProxyError {
     )]
     NotDependedOn(String),
     /// The capability exists, but no endpoint can serve it now.
-    #[error("capability \"{capability}\" has no healthy endpoint{} ({registered} registered)", matching(selector))]
+    #[error(
+        "capability \"{capability}\" has no healthy endpoint{} ({registered} registered)",
+        matching(selector)
+    )]
     NoEndpoint {
         /// The capability.
         capability: String,
@@ -332,9 +338,7 @@ impl ProxyError {
             Self::UnknownTool { name, known, .. } => {
                 Some(json!({ "capability": name, "known": known }))
             }
-            Self::UnknownCapability(c) | Self::NotDependedOn(c) => {
-                Some(json!({ "capability": c }))
-            }
+            Self::UnknownCapability(c) | Self::NotDependedOn(c) => Some(json!({ "capability": c })),
             _ => None,
         }
     }
@@ -360,8 +364,10 @@ impl ProxyError {
                     "isError": true
                 });
                 Bytes::from(
-                    serde_json::to_vec(&json!({ "jsonrpc": "2.0", "id": self.id(), "result": result }))
-                        .unwrap_or_default(),
+                    serde_json::to_vec(
+                        &json!({ "jsonrpc": "2.0", "id": self.id(), "result": result }),
+                    )
+                    .unwrap_or_default(),
                 )
             }
             _ => jsonrpc::error_body(self.id(), self.rpc_code(), &self.to_string(), self.data()),

@@ -226,7 +226,9 @@ mod tests {
         assert_eq!(s.open_pinned("get_weather", &a), Some(pinned()));
         // Another proxy with the same mesh key opens it too.
         assert_eq!(
-            Sealer::from_hex(KEY).unwrap().open_pinned("get_weather", &b),
+            Sealer::from_hex(KEY)
+                .unwrap()
+                .open_pinned("get_weather", &b),
             Some(pinned())
         );
     }
@@ -239,7 +241,11 @@ mod tests {
             let mut bytes = id.clone().into_bytes();
             bytes[i] = if bytes[i] == b'A' { b'B' } else { b'A' };
             let tampered = String::from_utf8(bytes).unwrap();
-            assert_eq!(s.open_pinned("get_weather", &tampered), None, "flipped at {i}");
+            assert_eq!(
+                s.open_pinned("get_weather", &tampered),
+                None,
+                "flipped at {i}"
+            );
         }
         assert_eq!(s.open_pinned("other_capability", &id), None);
         let other = Sealer::from_hex(&KEY.replace("1f", "ff")).unwrap();

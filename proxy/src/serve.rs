@@ -20,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tower::Service;
 
@@ -87,6 +88,55 @@ impl Gate {
         tokio::time::timeout(bound, self.permits.acquire_many(all))
             .await
             .is_ok()
+    }
+}
+
+/// Accepts connections on `listener` until `drain` turns true, admitting each through a
+/// [`Gate`] of `limits.max_connections` (refusals counted in `refused`) and handing it to
+/// `serve` on a task of its own; then waits for the open connections to finish, at most
+/// `grace`. `name` names the listener in logs.
+pub async fn accept<F, Fut>(
+    name: &'static str,
+    listener: TcpListener,
+    limits: Limits,
+    refused: IntCounter,
+    mut drain: watch::Receiver<bool>,
+    grace: Duration,
+    serve: F,
+) where
+    F: Fn(TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let gate = Gate::new(limits.max_connections, refused);
+    loop {
+        let tcp = tokio::select! {
+            _ = drain.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(listener = name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(permit) = gate.admit() else {
+            tracing::debug!(listener = name, "connection refused: at --max-connections");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let work = serve(tcp);
+        tokio::spawn(async move {
+            let _permit = permit;
+            work.await;
+        });
+    }
+    if !gate.closed(grace).await {
+        tracing::warn!(
+            listener = name,
+            ?grace,
+            "connections still open after the drain"
+        );
     }
 }
 
@@ -160,7 +210,14 @@ where
         Box::pin(async move {
             let resp = fut.await;
             // A streaming body keeps the request in flight until it ends.
-            resp.map(|r| r.map(|b| crate::boxed(Guarded { body: b, _guard: guard })))
+            resp.map(|r| {
+                r.map(|b| {
+                    crate::boxed(Guarded {
+                        body: b,
+                        _guard: guard,
+                    })
+                })
+            })
         })
     }
 }

@@ -46,16 +46,15 @@ where
     next.oneshot(req).await
 }
 
+/// What a layer's [`Middleware::handle`] returns.
+pub type Handled<R> = BoxFuture<Result<R, ProxyError>>;
+
 /// One layer of a stack, written as one async function of the request and the next service.
 pub trait Middleware<Req, S>: Clone + Send + Sync + 'static {
     /// What the layer answers.
     type Response;
     /// Handles `req`, calling `next` when the request goes on.
-    fn handle(
-        &self,
-        req: Req,
-        next: S,
-    ) -> impl Future<Output = Result<Self::Response, ProxyError>> + Send + 'static;
+    fn handle(&self, req: Req, next: S) -> Handled<Self::Response>;
 }
 
 /// A [`Middleware`] in front of the service `S`.
@@ -79,7 +78,7 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        Box::pin(self.middleware.handle(req, self.inner.clone()))
+        self.middleware.handle(req, self.inner.clone())
     }
 }
 
@@ -159,17 +158,13 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(
-        &self,
-        req: Request<B>,
-        next: S,
-    ) -> impl Future<Output = Result<Response<BoxBody>, ProxyError>> + Send + 'static {
+    fn handle(&self, req: Request<B>, next: S) -> Handled<Response<BoxBody>> {
         let limit = self.limit;
-        async move {
+        Box::pin(async move {
             let (parts, body) = req.into_parts();
             let body = read_body(body, limit).await?;
             call(next, Request::from_parts(parts, body)).await
-        }
+        })
     }
 }
 
@@ -181,7 +176,10 @@ where
 {
     match Limited::new(body, limit).collect().await {
         Ok(b) => Ok(b.to_bytes()),
-        Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
             Err(ProxyError::TooLarge { limit })
         }
         Err(e) => Err(ProxyError::BodyUnreadable(e.to_string())),
@@ -207,7 +205,9 @@ mod tests {
             .service(tower::service_fn(move |req: Request<Bytes>| {
                 counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let n = req.body().len();
-                async move { Ok::<_, ProxyError>(Response::new(boxed(Full::new(Bytes::from(n.to_string()))))) }
+                async move {
+                    Ok::<_, ProxyError>(Response::new(boxed(Full::new(Bytes::from(n.to_string())))))
+                }
             }));
         let small = Request::new(Full::new(Bytes::from_static(b"12345678")));
         let resp = svc.clone().oneshot(small).await.unwrap();

@@ -15,11 +15,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use capmesh_api::Policy;
-use capmesh_certs::tls::{client_config, connect};
 use capmesh_certs::CredentialCell;
+use capmesh_certs::tls::{client_config, connect};
 use capmesh_tests::{ProxyProcess, spiffe, workspace_bin};
-use common::Mesh;
+use common::{Mesh, set_policy};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -44,13 +43,7 @@ struct Answer {
 }
 
 /// One request to `http://127.0.0.1:{port}{path}` with the MCP headers, read whole.
-async fn send(
-    port: u16,
-    method: &str,
-    path: &str,
-    session: Option<&str>,
-    body: &str,
-) -> Answer {
+async fn send(port: u16, method: &str, path: &str, session: Option<&str>, body: &str) -> Answer {
     let resp = client()
         .request(request(port, method, path, session, body))
         .await
@@ -101,21 +94,6 @@ fn call(id: &str, tool: &str, args: Value) -> String {
     json!({ "jsonrpc": "2.0", "id": 0, "method": "tools/call", "params": { "name": tool, "arguments": args } })
         .to_string()
         .replacen("\"id\":0", &format!("\"id\":{id}"), 1)
-}
-
-async fn set_policy(mesh: &Mesh, policy: Value) {
-    let policy: Policy = serde_json::from_value(policy).unwrap();
-    let _: Policy = mesh
-        .cp
-        .rest()
-        .unwrap()
-        .put(
-            "/v1/policies",
-            &policy,
-            Some(&mesh.cp.admin_token().unwrap()),
-        )
-        .await
-        .unwrap();
 }
 
 fn deny(caller: &str, capability: &str) -> Value {
@@ -268,12 +246,28 @@ async fn a_denied_tool_called_on_the_agents_own_path_with_a_float_id_never_reach
     let init = tls_post(&mesh, &planner, provider.inbound, "/mcp", None, INIT).await;
     assert!(init.starts_with("HTTP/1.1 200"), "{init}");
     let session = header(&init, "mcp-session-id").unwrap().to_owned();
-    let done = tls_post(&mesh, &planner, provider.inbound, "/mcp", Some(&session), INITIALIZED).await;
+    let done = tls_post(
+        &mesh,
+        &planner,
+        provider.inbound,
+        "/mcp",
+        Some(&session),
+        INITIALIZED,
+    )
+    .await;
     assert!(done.starts_with("HTTP/1.1 202"), "{done}");
 
     // rmcp reads "id": 1.0 as a request id: an allowed tool runs with it…
     let weather = call("1.0", "get_weather", json!({"city": "Paris"}));
-    let ok = tls_post(&mesh, &planner, provider.inbound, "/mcp", Some(&session), &weather).await;
+    let ok = tls_post(
+        &mesh,
+        &planner,
+        provider.inbound,
+        "/mcp",
+        Some(&session),
+        &weather,
+    )
+    .await;
     assert!(ok.starts_with("HTTP/1.1 200"), "{ok}");
     assert!(ok.contains("in Paris"), "{ok}");
 
@@ -285,7 +279,15 @@ async fn a_denied_tool_called_on_the_agents_own_path_with_a_float_id_never_reach
             "search_flights",
             json!({"origin": "Berlin", "destination": "Lisbon", "date": "2026-12-24"}),
         );
-        let r = tls_post(&mesh, &planner, provider.inbound, "/mcp", Some(&session), &flights).await;
+        let r = tls_post(
+            &mesh,
+            &planner,
+            provider.inbound,
+            "/mcp",
+            Some(&session),
+            &flights,
+        )
+        .await;
         if r.starts_with("HTTP/1.1 403") {
             refused = Some(r);
             break;
@@ -375,9 +377,20 @@ async fn a_second_caller_cannot_answer_the_requests_an_agent_sends_the_first() {
     };
 
     // The intruder learns the id and answers first: refused, and the agent never sees it.
-    let forged = send(second.outbound, "POST", "/mcp", Some(&theirs), &answer("intruder")).await;
+    let forged = send(
+        second.outbound,
+        "POST",
+        "/mcp",
+        Some(&theirs),
+        &answer("intruder"),
+    )
+    .await;
     assert_eq!(forged.status, 400, "{}", forged.body);
-    assert!(forged.body.contains("answers no request"), "{}", forged.body);
+    assert!(
+        forged.body.contains("answers no request"),
+        "{}",
+        forged.body
+    );
 
     // The first caller's own answer completes its call.
     let real = send(first.outbound, "POST", "/mcp", Some(&mine), &answer("teal")).await;

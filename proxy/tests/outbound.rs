@@ -322,7 +322,9 @@ async fn weather_call(
         .header("mcp-protocol-version", "2026-07-28")
         .header("mcp-method", "tools/call")
         .header("mcp-name", "get_weather")
-        .body(http_body_util::Full::new(bytes::Bytes::from_static(body.as_bytes())))
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            body.as_bytes(),
+        )))
         .unwrap();
     let resp = client.request(req).await.ok()?;
     let served = resp
@@ -344,15 +346,15 @@ async fn under_load_a_new_provider_is_served_within_100ms_of_the_consumer_knowin
     let (_alpha, _pa) = mesh.provider("alpha", &["weather"], &[]).await;
     let consumer = mesh.consumer("planner", &["get_weather"], &[]).await;
     let port = consumer.outbound;
-    let client = hyper_util::client::legacy::Client::builder(
-        hyper_util::rt::TokioExecutor::new(),
-    )
-    .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(hyper_util::client::legacy::connect::HttpConnector::new());
     assert!(weather_call(&client, port).await.is_some());
 
     // 200 calls a second, open loop, for at most 60 s: each answer's time and who served it.
     let origin = Instant::now();
-    let answers: Arc<Mutex<Vec<(Duration, Option<String>)>>> = Arc::default();
+    // (when answered, since `origin`; who served it, or None when the call failed)
+    type Answers = Arc<Mutex<Vec<(Duration, Option<String>)>>>;
+    let answers: Answers = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = {
         let (answers, stop, client) = (answers.clone(), stop.clone(), client.clone());
@@ -379,7 +381,8 @@ async fn under_load_a_new_provider_is_served_within_100ms_of_the_consumer_knowin
                 if let Ok((200, doc)) = capmesh_tests::http_get(consumer_admin, "/config").await
                     && let Ok(v) = serde_json::from_str::<serde_json::Value>(&doc)
                     && v["snapshot"]["endpoints"].as_array().is_some_and(|eps| {
-                        eps.iter().any(|e| e["agent"] == "beta" && e["healthy"] == true)
+                        eps.iter()
+                            .any(|e| e["agent"] == "beta" && e["healthy"] == true)
                     })
                 {
                     return origin.elapsed();

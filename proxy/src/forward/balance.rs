@@ -2,7 +2,6 @@
 //! within the best rank that has an endpoint left ([`crate::balance::pick`]), skipping those
 //! already tried, and feeds the outcome to the endpoint's latency estimate and breaker.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -15,7 +14,7 @@ use crate::Proxy;
 use crate::balance::{Outcome, pick};
 use crate::contract::ERROR_HEADER;
 use crate::error::ProxyError;
-use crate::stack::{Middleware, Next, call};
+use crate::stack::{Handled, Middleware, Next, call};
 
 /// One attempt of a call: the call and the endpoint chosen for it.
 #[derive(Debug, Clone)]
@@ -66,13 +65,9 @@ where
 {
     type Response = Response<Incoming>;
 
-    fn handle(
-        &self,
-        req: Call,
-        next: S,
-    ) -> impl Future<Output = Result<Response<Incoming>, ProxyError>> + Send + 'static {
+    fn handle(&self, req: Call, next: S) -> Handled<Response<Incoming>> {
         let proxy = self.proxy.clone();
-        async move {
+        Box::pin(async move {
             let routing = proxy.routing.load_full();
             let pinned;
             let ranks: &[Vec<Arc<Endpoint>>] = match &req.target {
@@ -83,8 +78,8 @@ where
                 }
             };
             let tried = req.attempts.tried();
-            let Some(endpoint) = pick(ranks, &|id| routing.stats(id), &tried, Instant::now())
-                .cloned()
+            let Some(endpoint) =
+                pick(ranks, &|id| routing.stats(id), &tried, Instant::now()).cloned()
             else {
                 return Err(ProxyError::Exhausted {
                     capability: req.label.clone(),
@@ -132,6 +127,6 @@ where
                     Err(e)
                 }
             }
-        }
+        })
     }
 }

@@ -1,14 +1,12 @@
 //! The caller's deadline (`x-capmesh-timeout`, else the mesh default): it covers every attempt
 //! up to response headers. A streamed response is never cut by it.
 
-use std::future::Future;
-
 use http::Response;
 use hyper::body::Incoming;
 
 use super::Call;
 use crate::error::ProxyError;
-use crate::stack::{Middleware, Next, call};
+use crate::stack::{Handled, Middleware, Next, call};
 
 /// See the module docs.
 #[derive(Debug, Clone, Copy, Default)]
@@ -20,16 +18,12 @@ where
 {
     type Response = Response<Incoming>;
 
-    fn handle(
-        &self,
-        req: Call,
-        next: S,
-    ) -> impl Future<Output = Result<Response<Incoming>, ProxyError>> + Send + 'static {
+    fn handle(&self, req: Call, next: S) -> Handled<Response<Incoming>> {
         let after = req.timeout;
-        async move {
+        Box::pin(async move {
             tokio::time::timeout(after, call(next, req))
                 .await
                 .unwrap_or(Err(ProxyError::Timeout { after }))
-        }
+        })
     }
 }

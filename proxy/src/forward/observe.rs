@@ -1,6 +1,5 @@
 //! Per-attempt metrics: latency to response headers and the outcome, by capability.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -9,8 +8,7 @@ use hyper::body::Incoming;
 
 use super::balance::Attempt;
 use crate::Proxy;
-use crate::error::ProxyError;
-use crate::stack::{Middleware, Next, call};
+use crate::stack::{Handled, Middleware, Next, call};
 
 /// See the module docs.
 #[derive(Debug, Clone)]
@@ -31,13 +29,9 @@ where
 {
     type Response = Response<Incoming>;
 
-    fn handle(
-        &self,
-        req: Attempt,
-        next: S,
-    ) -> impl Future<Output = Result<Response<Incoming>, ProxyError>> + Send + 'static {
+    fn handle(&self, req: Attempt, next: S) -> Handled<Response<Incoming>> {
         let proxy = self.proxy.clone();
-        async move {
+        Box::pin(async move {
             let label = req.call.label.clone();
             let t0 = Instant::now();
             let result = call(next, req).await;
@@ -50,6 +44,6 @@ where
                     .inc(),
             }
             result
-        }
+        })
     }
 }

@@ -67,7 +67,12 @@ pub fn request_for(call: &CallSpec, ep: &Endpoint) -> Result<Request<BoxBody>, P
             ..
         } => (
             CALL_PATH.to_owned(),
-            tool_call_body(&call.body, &ep.function, upstream_id, request_state.as_ref())?,
+            tool_call_body(
+                &call.body,
+                &ep.function,
+                upstream_id,
+                request_state.as_ref(),
+            )?,
         ),
         Upstream::Message => (CALL_PATH.to_owned(), call.body.clone()),
         Upstream::Passthrough { query, .. } => {
@@ -94,8 +99,7 @@ pub fn request_for(call: &CallSpec, ep: &Endpoint) -> Result<Request<BoxBody>, P
         } => {
             h.remove("mcp-session-id");
             if let Some(s) = session {
-                let v = HeaderValue::from_str(s)
-                    .map_err(|_| ProxyError::UnknownSession)?;
+                let v = HeaderValue::from_str(s).map_err(|_| ProxyError::UnknownSession)?;
                 h.insert("mcp-session-id", v);
             }
             let v = HeaderValue::from_str(capability)

@@ -71,7 +71,12 @@ impl Failure {
 }
 
 /// Whether to try again: the policy's whole decision, apart from the mechanism.
-pub fn decide(failure: Failure, safe: bool, attempts: usize, budget: impl FnOnce() -> bool) -> bool {
+pub fn decide(
+    failure: Failure,
+    safe: bool,
+    attempts: usize,
+    budget: impl FnOnce() -> bool,
+) -> bool {
     let worth_it = match failure {
         Failure::Unreached => true,
         Failure::MaybeReached => safe,
@@ -249,7 +254,12 @@ mod tests {
 
     /// The policy in a real `tower::retry::Retry` in front of a fake that fails `failures`
     /// times with `kind`, then answers 200. Returns the attempts made and the final status.
-    async fn run(kind: &'static str, failures: usize, safe: bool, budget: RetryBudget) -> (usize, u16) {
+    async fn run(
+        kind: &'static str,
+        failures: usize,
+        safe: bool,
+        budget: RetryBudget,
+    ) -> (usize, u16) {
         let made = Arc::new(AtomicUsize::new(0));
         let counter = made.clone();
         let fake = tower::service_fn(move |c: Call| {

@@ -9,7 +9,6 @@
 //! * [`AgentClient`]: sends to the agent over plain HTTP on localhost, with the agent's view
 //!   of the headers (the verified caller, its own `Host`, the trace continued).
 
-use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -28,7 +27,7 @@ use crate::mcp::relay::{EventFn, MapEvents};
 use crate::mcp::sse::Event;
 use crate::outbound::tool_call::sealer;
 use crate::seal::{self, Sealer};
-use crate::stack::{BoxFuture, Middleware, Next, call};
+use crate::stack::{BoxFuture, Handled, Middleware, Next, call};
 use crate::{BoxBody, Proxy, boxed};
 
 fn caller_of<B>(req: &Request<B>) -> String {
@@ -40,9 +39,8 @@ fn caller_of<B>(req: &Request<B>) -> String {
 }
 
 fn ready_sealer(proxy: &Proxy) -> Result<Sealer, ProxyError> {
-    sealer(proxy).ok_or_else(|| {
-        ProxyError::NotReady("no session key from the control plane yet".into())
-    })
+    sealer(proxy)
+        .ok_or_else(|| ProxyError::NotReady("no session key from the control plane yet".into()))
 }
 
 /// Mesh calls in the proxy's own session with the agent (see the module docs).
@@ -64,13 +62,9 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(
-        &self,
-        req: Request<Bytes>,
-        next: S,
-    ) -> impl Future<Output = Result<Response<BoxBody>, ProxyError>> + Send + 'static {
+    fn handle(&self, req: Request<Bytes>, next: S) -> Handled<Response<BoxBody>> {
         let proxy = self.proxy.clone();
-        async move {
+        Box::pin(async move {
             let agent = proxy.agent.clone().ok_or(ProxyError::NoAgent)?;
             let sealer = ready_sealer(&proxy)?;
             let caller = caller_of(&req);
@@ -96,7 +90,7 @@ where
                 resp
             };
             Ok(seal_requests(resp, sealer, caller))
-        }
+        })
     }
 }
 
@@ -202,13 +196,9 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(
-        &self,
-        mut req: Request<Bytes>,
-        next: S,
-    ) -> impl Future<Output = Result<Response<BoxBody>, ProxyError>> + Send + 'static {
+    fn handle(&self, mut req: Request<Bytes>, next: S) -> Handled<Response<BoxBody>> {
         let proxy = self.proxy.clone();
-        async move {
+        Box::pin(async move {
             let sealer = ready_sealer(&proxy)?;
             let caller = caller_of(&req);
             let mut known: Option<(HeaderValue, String)> = None;
@@ -242,7 +232,7 @@ where
                 };
             }
             Ok(resp)
-        }
+        })
     }
 }
 
@@ -298,10 +288,7 @@ impl tower::Service<Request<Bytes>> for AgentClient {
             let caller = caller_of(&req);
             let uri = match Path::of(&req) {
                 Path::Agent => {
-                    let path = req
-                        .uri()
-                        .path_and_query()
-                        .map_or("/", |p| p.as_str());
+                    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
                     agent.uri_for(path).map_err(|e| {
                         ProxyError::Protocol(crate::mcp::jsonrpc::RpcError::new(
                             crate::mcp::jsonrpc::INVALID_REQUEST,

@@ -16,7 +16,6 @@
 //! * Before the first snapshot nothing is known, so nothing is allowed: 503, not "allow".
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
@@ -30,7 +29,7 @@ use crate::BoxBody;
 use crate::error::ProxyError;
 use crate::mcp::inspect::{Inspected, inspect};
 use crate::mcp::jsonrpc::{INVALID_PARAMS, INVALID_REQUEST, Id, RpcError};
-use crate::stack::{Middleware, Next, call};
+use crate::stack::{Handled, Middleware, Next, call};
 
 /// What authorization needs: the snapshot's policy for this agent and the agent's tools.
 #[derive(Debug, Clone, Default)]
@@ -210,13 +209,13 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(
-        &self,
-        req: Request<Bytes>,
-        next: S,
-    ) -> impl Future<Output = Result<Response<BoxBody>, ProxyError>> + Send + 'static {
+    fn handle(&self, req: Request<Bytes>, next: S) -> Handled<Response<BoxBody>> {
         let view = self.view.load_full();
-        let caller = req.extensions().get::<Caller>().cloned().unwrap_or_default();
+        let caller = req
+            .extensions()
+            .get::<Caller>()
+            .cloned()
+            .unwrap_or_default();
         let path = Path::of(&req);
         let decision = decide(
             view.as_deref(),
@@ -226,7 +225,7 @@ where
             req.body(),
         );
         let counted = self.counted.clone();
-        async move {
+        Box::pin(async move {
             let count = |capability: &str, outcome: &str| {
                 if let Some(c) = &counted {
                     c.with_label_values(&[capability, outcome]).inc();
@@ -251,7 +250,7 @@ where
                     Err(e.for_request(id.as_ref()))
                 }
             }
-        }
+        })
     }
 }
 
@@ -285,11 +284,19 @@ mod tests {
                 action: PolicyAction::Allow,
             }],
         };
-        Authz::new(policy, &[tool("forecast", "get_weather"), tool("admin_reset", "reset")])
+        Authz::new(
+            policy,
+            &[
+                tool("forecast", "get_weather"),
+                tool("admin_reset", "reset"),
+            ],
+        )
     }
 
     fn call_body(id: &str, tool: &str) -> String {
-        format!(r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"{tool}"}}}}"#)
+        format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"{tool}"}}}}"#
+        )
     }
 
     fn paths() -> [Path; 3] {
@@ -306,10 +313,32 @@ mod tests {
     fn each_tool_call_is_checked_on_every_path_whatever_its_id() {
         let a = authz();
         for path in paths() {
-            for id in ["1", "1.0", "\"x\"", "123456789012345678901234567890", "-1e2"] {
-                let allowed = decide(Some(&a), Some(ALICE), &path, &Method::POST, call_body(id, "forecast").as_bytes());
-                assert_eq!(allowed.unwrap(), vec!["get_weather".to_owned()], "{path:?} id {id}");
-                let denied = decide(Some(&a), Some(ALICE), &path, &Method::POST, call_body(id, "admin_reset").as_bytes());
+            for id in [
+                "1",
+                "1.0",
+                "\"x\"",
+                "123456789012345678901234567890",
+                "-1e2",
+            ] {
+                let allowed = decide(
+                    Some(&a),
+                    Some(ALICE),
+                    &path,
+                    &Method::POST,
+                    call_body(id, "forecast").as_bytes(),
+                );
+                assert_eq!(
+                    allowed.unwrap(),
+                    vec!["get_weather".to_owned()],
+                    "{path:?} id {id}"
+                );
+                let denied = decide(
+                    Some(&a),
+                    Some(ALICE),
+                    &path,
+                    &Method::POST,
+                    call_body(id, "admin_reset").as_bytes(),
+                );
                 assert!(
                     matches!(denied, Err(ProxyError::Forbidden { ref capability, .. }) if capability == "reset"),
                     "{path:?} id {id}: {denied:?}"
@@ -321,12 +350,39 @@ mod tests {
     #[test]
     fn batches_are_checked_message_by_message() {
         let a = authz();
-        let batch = format!("[{}, {}]", call_body("1", "forecast"), call_body("2", "admin_reset"));
-        for path in [Path::Agent, Path::Passthrough { capability: "get_weather".into() }] {
-            assert!(decide(Some(&a), Some(ALICE), &path, &Method::POST, batch.as_bytes()).is_err());
+        let batch = format!(
+            "[{}, {}]",
+            call_body("1", "forecast"),
+            call_body("2", "admin_reset")
+        );
+        for path in [
+            Path::Agent,
+            Path::Passthrough {
+                capability: "get_weather".into(),
+            },
+        ] {
+            assert!(
+                decide(
+                    Some(&a),
+                    Some(ALICE),
+                    &path,
+                    &Method::POST,
+                    batch.as_bytes()
+                )
+                .is_err()
+            );
         }
         // A mesh call is one message.
-        assert!(decide(Some(&a), Some(ALICE), &Path::Call, &Method::POST, batch.as_bytes()).is_err());
+        assert!(
+            decide(
+                Some(&a),
+                Some(ALICE),
+                &Path::Call,
+                &Method::POST,
+                batch.as_bytes()
+            )
+            .is_err()
+        );
     }
 
     #[test]
@@ -339,17 +395,31 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":7}}"#,
         ] {
             for path in paths() {
-                let e = decide(Some(&a), Some(ALICE), &path, &Method::POST, body.as_bytes()).unwrap_err();
-                assert_eq!(e.status(), http::StatusCode::BAD_REQUEST, "{path:?} {body}: {e}");
+                let e = decide(Some(&a), Some(ALICE), &path, &Method::POST, body.as_bytes())
+                    .unwrap_err();
+                assert_eq!(
+                    e.status(),
+                    http::StatusCode::BAD_REQUEST,
+                    "{path:?} {body}: {e}"
+                );
             }
         }
         // A tool the agent did not register cannot be authorized: not called, answered as a
         // tool error.
         let unregistered = call_body("1", "not_registered");
         for path in paths() {
-            let e = decide(Some(&a), Some(ALICE), &path, &Method::POST, unregistered.as_bytes())
-                .unwrap_err();
-            assert!(matches!(e, ProxyError::UnregisteredTool(_)), "{path:?}: {e}");
+            let e = decide(
+                Some(&a),
+                Some(ALICE),
+                &path,
+                &Method::POST,
+                unregistered.as_bytes(),
+            )
+            .unwrap_err();
+            assert!(
+                matches!(e, ProxyError::UnregisteredTool(_)),
+                "{path:?}: {e}"
+            );
         }
         // A GET carries no body.
         assert!(decide(Some(&a), Some(ALICE), &Path::Agent, &Method::GET, b"{}").is_err());
@@ -358,9 +428,21 @@ mod tests {
     #[test]
     fn conversations_need_their_capability_and_agent_paths_one_of_the_agents() {
         let a = authz();
-        let read = br#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"file:///x"}}"#;
-        let on = |cap: &str| Path::Passthrough { capability: cap.into() };
-        assert!(decide(Some(&a), Some(ALICE), &on("get_weather"), &Method::POST, read).is_ok());
+        let read =
+            br#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"file:///x"}}"#;
+        let on = |cap: &str| Path::Passthrough {
+            capability: cap.into(),
+        };
+        assert!(
+            decide(
+                Some(&a),
+                Some(ALICE),
+                &on("get_weather"),
+                &Method::POST,
+                read
+            )
+            .is_ok()
+        );
         assert!(matches!(
             decide(Some(&a), Some(ALICE), &on("reset"), &Method::POST, read),
             Err(ProxyError::Forbidden { .. })
@@ -383,7 +465,10 @@ mod tests {
             r#"{"jsonrpc":"2.0","id":"capmesh-x","result":{}}"#,
         ] {
             for path in paths() {
-                assert!(decide(Some(&a), Some(ALICE), &path, &Method::POST, body.as_bytes()).is_ok(), "{path:?} {body}");
+                assert!(
+                    decide(Some(&a), Some(ALICE), &path, &Method::POST, body.as_bytes()).is_ok(),
+                    "{path:?} {body}"
+                );
             }
         }
     }
@@ -391,7 +476,14 @@ mod tests {
     #[test]
     fn before_the_first_snapshot_nothing_is_allowed() {
         for path in paths() {
-            let e = decide(None, Some(ALICE), &path, &Method::POST, call_body("1", "forecast").as_bytes()).unwrap_err();
+            let e = decide(
+                None,
+                Some(ALICE),
+                &path,
+                &Method::POST,
+                call_body("1", "forecast").as_bytes(),
+            )
+            .unwrap_err();
             assert_eq!(e.status(), http::StatusCode::SERVICE_UNAVAILABLE);
         }
     }
@@ -405,7 +497,9 @@ mod tests {
             .layer(Stage(Authorize::new(view.clone(), None)))
             .service(tower::service_fn(move |_: Request<Bytes>| {
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                async { Ok::<_, ProxyError>(Response::new(crate::boxed(http_body_util::Empty::new()))) }
+                async {
+                    Ok::<_, ProxyError>(Response::new(crate::boxed(http_body_util::Empty::new())))
+                }
             }));
         let req = |tool: &str| {
             let mut r = Request::builder()

@@ -11,7 +11,6 @@ pub mod authorize;
 
 use std::convert::Infallible;
 use std::fmt;
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
@@ -28,8 +27,8 @@ use tower::{Service, ServiceBuilder};
 
 use crate::contract::{CALL_PATH, CAPABILITY_HEADER, MAX_REQUEST, PASSTHROUGH_PATH};
 use crate::error::ProxyError;
-use crate::serve::{Gate, Limits};
-use crate::stack::{BoxFuture, Middleware, Next, ReadBody, RespondLayer, Stage, call};
+use crate::serve::Limits;
+use crate::stack::{BoxFuture, Handled, Middleware, Next, ReadBody, RespondLayer, Stage, call};
 use crate::{BoxBody, Proxy};
 
 /// Who sent a request: the verified SPIFFE ID, or `None` for a plaintext client permissive
@@ -148,13 +147,9 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(
-        &self,
-        mut req: Request<Incoming>,
-        next: S,
-    ) -> impl Future<Output = Result<Response<BoxBody>, ProxyError>> + Send + 'static {
+    fn handle(&self, mut req: Request<Incoming>, next: S) -> Handled<Response<BoxBody>> {
         let proxy = self.proxy.clone();
-        async move {
+        Box::pin(async move {
             let peer = req
                 .extensions()
                 .get::<Arc<Peer>>()
@@ -180,7 +175,7 @@ where
             }
             req.extensions_mut().insert(Caller(peer.identity.clone()));
             call(next, req).await
-        }
+        })
     }
 }
 
@@ -247,46 +242,32 @@ pub async fn serve(
     listener: TcpListener,
     acceptor: MeshAcceptor,
     limits: Limits,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let gate = Gate::new(
-        limits.max_connections,
-        proxy
-            .metrics
-            .connections_refused
-            .with_label_values(&["inbound"]),
-    );
+    let refused = proxy
+        .metrics
+        .connections_refused
+        .with_label_values(&["inbound"]);
     let svc = ServiceBuilder::new()
         // Errors become responses here, and only here.
         .layer(RespondLayer)
         .service(stack(&proxy));
-    loop {
-        let tcp = tokio::select! {
-            _ = drain.changed() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    tracing::warn!(error = %e, "inbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-        };
-        let Some(permit) = gate.admit() else {
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
+    let serve = |tcp| {
         let (proxy, acceptor, svc, drain) =
             (proxy.clone(), acceptor.clone(), svc.clone(), drain.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            connection(proxy, acceptor, tcp, svc, limits, drain).await;
-        });
-    }
-    if !gate.closed(grace).await {
-        tracing::warn!(?grace, "in-flight inbound calls did not finish in time");
-    }
+        connection(proxy, acceptor, tcp, svc, limits, drain)
+    };
+    crate::serve::accept(
+        "inbound",
+        listener,
+        limits,
+        refused,
+        drain.clone(),
+        grace,
+        serve,
+    )
+    .await;
 }
 
 async fn connection<S>(
@@ -304,51 +285,50 @@ async fn connection<S>(
     S::Future: Send + 'static,
 {
     let handshakes = &proxy.metrics.tls_handshakes;
-    let (io, peer) = match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp))
-        .await
-    {
-        Err(_) => {
-            tracing::debug!("inbound handshake timed out");
-            return;
-        }
-        Ok(Ok(Accepted::Tls { stream, peer })) => {
-            handshakes.with_label_values(&["mtls"]).inc();
-            let chain = stream
-                .get_ref()
-                .1
-                .peer_certificates()
-                .map(|c| c.to_vec())
-                .unwrap_or_default();
-            let peer = Peer {
-                identity: peer.map(|p| Arc::from(p.to_string())),
-                chain,
-                verified: AtomicU64::new(proxy.identity.trust.generation()),
-            };
-            (Io::Tls(stream), peer)
-        }
-        Ok(Ok(Accepted::Plain(tcp))) => {
-            handshakes.with_label_values(&["plaintext"]).inc();
-            let peer = Peer {
-                identity: None,
-                chain: vec![],
-                verified: AtomicU64::new(0),
-            };
-            (Io::Plain(tcp), peer)
-        }
-        Ok(Err(AcceptError::Refused(r))) => {
-            proxy
-                .metrics
-                .tls_refusals
-                .with_label_values(&[r.reason()])
-                .inc();
-            tracing::info!(reason = %r, "inbound connection refused");
-            return;
-        }
-        Ok(Err(e)) => {
-            tracing::debug!(error = %e, "inbound handshake failed");
-            return;
-        }
-    };
+    let (io, peer) =
+        match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp)).await {
+            Err(_) => {
+                tracing::debug!("inbound handshake timed out");
+                return;
+            }
+            Ok(Ok(Accepted::Tls { stream, peer })) => {
+                handshakes.with_label_values(&["mtls"]).inc();
+                let chain = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(|c| c.to_vec())
+                    .unwrap_or_default();
+                let peer = Peer {
+                    identity: peer.map(|p| Arc::from(p.to_string())),
+                    chain,
+                    verified: AtomicU64::new(proxy.identity.trust.generation()),
+                };
+                (Io::Tls(stream), peer)
+            }
+            Ok(Ok(Accepted::Plain(tcp))) => {
+                handshakes.with_label_values(&["plaintext"]).inc();
+                let peer = Peer {
+                    identity: None,
+                    chain: vec![],
+                    verified: AtomicU64::new(0),
+                };
+                (Io::Plain(tcp), peer)
+            }
+            Ok(Err(AcceptError::Refused(r))) => {
+                proxy
+                    .metrics
+                    .tls_refusals
+                    .with_label_values(&[r.reason()])
+                    .inc();
+                tracing::info!(reason = %r, "inbound connection refused");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "inbound handshake failed");
+                return;
+            }
+        };
     let peer = Arc::new(peer);
     let for_requests = peer.clone();
     let svc = tower::util::MapRequest::new(svc, move |mut req: Request<Incoming>| {

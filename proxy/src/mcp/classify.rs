@@ -75,7 +75,7 @@ pub struct Rejection {
     /// The JSON-RPC error response body (`application/json`).
     pub body: Bytes,
     /// The error itself.
-    pub error: RpcError,
+    pub error: Box<RpcError>,
 }
 
 impl Rejection {
@@ -85,7 +85,7 @@ impl Rejection {
             status,
             code: err.code,
             body: err.to_body(),
-            error: err.clone(),
+            error: Box::new(err.clone()),
         }
     }
 

@@ -61,9 +61,7 @@ pub enum InspectError {
 /// Reads every message of `body` (one object, or a non-empty array of objects).
 pub fn inspect(body: &[u8]) -> Result<Vec<Inspected>, InspectError> {
     let mut de = serde_json::Deserializer::from_slice(body);
-    let messages = Body
-        .deserialize(&mut de)
-        .map_err(|e| classify_error(&e))?;
+    let messages = Body.deserialize(&mut de).map_err(|e| classify_error(&e))?;
     de.end().map_err(|e| InspectError::NotJson(e.to_string()))?;
     Ok(messages)
 }
@@ -436,7 +434,10 @@ mod tests {
             assert_eq!(m.name.as_deref(), Some("secret"));
         }
         assert_eq!(one(r#"{"jsonrpc":"2.0","method":"x"}"#).id, IdShape::Absent);
-        assert_eq!(one(r#"{"jsonrpc":"2.0","id":null,"error":{}}"#).id, IdShape::Null);
+        assert_eq!(
+            one(r#"{"jsonrpc":"2.0","id":null,"error":{}}"#).id,
+            IdShape::Null
+        );
     }
 
     #[test]
@@ -506,7 +507,9 @@ mod tests {
         let m = one(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":{"a":1}}}"#);
         assert_eq!(m.name, None);
         assert!(m.params_object);
-        let m = one(r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"file:///x"}}"#);
+        let m = one(
+            r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"file:///x"}}"#,
+        );
         assert_eq!(m.uri.as_deref(), Some("file:///x"));
     }
 }

@@ -159,7 +159,10 @@ fn id_serde() {
     // pydantic); the agent judges the rest.
     for n in ["1.0", "1e3", "-7", "1.5"] {
         let id: Id = serde_json::from_str(n).unwrap();
-        assert_eq!(serde_json::to_string(&id).unwrap(), serde_json::to_string(&serde_json::from_str::<Value>(n).unwrap()).unwrap());
+        assert_eq!(
+            serde_json::to_string(&id).unwrap(),
+            serde_json::to_string(&serde_json::from_str::<Value>(n).unwrap()).unwrap()
+        );
     }
     assert!(serde_json::from_str::<Id>("null").is_err());
     assert_eq!(Id::from_value(&json!("x")).unwrap().to_value(), json!("x"));

@@ -5,7 +5,6 @@
 //! remaining message goes). Calls are routed by `tool_call`, messages for a provider by
 //! `message`.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -20,7 +19,7 @@ use crate::error::ProxyError;
 use crate::mcp::classify::{self, Classified, Generation};
 use crate::mcp::jsonrpc::{self, Id, Message, Parsed};
 use crate::seal;
-use crate::stack::{BoxFuture, Middleware, Next, call};
+use crate::stack::{BoxFuture, Handled, Middleware, Next, call};
 use crate::{BoxBody, Proxy, boxed};
 
 /// A POST to the federated endpoint that passed the transport rules.
@@ -45,15 +44,11 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(
-        &self,
-        req: Request<Bytes>,
-        next: S,
-    ) -> impl Future<Output = Result<Response<BoxBody>, ProxyError>> + Send + 'static {
-        async move {
+    fn handle(&self, req: Request<Bytes>, next: S) -> Handled<Response<BoxBody>> {
+        Box::pin(async move {
             let (parts, body) = req.into_parts();
             let classified = classify::classify(&parts.headers, &body)
-                .map_err(|r| ProxyError::Protocol(r.error))?;
+                .map_err(|r| ProxyError::Protocol(*r.error))?;
             let id = classified.id.clone();
             let mcp = Mcp {
                 headers: parts.headers,
@@ -63,7 +58,7 @@ where
             call(next, mcp)
                 .await
                 .map_err(|e| e.for_request(id.as_ref()))
-        }
+        })
     }
 }
 
@@ -95,12 +90,8 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(
-        &self,
-        req: Mcp,
-        next: S,
-    ) -> impl Future<Output = Result<Response<BoxBody>, ProxyError>> + Send + 'static {
-        async move {
+    fn handle(&self, req: Mcp, next: S) -> Handled<Response<BoxBody>> {
+        Box::pin(async move {
             let items = match &req.classified.message {
                 Parsed::Batch(items) => items.clone(),
                 Parsed::Single(_) => return call(next, req).await,
@@ -136,7 +127,7 @@ where
                 StatusCode::OK,
                 Bytes::from(serde_json::to_vec(&out).unwrap_or_default()),
             ))
-        }
+        })
     }
 }
 
@@ -148,9 +139,7 @@ async fn collect_answer(resp: Response<BoxBody>, id: &Id) -> Value {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json")
         .to_owned();
-    let fail = |msg: String| {
-        json!({ "jsonrpc": "2.0", "id": id, "error": { "code": jsonrpc::UPSTREAM_FAILED, "message": msg } })
-    };
+    let fail = |msg: String| json!({ "jsonrpc": "2.0", "id": id, "error": { "code": jsonrpc::UPSTREAM_FAILED, "message": msg } });
     let limit = crate::contract::MAX_RESPONSE;
     let mut body = resp.into_body();
     let mut bytes = Vec::new();
@@ -252,13 +241,9 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(
-        &self,
-        req: Mcp,
-        next: S,
-    ) -> impl Future<Output = Result<Response<BoxBody>, ProxyError>> + Send + 'static {
+    fn handle(&self, req: Mcp, next: S) -> Handled<Response<BoxBody>> {
         let this = self.clone();
-        async move {
+        Box::pin(async move {
             let generation = req.classified.generation;
             let Parsed::Single(Message::Request { id, method, params }) = &req.classified.message
             else {
@@ -281,7 +266,7 @@ where
                     modern: generation == Generation::Modern,
                 }),
             }
-        }
+        })
     }
 }
 

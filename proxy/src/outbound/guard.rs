@@ -4,13 +4,11 @@
 //! site is refused too (the provider's own check cannot see it: its proxy sets `Host` to the
 //! agent's address).
 
-use std::future::Future;
-
 use http::{HeaderMap, Request, header};
 
 use super::passthrough::capability_in_path;
 use crate::error::ProxyError;
-use crate::stack::{Middleware, call};
+use crate::stack::{Handled, Middleware, call};
 
 /// See the module docs.
 #[derive(Debug, Clone, Copy, Default)]
@@ -24,19 +22,15 @@ where
 {
     type Response = S::Response;
 
-    fn handle(
-        &self,
-        req: Request<B>,
-        next: S,
-    ) -> impl Future<Output = Result<S::Response, ProxyError>> + Send + 'static {
+    fn handle(&self, req: Request<B>, next: S) -> Handled<S::Response> {
         let passthrough = capability_in_path(req.uri().path()).is_some();
         let refused = refusal(req.headers(), passthrough);
-        async move {
+        Box::pin(async move {
             match refused {
                 Some(why) => Err(ProxyError::Rebinding(why)),
                 None => call(next, req).await,
             }
-        }
+        })
     }
 }
 
@@ -135,11 +129,12 @@ mod tests {
 
     #[tokio::test]
     async fn foreign_origins_and_passthrough_hosts_are_refused_before_anything_else() {
-        let guarded = ServiceBuilder::new()
-            .layer(Stage(RebindingGuard))
-            .service(tower::service_fn(|_: Request<()>| async {
-                Ok::<_, ProxyError>("served")
-            }));
+        let guarded =
+            ServiceBuilder::new()
+                .layer(Stage(RebindingGuard))
+                .service(tower::service_fn(|_: Request<()>| async {
+                    Ok::<_, ProxyError>("served")
+                }));
         let run = |path: &'static str, pairs: &'static [(&'static str, &'static str)]| {
             guarded.clone().oneshot(request(path, pairs))
         };
@@ -149,11 +144,21 @@ mod tests {
             ("origin", "http://evil.example.com:15001"),
         ];
         assert!(matches!(run(pt, evil).await, Err(ProxyError::Rebinding(_))));
-        assert!(matches!(run("/mcp", evil).await, Err(ProxyError::Rebinding(_))));
+        assert!(matches!(
+            run("/mcp", evil).await,
+            Err(ProxyError::Rebinding(_))
+        ));
         let host_only = &[("host", "evil.example.com:15001")];
         assert!(run(pt, host_only).await.is_err());
-        assert_eq!(run("/mcp", host_only).await.unwrap(), "served", "/mcp checks Origin only");
-        let local = &[("host", "127.0.0.1:15001"), ("origin", "http://localhost:15001")];
+        assert_eq!(
+            run("/mcp", host_only).await.unwrap(),
+            "served",
+            "/mcp checks Origin only"
+        );
+        let local = &[
+            ("host", "127.0.0.1:15001"),
+            ("origin", "http://localhost:15001"),
+        ];
         assert_eq!(run(pt, local).await.unwrap(), "served");
         assert!(run("/mcp", &[("origin", "null")]).await.is_err());
         assert_eq!(run(pt, &[]).await.unwrap(), "served");

@@ -2,7 +2,6 @@
 //! request a provider sent it (its id is a sealed route back to that instance), and a 2025
 //! `notifications/cancelled` for a call still streaming. Both go to that instance only.
 
-use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -16,7 +15,7 @@ use crate::error::ProxyError;
 use crate::forward::{Attempts, Call, CallSpec, Target, Upstream};
 use crate::mcp::jsonrpc::{Id, Message, Parsed};
 use crate::seal::{self, Route};
-use crate::stack::{Middleware, Next, call};
+use crate::stack::{Handled, Middleware, Next, call};
 use crate::{BoxBody, Proxy, boxed};
 
 /// See the module docs.
@@ -38,13 +37,9 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(
-        &self,
-        req: Mcp,
-        next: S,
-    ) -> impl Future<Output = Result<Response<BoxBody>, ProxyError>> + Send + 'static {
+    fn handle(&self, req: Mcp, next: S) -> Handled<Response<BoxBody>> {
         let proxy = self.proxy.clone();
-        async move {
+        Box::pin(async move {
             let (route, message) = match &req.classified.message {
                 Parsed::Single(Message::Response {
                     id: Some(Id::String(sealed)),
@@ -67,8 +62,7 @@ where
                     );
                     // Unknown or finished calls: accepted, as a cancellation may arrive after
                     // the response.
-                    let Some(route) =
-                        route.and_then(|(s, id)| proxy.sessions.call_route(s, &id))
+                    let Some(route) = route.and_then(|(s, id)| proxy.sessions.call_route(s, &id))
                     else {
                         return Ok(accepted());
                     };
@@ -104,7 +98,7 @@ where
                 out.headers_mut().insert(header::CONTENT_TYPE, v.clone());
             }
             Ok(out)
-        }
+        })
     }
 }
 

@@ -35,7 +35,7 @@ pub use self::sessions::Sessions;
 use crate::contract::MAX_REQUEST;
 use crate::error::ProxyError;
 use crate::forward;
-use crate::serve::{Gate, Limits};
+use crate::serve::Limits;
 use crate::stack::{BoxFuture, Next, ReadBody, RespondLayer, Stage, call};
 use crate::{BoxBody, Proxy};
 
@@ -143,45 +143,33 @@ pub async fn serve(
     proxy: Arc<Proxy>,
     listener: TcpListener,
     limits: Limits,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let gate = Gate::new(
-        limits.max_connections,
-        proxy
-            .metrics
-            .connections_refused
-            .with_label_values(&["outbound"]),
-    );
+    let refused = proxy
+        .metrics
+        .connections_refused
+        .with_label_values(&["outbound"]);
     let svc = stack(&proxy);
-    loop {
-        let tcp = tokio::select! {
-            _ = drain.changed() => break,
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbound accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                    continue;
-                }
-            },
-        };
-        let Some(permit) = gate.admit() else {
-            continue;
-        };
-        let _ = tcp.set_nodelay(true);
+    let connection = |tcp: tokio::net::TcpStream| {
         let (proxy, svc, drain) = (proxy.clone(), svc.clone(), drain.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
+        async move {
             // Redirected here by `capmesh-proxy init`'s rules: the agent dialled another address.
             if let Some(dst) = transparent::original_dst(&tcp) {
                 transparent::serve(proxy, tcp, dst, limits, drain).await;
             } else {
                 crate::serve::connection(tcp, svc, limits, drain).await;
             }
-        });
-    }
-    if !gate.closed(grace).await {
-        tracing::warn!(?grace, "outbound connections still open after the drain");
-    }
+        }
+    };
+    crate::serve::accept(
+        "outbound",
+        listener,
+        limits,
+        refused,
+        drain.clone(),
+        grace,
+        connection,
+    )
+    .await;
 }

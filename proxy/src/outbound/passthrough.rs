@@ -13,7 +13,6 @@
 //! one by one; a retry carrying a `requestState` the mesh sealed goes back to the instance
 //! that minted it.
 
-use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -34,7 +33,7 @@ use crate::mcp::inspect::inspect;
 use crate::mcp::relay::{EventFn, MapEvents};
 use crate::mcp::sse::Event;
 use crate::seal::{self, Pinned, Route, Sealer};
-use crate::stack::{Middleware, Next, call, read_body};
+use crate::stack::{Handled, Middleware, Next, call, read_body};
 use crate::{BoxBody, Proxy, boxed};
 
 /// The capability in `/capabilities/<capability>/mcp`, or `None` for any other path.
@@ -103,13 +102,9 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(
-        &self,
-        req: Request<Bytes>,
-        next: S,
-    ) -> impl Future<Output = Result<Response<BoxBody>, ProxyError>> + Send + 'static {
+    fn handle(&self, req: Request<Bytes>, next: S) -> Handled<Response<BoxBody>> {
         let proxy = self.proxy.clone();
-        async move {
+        Box::pin(async move {
             let plan = plan(&proxy, req)?;
             let resp = match call(next, plan.call.clone()).await {
                 Ok(resp) => resp,
@@ -120,7 +115,7 @@ where
                 Err(e) => return Err(e),
             };
             relay(resp, &plan).await
-        }
+        })
     }
 }
 
@@ -140,7 +135,9 @@ fn plan(proxy: &Proxy, req: Request<Bytes>) -> Result<Plan, ProxyError> {
         });
     }
     let sealer = sealer(proxy).ok_or_else(|| {
-        ProxyError::NotReady("passthrough needs the mesh's session key from the control plane".into())
+        ProxyError::NotReady(
+            "passthrough needs the mesh's session key from the control plane".into(),
+        )
     })?;
     let (parts, body) = req.into_parts();
     let modern = parts.method == Method::POST
@@ -274,7 +271,9 @@ fn restore_state(
 /// `input_required` `requestState` sealed with its instance.
 async fn relay(resp: Response<Incoming>, plan: &Plan) -> Result<Response<BoxBody>, ProxyError> {
     let Some(Served(ep)) = resp.extensions().get::<Served>().cloned() else {
-        return Err(ProxyError::Internal("a response without its endpoint".into()));
+        return Err(ProxyError::Internal(
+            "a response without its endpoint".into(),
+        ));
     };
     let (parts, body) = resp.into_parts();
     let body = if plan.modern {
@@ -366,7 +365,9 @@ async fn seal_states(
         .map_err(|e| ProxyError::UpstreamBody(format!("{}: {e}", ep.identity)))?;
     let sealed = serde_json::from_slice::<Value>(&bytes)
         .ok()
-        .and_then(|mut v| seal_request_state(&mut v, Some(&plan.sealer), &route).then(|| v.to_string()));
+        .and_then(|mut v| {
+            seal_request_state(&mut v, Some(&plan.sealer), &route).then(|| v.to_string())
+        });
     Ok(boxed(Full::new(sealed.map_or(bytes, Bytes::from))))
 }
 
@@ -389,9 +390,15 @@ mod tests {
     fn reads_are_safe_to_repeat_and_calls_are_not() {
         let post = |b: &str| is_safe(&Method::POST, b.as_bytes());
         assert!(post(r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#));
-        assert!(post(r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#));
-        assert!(!post(r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}"#));
-        assert!(!post(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#));
+        assert!(post(
+            r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{}}"#
+        ));
+        assert!(!post(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x"}}"#
+        ));
+        assert!(!post(
+            r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#
+        ));
         assert!(!post(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#));
         assert!(!post("not json"));
         assert!(is_safe(&Method::GET, b""));

@@ -4,19 +4,18 @@
 //! `notifications/cancelled` reaches the provider running the call.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use http::{HeaderValue, Response};
 use serde_json::Value;
 
 use super::federated::Mcp;
+use crate::BoxBody;
 use crate::error::ProxyError;
 use crate::mcp::classify::{self, Generation};
 use crate::mcp::jsonrpc::{self, Id, Message, Parsed, RpcError};
 use crate::seal::Route;
-use crate::stack::{Middleware, Next, call};
-use crate::BoxBody;
+use crate::stack::{Handled, Middleware, Next, call};
 
 /// The sessions the proxy minted: id → negotiated protocol version; and the streaming calls.
 #[derive(Debug, Default)]
@@ -128,13 +127,9 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(
-        &self,
-        req: Mcp,
-        next: S,
-    ) -> impl Future<Output = Result<Response<BoxBody>, ProxyError>> + Send + 'static {
+    fn handle(&self, req: Mcp, next: S) -> Handled<Response<BoxBody>> {
         let proxy = self.sessions.clone();
-        async move {
+        Box::pin(async move {
             let c = &req.classified;
             if c.generation == Generation::Modern {
                 return call(next, req).await;
@@ -174,6 +169,6 @@ where
                 resp.headers_mut().insert("mcp-session-id", v);
             }
             Ok(resp)
-        }
+        })
     }
 }

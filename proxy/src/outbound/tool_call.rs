@@ -4,7 +4,6 @@
 //! requests to the client under sealed ids, an `input_required` `requestState` sealed with its
 //! instance.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -24,7 +23,7 @@ use crate::mcp::jsonrpc::{Id, Message};
 use crate::mcp::relay::{EventFn, MapEvents};
 use crate::mcp::sse::Event;
 use crate::seal::{self, Route, Sealer};
-use crate::stack::{Middleware, Next, call, read_body};
+use crate::stack::{Handled, Middleware, Next, call, read_body};
 use crate::{BoxBody, Proxy, boxed};
 
 /// A `tools/call` on its way to a provider, with the id the provider will see.
@@ -78,7 +77,9 @@ pub fn mesh_headers(proxy: &Proxy, client: &HeaderMap) -> HeaderMap {
         client
             .get(header::ACCEPT)
             .cloned()
-            .unwrap_or(HeaderValue::from_static("application/json, text/event-stream")),
+            .unwrap_or(HeaderValue::from_static(
+                "application/json, text/event-stream",
+            )),
     );
     if let Some(v) = client.get("mcp-protocol-version") {
         out.insert("mcp-protocol-version", v.clone());
@@ -108,13 +109,9 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(
-        &self,
-        req: Mcp,
-        next: S,
-    ) -> impl Future<Output = Result<Response<BoxBody>, ProxyError>> + Send + 'static {
+    fn handle(&self, req: Mcp, next: S) -> Handled<Response<BoxBody>> {
         let proxy = self.proxy.clone();
-        async move {
+        Box::pin(async move {
             let upstream_id = json!(format!("cm-{}", crate::random_hex(12)));
             let classified = req.classified.clone();
             let resp = call(
@@ -126,7 +123,7 @@ where
             )
             .await?;
             relay(&proxy, resp, &classified, &upstream_id).await
-        }
+        })
     }
 }
 
@@ -167,7 +164,9 @@ async fn relay(
     upstream_id: &Value,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let Some(Served(ep)) = resp.extensions().get::<Served>().cloned() else {
-        return Err(ProxyError::Internal("a response without its endpoint".into()));
+        return Err(ProxyError::Internal(
+            "a response without its endpoint".into(),
+        ));
     };
     let (parts, body) = resp.into_parts();
     let client_id = classified.id.as_ref().map_or(Value::Null, Id::to_value);
@@ -268,16 +267,12 @@ where
 {
     type Response = Response<Incoming>;
 
-    fn handle(
-        &self,
-        req: ToolCall,
-        next: S,
-    ) -> impl Future<Output = Result<Response<Incoming>, ProxyError>> + Send + 'static {
+    fn handle(&self, req: ToolCall, next: S) -> Handled<Response<Incoming>> {
         let proxy = self.proxy.clone();
-        async move {
+        Box::pin(async move {
             let call_spec = resolve(&proxy, req)?;
             call(next, call_spec).await
-        }
+        })
     }
 }
 

@@ -15,7 +15,6 @@
 //! depends on (`--dependency '*'` for all); the provider's proxy applies its own checks.
 
 use std::collections::HashSet;
-use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -32,11 +31,10 @@ use tower::ServiceBuilder;
 use super::passthrough::is_safe;
 use super::tool_call::call_timeout;
 use crate::contract::SERVED_BY_HEADER;
-use crate::error::ProxyError;
 use crate::forward::{self, Attempts, Call, CallSpec, Served, Target, Upstream};
 use crate::headers::is_hop_by_hop;
 use crate::routing::Routing;
-use crate::stack::{Middleware, Next, ReadBody, RespondLayer, Stage, call};
+use crate::stack::{Handled, Middleware, Next, ReadBody, RespondLayer, Stage, call};
 use crate::{BoxBody, Proxy, boxed};
 
 /// The address a redirected connection was going to, before the init rules sent it here.
@@ -284,13 +282,9 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(
-        &self,
-        req: Request<Bytes>,
-        next: S,
-    ) -> impl Future<Output = Result<Response<BoxBody>, ProxyError>> + Send + 'static {
+    fn handle(&self, req: Request<Bytes>, next: S) -> Handled<Response<BoxBody>> {
         let this = self.clone();
-        async move {
+        Box::pin(async move {
             let proxy = &this.proxy;
             proxy.metrics.transparent.with_label_values(&["mesh"]).inc();
             let routing = proxy.routing.load_full();
@@ -333,7 +327,7 @@ where
             }));
             let resp = call(next, spec).await?;
             Ok(stream_back(resp))
-        }
+        })
     }
 }
 
