@@ -482,6 +482,23 @@ impl Registry {
         self.notify(&inner);
     }
 
+    /// Replaces the mesh settings pushed to every proxy; the mesh's session key is kept.
+    pub fn set_settings(&self, mut settings: MeshSettings) {
+        let mut inner = self.lock();
+        settings.session_key = inner.settings.1.session_key.clone();
+        let generation = inner.bump();
+        inner.settings = (generation, settings);
+        self.notify(&inner);
+    }
+
+    /// The mesh settings in force, without the session key.
+    pub fn settings(&self) -> MeshSettings {
+        MeshSettings {
+            session_key: String::new(),
+            ..self.lock().settings.1.clone()
+        }
+    }
+
     /// The full snapshot for a subscriber with these dependencies, and the view to diff from.
     pub fn snapshot(&self, deps: &[Dependency]) -> (Snapshot, View) {
         let inner = self.lock();

@@ -264,7 +264,7 @@ async fn run(
         app.forget(&proxy_id);
     }
     if !graceful {
-        tracing::info!(proxy_id = %proxy_id, grace = ?app.grace, "stream ended; endpoints withdrawn after the grace period unless it reconnects");
+        tracing::info!(proxy_id = %proxy_id, grace_ms = app.grace.as_millis() as u64, "stream ended; endpoints withdrawn after the grace period unless it reconnects");
         let app = app.clone();
         tokio::spawn(async move {
             tokio::time::sleep(app.grace).await;
