@@ -243,7 +243,7 @@ pub async fn eventually<T>(
     }
 }
 
-/// A port nothing listens on (bound, then released).
-pub fn closed_port() -> u16 {
-    capmesh_tests::free_port().unwrap()
+/// A port nothing listens on, held closed while the value lives (see `ReservedPort`).
+pub fn closed_port() -> capmesh_tests::ReservedPort {
+    capmesh_tests::reserve_port().unwrap()
 }
