@@ -542,9 +542,12 @@ fn own_cpus() -> String {
 }
 
 /// Starts the echo upstream as its own process (so it can be metered and pinned like the
-/// proxies); returns it and its port.
-async fn start_echo(exe: &Path) -> Result<(tokio::process::Child, u16)> {
-    let port = capmesh_tests::free_port()?;
+/// proxies); returns it, its port and the port's reservation (hold it while the echo runs).
+async fn start_echo(
+    exe: &Path,
+) -> Result<(tokio::process::Child, u16, capmesh_tests::ReservedPort)> {
+    let reserved = capmesh_tests::reserve_port()?;
+    let port = reserved.port();
     let child = tokio::process::Command::new(exe)
         .args(["echo", "--listen", &format!("127.0.0.1:{port}")])
         .stdout(Stdio::null())
@@ -562,7 +565,7 @@ async fn start_echo(exe: &Path) -> Result<(tokio::process::Child, u16)> {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    Ok((child, port))
+    Ok((child, port, reserved))
 }
 
 /// Runs the suite; returns the failures (calls that failed where none should).
@@ -598,7 +601,7 @@ pub async fn run(opts: Options) -> Result<Vec<String>> {
     }))?;
 
     eprintln!("== starting the paths ({:?})", opts.setup);
-    let (echo, echo_port) = start_echo(&exe).await?;
+    let (echo, echo_port, _echo_port_held) = start_echo(&exe).await?;
     let echo_pid = echo.id().context("the echo server exited")?;
     let echo_url = format!("http://127.0.0.1:{echo_port}/mcp");
     let direct = Target {
@@ -693,14 +696,10 @@ pub async fn run(opts: Options) -> Result<Vec<String>> {
             let mut fresh = vec![];
             while providers.len() + fresh.len() < count {
                 let token = cp.token("default", "echo").await?;
-                fresh.push(ProxyProcess::spawn(
-                    &proxy_bin,
-                    &cp,
-                    &token,
-                    "echo",
-                    Some(&echo_url),
-                    &[],
-                )?);
+                fresh.push(
+                    ProxyProcess::spawn(&proxy_bin, &cp, &token, "echo", Some(&echo_url), &[])
+                        .await?,
+                );
             }
             for mut p in fresh {
                 p.wait_ready(Duration::from_secs(30)).await?;

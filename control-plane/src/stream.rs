@@ -111,7 +111,9 @@ pub async fn handle(
         proxy_id = %node.proxy_id,
         identity = %peer.identity,
         tools = hello.registration.tools.len(),
-        held = ?hello.version,
+        held = %hello
+            .version
+            .map_or_else(|| "none".to_owned(), |v| v.to_string()),
         "stream opened"
     );
     let lease = app.registry.connect(
