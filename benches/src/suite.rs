@@ -25,6 +25,9 @@ use crate::load::{LoadReport, Proto};
 use crate::peers::{Kind, Peer};
 use crate::procstat::CpuMeter;
 
+/// The agent name of the provider killed mid-run.
+const VICTIM: &str = "echo-victim";
+
 /// How the processes under test are set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Setup {
@@ -74,7 +77,8 @@ pub struct Point {
     pub cores: Vec<f64>,
     /// Per proxy instance: RSS at the end of the measured phase (KiB).
     pub rss_kib: Vec<u64>,
-    /// Whether a clean run must have zero errors (all but the kill scenario).
+    /// Whether a clean run must have zero errors (all but the kill scenario, which must have
+    /// zero errors that had not reached the killed provider).
     pub zero_errors_expected: bool,
 }
 
@@ -238,6 +242,9 @@ impl Runner {
             Load::Rate(r) => {
                 args.extend(["--rate".into(), r.to_string()]);
                 if mid_run.is_some() {
+                    // A call that failed inside the victim names it; every other failure is
+                    // a call the mesh lost.
+                    args.extend(["--reached-marker".into(), format!("agent/{VICTIM}")]);
                     (d.warmup, d.kill_measure)
                 } else {
                     (d.warmup, d.measure)
@@ -374,6 +381,20 @@ impl Runner {
                 .map(|c| (c * 100.0).round() / 100.0)
                 .collect::<Vec<_>>()
         );
+        let lost = r.errors.saturating_sub(r.errors_reached);
+        if !point.zero_errors_expected && lost > 0 {
+            self.failures.push(format!(
+                "{} {} {}: {lost} of {} calls failed that had not reached the killed provider (first: {})",
+                point.path,
+                point.load,
+                proto,
+                r.sent,
+                r.first_unreached_error
+                    .as_deref()
+                    .or(r.first_error.as_deref())
+                    .unwrap_or("?")
+            ));
+        }
         if point.zero_errors_expected && r.errors > 0 {
             self.failures.push(format!(
                 "{} {} {}: {} of {} calls failed (first: {})",
@@ -695,9 +716,16 @@ pub async fn run(opts: Options) -> Result<Vec<String>> {
             // Start the new sidecars together, then wait for each.
             let mut fresh = vec![];
             while providers.len() + fresh.len() < count {
-                let token = cp.token("default", "echo").await?;
+                // The tenth provider, killed later, has a name of its own (same capability)
+                // so that calls that failed inside it can be told from calls the mesh lost.
+                let name = if providers.len() + fresh.len() + 1 == 10 {
+                    VICTIM
+                } else {
+                    "echo"
+                };
+                let token = cp.token("default", name).await?;
                 fresh.push(
-                    ProxyProcess::spawn(&proxy_bin, &cp, &token, "echo", Some(&echo_url), &[])
+                    ProxyProcess::spawn(&proxy_bin, &cp, &token, name, Some(&echo_url), &[])
                         .await?,
                 );
             }

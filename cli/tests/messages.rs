@@ -24,7 +24,9 @@ fn dumps(label: &str, text: &str, only_logs_from_info: bool) -> Vec<String> {
     text.lines()
         .filter(|l| {
             !only_logs_from_info
-                || [" INFO ", " WARN ", " ERROR "].iter().any(|lvl| l.contains(lvl))
+                || [" INFO ", " WARN ", " ERROR "]
+                    .iter()
+                    .any(|lvl| l.contains(lvl))
         })
         .filter(|l| DEBUG_DUMPS.iter().any(|d| l.contains(d)))
         .map(|l| format!("{label}: {l}"))
@@ -51,7 +53,8 @@ async fn no_user_facing_message_or_log_line_shows_debug_formatting() {
         )
         .await;
     let mut seen: Vec<(String, String)> = Vec::new();
-    let mut client = |label: &str, v: serde_json::Value| seen.push((label.to_owned(), v.to_string()));
+    let mut client =
+        |label: &str, v: serde_json::Value| seen.push((label.to_owned(), v.to_string()));
 
     // What an MCP client reads: an unknown capability, a selector nothing matches, both
     // generations.
@@ -94,15 +97,27 @@ async fn no_user_facing_message_or_log_line_shows_debug_formatting() {
         mesh.capmesh(&["policy", "set", "-f", deny.to_str().unwrap()]),
     ));
     // The proxy hides a denied capability; a raw call still reaches the provider's check.
-    let (_, v) = client_json(&consumer.url(), "legacy", &[], &["call", "echo", r#"{"text":"x"}"#])
-        .await
-        .unwrap();
+    let (_, v) = client_json(
+        &consumer.url(),
+        "legacy",
+        &[],
+        &["call", "echo", r#"{"text":"x"}"#],
+    )
+    .await
+    .unwrap();
     client("client denied", v);
 
     // What the CLI prints, errors included.
     for args in [
         &["call", "teleport"][..],
-        &["call", "get_weather", "--args", r#"{"city":"Oslo"}"#, "--tags", "gpu"],
+        &[
+            "call",
+            "get_weather",
+            "--args",
+            r#"{"city":"Oslo"}"#,
+            "--tags",
+            "gpu",
+        ],
         &["call", "get_weather", "--args", r#"{"city":"Oslo"}"#],
         &["status"],
         &["list"],
@@ -120,7 +135,11 @@ async fn no_user_facing_message_or_log_line_shows_debug_formatting() {
     let wrong_agent = PyAgent::start("beta", &["weather"], None).await.unwrap();
     let token = mesh.cp.token("default", "beta").await.unwrap();
     let wrong = mesh
-        .sidecar("beta", &format!("http://127.0.0.1:{}/", wrong_agent.port), &token)
+        .sidecar(
+            "beta",
+            &format!("http://127.0.0.1:{}/", wrong_agent.port),
+            &token,
+        )
         .await;
     eventually(Duration::from_secs(10), "the wrong URL is reported", || {
         wrong.log().contains("WARN").then_some(())
@@ -158,8 +177,16 @@ async fn no_user_facing_message_or_log_line_shows_debug_formatting() {
         found.extend(dumps(label, text, false));
     }
     for (label, run) in &cli {
-        found.extend(dumps(&format!("capmesh {label} (stdout)"), &run.stdout, false));
-        found.extend(dumps(&format!("capmesh {label} (stderr)"), &run.stderr, false));
+        found.extend(dumps(
+            &format!("capmesh {label} (stdout)"),
+            &run.stdout,
+            false,
+        ));
+        found.extend(dumps(
+            &format!("capmesh {label} (stderr)"),
+            &run.stderr,
+            false,
+        ));
     }
     for (label, log) in [
         ("control plane log", mesh.cp.log()),
