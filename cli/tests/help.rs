@@ -153,3 +153,47 @@ async fn control_plane_and_proxy_run_from_the_one_binary() {
     cmd.args(["proxy", "--agent-name", "Bad Name"]);
     run_bounded(cmd, Duration::from_secs(30)).fails(2, &["--agent-name", "lowercase"]);
 }
+
+#[test]
+fn a_closed_stdout_ends_every_program_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = capmesh_certs::Ca::generate("capmesh.local".parse().unwrap(), false).unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.root_pem()).unwrap();
+    let app = dir.path().join("app.yaml");
+    std::fs::write(
+        &app,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: weather, labels: {app: weather}}\nspec:\n  containers: [{name: app, image: x, ports: [{containerPort: 9001}]}]\n",
+    )
+    .unwrap();
+    let (ca_path, app_path) = (ca_file.display().to_string(), app.display().to_string());
+    for args in [
+        &["--help"][..],
+        &["cert", "inspect", &ca_path],
+        &["inject", "-f", &app_path],
+        &["inject", "-f", &app_path, "-o", "json"],
+        &["proxy", "--version"],
+        &["proxy", "--help"],
+        &["control-plane", "--help"],
+        &["agent", "--help"],
+    ] {
+        // `capmesh … | head -0`: the reader is gone before anything is written.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(capmesh_bin())
+            .args(args)
+            .env_clear()
+            .env("HOME", dir.path())
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+            "capmesh {}: {} {stderr}",
+            args.join(" "),
+            out.status
+        );
+    }
+}

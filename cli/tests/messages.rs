@@ -161,7 +161,16 @@ async fn no_user_facing_message_or_log_line_shows_debug_formatting() {
     .await
     .unwrap();
     client("client no healthy endpoint", v);
-    cli.push(("status (unhealthy)".into(), mesh.capmesh(&["status"])));
+    // `capmesh status` says why, as the sidecar reported it.
+    let status = eventually(Duration::from_secs(10), "status says why", || {
+        let out = mesh.capmesh(&["status"]);
+        out.stdout
+            .contains("unhealthy: nothing accepts connections at --agent-url")
+            .then_some(out)
+    })
+    .await;
+    assert!(status.stdout.contains(&agent.url), "{status}");
+    cli.push(("status (unhealthy)".into(), status));
 
     // A control-plane outage and its return.
     mesh.cp.stop().unwrap();

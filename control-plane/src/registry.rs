@@ -34,6 +34,8 @@ struct Instance {
     entity: Option<String>,
     registration: Registration,
     healthy: bool,
+    /// Why the agent is unhealthy, as its proxy said.
+    health_detail: Option<String>,
     connected: bool,
     epoch: u64,
     held: Option<SnapshotVersion>,
@@ -318,6 +320,7 @@ impl Registry {
                 entity,
                 registration,
                 healthy,
+                health_detail: None,
                 connected: true,
                 epoch,
                 held: None,
@@ -348,11 +351,13 @@ impl Registry {
         }
     }
 
-    /// Records the agent's health; flips its endpoints when it changed.
-    pub fn set_health(&self, proxy_id: &str, epoch: u64, healthy: bool) {
+    /// Records the agent's health (and why it is unhealthy, when the proxy says); flips its
+    /// endpoints when it changed.
+    pub fn set_health(&self, proxy_id: &str, epoch: u64, healthy: bool, detail: Option<String>) {
         self.with_instance(proxy_id, epoch, |inst| {
             let changed = inst.healthy != healthy;
             inst.healthy = healthy;
+            inst.health_detail = if healthy { None } else { detail };
             changed
         });
     }
@@ -422,6 +427,7 @@ impl Registry {
                 entity: rec.entity,
                 registration: rec.registration,
                 healthy: rec.healthy,
+                health_detail: None,
                 connected: false,
                 epoch,
                 held: None,
@@ -639,6 +645,7 @@ impl Registry {
                 address: inst.registration.endpoint.clone(),
                 zone: inst.node.zone.clone(),
                 healthy: inst.healthy,
+                health_detail: inst.health_detail.clone(),
                 connected: inst.connected,
                 tags: inst.registration.tags.clone(),
                 version: inst.registration.version.clone(),

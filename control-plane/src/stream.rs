@@ -234,7 +234,7 @@ async fn run(
                         }
                         ProxyFrame::Health { healthy, detail } => {
                             tracing::debug!(proxy_id = %proxy_id, healthy, detail = ?detail, "health");
-                            app.registry.set_health(&proxy_id, epoch, healthy);
+                            app.registry.set_health(&proxy_id, epoch, healthy, detail);
                             app.persist(&proxy_id);
                         }
                         ProxyFrame::Register(registration) => {
