@@ -110,9 +110,12 @@ pub fn error_text(e: &anyhow::Error) -> String {
 
 /// How often a start-up wait that goes on is logged again.
 pub const REPEAT_EVERY: Duration = Duration::from_secs(30);
+/// The least time between two lines of one wait whose reason changed.
+pub const CHANGED_AFTER: Duration = Duration::from_secs(5);
 
 /// One wait at start-up, logged at WARN once with its reason and fix, then again when the
-/// reason changes or every [`REPEAT_EVERY`]; at INFO when it ends, if it was ever logged.
+/// reason changes (at most every [`CHANGED_AFTER`]) or every [`REPEAT_EVERY`]; at INFO when it
+/// ends, if it was ever logged.
 #[derive(Debug)]
 pub struct StartupWait {
     what: &'static str,
@@ -141,19 +144,29 @@ impl StartupWait {
     /// The wait goes on because of `reason`; `fix` says what the user can do. `expected`
     /// reasons (nothing listening yet) are held back for the quiet period.
     pub fn waiting(&mut self, reason: &str, fix: &str, expected: bool) {
-        let now = Instant::now();
-        if expected && now.duration_since(self.started) < self.quiet_for {
-            return;
+        if self.due(Instant::now(), reason, expected) {
+            let waited_s = self.started.elapsed().as_secs();
+            tracing::warn!(waited_s, fix, "waiting for {}: {reason}", self.what);
         }
+    }
+
+    /// Whether a line is due at `now` for `reason` (and, if so, records it as logged).
+    fn due(&mut self, now: Instant, reason: &str, expected: bool) -> bool {
+        if expected && now.saturating_duration_since(self.started) < self.quiet_for {
+            return false;
+        }
+        // A new reason is worth a line, but reasons that alternate must not log every attempt.
         let due = match &self.warned {
             None => true,
-            Some((at, last)) => last != reason || now.duration_since(*at) >= REPEAT_EVERY,
+            Some((at, last)) => {
+                let since = now.saturating_duration_since(*at);
+                since >= REPEAT_EVERY || (last != reason && since >= CHANGED_AFTER)
+            }
         };
         if due {
-            let waited_s = now.duration_since(self.started).as_secs();
-            tracing::warn!(waited_s, fix, "waiting for {}: {reason}", self.what);
             self.warned = Some((now, reason.to_owned()));
         }
+        due
     }
 
     /// The wait is over.
@@ -169,6 +182,35 @@ impl StartupWait {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wait_is_logged_once_then_at_a_bounded_interval() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        let mut wait = StartupWait::new("the first certificate");
+        wait.started = t0;
+        assert!(
+            wait.due(t0, "refused", false),
+            "the first attempt is logged"
+        );
+        for ms in [10, 30, 70, 150, 310, 630, 1270, 2550] {
+            assert!(!wait.due(t0 + Duration::from_millis(ms), "refused", false));
+        }
+        assert!(wait.due(t0 + s(30), "refused", false), "then every 30 s");
+        // Alternating reasons: a line at most every 5 s.
+        assert!(!wait.due(t0 + s(31), "timed out", false));
+        assert!(wait.due(t0 + s(35), "timed out", false));
+        assert!(!wait.due(t0 + s(36), "refused", false));
+
+        // Nothing listening yet is normal for the quiet period.
+        let mut agent = StartupWait::after("the agent's tools", s(2));
+        agent.started = t0;
+        assert!(!agent.due(t0 + s(1), "nothing listens", true));
+        assert!(agent.due(t0 + s(1), "answered 404", false));
+        let mut agent = StartupWait::after("the agent's tools", s(2));
+        agent.started = t0;
+        assert!(agent.due(t0 + s(2), "nothing listens", true));
+    }
 
     #[test]
     fn reasons_are_named_and_ordered() {
