@@ -34,6 +34,8 @@ struct Instance {
     entity: Option<String>,
     registration: Registration,
     healthy: bool,
+    /// Why the agent is unhealthy, as its proxy said.
+    health_detail: Option<String>,
     connected: bool,
     epoch: u64,
     held: Option<SnapshotVersion>,
@@ -318,6 +320,7 @@ impl Registry {
                 entity,
                 registration,
                 healthy,
+                health_detail: None,
                 connected: true,
                 epoch,
                 held: None,
@@ -348,11 +351,13 @@ impl Registry {
         }
     }
 
-    /// Records the agent's health; flips its endpoints when it changed.
-    pub fn set_health(&self, proxy_id: &str, epoch: u64, healthy: bool) {
+    /// Records the agent's health (and why it is unhealthy, when the proxy says); flips its
+    /// endpoints when it changed.
+    pub fn set_health(&self, proxy_id: &str, epoch: u64, healthy: bool, detail: Option<String>) {
         self.with_instance(proxy_id, epoch, |inst| {
             let changed = inst.healthy != healthy;
             inst.healthy = healthy;
+            inst.health_detail = if healthy { None } else { detail };
             changed
         });
     }
@@ -422,6 +427,7 @@ impl Registry {
                 entity: rec.entity,
                 registration: rec.registration,
                 healthy: rec.healthy,
+                health_detail: None,
                 connected: false,
                 epoch,
                 held: None,
@@ -480,6 +486,23 @@ impl Registry {
         let generation = inner.bump();
         inner.policy = (generation, policy);
         self.notify(&inner);
+    }
+
+    /// Replaces the mesh settings pushed to every proxy; the mesh's session key is kept.
+    pub fn set_settings(&self, mut settings: MeshSettings) {
+        let mut inner = self.lock();
+        settings.session_key = inner.settings.1.session_key.clone();
+        let generation = inner.bump();
+        inner.settings = (generation, settings);
+        self.notify(&inner);
+    }
+
+    /// The mesh settings in force, without the session key.
+    pub fn settings(&self) -> MeshSettings {
+        MeshSettings {
+            session_key: String::new(),
+            ..self.lock().settings.1.clone()
+        }
     }
 
     /// The full snapshot for a subscriber with these dependencies, and the view to diff from.
@@ -622,6 +645,7 @@ impl Registry {
                 address: inst.registration.endpoint.clone(),
                 zone: inst.node.zone.clone(),
                 healthy: inst.healthy,
+                health_detail: inst.health_detail.clone(),
                 connected: inst.connected,
                 tags: inst.registration.tags.clone(),
                 version: inst.registration.version.clone(),
