@@ -4,7 +4,9 @@
 "use strict";
 
 const SVG = "http://www.w3.org/2000/svg";
-let selected = null;
+// A trace named in the address (#trace=<id>) is opened at once; else the newest is shown.
+let selected = new URLSearchParams(location.hash.slice(1)).get("trace");
+let opened = false;
 
 function el(tag, attrs, text) {
   const e = document.createElement(tag);
@@ -69,7 +71,9 @@ function drawGraph(mesh) {
     const from = pos.get("a:" + e.from), to = pos.get("c:" + e.capability);
     if (!from || !to) continue;
     const cls = "edge" + (e.live && e.rate_per_s > 0 ? " live" : "") + (e.error_rate > 0 ? " errors" : "");
-    const mid = path(from, to, cls);
+    path(from, to, cls);
+    // Beside the capability it reaches, so that labels of one consumer do not overlap.
+    const mid = { x: to.x - 120, y: to.y + nodeH / 2 };
     const p99 = e.p99_ms === undefined ? "–" : e.p99_ms + " ms";
     const text = e.live
       ? `${e.rate_per_s.toFixed(1)}/s · ${(e.error_rate * 100).toFixed(1)}% err · p99 ${p99}`
@@ -134,7 +138,12 @@ function drawTraces(mesh) {
     return tr;
   });
   body.replaceChildren(...rows);
-  if (!selected && mesh.latest) drawTree(mesh.latest);
+  if (selected && !opened) {
+    opened = true;
+    openTrace(selected);
+  } else if (!selected && mesh.latest) {
+    drawTree(mesh.latest);
+  }
 }
 
 async function openTrace(id) {
