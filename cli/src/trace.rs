@@ -93,10 +93,10 @@ pub async fn fetch(api: &Api, id: &str, wait: Duration) -> anyhow::Result<Trace>
             }
             Err(e) => return Err(e.into()),
         }
-        if Instant::now() >= deadline {
-            if let Some(t) = held {
-                return Ok(t);
-            }
+        if Instant::now() >= deadline
+            && let Some(t) = held
+        {
+            return Ok(t);
         }
         tokio::time::sleep(Duration::from_millis(1200)).await;
     }

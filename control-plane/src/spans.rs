@@ -127,7 +127,7 @@ impl Observed {
             .iter()
             .filter_map(|(id, spans)| summary(id, spans))
             .collect();
-        all.sort_by(|a, b| b.start_unix_nanos.cmp(&a.start_unix_nanos));
+        all.sort_by_key(|t| std::cmp::Reverse(t.start_unix_nanos));
         all.truncate(last);
         all
     }
