@@ -101,6 +101,7 @@ pub async fn obtain(config: &Config) -> anyhow::Result<Identity> {
         entities: vec![],
         revoked_entities: vec![],
         revoked_serials: vec![],
+        revoked_identities: vec![],
     })?);
 
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {

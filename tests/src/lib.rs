@@ -270,6 +270,7 @@ impl ControlPlane {
             entities: vec![],
             revoked_entities: vec![],
             revoked_serials: vec![],
+            revoked_identities: vec![],
         })?))
     }
 
