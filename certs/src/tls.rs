@@ -187,6 +187,12 @@ impl MeshAcceptor {
         })
     }
 
+    /// Sets how long a client may take to finish the TLS handshake (default 10 s).
+    pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
+    }
+
     /// The listener's mode.
     pub fn mode(&self) -> TlsMode {
         self.mode

@@ -27,6 +27,10 @@ pub struct Metrics {
     pub certificates_issued: IntCounter,
     /// Refused connections, streams and requests, by reason.
     pub refusals: IntCounterVec,
+    /// Connections closed at accept because a listener was at its `--max-connections`.
+    pub connections_refused: IntCounterVec,
+    /// Register and health frames refused by a stream's rate limit.
+    pub frames_rate_limited: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -90,7 +94,25 @@ impl Metrics {
             &["reason"],
         ));
         must(registry.register(Box::new(refusals.clone())));
+        let connections_refused = must(IntCounterVec::new(
+            Opts::new(
+                "capmesh_cp_connections_refused_total",
+                "Connections closed at accept because the listener was at --max-connections",
+            ),
+            &["listener"],
+        ));
+        must(registry.register(Box::new(connections_refused.clone())));
+        let frames_rate_limited = must(IntCounterVec::new(
+            Opts::new(
+                "capmesh_cp_frames_rate_limited_total",
+                "Register and health frames refused by a stream's rate limit",
+            ),
+            &["frame"],
+        ));
+        must(registry.register(Box::new(frames_rate_limited.clone())));
         Self {
+            connections_refused,
+            frames_rate_limited,
             registry,
             streams_connected,
             agents,
