@@ -24,6 +24,7 @@ pub mod list;
 pub mod multicall;
 pub mod output;
 pub mod policy;
+pub mod revoke;
 pub mod settings;
 pub mod status;
 // `supervise`, `demo` and `up` are written by the lead.

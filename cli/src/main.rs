@@ -83,11 +83,11 @@ enum Command {
         capmesh call echo --args '{\"text\":\"hi\"}' --output json | jq -r '.result.content[0].text'")]
     Call(CallArgs),
 
-    /// Register, list or revoke entities: extra CAs the mesh trusts.
+    /// Register, list or revoke entities: other trust domains and the CAs that speak for them.
     #[command(
         subcommand,
         after_help = "Examples:\n  \
-        capmesh entity register partner-a --ca ./partner-a-ca.pem\n  \
+        capmesh entity register partner-a --trust-domain partner.example --ca ./partner-a-ca.pem\n  \
         capmesh entity list\n  \
         capmesh entity revoke partner-a"
     )]
@@ -133,9 +133,10 @@ enum Command {
     #[command(hide = true, disable_help_flag = true)]
     Proxy(PassThrough),
 
-    /// Run an example MCP agent (the demo's agents; dispatched before this parser runs).
-    #[command(hide = true, disable_help_flag = true)]
-    Agent(PassThrough),
+    /// Revoke a workload (or one certificate), lift a revocation, list revocations.
+    /// (`capmesh agent llm|weather|…` runs the demo's example agents instead.)
+    #[command(subcommand)]
+    Agent(capmesh::revoke::AgentCommand),
 }
 
 /// The arguments of a program run in-process, passed on untouched.
@@ -206,7 +207,8 @@ async fn dispatch(cli: Cli, sources: ArgSources) -> anyhow::Result<ExitCode> {
         Command::Policy(cmd) => capmesh::policy::run(&api()?, output, cmd).await?,
         Command::Cert(cmd) => capmesh::cert::run(output, cmd)?,
         Command::Inject(args) => capmesh::inject::run(args)?,
-        Command::ControlPlane(_) | Command::Proxy(_) | Command::Agent(_) => {
+        Command::Agent(cmd) => capmesh::revoke::run(&api()?, output, cmd).await?,
+        Command::ControlPlane(_) | Command::Proxy(_) => {
             anyhow::bail!(
                 "run `capmesh control-plane …` and `capmesh proxy …` without other flags before them"
             )

@@ -231,6 +231,8 @@ async fn up(mesh: &MeshFile, base: &Path, exe: &Path, sup: &mut Supervisor) -> a
                     namespace: a.namespace().parse()?,
                     agent_pattern: a.name.to_string(),
                     ttl_secs: 3600,
+                    uses: None,
+                    system: false,
                     description: Some("capmesh up".into()),
                 },
                 Some(&token),

@@ -95,14 +95,10 @@ pub async fn obtain(config: &Config) -> anyhow::Result<Identity> {
         .or(config.control_plane_ca.as_ref())
         .context("--control-plane-ca is required: pass the control plane's <data-dir>/ca.pem")?;
     let ca_pem = read(ca_path, "--control-plane-ca")?;
-    let trust = Arc::new(TrustStore::new(&TrustConfig {
-        trust_domain: config.trust_domain.clone(),
-        mesh_ca_pem: ca_pem,
-        entities: vec![],
-        revoked_entities: vec![],
-        revoked_serials: vec![],
-        revoked_identities: vec![],
-    })?);
+    let trust = Arc::new(TrustStore::new(&TrustConfig::mesh_only(
+        config.trust_domain.clone(),
+        ca_pem,
+    ))?);
 
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
         let credential =
@@ -219,6 +215,29 @@ pub async fn watch_files(
             Err(e) => {
                 tracing::warn!(error = %e, "certificate files changed but cannot be loaded yet; keeping the current one")
             }
+        }
+    }
+}
+
+/// Runs `connection` (one peer's connection, served or dialled) while the peer's certificate
+/// chain stays trusted: when a trust change refuses it (its identity, serial or entity revoked)
+/// or its certificate expires, the connection is dropped, which closes it, and `None` is
+/// returned. A plaintext peer (empty chain) is never cut off here.
+///
+/// The hook the request path calls: inbound around each accepted connection
+/// ([`PeerRole::Client`]), the peer pool around each connection it opens
+/// ([`PeerRole::Server`]).
+pub async fn while_trusted<F: std::future::Future>(
+    trust: &TrustStore,
+    chain: &[rustls::pki_types::CertificateDer<'static>],
+    role: capmesh_certs::PeerRole,
+    connection: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        out = connection => Some(out),
+        refusal = trust.until_refused(chain, role) => {
+            tracing::info!(reason = %refusal, "closing a connection: the peer's certificate is no longer trusted");
+            None
         }
     }
 }

@@ -141,6 +141,7 @@ pub async fn serve(
                 }
             };
             let peer = Arc::new(peer);
+            let (trust, guard, metrics) = (proxy.identity.trust.clone(), peer.clone(), proxy.metrics.clone());
             let svc = service_fn(move |req| {
                 let (proxy, peer) = (proxy.clone(), peer.clone());
                 async move { Ok::<_, std::convert::Infallible>(handle(proxy, peer, req).await) }
@@ -150,17 +151,25 @@ pub async fn serve(
                 .http2()
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Some(Duration::from_secs(10)));
-            let result = match io {
-                Io::Tls(s) => {
-                    watcher
-                        .watch(builder.serve_connection(TokioIo::new(s), svc).into_owned())
-                        .await
+            let serve = async move {
+                match io {
+                    Io::Tls(s) => {
+                        watcher
+                            .watch(builder.serve_connection(TokioIo::new(s), svc).into_owned())
+                            .await
+                    }
+                    Io::Plain(s) => {
+                        watcher
+                            .watch(builder.serve_connection(TokioIo::new(s), svc).into_owned())
+                            .await
+                    }
                 }
-                Io::Plain(s) => {
-                    watcher
-                        .watch(builder.serve_connection(TokioIo::new(s), svc).into_owned())
-                        .await
-                }
+            };
+            // A revoked or expired peer's open connection is closed, not only its next request.
+            let role = capmesh_certs::PeerRole::Client;
+            let Some(result) = crate::identity::while_trusted(&trust, &guard.chain, role, serve).await else {
+                metrics.tls_refusals.with_label_values(&["connection_closed"]).inc();
+                return;
             };
             if let Err(e) = result {
                 tracing::debug!(error = %e, "inbound connection ended with an error");
