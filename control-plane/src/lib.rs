@@ -30,8 +30,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use capmesh_api::{AgentName, MeshSettings, Namespace, TrustDomain};
 use capmesh_certs::{
-    Ca, Credential, CredentialCell, MeshAcceptor, Renew, RenewPolicy, SpiffeId, TlsMode,
-    TrustStore, Validity, WorkloadKey,
+    Ca, Credential, CredentialCell, MeshAcceptor, Renew, RenewPolicy, SpiffeId, TrustStore,
+    Validity, WorkloadKey,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -315,13 +315,9 @@ pub async fn run(
         ttl: config.cert_ttl,
     };
     let cell = Arc::new(CredentialCell::new(serving.issue()?));
-    let acceptor = MeshAcceptor::new(
-        TlsMode::Permissive,
-        cell.clone(),
-        trust.clone(),
-        &[b"h2", b"http/1.1"],
-    )?
-    .with_handshake_timeout(config.header_read_timeout);
+    // Client certificates are judged per request (a refusal is a 403 naming the rule).
+    let acceptor = MeshAcceptor::deferred(cell.clone(), trust.clone(), &[b"h2", b"http/1.1"])?
+        .with_handshake_timeout(config.header_read_timeout);
     let limits = config.limits();
 
     let app = Arc::new(App {

@@ -364,7 +364,8 @@ async fn revoking_an_entity_closes_its_streams_and_tells_everyone() {
     assert!(
         errors
             .iter()
-            .any(|(code, msg)| code == "closed" && msg.contains("acme")),
+            .any(|(code, msg)| ["closed", "revoked_entity"].contains(&code.as_str())
+                && msg.contains("acme")),
         "partner told why: {errors:?}"
     );
     watcher

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod node;
+pub mod openssl;
 pub mod python;
 
 use std::net::TcpListener as StdListener;
