@@ -112,16 +112,29 @@ async fn slow_clients_are_closed_normal_ones_served_and_the_cap_holds() {
             eprintln!("{}: slow client closed after {after:?}", target.name);
         }
 
-        // The cap: CAP silent connections fill the listener, the next is closed at once.
+        // The cap: CAP silent connections fill the listener, one more is closed at once.
+        // (Which one is refused depends on accept order, so look at all of them.)
         let mut held = Vec::new();
-        for _ in 0..CAP {
+        for _ in 0..=CAP {
             held.push(TcpStream::connect(("127.0.0.1", target.port)).await.unwrap());
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        let mut extra = TcpStream::connect(("127.0.0.1", target.port)).await.unwrap();
-        let mut buf = [0u8; 16];
-        let refused = tokio::time::timeout(Duration::from_millis(800), extra.read(&mut buf)).await;
-        assert!(matches!(refused, Ok(Ok(0)) | Ok(Err(_))), "{}: the connection over the cap was not closed: {refused:?}", target.name);
+        let mut closed_at_once = 0;
+        for conn in &mut held {
+            let mut buf = [0u8; 16];
+            let r = tokio::time::timeout(Duration::from_millis(300), conn.read(&mut buf)).await;
+            if matches!(r, Ok(Ok(0)) | Ok(Err(_))) {
+                closed_at_once += 1;
+            }
+        }
+        // Never more than CAP open; the others were closed at accept (a slot may still be
+        // held for a moment by a connection that just ended, so more than one can be).
+        let open = held.len() - closed_at_once;
+        assert!(
+            closed_at_once >= 1 && open <= CAP,
+            "{}: {open} connections held open, the cap is {CAP}",
+            target.name
+        );
+        eprintln!("{}: {open} held open, {closed_at_once} closed at accept", target.name);
         // Once the deadline has closed the silent ones, normal requests are served again.
         tokio::time::sleep(DEADLINE + Duration::from_secs(1)).await;
         assert!(normal_request(&cp, target).await, "{}: not served after the slow clients left", target.name);
