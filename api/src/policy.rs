@@ -328,15 +328,28 @@ mod tests {
         let squatter = "spiffe://capmesh.local/ns/default/agent/squatter";
         let partner = "spiffe://partner.example/ns/default/agent/deepl";
         assert!(policy.may_provide(weather, "weather_forecast", td));
-        assert!(!policy.may_provide(squatter, "weather", td), "a rule names weather*");
-        assert!(policy.may_provide(squatter, "news", td), "mesh identities by default");
-        assert!(!policy.may_provide(partner, "news", td), "no entity by default");
-        assert!(policy.may_provide(partner, "translate", td), "allowed by a rule");
+        assert!(
+            !policy.may_provide(squatter, "weather", td),
+            "a rule names weather*"
+        );
+        assert!(
+            policy.may_provide(squatter, "news", td),
+            "mesh identities by default"
+        );
+        assert!(
+            !policy.may_provide(partner, "news", td),
+            "no entity by default"
+        );
+        assert!(
+            policy.may_provide(partner, "translate", td),
+            "allowed by a rule"
+        );
         assert!(!policy.may_provide("spiffe://capmesh.local.evil/ns/a/agent/b", "news", td));
         assert!(Policy::default().may_provide(weather, "anything", td));
-        let err = serde_json::from_str::<Policy>(r#"{"provide":[{"capabilities":["*"],"from":[]}]}"#)
-            .unwrap_err()
-            .to_string();
+        let err =
+            serde_json::from_str::<Policy>(r#"{"provide":[{"capabilities":["*"],"from":[]}]}"#)
+                .unwrap_err()
+                .to_string();
         assert!(err.contains("provide.from is empty"), "{err}");
     }
 

@@ -355,7 +355,11 @@ impl TrustStore {
     /// Long-lived connections (HTTP/2, the topology stream) race their work against this, so
     /// a revocation or an expiry ends them too, not only new handshakes. Never resolves for an
     /// empty chain (a plaintext peer has nothing to revoke).
-    pub async fn until_refused(&self, chain: &[CertificateDer<'static>], role: PeerRole) -> Refusal {
+    pub async fn until_refused(
+        &self,
+        chain: &[CertificateDer<'static>],
+        role: PeerRole,
+    ) -> Refusal {
         let Some(leaf) = chain.first() else {
             return std::future::pending().await;
         };

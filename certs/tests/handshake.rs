@@ -390,7 +390,10 @@ fn an_entity_ca_speaks_only_for_its_own_trust_domain() {
     let ok = mesh
         .trust
         .verify_chain(
-            &chain(&partner_ca, "spiffe://partner.example/ns/default/agent/deepl"),
+            &chain(
+                &partner_ca,
+                "spiffe://partner.example/ns/default/agent/deepl",
+            ),
             PeerRole::Client,
         )
         .unwrap();
@@ -398,18 +401,27 @@ fn an_entity_ca_speaks_only_for_its_own_trust_domain() {
     let refusal = mesh
         .trust
         .verify_chain(
-            &chain(&partner_ca, "spiffe://partner.example/ns/capmesh-system/agent/admin"),
+            &chain(
+                &partner_ca,
+                "spiffe://partner.example/ns/capmesh-system/agent/admin",
+            ),
             PeerRole::Client,
         )
         .unwrap_err();
     assert!(refusal.to_string().contains("capmesh-system"), "{refusal}");
     // The mesh CA speaks for the mesh only, and a revoked identity is refused by name.
     let mesh_chain = chain(&mesh.ca, "spiffe://capmesh.local/ns/default/agent/planner");
-    assert!(mesh.trust.verify_chain(&mesh_chain, PeerRole::Client).is_ok());
+    assert!(
+        mesh.trust
+            .verify_chain(&mesh_chain, PeerRole::Client)
+            .is_ok()
+    );
     cfg.revoked_identities = vec!["spiffe://capmesh.local/ns/default/agent/planner".into()];
     mesh.trust.update(&cfg).unwrap();
     assert_eq!(
-        mesh.trust.verify_chain(&mesh_chain, PeerRole::Client).unwrap_err(),
+        mesh.trust
+            .verify_chain(&mesh_chain, PeerRole::Client)
+            .unwrap_err(),
         Refusal::RevokedIdentity("spiffe://capmesh.local/ns/default/agent/planner".into())
     );
 }

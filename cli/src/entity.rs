@@ -116,10 +116,7 @@ async fn register(api: &Api, output: Output, args: RegisterArgs) -> anyhow::Resu
     let entity: Entity = serde_json::from_value(created)?;
     output::print(&format!(
         "registered entity {} for trust domain {} (CA SHA-256 {}): its certificates for spiffe://{}/… are now trusted across the mesh, as far as the policy allows\n",
-        entity.name,
-        args.trust_domain,
-        entity.fingerprint_sha256,
-        args.trust_domain
+        entity.name, args.trust_domain, entity.fingerprint_sha256, args.trust_domain
     ))?;
     Ok(())
 }

@@ -118,7 +118,10 @@ mod tests {
         assert_eq!(rest, os(&["--grace", "1s"]));
         assert!(select(&os(&["capmesh", "list", "proxy"])).is_none());
         assert!(select(&os(&["capmesh", "agent", "revoke", "default/x"])).is_none());
-        assert_eq!(select(&os(&["capmesh", "agent", "llm"])).unwrap().0, Program::Agent);
+        assert_eq!(
+            select(&os(&["capmesh", "agent", "llm"])).unwrap().0,
+            Program::Agent
+        );
         assert!(select(&os(&["capmesh"])).is_none());
     }
 }

@@ -92,9 +92,9 @@ async fn lift(api: &Api, output: Output, args: TargetArgs) -> anyhow::Result<()>
     let wanted = |r: &Revocation| match (&args.identity, &args.serial) {
         (Some(id), _) => {
             r.identity.as_deref() == Some(id.as_str())
-                || r.identity
-                    .as_deref()
-                    .is_some_and(|full| full.ends_with(&format!("/ns/{}", id.replacen('/', "/agent/", 1))))
+                || r.identity.as_deref().is_some_and(|full| {
+                    full.ends_with(&format!("/ns/{}", id.replacen('/', "/agent/", 1)))
+                })
         }
         (None, Some(serial)) => {
             let norm = |s: &str| {
@@ -145,7 +145,9 @@ async fn list(api: &Api, output: Output) -> anyhow::Result<()> {
     }
     output::print(&table.render())?;
     if table.is_empty() {
-        eprintln!("(nothing is revoked: `capmesh agent revoke <namespace>/<agent>` revokes a workload)");
+        eprintln!(
+            "(nothing is revoked: `capmesh agent revoke <namespace>/<agent>` revokes a workload)"
+        );
     }
     Ok(())
 }

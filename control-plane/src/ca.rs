@@ -4,7 +4,6 @@
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-
 use capmesh_api::rest::{
     CertificateRequest, CertificateResponse, TokenCreated, TokenInfo, TokenRequest,
 };

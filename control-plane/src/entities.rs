@@ -6,8 +6,8 @@
 
 use capmesh_api::rest::{Entity, EntityRequest, Revocation};
 use capmesh_api::{EntityTrust, TrustBundle};
-use capmesh_certs::{EntityAnchor, TrustConfig};
 use capmesh_certs::inspect::{certs_from_pem, inspect_der};
+use capmesh_certs::{EntityAnchor, TrustConfig};
 
 use crate::App;
 use crate::ca::unix_now;
@@ -80,9 +80,11 @@ pub fn register(app: &App, req: EntityRequest) -> Result<Entity, ApiError> {
             req.trust_domain
         )));
     }
-    if let Some(other) = app.store.entities()?.into_iter().find(|e| {
-        e.revoked_unix.is_none() && e.trust_domain.as_ref() == Some(&req.trust_domain)
-    }) {
+    if let Some(other) =
+        app.store.entities()?.into_iter().find(|e| {
+            e.revoked_unix.is_none() && e.trust_domain.as_ref() == Some(&req.trust_domain)
+        })
+    {
         return Err(ApiError::conflict(format!(
             "trust domain {} is already registered by entity {:?}: one CA speaks for a trust domain (revoke {:?} first)",
             req.trust_domain, other.name, other.name

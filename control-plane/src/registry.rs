@@ -129,10 +129,11 @@ pub fn refused_capabilities(
         {
             continue;
         }
-        let named = policy
-            .provide
-            .iter()
-            .any(|r| r.capabilities.iter().any(|p| capmesh_api::glob_match(p, cap)));
+        let named = policy.provide.iter().any(|r| {
+            r.capabilities
+                .iter()
+                .any(|p| capmesh_api::glob_match(p, cap))
+        });
         let why = if named {
             format!(
                 "{identity} may not provide capability {cap:?}: the policy's provide rules for it do not list this identity (`capmesh policy get`)"

@@ -280,7 +280,11 @@ async fn route(
                 .map_err(|e| ApiError::bad_request(e.to_string()))?;
             app.store.set_policy(&policy)?;
             app.registry.set_policy(policy.clone());
-            tracing::info!(rules = policy.rules.len(), provide = policy.provide.len(), "policy replaced");
+            tracing::info!(
+                rules = policy.rules.len(),
+                provide = policy.provide.len(),
+                "policy replaced"
+            );
             ok(&policy)
         }
         (

@@ -124,7 +124,11 @@ mod tests {
         assert_eq!(parse_serial("0x8F01").unwrap(), "8f01");
         assert_eq!(parse_serial("f01").unwrap(), "0f01");
         let err = parse_serial("zz").unwrap_err();
-        assert!(err.detail.contains("capmesh cert inspect"), "{}", err.detail);
+        assert!(
+            err.detail.contains("capmesh cert inspect"),
+            "{}",
+            err.detail
+        );
         assert!(parse_serial("").is_err());
     }
 }

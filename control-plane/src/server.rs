@@ -84,7 +84,8 @@ async fn dispatch(
         return crate::stream::handle(app, peer, chain, cert_not_after, req.into_body()).await;
     }
     let caller = Caller {
-        admin: bearer_is_admin(&app, &req) || peer.as_ref().is_some_and(|p| is_admin_identity(&app, p)),
+        admin: bearer_is_admin(&app, &req)
+            || peer.as_ref().is_some_and(|p| is_admin_identity(&app, p)),
         peer,
     };
     rest::handle(app, caller, req).await
@@ -117,8 +118,15 @@ pub(crate) async fn accept_loop<F, Fut>(
             },
         };
         let Some(admitted) = cap.try_admit() else {
-            app.metrics.connections_refused.with_label_values(&[name]).inc();
-            tracing::debug!(listener = name, max = limits.max_connections, "connection refused: the listener is full");
+            app.metrics
+                .connections_refused
+                .with_label_values(&[name])
+                .inc();
+            tracing::debug!(
+                listener = name,
+                max = limits.max_connections,
+                "connection refused: the listener is full"
+            );
             drop(tcp);
             continue;
         };
@@ -212,15 +220,22 @@ pub async fn serve_admin(
     limits: Limits,
     shutdown: watch::Receiver<bool>,
 ) {
-    accept_loop(app.clone(), "admin", listener, limits, shutdown, move |tcp| {
-        let app = app.clone();
-        async move {
-            listen::serve(tcp, limits, move |req: Request<Incoming>| {
-                let resp = admin_answer(&app, req.uri().path());
-                async move { resp }
-            })
-            .await;
-        }
-    })
+    accept_loop(
+        app.clone(),
+        "admin",
+        listener,
+        limits,
+        shutdown,
+        move |tcp| {
+            let app = app.clone();
+            async move {
+                listen::serve(tcp, limits, move |req: Request<Incoming>| {
+                    let resp = admin_answer(&app, req.uri().path());
+                    async move { resp }
+                })
+                .await;
+            }
+        },
+    )
     .await;
 }

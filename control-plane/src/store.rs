@@ -175,7 +175,9 @@ impl SqliteStore {
         conn.execute_batch(SCHEMA)?;
         for (table, column, decl) in ADDED_COLUMNS {
             let present: bool = conn
-                .prepare(&format!("SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"))?
+                .prepare(&format!(
+                    "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+                ))?
                 .exists(params![column])?;
             if !present {
                 conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
@@ -329,7 +331,10 @@ impl Store for SqliteStore {
             )
             .map_err(|err| {
                 if is_unique_violation(&err) {
-                    StoreError::Conflict { what: "entity", name: e.name.clone() }
+                    StoreError::Conflict {
+                        what: "entity",
+                        name: e.name.clone(),
+                    }
                 } else {
                     err.into()
                 }
@@ -352,7 +357,10 @@ impl Store for SqliteStore {
                     entity_row,
                 )
                 .optional()?
-                .ok_or_else(|| StoreError::NotFound { what: "entity", name: name.to_owned() })?;
+                .ok_or_else(|| StoreError::NotFound {
+                    what: "entity",
+                    name: name.to_owned(),
+                })?;
             tx.commit()?;
             Ok(entity)
         })
@@ -627,7 +635,10 @@ mod tests {
             .unwrap();
         assert_eq!(store.use_token("t1").unwrap().used, 1);
         let err = store.use_token("t1").unwrap_err();
-        assert!(matches!(err, StoreError::Exhausted { uses: 1, .. }), "{err}");
+        assert!(
+            matches!(err, StoreError::Exhausted { uses: 1, .. }),
+            "{err}"
+        );
         let revocation = Revocation {
             id: "r1".into(),
             identity: Some("spiffe://capmesh.local/ns/default/agent/weather".into()),

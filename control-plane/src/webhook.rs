@@ -12,10 +12,10 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
 use base64::Engine;
+use capmesh_client::listen::Limits;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use capmesh_client::listen::Limits;
 use rustls::ServerConfig;
 use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;

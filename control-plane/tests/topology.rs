@@ -362,10 +362,10 @@ async fn revoking_an_entity_closes_its_streams_and_tells_everyone() {
 
     let errors = partner.until_end(WAIT).await.unwrap();
     assert!(
-        errors
-            .iter()
-            .any(|(code, msg)| ["closed", "revoked_entity"].contains(&code.as_str())
-                && msg.contains("acme")),
+        errors.iter().any(
+            |(code, msg)| ["closed", "revoked_entity"].contains(&code.as_str())
+                && msg.contains("acme")
+        ),
         "partner told why: {errors:?}"
     );
     watcher

@@ -62,26 +62,46 @@ async fn certificate(
 
 #[tokio::test]
 async fn bootstrap_tokens_are_counted_system_only_on_request_and_short_lived() {
-    let cp = ControlPlane::start(bin(), &["--max-token-ttl", "1h"]).await.unwrap();
+    let cp = ControlPlane::start(bin(), &["--max-token-ttl", "1h"])
+        .await
+        .unwrap();
 
     // One exact agent: single use by default.
-    let once = create(&cp, "default", "weather", 600, None, false).await.unwrap();
+    let once = create(&cp, "default", "weather", 600, None, false)
+        .await
+        .unwrap();
     assert_eq!(once.info.uses, Some(1));
-    certificate(&cp, "default", "weather", &once.token).await.unwrap();
-    let err = certificate(&cp, "default", "weather", &once.token).await.unwrap_err();
+    certificate(&cp, "default", "weather", &once.token)
+        .await
+        .unwrap();
+    let err = certificate(&cp, "default", "weather", &once.token)
+        .await
+        .unwrap_err();
     assert_eq!(err.status(), Some(403), "{err}");
     assert!(err.to_string().contains("used 1 time(s)"), "{err}");
 
     // --uses 2: two certificates, then no more; a glob is unlimited unless told.
-    let twice = create(&cp, "default", "llm", 600, Some(2), false).await.unwrap();
+    let twice = create(&cp, "default", "llm", 600, Some(2), false)
+        .await
+        .unwrap();
     for _ in 0..2 {
-        certificate(&cp, "default", "llm", &twice.token).await.unwrap();
+        certificate(&cp, "default", "llm", &twice.token)
+            .await
+            .unwrap();
     }
-    assert!(certificate(&cp, "default", "llm", &twice.token).await.is_err());
-    let glob = create(&cp, "default", "w-*", 600, None, false).await.unwrap();
+    assert!(
+        certificate(&cp, "default", "llm", &twice.token)
+            .await
+            .is_err()
+    );
+    let glob = create(&cp, "default", "w-*", 600, None, false)
+        .await
+        .unwrap();
     assert_eq!(glob.info.uses, None);
     for n in 0..3 {
-        certificate(&cp, "default", &format!("w-{n}"), &glob.token).await.unwrap();
+        certificate(&cp, "default", &format!("w-{n}"), &glob.token)
+            .await
+            .unwrap();
     }
     let listed: Vec<capmesh_api::TokenInfo> = cp
         .rest()
@@ -93,14 +113,22 @@ async fn bootstrap_tokens_are_counted_system_only_on_request_and_short_lived() {
     assert_eq!(glob_info.used, 3);
 
     // capmesh-system only with the explicit flag.
-    let err = create(&cp, "capmesh-system", "admin", 600, None, false).await.unwrap_err();
+    let err = create(&cp, "capmesh-system", "admin", 600, None, false)
+        .await
+        .unwrap_err();
     assert_eq!(err.status(), Some(403), "{err}");
     assert!(err.to_string().contains("\"system\": true"), "{err}");
-    let system = create(&cp, "capmesh-system", "cli", 600, None, true).await.unwrap();
-    certificate(&cp, "capmesh-system", "cli", &system.token).await.unwrap();
+    let system = create(&cp, "capmesh-system", "cli", 600, None, true)
+        .await
+        .unwrap();
+    certificate(&cp, "capmesh-system", "cli", &system.token)
+        .await
+        .unwrap();
 
     // The maximum lifetime.
-    let err = create(&cp, "default", "x", 7200, None, false).await.unwrap_err();
+    let err = create(&cp, "default", "x", 7200, None, false)
+        .await
+        .unwrap_err();
     assert_eq!(err.status(), Some(400), "{err}");
     assert!(err.to_string().contains("--max-token-ttl"), "{err}");
 }
@@ -144,7 +172,10 @@ async fn register_and_health_floods_are_nacked_and_counted() {
     let mut proxy = TestProxy::connect(&client, "default", "flood", "flood-1", registration)
         .await
         .unwrap();
-    proxy.until(Duration::from_secs(10), "snapshot", |_| true).await.unwrap();
+    proxy
+        .until(Duration::from_secs(10), "snapshot", |_| true)
+        .await
+        .unwrap();
     for n in 0..200 {
         proxy
             .tx
@@ -161,7 +192,10 @@ async fn register_and_health_floods_are_nacked_and_counted() {
     }
     assert!(proxy.nacks.len() >= 100, "only {} nacks", proxy.nacks.len());
     assert!(
-        proxy.nacks.iter().all(|(of, code, _)| of == "health" && code == "rate_limited"),
+        proxy
+            .nacks
+            .iter()
+            .all(|(of, code, _)| of == "health" && code == "rate_limited"),
         "{:?}",
         &proxy.nacks[..3]
     );

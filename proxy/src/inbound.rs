@@ -141,7 +141,11 @@ pub async fn serve(
                 }
             };
             let peer = Arc::new(peer);
-            let (trust, guard, metrics) = (proxy.identity.trust.clone(), peer.clone(), proxy.metrics.clone());
+            let (trust, guard, metrics) = (
+                proxy.identity.trust.clone(),
+                peer.clone(),
+                proxy.metrics.clone(),
+            );
             let svc = service_fn(move |req| {
                 let (proxy, peer) = (proxy.clone(), peer.clone());
                 async move { Ok::<_, std::convert::Infallible>(handle(proxy, peer, req).await) }
@@ -167,8 +171,13 @@ pub async fn serve(
             };
             // A revoked or expired peer's open connection is closed, not only its next request.
             let role = capmesh_certs::PeerRole::Client;
-            let Some(result) = crate::identity::while_trusted(&trust, &guard.chain, role, serve).await else {
-                metrics.tls_refusals.with_label_values(&["connection_closed"]).inc();
+            let Some(result) =
+                crate::identity::while_trusted(&trust, &guard.chain, role, serve).await
+            else {
+                metrics
+                    .tls_refusals
+                    .with_label_values(&["connection_closed"])
+                    .inc();
                 return;
             };
             if let Err(e) = result {

@@ -125,7 +125,12 @@ impl PeerPool {
                         .map(|r| r.to_string())
                         .unwrap_or_else(|| e.to_string()),
                 })?;
-            let server_chain: Vec<_> = tls.get_ref().1.peer_certificates().map(|c| c.to_vec()).unwrap_or_default();
+            let server_chain: Vec<_> = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| c.to_vec())
+                .unwrap_or_default();
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Duration::from_secs(10))

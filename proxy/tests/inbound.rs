@@ -200,7 +200,10 @@ async fn strict_mode_refuses_plaintext_foreign_cas_and_revoked_entities() {
     let (cert, key, _) = acme.export_pem();
     let forger = Ca::from_pem("capmesh.local".parse().unwrap(), &cert, &key, None).unwrap();
     let forged = tls_request(provider.inbound, trust.clone(), issue(&forger, "planner")).await;
-    assert!(forged.is_err(), "an entity-minted mesh identity got an answer: {forged:?}");
+    assert!(
+        forged.is_err(),
+        "an entity-minted mesh identity got an answer: {forged:?}"
+    );
     let _: Entity = rest
         .delete("/v1/entities/acme", Some(&token))
         .await

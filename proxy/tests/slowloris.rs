@@ -6,7 +6,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-
 use std::time::{Duration, Instant};
 
 use capmesh_tests::ControlPlane;
@@ -39,7 +38,9 @@ struct Target {
 /// Opens a connection that sends its request head one byte every [`TRICKLE`]; returns how long
 /// the server took to close it (or `None` if it did not within `limit`).
 async fn trickle(target: Target, limit: Duration) -> Option<Duration> {
-    let mut tcp = TcpStream::connect(("127.0.0.1", target.port)).await.unwrap();
+    let mut tcp = TcpStream::connect(("127.0.0.1", target.port))
+        .await
+        .unwrap();
     let head: &[u8] = match target.wire {
         Wire::Plain => b"GET /metrics HTTP/1.1\r\nhost: x\r\nx-slow: yes\r\n\r\n",
         // A TLS handshake record header, then nothing useful.
@@ -70,7 +71,10 @@ async fn trickle(target: Target, limit: Duration) -> Option<Duration> {
 /// A normal request to the listener succeeds.
 async fn normal_request(cp: &ControlPlane, target: Target) -> bool {
     match target.wire {
-        Wire::Plain => cp.admin_get("/live").await.is_ok_and(|b| b.starts_with("ok")),
+        Wire::Plain => cp
+            .admin_get("/live")
+            .await
+            .is_ok_and(|b| b.starts_with("ok")),
         Wire::Tls => cp
             .rest()
             .unwrap()
@@ -95,8 +99,16 @@ async fn slow_clients_are_closed_normal_ones_served_and_the_cap_holds() {
     .await
     .unwrap();
     let targets = [
-        Target { name: "api", port: cp.port, wire: Wire::Tls },
-        Target { name: "admin", port: cp.admin_port, wire: Wire::Plain },
+        Target {
+            name: "api",
+            port: cp.port,
+            wire: Wire::Tls,
+        },
+        Target {
+            name: "admin",
+            port: cp.admin_port,
+            wire: Wire::Plain,
+        },
     ];
     for target in targets {
         // Four slow clients at once, closed by the deadline, while a normal request is served.
@@ -104,11 +116,20 @@ async fn slow_clients_are_closed_normal_ones_served_and_the_cap_holds() {
             .map(|_| tokio::spawn(trickle(target, DEADLINE * 4)))
             .collect();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert!(normal_request(&cp, target).await, "{}: a normal request failed beside slow ones", target.name);
+        assert!(
+            normal_request(&cp, target).await,
+            "{}: a normal request failed beside slow ones",
+            target.name
+        );
         for s in slow {
             let closed = s.await.unwrap();
-            let after = closed.unwrap_or_else(|| panic!("{}: a slow client was not closed", target.name));
-            assert!(after >= DEADLINE - Duration::from_millis(500), "{}: closed after {after:?}, before the deadline", target.name);
+            let after =
+                closed.unwrap_or_else(|| panic!("{}: a slow client was not closed", target.name));
+            assert!(
+                after >= DEADLINE - Duration::from_millis(500),
+                "{}: closed after {after:?}, before the deadline",
+                target.name
+            );
             eprintln!("{}: slow client closed after {after:?}", target.name);
         }
 
@@ -116,7 +137,11 @@ async fn slow_clients_are_closed_normal_ones_served_and_the_cap_holds() {
         // (Which one is refused depends on accept order, so look at all of them.)
         let mut held = Vec::new();
         for _ in 0..=CAP {
-            held.push(TcpStream::connect(("127.0.0.1", target.port)).await.unwrap());
+            held.push(
+                TcpStream::connect(("127.0.0.1", target.port))
+                    .await
+                    .unwrap(),
+            );
         }
         let mut closed_at_once = 0;
         for conn in &mut held {
@@ -134,17 +159,29 @@ async fn slow_clients_are_closed_normal_ones_served_and_the_cap_holds() {
             "{}: {open} connections held open, the cap is {CAP}",
             target.name
         );
-        eprintln!("{}: {open} held open, {closed_at_once} closed at accept", target.name);
+        eprintln!(
+            "{}: {open} held open, {closed_at_once} closed at accept",
+            target.name
+        );
         // Once the deadline has closed the silent ones, normal requests are served again.
         tokio::time::sleep(DEADLINE + Duration::from_secs(1)).await;
-        assert!(normal_request(&cp, target).await, "{}: not served after the slow clients left", target.name);
+        assert!(
+            normal_request(&cp, target).await,
+            "{}: not served after the slow clients left",
+            target.name
+        );
         drop(held);
     }
     let metrics = cp.admin_get("/metrics").await.unwrap();
     for target in targets {
         let line = metrics
             .lines()
-            .find(|l| l.starts_with(&format!("capmesh_cp_connections_refused_total{{listener=\"{}\"}}", target.name)))
+            .find(|l| {
+                l.starts_with(&format!(
+                    "capmesh_cp_connections_refused_total{{listener=\"{}\"}}",
+                    target.name
+                ))
+            })
             .unwrap_or_else(|| panic!("no refusal counted for {}:\n{metrics}", target.name));
         let count: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
         assert!(count >= 1.0, "{line}");

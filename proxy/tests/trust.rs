@@ -26,15 +26,33 @@ const PARTNER_TD: &str = "partner.example";
 
 /// curl against the control plane's REST API with `leaf` as the client certificate (or the
 /// admin token when `leaf` is `None`): (status, body).
-fn curl(cp: &ControlPlane, leaf: Option<&Leaf>, method: &str, path: &str, body: &str) -> (u16, String) {
+fn curl(
+    cp: &ControlPlane,
+    leaf: Option<&Leaf>,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String) {
     let mut cmd = Command::new("curl");
-    cmd.args(["-s", "-S", "-o", "-", "-w", "\n%{http_code}", "--max-time", "10"])
-        .arg("--cacert")
-        .arg(cp.data_dir.join("ca.pem"))
-        .args(["-X", method, "-H", "content-type: application/json"]);
+    cmd.args([
+        "-s",
+        "-S",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+        "--max-time",
+        "10",
+    ])
+    .arg("--cacert")
+    .arg(cp.data_dir.join("ca.pem"))
+    .args(["-X", method, "-H", "content-type: application/json"]);
     match leaf {
         Some(leaf) => {
-            cmd.arg("--cert").arg(&leaf.cert).arg("--key").arg(&leaf.key);
+            cmd.arg("--cert")
+                .arg(&leaf.cert)
+                .arg("--key")
+                .arg(&leaf.key);
         }
         None => {
             cmd.args([
@@ -137,8 +155,16 @@ async fn an_entity_speaks_only_for_its_own_trust_domain() {
     // Admins minted by the entity's CA, in the mesh's, its own and a third trust domain: every
     // mutating endpoint answers 403 and names the rule.
     let mutations = [
-        ("POST", "/v1/tokens", r#"{"namespace":"default","agent_pattern":"*","ttl_secs":60}"#),
-        ("POST", "/v1/entities", r#"{"name":"evil","trust_domain":"evil.example","ca_pem":"x"}"#),
+        (
+            "POST",
+            "/v1/tokens",
+            r#"{"namespace":"default","agent_pattern":"*","ttl_secs":60}"#,
+        ),
+        (
+            "POST",
+            "/v1/entities",
+            r#"{"name":"evil","trust_domain":"evil.example","ca_pem":"x"}"#,
+        ),
         ("DELETE", "/v1/entities/partner", ""),
         ("PUT", "/v1/policies", r#"{"default":"deny"}"#),
         ("POST", "/v1/revocations", r#"{"identity":"default/alpha"}"#),
@@ -169,12 +195,17 @@ async fn an_entity_speaks_only_for_its_own_trust_domain() {
     let key = capmesh_certs::WorkloadKey::generate().unwrap();
     let csr = key.csr_pem(&spiffe("default", "planner").unwrap()).unwrap();
     let renewal = serde_json::json!({ "csr_pem": csr }).to_string();
-    let (code, answer) = curl(&mesh.cp, Some(&forged), "POST", "/v1/certificates", &renewal);
+    let (code, answer) = curl(
+        &mesh.cp,
+        Some(&forged),
+        "POST",
+        "/v1/certificates",
+        &renewal,
+    );
     assert_eq!(code, 403, "forged mesh identity renewing: {answer}");
     assert!(answer.contains("trust domain mismatch"), "{answer}");
-    let forged_cred = || {
-        Credential::from_pem(&forged.cert_pem().unwrap(), &forged.key_pem().unwrap()).unwrap()
-    };
+    let forged_cred =
+        || Credential::from_pem(&forged.cert_pem().unwrap(), &forged.key_pem().unwrap()).unwrap();
     let trust = mesh.cp.trust().unwrap();
     let refused = inbound_request(
         alpha.inbound,
@@ -183,7 +214,10 @@ async fn an_entity_speaks_only_for_its_own_trust_domain() {
         "alpha",
     )
     .await;
-    assert!(refused.is_err(), "alpha answered a forged mesh identity: {refused:?}");
+    assert!(
+        refused.is_err(),
+        "alpha answered a forged mesh identity: {refused:?}"
+    );
     let stream = mesh
         .cp
         .stream_client(forged_cred())
@@ -205,7 +239,9 @@ async fn an_entity_speaks_only_for_its_own_trust_domain() {
             version: None,
         }))
         .await;
-    let err = stream.err().expect("the forged identity's stream is refused");
+    let err = stream
+        .err()
+        .expect("the forged identity's stream is refused");
     assert_eq!(err.status(), Some(403), "{err}");
 
     // The entity's own identity works where the policy allows, and renewal does not turn it
@@ -238,17 +274,25 @@ async fn an_entity_speaks_only_for_its_own_trust_domain() {
         .cp
         .rest()
         .unwrap()
-        .put("/v1/policies", &policy, Some(&mesh.cp.admin_token().unwrap()))
+        .put(
+            "/v1/policies",
+            &policy,
+            Some(&mesh.cp.admin_token().unwrap()),
+        )
         .await
         .unwrap();
-    eventually(Duration::from_secs(10), "the policy denies the partner", || {
-        let (trust, cred) = (trust.clone(), deepl_cred.clone());
-        async move {
-            inbound_request(alpha.inbound, trust, cred, "alpha")
-                .await
-                .is_ok_and(|r| r.starts_with("HTTP/1.1 403"))
-        }
-    })
+    eventually(
+        Duration::from_secs(10),
+        "the policy denies the partner",
+        || {
+            let (trust, cred) = (trust.clone(), deepl_cred.clone());
+            async move {
+                inbound_request(alpha.inbound, trust, cred, "alpha")
+                    .await
+                    .is_ok_and(|r| r.starts_with("HTTP/1.1 403"))
+            }
+        },
+    )
     .await;
     let (_, metrics) = alpha.admin_get("/metrics").await.unwrap();
     assert!(
@@ -270,12 +314,19 @@ async fn open_connection(
         &[b"http/1.1"],
     )
     .unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
     let mut tls = connect(config, tcp).await.unwrap();
-    tls.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n").await.unwrap();
+    tls.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 4096];
     let n = tls.read(&mut buf).await.unwrap();
-    assert!(n > 0 && buf.starts_with(b"HTTP/1.1"), "no answer on the open connection");
+    assert!(
+        n > 0 && buf.starts_with(b"HTTP/1.1"),
+        "no answer on the open connection"
+    );
     tls
 }
 
@@ -285,9 +336,11 @@ async fn a_revoked_workload_is_cut_off_everywhere_until_lifted() {
     let (_agent, alpha) = mesh.provider("alpha", &["weather"], &[]).await;
     let planner = mesh.consumer("planner", &["get_weather"], &[]).await;
     let trust = mesh.cp.trust().unwrap();
-    eventually(Duration::from_secs(15), "the planner's call is served", || async {
-        served(&weather_call(&planner).await)
-    })
+    eventually(
+        Duration::from_secs(15),
+        "the planner's call is served",
+        || async { served(&weather_call(&planner).await) },
+    )
     .await;
     // Another certificate of the planner, holding a connection open to alpha.
     let held = Arc::new(CredentialCell::new(
@@ -315,15 +368,29 @@ async fn a_revoked_workload_is_cut_off_everywhere_until_lifted() {
         if !served(&call) {
             break;
         }
-        assert!(revoked_at.elapsed() < Duration::from_secs(1), "still served {:?} after the revocation", revoked_at.elapsed());
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(1),
+            "still served {:?} after the revocation",
+            revoked_at.elapsed()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    eprintln!("the revoked planner's calls refused {:?} after the revocation", revoked_at.elapsed());
+    eprintln!(
+        "the revoked planner's calls refused {:?} after the revocation",
+        revoked_at.elapsed()
+    );
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(1), open.read_to_end(&mut rest)).await;
-    assert!(closed.is_ok(), "the revoked identity's open connection stayed open");
+    assert!(
+        closed.is_ok(),
+        "the revoked identity's open connection stayed open"
+    );
     // A new connection is refused too.
-    assert!(inbound_request(alpha.inbound, trust.clone(), held.clone(), "alpha").await.is_err());
+    assert!(
+        inbound_request(alpha.inbound, trust.clone(), held.clone(), "alpha")
+            .await
+            .is_err()
+    );
 
     // Renewal with its certificate, and a first certificate with a fresh token: both refused.
     let key = capmesh_certs::WorkloadKey::generate().unwrap();
@@ -336,12 +403,15 @@ async fn a_revoked_workload_is_cut_off_everywhere_until_lifted() {
     )
     .unwrap()
     .post::<_, serde_json::Value>(
-            "/v1/certificates",
-            &capmesh_api::rest::CertificateRequest { csr_pem: csr.clone(), token: None },
-            None,
-        )
-        .await
-        .unwrap_err();
+        "/v1/certificates",
+        &capmesh_api::rest::CertificateRequest {
+            csr_pem: csr.clone(),
+            token: None,
+        },
+        None,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(renewal.status(), Some(403), "{renewal}");
     assert!(renewal.to_string().contains("revoked"), "{renewal}");
     let token = mesh.cp.token("default", "planner").await.unwrap();
@@ -355,17 +425,33 @@ async fn a_revoked_workload_is_cut_off_everywhere_until_lifted() {
     let (code, answer) = curl(&mesh.cp, None, "GET", "/v1/revocations", "");
     assert_eq!(code, 200);
     assert!(answer.contains("agent/planner"), "{answer}");
-    assert!(inbound_request(alpha.inbound, trust.clone(), held.clone(), "alpha").await.is_err());
+    assert!(
+        inbound_request(alpha.inbound, trust.clone(), held.clone(), "alpha")
+            .await
+            .is_err()
+    );
     assert!(!served(&weather_call(&planner).await));
 
     // Lifted: the planner is served again.
-    let (code, answer) = curl(&mesh.cp, None, "DELETE", &format!("/v1/revocations/{}", revocation.id), "");
+    let (code, answer) = curl(
+        &mesh.cp,
+        None,
+        "DELETE",
+        &format!("/v1/revocations/{}", revocation.id),
+        "",
+    );
     assert_eq!(code, 200, "{answer}");
-    eventually(Duration::from_secs(20), "the planner is served after the lift", || async {
-        served(&weather_call(&planner).await)
-    })
+    eventually(
+        Duration::from_secs(20),
+        "the planner is served after the lift",
+        || async { served(&weather_call(&planner).await) },
+    )
     .await;
-    assert!(inbound_request(alpha.inbound, trust, held, "alpha").await.is_ok());
+    assert!(
+        inbound_request(alpha.inbound, trust, held, "alpha")
+            .await
+            .is_ok()
+    );
     let (_, metrics) = alpha.admin_get("/metrics").await.unwrap();
     assert!(metrics.contains("reason=\"revoked_identity\""), "{metrics}");
 }
@@ -379,17 +465,27 @@ async fn squatting_and_proxy_id_hijacks_are_refused() {
         "provide": [{"capabilities": ["get_weather*"], "from": ["spiffe://capmesh.local/ns/default/agent/alpha"]}]
     }))
     .unwrap();
-    let _: Policy = rest.put("/v1/policies", &policy, Some(&token)).await.unwrap();
+    let _: Policy = rest
+        .put("/v1/policies", &policy, Some(&token))
+        .await
+        .unwrap();
     let (_alpha_agent, _alpha) = mesh.provider("alpha", &["weather"], &[]).await;
     // The squatter's sidecar comes up (its other tools are published), but get_weather is not.
     let (_mallory_agent, _mallory) = mesh.provider("mallory", &["weather", "echo"], &[]).await;
     let planner = mesh.consumer("planner", &["get_weather"], &[]).await;
     let agents: Vec<AgentInfo> = rest.get("/v1/agents", Some(&token)).await.unwrap();
-    let mallory = agents.iter().find(|a| a.name.as_str() == "mallory").unwrap();
+    let mallory = agents
+        .iter()
+        .find(|a| a.name.as_str() == "mallory")
+        .unwrap();
     let refused = &mallory.instances[0].refused;
     assert_eq!(refused.len(), 1, "{refused:?}");
     assert_eq!(refused[0].capability.as_str(), "get_weather");
-    assert!(refused[0].error.contains("provide rules"), "{}", refused[0].error);
+    assert!(
+        refused[0].error.contains("provide rules"),
+        "{}",
+        refused[0].error
+    );
     for _ in 0..6 {
         let call = weather_call(&planner).await;
         assert!(served(&call) && call.1.contains("alpha:"), "{call:?}");
@@ -397,7 +493,10 @@ async fn squatting_and_proxy_id_hijacks_are_refused() {
     // `capmesh status` shows the refusal.
     let capmesh = workspace_bin("capmesh").unwrap();
     let out = Command::new(capmesh)
-        .args(["--control-plane", &format!("https://localhost:{}", mesh.cp.port)])
+        .args([
+            "--control-plane",
+            &format!("https://localhost:{}", mesh.cp.port),
+        ])
         .arg("--control-plane-ca")
         .arg(mesh.cp.data_dir.join("ca.pem"))
         .arg("--admin-token-file")
@@ -406,8 +505,15 @@ async fn squatting_and_proxy_id_hijacks_are_refused() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("refused") && text.contains("get_weather"), "{text}");
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("refused") && text.contains("get_weather"),
+        "{text}"
+    );
 
     // A stream from mallory claiming alpha's proxy id is refused; alpha keeps serving.
     let alpha_id = agents
@@ -442,11 +548,20 @@ async fn squatting_and_proxy_id_hijacks_are_refused() {
         .err()
         .expect("the hijack is refused");
     assert_eq!(err.status(), Some(403), "{err}");
-    assert!(err.to_string().contains("belongs to spiffe://capmesh.local/ns/default/agent/alpha"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("belongs to spiffe://capmesh.local/ns/default/agent/alpha"),
+        "{err}"
+    );
     tokio::time::sleep(Duration::from_millis(500)).await;
     let call = weather_call(&planner).await;
     assert!(served(&call) && call.1.contains("alpha:"), "{call:?}");
     let agents: Vec<AgentInfo> = rest.get("/v1/agents", Some(&token)).await.unwrap();
     let alpha = agents.iter().find(|a| a.name.as_str() == "alpha").unwrap();
-    assert!(alpha.instances.iter().any(|i| i.proxy_id == alpha_id && i.connected));
+    assert!(
+        alpha
+            .instances
+            .iter()
+            .any(|i| i.proxy_id == alpha_id && i.connected)
+    );
 }

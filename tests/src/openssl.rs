@@ -9,7 +9,11 @@ use anyhow::{Context, Result, bail};
 
 /// Installs `openssl` with apt-get when it is missing (the tests run as root in CI).
 pub fn ensure_openssl() -> Result<()> {
-    if Command::new("openssl").arg("version").output().is_ok_and(|o| o.status.success()) {
+    if Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
         return Ok(());
     }
     let status = Command::new("sh")
@@ -76,16 +80,35 @@ impl OpensslCa {
         let dir = tempfile::tempdir()?;
         openssl(
             dir.path(),
-            &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "ca.key"],
+            &[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                "ca.key",
+            ],
         )?;
         openssl(
             dir.path(),
             &[
-                "req", "-x509", "-new", "-key", "ca.key", "-sha256", "-days", "2",
-                "-subj", &format!("/O={name}/CN={name} root CA"),
-                "-addext", "basicConstraints=critical,CA:TRUE",
-                "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-                "-out", "ca.pem",
+                "req",
+                "-x509",
+                "-new",
+                "-key",
+                "ca.key",
+                "-sha256",
+                "-days",
+                "2",
+                "-subj",
+                &format!("/O={name}/CN={name} root CA"),
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+                "-out",
+                "ca.pem",
             ],
         )?;
         Ok(Self {
@@ -123,14 +146,51 @@ impl OpensslCa {
                  keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth,clientAuth\n"
             ),
         )?;
-        openssl(d, &["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", &key])?;
-        openssl(d, &["req", "-new", "-key", &key, "-subj", "/CN=workload", "-out", &csr])?;
         openssl(
             d,
             &[
-                "x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key",
-                "-set_serial", &format!("{}", 1000 + n), "-days", "1", "-sha256",
-                "-extfile", &ext, "-out", &cert,
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                &key,
+            ],
+        )?;
+        openssl(
+            d,
+            &[
+                "req",
+                "-new",
+                "-key",
+                &key,
+                "-subj",
+                "/CN=workload",
+                "-out",
+                &csr,
+            ],
+        )?;
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-set_serial",
+                &format!("{}", 1000 + n),
+                "-days",
+                "1",
+                "-sha256",
+                "-extfile",
+                &ext,
+                "-out",
+                &cert,
             ],
         )?;
         Ok(Leaf {
