@@ -135,7 +135,13 @@ enum Command {
 
     /// Revoke a workload (or one certificate), lift a revocation, list revocations.
     /// (`capmesh agent llm|weather|…` runs the demo's example agents instead.)
-    #[command(subcommand)]
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  \
+        capmesh agent revoke default/weather --reason 'key leaked'\n  \
+        capmesh agent revocations\n  \
+        capmesh agent lift default/weather"
+    )]
     Agent(capmesh::revoke::AgentCommand),
 }
 

@@ -59,13 +59,13 @@ pub fn select(args: &[OsString]) -> Option<(Program, Vec<OsString>)> {
     }
     let first = args.get(1).and_then(|a| a.to_str())?;
     let program = Program::ALL.into_iter().find(|p| p.subcommand() == first)?;
-    // `capmesh agent revoke|lift|revocations` manage workloads; other `capmesh agent …` runs
-    // an example agent.
+    // `capmesh agent revoke|lift|revocations` manage workloads (and `capmesh agent --help`
+    // lists them); other `capmesh agent …` runs an example agent.
     if program == Program::Agent
         && args
             .get(2)
             .and_then(|a| a.to_str())
-            .is_some_and(|a| ["revoke", "lift", "revocations"].contains(&a))
+            .is_some_and(|a| ["revoke", "lift", "revocations", "--help", "-h", "help"].contains(&a))
     {
         return None;
     }
