@@ -261,60 +261,70 @@ impl Agent {
         params
     }
 
-    /// Every tool the agent offers (follows `nextCursor`). Re-opens the session once on 404.
+    /// Every tool the agent offers (follows `nextCursor`). An agent that restarted or expired
+    /// the session answers 404 before listing anything: the session is opened again and the
+    /// list asked in it (not a retry: nothing ran).
     pub async fn list_tools(&self) -> anyhow::Result<Vec<AgentTool>> {
-        for attempt in 0..2 {
-            let session = self.session().await?;
-            let mut tools = Vec::new();
-            let mut cursor: Option<String> = None;
-            let mut stale = false;
-            for page in 0..100 {
-                let mut params = json!({});
-                if let Some(c) = &cursor {
-                    params["cursor"] = json!(c);
-                }
-                let body = json!({ "jsonrpc": "2.0", "id": 2 + page, "method": "tools/list", "params": Self::with_meta(&session, params) });
-                let (status, headers, bytes) = self.call(Some(&session), &body).await?;
-                if status == StatusCode::NOT_FOUND && session.id.is_some() {
-                    stale = true;
-                    break;
-                }
-                if !status.is_success() {
-                    bail!("tools/list answered HTTP {status}");
-                }
-                let result = Self::result_of(&headers, &bytes, 2 + page)?;
-                for tool in result
-                    .get("tools")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    if let Some(name) = tool.get("name").and_then(Value::as_str) {
-                        tools.push(AgentTool {
-                            name: name.to_owned(),
-                            description: tool
-                                .get("description")
-                                .and_then(Value::as_str)
-                                .map(str::to_owned),
-                            input_schema: tool.get("inputSchema").cloned(),
-                        });
-                    }
-                }
-                cursor = result
-                    .get("nextCursor")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned);
-                if cursor.is_none() {
-                    return Ok(tools);
-                }
-            }
-            if stale && attempt == 0 {
+        let session = self.session().await?;
+        match self.list_tools_in(&session).await? {
+            Some(tools) => Ok(tools),
+            None => {
                 self.forget_session(&session).await;
-                continue;
+                let fresh = self.session().await?;
+                self.list_tools_in(&fresh)
+                    .await?
+                    .context("the agent refused a session it had just opened (404 to tools/list)")
             }
-            bail!("tools/list did not finish (session expired twice or over 100 pages)");
         }
-        bail!("tools/list failed")
+    }
+
+    /// The tools listed in `session`; `None` when the agent no longer knows the session.
+    async fn list_tools_in(
+        &self,
+        session: &AgentSession,
+    ) -> anyhow::Result<Option<Vec<AgentTool>>> {
+        let mut tools = Vec::new();
+        let mut cursor: Option<String> = None;
+        for page in 0..100 {
+            let mut params = json!({});
+            if let Some(c) = &cursor {
+                params["cursor"] = json!(c);
+            }
+            let body = json!({ "jsonrpc": "2.0", "id": 2 + page, "method": "tools/list", "params": Self::with_meta(session, params) });
+            let (status, headers, bytes) = self.call(Some(session), &body).await?;
+            if status == StatusCode::NOT_FOUND && session.id.is_some() {
+                return Ok(None);
+            }
+            if !status.is_success() {
+                bail!("tools/list answered HTTP {status}");
+            }
+            let result = Self::result_of(&headers, &bytes, 2 + page)?;
+            for tool in result
+                .get("tools")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(name) = tool.get("name").and_then(Value::as_str) {
+                    tools.push(AgentTool {
+                        name: name.to_owned(),
+                        description: tool
+                            .get("description")
+                            .and_then(Value::as_str)
+                            .map(str::to_owned),
+                        input_schema: tool.get("inputSchema").cloned(),
+                    });
+                }
+            }
+            cursor = result
+                .get("nextCursor")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            if cursor.is_none() {
+                return Ok(Some(tools));
+            }
+        }
+        bail!("tools/list did not finish in 100 pages")
     }
 }
 

@@ -140,6 +140,32 @@ pub struct Config {
     /// Log format: text or json. The level comes from RUST_LOG (default info).
     #[arg(long, env = "CAPMESH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+
+    /// Connections each listener (outbound, inbound) holds open at once; more are closed on
+    /// accept and counted in capmesh_proxy_connections_refused_total.
+    #[arg(long, env = "CAPMESH_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Time a client has to send a whole HTTP/1 request head (also the longest an HTTP/1
+    /// connection may idle between requests), e.g. 10s.
+    #[arg(long, env = "CAPMESH_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub header_read_timeout: std::time::Duration,
+
+    /// A connection with no request in flight for this long is closed gracefully, e.g. 5m.
+    #[arg(long, env = "CAPMESH_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
+    pub idle_timeout: std::time::Duration,
+}
+
+fn parse_positive_duration(s: &str) -> Result<std::time::Duration, String> {
+    match capmesh_api::duration::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(format!(
+            "{s:?} is zero: give a positive duration such as 10s"
+        )),
+        Err(e) => Err(format!(
+            "{s:?}: {e} (use a duration such as 500ms, 10s or 5m)"
+        )),
+    }
 }
 
 fn parse_propagated(s: &str) -> Result<String, String> {
@@ -165,6 +191,16 @@ fn parse_propagated(s: &str) -> Result<String, String> {
 }
 
 impl Config {
+    /// What each listener allows its clients.
+    pub fn limits(&self) -> crate::serve::Limits {
+        crate::serve::Limits {
+            max_connections: self.max_connections as usize,
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            ..crate::serve::Limits::default()
+        }
+    }
+
     /// Every tool → capability mapping: `--capability` flags, then `--capabilities-file`.
     pub fn overrides(&self) -> anyhow::Result<Vec<CapabilityOverride>> {
         let mut all = self.capabilities.clone();

@@ -224,9 +224,8 @@ pub async fn watch_files(
 /// or its certificate expires, the connection is dropped, which closes it, and `None` is
 /// returned. A plaintext peer (empty chain) is never cut off here.
 ///
-/// The hook the request path calls: inbound around each accepted connection
-/// ([`PeerRole::Client`]), the peer pool around each connection it opens
-/// ([`PeerRole::Server`]).
+/// The peer pool runs each connection it opens inside this (`PeerRole::Server`); inbound
+/// connections race `TrustStore::until_refused` the same way (`inbound::Peer::distrusted`).
 pub async fn while_trusted<F: std::future::Future>(
     trust: &TrustStore,
     chain: &[rustls::pki_types::CertificateDer<'static>],

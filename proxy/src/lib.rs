@@ -2,10 +2,11 @@
 //! mutual-TLS server in front of the local agent, the control-plane stream client and the admin
 //! endpoints.
 //!
-//! A request's path, top to bottom: [`outbound::handle`] (classify the MCP message, answer the
-//! protocol, resolve and pick an endpoint, retry) → [`pool::PeerPool::send`] (HTTP/2 over mutual
-//! TLS to the provider's proxy) → [`inbound`] on the provider's side (verify the peer, authorize,
-//! strip and set headers, forward to the agent) → the response streams back the same way.
+//! Each listener's request path is a tower stack composed in one function that reads top to
+//! bottom: [`outbound::stack`] (the local agent calls the mesh) over [`forward::stack`] (deadline,
+//! retry, balance, metrics, the peer client), and [`inbound::stack`] on the provider's side
+//! (verify the peer, authorize every message, sessions, the agent). Errors are one type,
+//! [`error::ProxyError`], turned into responses in one place. `ARCHITECTURE.md` draws it all.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -14,7 +15,10 @@ pub mod backoff;
 pub mod balance;
 pub mod breaker;
 pub mod config;
+pub mod contract;
 pub mod control;
+pub mod error;
+pub mod forward;
 pub mod headers;
 pub mod identity;
 pub mod inbound;
@@ -22,26 +26,22 @@ pub mod init;
 pub mod mcp;
 pub mod metrics;
 pub mod outbound;
-pub mod passthrough;
 pub mod pool;
 pub mod routing;
-pub mod transparent;
+pub mod seal;
+pub mod serve;
+pub mod stack;
 
-use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
-use capmesh_api::{Capability, ControlFrame, Node, Registration, SnapshotVersion};
+use capmesh_api::{ControlFrame, Node, Registration, SnapshotVersion};
 use capmesh_certs::{MeshAcceptor, RenewPolicy, TrustConfig};
 use capmesh_client::{ControlPlaneClient, ServerCheck};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -89,8 +89,9 @@ pub struct Proxy {
     pub registration: watch::Receiver<Option<Registration>>,
     /// The agent's health.
     pub healthy: watch::Receiver<bool>,
-    /// function → capability of the local agent (inbound authorization).
-    pub functions: ArcSwap<HashMap<String, Capability>>,
+    /// What inbound authorization decides from: the snapshot's policy and the agent's tools;
+    /// `None` until both are known.
+    pub authz: inbound::authorize::AuthzView,
     /// Connections to peer proxies.
     pub peers: pool::PeerPool,
     /// Legacy sessions of the federated endpoint.
@@ -100,11 +101,11 @@ pub struct Proxy {
     /// Propagated headers.
     pub propagation: ArcSwap<headers::Propagation>,
     /// Retry budget for outbound calls.
-    pub retry_budget: balance::RetryBudget,
+    pub retry_budget: Arc<balance::RetryBudget>,
     /// Metrics.
     pub metrics: metrics::Metrics,
     /// Connections intercepted in transparent mode.
-    pub transparent: transparent::Transparent,
+    pub transparent: outbound::transparent::Transparent,
 }
 
 impl Proxy {
@@ -164,6 +165,7 @@ impl Proxy {
             .map(|(_, e, _)| (e.address.clone(), e.identity.clone()))
             .collect();
         self.routing.store(Arc::new(next));
+        self.refresh_authz();
         self.peers
             .retain(|addr, id| addresses.iter().any(|(a, i)| a == addr && i == id));
         if tools_changed {
@@ -187,65 +189,27 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// Rebuilds what inbound authorization decides from, after the snapshot or the agent's
+    /// registration changed. Stays `None` (everything refused with 503) until both are known.
+    pub fn refresh_authz(&self) {
+        let routing = self.routing.load();
+        let registration = self.registration.borrow();
+        let view = match (&routing.snapshot, registration.as_ref()) {
+            (Some(snapshot), Some(reg)) => Some(Arc::new(inbound::authorize::Authz::new(
+                snapshot.policy.clone(),
+                &reg.tools,
+            ))),
+            _ => None,
+        };
+        self.authz.store(view);
+    }
+}
+
 async fn bind(addr: std::net::SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("{flag} {addr}: cannot bind (in use? pick another port)"))
-}
-
-/// Serves the outbound listener (plain HTTP on loopback) until `stop`, then drains.
-async fn serve_outbound(
-    proxy: Arc<Proxy>,
-    listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
-    drain: Duration,
-) {
-    let graceful = GracefulShutdown::new();
-    loop {
-        let tcp = tokio::select! {
-            _ = stop.changed() => break,
-            a = listener.accept() => match a { Ok((tcp, _)) => tcp, Err(_) => continue },
-        };
-        let _ = tcp.set_nodelay(true);
-        let (proxy, watcher) = (proxy.clone(), graceful.watcher());
-        // Redirected here by `capmesh-proxy init`'s rules: the agent dialled another address.
-        if let Some(dst) = transparent::original_dst(&tcp) {
-            tokio::spawn(transparent::serve(proxy, tcp, dst, watcher));
-            continue;
-        }
-        let svc = service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(outbound::handle(proxy, req).await) }
-        });
-        tokio::spawn(serve_plain_http(tcp, svc, watcher));
-    }
-    let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
-}
-
-/// Serves HTTP/1.1 or HTTP/2 (prior knowledge) on a plain connection until it closes or the
-/// listener drains.
-pub(crate) async fn serve_plain_http<S>(
-    tcp: tokio::net::TcpStream,
-    svc: S,
-    watcher: hyper_util::server::graceful::Watcher,
-) where
-    S: hyper::service::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<BoxBody>,
-            Error = Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let _ = watcher
-        .watch(
-            builder
-                .serve_connection(TokioIo::new(tcp), svc)
-                .into_owned(),
-        )
-        .await;
 }
 
 /// The `capmesh-proxy` program: parses `args` (the first is the program name), then runs until
@@ -305,7 +269,7 @@ pub async fn run(
         agent: agent.clone(),
         registration: reg_rx.clone(),
         healthy: health_rx.clone(),
-        functions: ArcSwap::from_pointee(HashMap::new()),
+        authz: Arc::new(ArcSwapOption::empty()),
         peers: pool::PeerPool::new(
             identity.cell.clone(),
             identity.trust.clone(),
@@ -314,9 +278,9 @@ pub async fn run(
         sessions: outbound::Sessions::default(),
         tools_changed: watch::channel(0).0,
         propagation: ArcSwap::from_pointee(headers::Propagation::new(&config.propagate_headers)),
-        retry_budget: balance::RetryBudget::new(20, 10),
+        retry_budget: Arc::new(balance::RetryBudget::new(20, 10)),
         metrics: metrics::Metrics::new(),
-        transparent: transparent::Transparent::default(),
+        transparent: outbound::transparent::Transparent::default(),
         identity,
         config,
     });
@@ -326,17 +290,14 @@ pub async fn run(
 
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
-    // Keep the function → capability map in step with the registration.
+    // Keep inbound authorization in step with the registration.
     {
         let proxy = proxy.clone();
         let mut reg = reg_rx.clone();
         tasks.push(tokio::spawn(async move {
             loop {
-                if let Some(r) = reg.borrow_and_update().as_ref() {
-                    proxy
-                        .functions
-                        .store(Arc::new(outbound::function_map(&r.tools)));
-                }
+                reg.borrow_and_update();
+                proxy.refresh_authz();
                 if reg.changed().await.is_err() {
                     return;
                 }
@@ -412,16 +373,19 @@ pub async fn run(
         &[b"h2", b"http/1.1"],
     )?;
     let drain = Duration::from_secs(10);
+    let limits = proxy.config.limits();
     let inbound_task = tokio::spawn(inbound::serve(
         proxy.clone(),
         inbound_listener,
         acceptor,
+        limits,
         drain_rx.clone(),
         drain,
     ));
-    let outbound_task = tokio::spawn(serve_outbound(
+    let outbound_task = tokio::spawn(outbound::serve(
         proxy.clone(),
         outbound_listener,
+        limits,
         drain_rx.clone(),
         drain,
     ));

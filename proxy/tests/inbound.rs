@@ -8,13 +8,12 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use capmesh_api::Policy;
 use capmesh_api::rest::{Entity, EntityRequest};
 use capmesh_certs::tls::{client_config, connect};
 use capmesh_certs::{Ca, Credential, CredentialCell, TrustStore, Validity, WorkloadKey};
 use capmesh_tests::python::{PyAgent, client_json, json_lines, spawn_client};
 use capmesh_tests::{ProxyProcess, spiffe};
-use common::{MODES, Mesh, call, eventually, served_by, tool_names};
+use common::{MODES, Mesh, call, eventually, served_by, set_policy, tool_names};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -253,22 +252,11 @@ async fn a_deny_rule_blocks_the_call_and_hides_the_capability() {
         ["echo", "get_weather"]
     );
 
-    let policy: Policy = serde_json::from_value(serde_json::json!({
+    let policy = serde_json::json!({
         "default": "allow",
         "rules": [{ "from": ["spiffe://capmesh.local/ns/default/agent/planner"], "capabilities": ["get_weather"], "action": "deny" }]
-    }))
-    .unwrap();
-    let _: Policy = mesh
-        .cp
-        .rest()
-        .unwrap()
-        .put(
-            "/v1/policies",
-            &policy,
-            Some(&mesh.cp.admin_token().unwrap()),
-        )
-        .await
-        .unwrap();
+    });
+    set_policy(&mesh, policy).await;
     eventually(
         Duration::from_secs(10),
         "get_weather leaves the consumer's tools/list",

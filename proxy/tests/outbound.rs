@@ -304,3 +304,128 @@ async fn bad_input_gets_json_rpc_errors_and_the_proxy_keeps_serving() {
     let (status, _) = consumer.admin_get("/live").await.unwrap();
     assert_eq!(status, 200);
 }
+
+/// One 2026-07-28 `get_weather` call through the federated endpoint at `port`: which agent
+/// served it (from `x-capmesh-served-by`), `None` when it failed.
+async fn weather_call(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Full<bytes::Bytes>,
+    >,
+    port: u16,
+) -> Option<String> {
+    use http_body_util::BodyExt;
+    let body = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"get_weather","arguments":{"city":"Riga"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{}}}}"#;
+    let req = http::Request::post(format!("http://127.0.0.1:{port}/mcp"))
+        .header("content-type", "application/json")
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", "get_weather")
+        .body(http_body_util::Full::new(bytes::Bytes::from_static(
+            body.as_bytes(),
+        )))
+        .unwrap();
+    let resp = client.request(req).await.ok()?;
+    let served = resp
+        .headers()
+        .get("x-capmesh-served-by")?
+        .to_str()
+        .ok()?
+        .to_owned();
+    let ok = resp.status() == 200;
+    let text = resp.into_body().collect().await.ok()?.to_bytes();
+    (ok && String::from_utf8_lossy(&text).contains("sunny in Riga")).then_some(served)
+}
+
+#[tokio::test]
+async fn under_load_a_new_provider_is_served_within_100ms_of_the_consumer_knowing_it() {
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    let mesh = Mesh::new().await;
+    let (_alpha, _pa) = mesh.provider("alpha", &["weather"], &[]).await;
+    let consumer = mesh.consumer("planner", &["get_weather"], &[]).await;
+    let port = consumer.outbound;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build(hyper_util::client::legacy::connect::HttpConnector::new());
+    assert!(weather_call(&client, port).await.is_some());
+
+    // 200 calls a second, open loop, for at most 60 s: each answer's time and who served it.
+    let origin = Instant::now();
+    // (when answered, since `origin`; who served it, or None when the call failed)
+    type Answers = Arc<Mutex<Vec<(Duration, Option<String>)>>>;
+    let answers: Answers = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (answers, stop, client) = (answers.clone(), stop.clone(), client.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(5));
+            for _ in 0..12_000 {
+                tick.tick().await;
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let (answers, client) = (answers.clone(), client.clone());
+                tokio::spawn(async move {
+                    let served = weather_call(&client, port).await;
+                    answers.lock().unwrap().push((origin.elapsed(), served));
+                });
+            }
+        })
+    };
+    // When the consumer first holds a healthy beta endpoint (its /config, every 2 ms).
+    let known = {
+        let consumer_admin = consumer.admin;
+        tokio::spawn(async move {
+            loop {
+                if let Ok((200, doc)) = capmesh_tests::http_get(consumer_admin, "/config").await
+                    && let Ok(v) = serde_json::from_str::<serde_json::Value>(&doc)
+                    && v["snapshot"]["endpoints"].as_array().is_some_and(|eps| {
+                        eps.iter()
+                            .any(|e| e["agent"] == "beta" && e["healthy"] == true)
+                    })
+                {
+                    return origin.elapsed();
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_beta, _pb) = mesh.provider("beta", &["weather"], &[]).await;
+    let known_at = tokio::time::timeout(Duration::from_secs(30), known)
+        .await
+        .expect("the consumer never learnt of beta")
+        .unwrap();
+    let first_beta = async {
+        loop {
+            let seen = answers.lock().unwrap().iter().find_map(|(at, who)| {
+                who.as_deref()
+                    .filter(|w| w.contains("/agent/beta#"))
+                    .map(|_| *at)
+            });
+            if let Some(at) = seen {
+                return at;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let served_at = tokio::time::timeout(Duration::from_secs(10), first_beta)
+        .await
+        .expect("beta never served a call");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    load.await.unwrap();
+    let failed = answers
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, who)| who.is_none())
+        .count();
+    assert_eq!(failed, 0, "calls failed while beta joined");
+    let delay = served_at.saturating_sub(known_at);
+    println!("beta known at {known_at:?}, first served at {served_at:?}: {delay:?} later");
+    assert!(
+        delay <= Duration::from_millis(100),
+        "beta first served {delay:?} after the consumer knew it"
+    );
+}
