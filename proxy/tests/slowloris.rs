@@ -2,13 +2,18 @@
 //! by the header (or TLS handshake) deadline, a normal request still succeeds meanwhile, and
 //! the connection cap holds (the excess is closed at accept and counted).
 //!
-//! Each listener is one line in `targets`; the proxy's listeners join it the same way.
+//! Each listener is one line in `targets`: the control plane's API and admin listeners and the
+//! proxy's inbound listener, each started with a 3 s deadline and a cap of 12 connections.
 
 #![allow(clippy::unwrap_used)]
 
 use std::time::{Duration, Instant};
 
-use capmesh_tests::ControlPlane;
+use std::sync::Arc;
+
+use capmesh_certs::CredentialCell;
+use capmesh_certs::tls::{client_config, connect};
+use capmesh_tests::{ControlPlane, ProxyProcess, spiffe};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -28,20 +33,26 @@ enum Wire {
     Tls,
 }
 
+/// Whose listener it is: decides what a normal request is and where refusals are counted.
 #[derive(Debug, Clone, Copy)]
-struct Target {
+enum Owner<'a> {
+    ControlPlane,
+    Proxy(&'a ProxyProcess),
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Target<'a> {
     name: &'static str,
     port: u16,
     wire: Wire,
+    owner: Owner<'a>,
 }
 
 /// Opens a connection that sends its request head one byte every [`TRICKLE`]; returns how long
 /// the server took to close it (or `None` if it did not within `limit`).
-async fn trickle(target: Target, limit: Duration) -> Option<Duration> {
-    let mut tcp = TcpStream::connect(("127.0.0.1", target.port))
-        .await
-        .unwrap();
-    let head: &[u8] = match target.wire {
+async fn trickle(port: u16, wire: Wire, limit: Duration) -> Option<Duration> {
+    let mut tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let head: &[u8] = match wire {
         Wire::Plain => b"GET /metrics HTTP/1.1\r\nhost: x\r\nx-slow: yes\r\n\r\n",
         // A TLS handshake record header, then nothing useful.
         Wire::Tls => &[0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc],
@@ -69,51 +80,105 @@ async fn trickle(target: Target, limit: Duration) -> Option<Duration> {
 }
 
 /// A normal request to the listener succeeds.
-async fn normal_request(cp: &ControlPlane, target: Target) -> bool {
-    match target.wire {
-        Wire::Plain => cp
+async fn normal_request(cp: &ControlPlane, target: Target<'_>) -> bool {
+    match (target.owner, target.wire) {
+        (Owner::ControlPlane, Wire::Plain) => cp
             .admin_get("/live")
             .await
             .is_ok_and(|b| b.starts_with("ok")),
-        Wire::Tls => cp
+        (Owner::ControlPlane, Wire::Tls) => cp
             .rest()
             .unwrap()
             .get::<serde_json::Value>("/v1/agents", Some(&cp.admin_token().unwrap()))
             .await
             .is_ok(),
+        (Owner::Proxy(proxy), _) => {
+            // Mutual TLS with a mesh certificate; any HTTP answer is the listener serving.
+            let cred = cp.credential("default", "caller").await.unwrap();
+            let config = client_config(
+                Some(Arc::new(CredentialCell::new(cred))),
+                cp.trust().unwrap(),
+                spiffe("default", &proxy.agent).unwrap(),
+                &[b"http/1.1"],
+            )
+            .unwrap();
+            let Ok(tcp) = TcpStream::connect(("127.0.0.1", target.port)).await else {
+                return false;
+            };
+            let Ok(mut tls) = connect(config, tcp).await else {
+                return false;
+            };
+            let _ = tls
+                .write_all(b"GET /mcp HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .await;
+            let mut out = Vec::new();
+            let _ = tls.read_to_end(&mut out).await;
+            out.starts_with(b"HTTP/1.1 ")
+        }
     }
+}
+
+/// How many connections the listener's owner counted as refused at its cap.
+async fn refused_count(cp: &ControlPlane, target: Target<'_>) -> f64 {
+    let (metrics, name) = match target.owner {
+        Owner::ControlPlane => (
+            cp.admin_get("/metrics").await.unwrap(),
+            "capmesh_cp_connections_refused_total",
+        ),
+        Owner::Proxy(proxy) => (
+            proxy.admin_get("/metrics").await.unwrap().1,
+            "capmesh_proxy_connections_refused_total",
+        ),
+    };
+    let prefix = format!("{name}{{listener=\"{}\"}}", target.name);
+    metrics
+        .lines()
+        .find(|l| l.starts_with(&prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
 }
 
 #[tokio::test]
 async fn slow_clients_are_closed_normal_ones_served_and_the_cap_holds() {
     let cp_bin = capmesh_tests::workspace_bin("capmesh-control-plane").unwrap();
-    let cp = ControlPlane::start(
-        &cp_bin,
-        &[
-            "--header-read-timeout",
-            &format!("{}s", DEADLINE.as_secs()),
-            "--max-connections",
-            &CAP.to_string(),
-        ],
-    )
-    .await
-    .unwrap();
+    let deadline = format!("{}s", DEADLINE.as_secs());
+    let cap = CAP.to_string();
+    let limits = [
+        "--header-read-timeout",
+        deadline.as_str(),
+        "--max-connections",
+        cap.as_str(),
+    ];
+    let cp = ControlPlane::start(&cp_bin, &limits).await.unwrap();
+    let proxy_bin = env!("CARGO_BIN_EXE_capmesh-proxy");
+    let provider = ProxyProcess::start(proxy_bin.as_ref(), &cp, "alpha", None, &limits)
+        .await
+        .unwrap();
     let targets = [
         Target {
             name: "api",
             port: cp.port,
             wire: Wire::Tls,
+            owner: Owner::ControlPlane,
         },
         Target {
             name: "admin",
             port: cp.admin_port,
             wire: Wire::Plain,
+            owner: Owner::ControlPlane,
+        },
+        Target {
+            name: "inbound",
+            port: provider.inbound,
+            wire: Wire::Tls,
+            owner: Owner::Proxy(&provider),
         },
     ];
     for target in targets {
         // Four slow clients at once, closed by the deadline, while a normal request is served.
         let slow: Vec<_> = (0..4)
-            .map(|_| tokio::spawn(trickle(target, DEADLINE * 4)))
+            .map(|_| tokio::spawn(trickle(target.port, target.wire, DEADLINE * 4)))
             .collect();
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(
@@ -182,18 +247,8 @@ async fn slow_clients_are_closed_normal_ones_served_and_the_cap_holds() {
         );
         drop(held);
     }
-    let metrics = cp.admin_get("/metrics").await.unwrap();
     for target in targets {
-        let line = metrics
-            .lines()
-            .find(|l| {
-                l.starts_with(&format!(
-                    "capmesh_cp_connections_refused_total{{listener=\"{}\"}}",
-                    target.name
-                ))
-            })
-            .unwrap_or_else(|| panic!("no refusal counted for {}:\n{metrics}", target.name));
-        let count: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
-        assert!(count >= 1.0, "{line}");
+        let refused = refused_count(&cp, target).await;
+        assert!(refused >= 1.0, "{}: no refusal counted", target.name);
     }
 }
