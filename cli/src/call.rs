@@ -548,7 +548,9 @@ fn finish(
         }
         output::print_json(&out)?;
     } else {
-        let mut text = format!("served by {provider} in {ms} ms\n");
+        // The result alone on stdout (`capmesh call … > answer.txt`); who served it is a note.
+        eprintln!("served by {provider} in {ms} ms");
+        let mut text = String::new();
         if let Some(result) = response.get("result") {
             text.push_str(&result_text(result));
             if !text.ends_with('\n') {

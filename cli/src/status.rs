@@ -53,6 +53,7 @@ pub async fn run(api: &Api, output: Output, _args: StatusArgs) -> anyhow::Result
                     "certificate_not_after_unix": i.certificate_not_after_unix,
                     "healthy": i.healthy,
                     "refused": i.refused,
+                    "health_detail": i.health_detail,
                 })
             })
             .collect();
@@ -140,6 +141,12 @@ pub async fn run(api: &Api, output: Output, _args: StatusArgs) -> anyhow::Result
         );
     } else {
         text.push_str(&table.render());
+        // Why each unhealthy agent is unhealthy, as its sidecar said.
+        for (_, inst) in &rows {
+            if let (false, Some(why)) = (inst.healthy, &inst.health_detail) {
+                text.push_str(&format!("{} unhealthy: {why}\n", inst.proxy_id));
+            }
+        }
     }
     // Capabilities the control plane would not publish (the policy's provide rules).
     for (agent, inst) in &rows {

@@ -291,7 +291,7 @@ pub async fn run(
     let policy = store.policy()?.unwrap_or_default();
     let settings = MeshSettings {
         session_key: session_key(store.as_ref())?,
-        ..MeshSettings::default()
+        ..store.settings()?.unwrap_or_default()
     };
     let registry = Arc::new(Registry::new(bundle, policy, settings));
 
@@ -336,7 +336,11 @@ pub async fn run(
 
     let restored = app.restore_instances(config.restart_grace)?;
     if restored > 0 {
-        tracing::info!(restored, grace = ?config.restart_grace, "serving the last known instances until their proxies reconnect");
+        tracing::info!(
+            restored,
+            grace_ms = config.restart_grace.as_millis() as u64,
+            "serving the last known instances until their proxies reconnect"
+        );
     }
 
     let api = TcpListener::bind(config.listen).await.with_context(|| {
@@ -370,6 +374,17 @@ pub async fn run(
                 config.admin_listen
             )
         })?;
+    if let Some(path) = &config.ports_file {
+        let mut ports = vec![
+            ("listen", api.local_addr()?),
+            ("admin", admin.local_addr()?),
+        ];
+        if let Some((listener, _)) = &webhook {
+            ports.push(("webhook", listener.local_addr()?));
+        }
+        capmesh_client::process::write_ports_file(path, &ports)
+            .with_context(|| format!("--ports-file {}", path.display()))?;
+    }
     tracing::info!(
         api = %api.local_addr()?,
         admin = %admin.local_addr()?,

@@ -34,6 +34,8 @@ struct Instance {
     entity: Option<String>,
     registration: Registration,
     healthy: bool,
+    /// Why the agent is unhealthy, as its proxy said.
+    health_detail: Option<String>,
     connected: bool,
     epoch: u64,
     held: Option<SnapshotVersion>,
@@ -391,6 +393,7 @@ impl Registry {
                 entity,
                 registration,
                 healthy,
+                health_detail: None,
                 connected: true,
                 epoch,
                 held: None,
@@ -431,11 +434,13 @@ impl Registry {
         }
     }
 
-    /// Records the agent's health; flips its endpoints when it changed.
-    pub fn set_health(&self, proxy_id: &str, epoch: u64, healthy: bool) {
+    /// Records the agent's health (and why it is unhealthy, when the proxy says); flips its
+    /// endpoints when it changed.
+    pub fn set_health(&self, proxy_id: &str, epoch: u64, healthy: bool, detail: Option<String>) {
         self.with_instance(proxy_id, epoch, |inst| {
             let changed = inst.healthy != healthy;
             inst.healthy = healthy;
+            inst.health_detail = if healthy { None } else { detail };
             changed
         });
     }
@@ -505,6 +510,7 @@ impl Registry {
                 entity: rec.entity,
                 registration: rec.registration,
                 healthy: rec.healthy,
+                health_detail: None,
                 connected: false,
                 epoch,
                 held: None,
@@ -570,6 +576,23 @@ impl Registry {
             inner.republish(&id);
         }
         self.notify(&inner);
+    }
+
+    /// Replaces the mesh settings pushed to every proxy; the mesh's session key is kept.
+    pub fn set_settings(&self, mut settings: MeshSettings) {
+        let mut inner = self.lock();
+        settings.session_key = inner.settings.1.session_key.clone();
+        let generation = inner.bump();
+        inner.settings = (generation, settings);
+        self.notify(&inner);
+    }
+
+    /// The mesh settings in force, without the session key.
+    pub fn settings(&self) -> MeshSettings {
+        MeshSettings {
+            session_key: String::new(),
+            ..self.lock().settings.1.clone()
+        }
     }
 
     /// The full snapshot for a subscriber with these dependencies, and the view to diff from.
@@ -712,6 +735,7 @@ impl Registry {
                 address: inst.registration.endpoint.clone(),
                 zone: inst.node.zone.clone(),
                 healthy: inst.healthy,
+                health_detail: inst.health_detail.clone(),
                 connected: inst.connected,
                 tags: inst.registration.tags.clone(),
                 version: inst.registration.version.clone(),

@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use capmesh_api::rest::{Entity, Revocation, TokenInfo};
-use capmesh_api::{Policy, TrustDomain};
+use capmesh_api::{MeshSettings, Policy, TrustDomain};
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// Why the store could not do what was asked.
@@ -105,6 +105,10 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn policy(&self) -> Result<Option<Policy>, StoreError>;
     /// Replaces the authorization policy.
     fn set_policy(&self, policy: &Policy) -> Result<(), StoreError>;
+    /// The mesh settings, if they were ever set (the session key is not among them).
+    fn settings(&self) -> Result<Option<MeshSettings>, StoreError>;
+    /// Replaces the mesh settings (their session key is not stored here).
+    fn set_settings(&self, settings: &MeshSettings) -> Result<(), StoreError>;
     /// Every persisted proxy instance: (proxy id, JSON record).
     fn instances(&self) -> Result<Vec<(String, String)>, StoreError>;
     /// Saves (or replaces) a proxy instance's record.
@@ -160,6 +164,10 @@ CREATE TABLE IF NOT EXISTS revocations (
     serial TEXT UNIQUE,
     reason TEXT,
     created_unix INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS settings (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    settings_json TEXT NOT NULL
 );
 ";
 
@@ -559,6 +567,42 @@ impl Store for SqliteStore {
         })
     }
 
+    fn settings(&self) -> Result<Option<MeshSettings>, StoreError> {
+        self.with(|c| {
+            let json: Option<String> = c
+                .query_row("SELECT settings_json FROM settings WHERE id = 1", [], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            json.map(|j| {
+                serde_json::from_str(&j).map_err(|e| StoreError::Corrupt {
+                    what: "settings",
+                    detail: e.to_string(),
+                })
+            })
+            .transpose()
+        })
+    }
+
+    fn set_settings(&self, settings: &MeshSettings) -> Result<(), StoreError> {
+        let stored = MeshSettings {
+            session_key: String::new(),
+            ..settings.clone()
+        };
+        let json = serde_json::to_string(&stored).map_err(|e| StoreError::Corrupt {
+            what: "settings",
+            detail: e.to_string(),
+        })?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO settings (id, settings_json) VALUES (1, ?1)
+                 ON CONFLICT(id) DO UPDATE SET settings_json = excluded.settings_json",
+                params![json],
+            )?;
+            Ok(())
+        })
+    }
+
     fn instances(&self) -> Result<Vec<(String, String)>, StoreError> {
         self.with(|c| {
             let mut stmt =
@@ -660,5 +704,33 @@ mod tests {
         assert_eq!(store.revocations().unwrap(), vec![revocation.clone()]);
         assert_eq!(store.remove_revocation("r1").unwrap(), revocation);
         assert!(store.revocations().unwrap().is_empty());
+    }
+
+    #[test]
+    fn settings_are_kept_across_reopens_without_the_session_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("capmesh.db");
+        assert_eq!(SqliteStore::open(&path).unwrap().settings().unwrap(), None);
+        let set = MeshSettings {
+            request_timeout_ms: 30_000,
+            propagate_headers: vec!["x-tenant-id".into()],
+            session_key: "ab".repeat(32),
+            ..MeshSettings::default()
+        };
+        SqliteStore::open(&path)
+            .unwrap()
+            .set_settings(&set)
+            .unwrap();
+        let read = SqliteStore::open(&path)
+            .unwrap()
+            .settings()
+            .unwrap()
+            .unwrap();
+        assert_eq!(read.request_timeout_ms, 30_000);
+        assert_eq!(read.propagate_headers, ["x-tenant-id"]);
+        assert!(
+            read.session_key.is_empty(),
+            "the session key lives in its own table"
+        );
     }
 }

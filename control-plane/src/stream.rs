@@ -162,7 +162,9 @@ pub async fn handle(
         proxy_id = %node.proxy_id,
         identity = %peer.identity,
         tools = hello.registration.tools.len(),
-        held = ?hello.version,
+        held = %hello
+            .version
+            .map_or_else(|| "none".to_owned(), |v| v.to_string()),
         "stream opened"
     );
     let lease = match app.registry.connect(
@@ -322,7 +324,7 @@ async fn run(
                         }
                         ProxyFrame::Health { healthy, detail } => {
                             tracing::debug!(proxy_id = %proxy_id, healthy, detail = ?detail, "health");
-                            app.registry.set_health(&proxy_id, epoch, healthy);
+                            app.registry.set_health(&proxy_id, epoch, healthy, detail);
                             app.persist(&proxy_id);
                         }
                         ProxyFrame::Register(registration) => {
@@ -359,7 +361,7 @@ async fn run(
         app.forget(&proxy_id);
     }
     if !graceful {
-        tracing::info!(proxy_id = %proxy_id, grace = ?app.grace, "stream ended; endpoints withdrawn after the grace period unless it reconnects");
+        tracing::info!(proxy_id = %proxy_id, grace_ms = app.grace.as_millis() as u64, "stream ended; endpoints withdrawn after the grace period unless it reconnects");
         let app = app.clone();
         tokio::spawn(async move {
             tokio::time::sleep(app.grace).await;

@@ -21,6 +21,7 @@ use tokio::sync::{Mutex, watch};
 
 use crate::mcp::jsonrpc::Id;
 use crate::mcp::sse::find_response;
+use crate::readiness::{Condition, Readiness, StartupWait};
 use crate::{BoxBody, boxed};
 
 /// The newest session-based protocol version the proxy speaks to agents.
@@ -380,20 +381,37 @@ impl RegistrationTemplate {
     }
 }
 
+/// Whether `e` is "nothing accepts connections at the agent's address" (yet).
+fn nothing_listening(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<hyper_util::client::legacy::Error>()
+            .is_some_and(hyper_util::client::legacy::Error::is_connect)
+    })
+}
+
+/// How long an agent may take to start listening beside its sidecar before that is a warning.
+const AGENT_START_GRACE: Duration = Duration::from_secs(2);
+
 /// Watches the agent: registers its tools, re-registers when they change, and reports health.
-/// Checks every second until the agent first answers, then every 5 s.
+/// Checks every second until the agent first answers, then every 5 s. Until then, why it does
+/// not answer is recorded in `readiness` and logged at WARN (within a few seconds, naming the
+/// URL and what it answered; nothing listening yet is normal for [`AGENT_START_GRACE`]).
 pub async fn watch(
     agent: Arc<Agent>,
     template: RegistrationTemplate,
     registration: watch::Sender<Option<Registration>>,
     healthy: watch::Sender<bool>,
+    readiness: Arc<Readiness>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let url = agent.url().to_string();
     let mut failures = 0u32;
+    let mut wait = StartupWait::after("the agent's tools", AGENT_START_GRACE);
     loop {
         match agent.list_tools().await {
             Ok(tools) => {
                 failures = 0;
+                wait.done();
                 let next = template.build(&tools);
                 let changed = registration.borrow().as_ref() != Some(&next);
                 if changed {
@@ -407,8 +425,25 @@ pub async fn watch(
             }
             Err(e) => {
                 failures += 1;
+                let refused = nothing_listening(&e);
+                let said = crate::readiness::error_text(&e);
+                let reason = if refused {
+                    format!("nothing accepts connections at --agent-url {url} ({said})")
+                } else {
+                    format!("the agent at --agent-url {url} answered: {said}")
+                };
+                readiness.waiting(Condition::AgentHealth, reason.clone());
+                if registration.borrow().is_none() {
+                    readiness.waiting(Condition::Registration, reason.clone());
+                    let fix = if refused {
+                        "start the agent, or fix --agent-url (host and port of its MCP endpoint)"
+                    } else {
+                        "check --agent-url: it must be the agent's MCP endpoint itself, such as http://127.0.0.1:8080/mcp"
+                    };
+                    wait.waiting(&reason, fix, refused);
+                }
                 if failures >= 2 && *healthy.borrow() {
-                    tracing::warn!(error = %format!("{e:#}"), "agent is unhealthy");
+                    tracing::warn!(agent_url = %url, error = %format!("{e:#}"), "agent is unhealthy");
                     healthy.send_replace(false);
                 } else {
                     tracing::debug!(error = %format!("{e:#}"), "agent check failed");

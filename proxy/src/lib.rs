@@ -27,6 +27,7 @@ pub mod mcp;
 pub mod metrics;
 pub mod outbound;
 pub mod pool;
+pub mod readiness;
 pub mod routing;
 pub mod seal;
 pub mod serve;
@@ -114,7 +115,7 @@ impl Proxy {
         Registration {
             endpoint: self.config.advertised(),
             tags: self.config.tags.clone(),
-            version: self.config.version.clone(),
+            version: self.config.agent_version.clone(),
             tools: vec![],
             dependencies: self.config.dependencies.clone(),
         }
@@ -213,8 +214,9 @@ async fn bind(addr: std::net::SocketAddr, flag: &str) -> anyhow::Result<TcpListe
 }
 
 /// The `capmesh-proxy` program: parses `args` (the first is the program name), then runs until
-/// SIGTERM or Ctrl-C. A bad flag prints clap's message and exits 2. `capmesh-proxy init …`
-/// writes the transparent-mode iptables rules instead; `capmesh-proxy run …` is the default.
+/// SIGTERM or Ctrl-C. A bad flag prints clap's message and exits 2; `--version` (`-V`) prints
+/// the proxy's version. `capmesh-proxy init …` writes the transparent-mode iptables rules
+/// instead; `capmesh-proxy run …` is the default.
 pub fn main_with_args(
     args: impl IntoIterator<Item = std::ffi::OsString>,
 ) -> std::process::ExitCode {
@@ -230,6 +232,10 @@ pub fn main_with_args(
         }
         _ => {}
     }
+    let env_version = std::env::var("CAPMESH_VERSION").ok();
+    for warning in config::rewrite_deprecated_version(&mut args, env_version) {
+        eprintln!("capmesh-proxy: warning: {warning}");
+    }
     process::main(
         "capmesh-proxy",
         args,
@@ -239,8 +245,13 @@ pub fn main_with_args(
 }
 
 /// Runs the proxy until `shutdown` resolves; then withdraws from the mesh, drains and exits.
+///
+/// Start-up order: every listener is bound first (a taken port fails at once, and
+/// `--ports-file` reports the ports chosen for `:0`), the admin listener serves `/live` and
+/// `/ready` from that moment, then the first certificate is awaited (SIGTERM still stops the
+/// wait), and only then do the outbound and inbound listeners serve.
 pub async fn run(
-    config: Config,
+    mut config: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let agent = match config.agent() {
@@ -250,7 +261,78 @@ pub async fn run(
     let outbound_listener = bind(config.outbound, "--outbound").await?;
     let inbound_listener = bind(config.inbound, "--inbound").await?;
     let admin_listener = bind(config.admin, "--admin").await?;
-    let identity = identity::obtain(&config).await?;
+    // From here on the addresses are the bound ones (a port 0 became a real port), so what is
+    // advertised, logged and reported is what others can dial.
+    config.outbound = outbound_listener.local_addr()?;
+    config.inbound = inbound_listener.local_addr()?;
+    config.admin = admin_listener.local_addr()?;
+    if let Some(path) = &config.ports_file {
+        capmesh_client::process::write_ports_file(
+            path,
+            &[
+                ("outbound", config.outbound),
+                ("inbound", config.inbound),
+                ("admin", config.admin),
+            ],
+        )
+        .with_context(|| format!("--ports-file {}", path.display()))?;
+    }
+
+    let readiness = Arc::new(readiness::Readiness::default());
+    let admin_state = Arc::new(admin::AdminState::new(readiness.clone(), agent.is_some()));
+    // Listeners stay up during the drain, so calls already routed here still land.
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let admin_task = tokio::spawn(admin::serve(
+        admin_state.clone(),
+        admin_listener,
+        drain_rx.clone(),
+    ));
+    tracing::info!(admin = %config.admin, "admin listener serving /live and /ready");
+
+    // The agent is watched from the start too, so a wrong --agent-url is reported while the
+    // certificate is still on its way.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (reg_tx, reg_rx) = watch::channel(None);
+    let (health_tx, health_rx) = watch::channel(agent.is_none());
+    let template = agent::RegistrationTemplate {
+        endpoint: config.advertised(),
+        tags: config.tags.clone(),
+        version: config.agent_version.clone(),
+        overrides: config.overrides()?,
+        dependencies: config.dependencies.clone(),
+    };
+    let mut tasks = Vec::new();
+    // A consumer's registration never changes; its senders live as long as the proxy.
+    let mut _consumer_senders = None;
+    match &agent {
+        Some(agent) => tasks.push(tokio::spawn(agent::watch(
+            agent.clone(),
+            template,
+            reg_tx,
+            health_tx,
+            readiness.clone(),
+            stop_rx.clone(),
+        ))),
+        None => {
+            reg_tx.send_replace(Some(template.build(&[])));
+            _consumer_senders = Some((reg_tx, health_tx));
+        }
+    }
+
+    let mut shutdown = std::pin::pin!(shutdown);
+    let identity = tokio::select! {
+        identity = identity::obtain(&config, &readiness) => identity?,
+        _ = &mut shutdown => {
+            tracing::info!("stopped before the first certificate arrived");
+            let _ = stop_tx.send(true);
+            let _ = drain_tx.send(true);
+            let _ = admin_task.await;
+            for t in tasks {
+                t.abort();
+            }
+            return Ok(());
+        }
+    };
     let node = Node {
         proxy_id: config
             .proxy_id
@@ -260,8 +342,6 @@ pub async fn run(
         namespace: config.namespace.clone(),
         zone: config.zone.clone(),
     };
-    let (reg_tx, reg_rx) = watch::channel(None);
-    let (health_tx, health_rx) = watch::channel(agent.is_none());
     let proxy = Arc::new(Proxy {
         node: node.clone(),
         routing: ArcSwap::from_pointee(routing::Routing::default()),
@@ -284,12 +364,8 @@ pub async fn run(
         identity,
         config,
     });
-    if agent.is_none() {
-        reg_tx.send_replace(Some(proxy.empty_registration()));
-    }
+    let _ = admin_state.proxy.set(proxy.clone());
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = Vec::new();
     // Keep inbound authorization in step with the registration.
     {
         let proxy = proxy.clone();
@@ -303,22 +379,6 @@ pub async fn run(
                 }
             }
         }));
-    }
-    if let Some(agent) = &agent {
-        let template = agent::RegistrationTemplate {
-            endpoint: proxy.config.advertised(),
-            tags: proxy.config.tags.clone(),
-            version: proxy.config.version.clone(),
-            overrides: proxy.config.overrides()?,
-            dependencies: proxy.config.dependencies.clone(),
-        };
-        tasks.push(tokio::spawn(agent::watch(
-            agent.clone(),
-            template,
-            reg_tx,
-            health_tx,
-            stop_rx.clone(),
-        )));
     }
     let url = identity::control_plane_url(&proxy.config)?;
     let cp_id = identity::control_plane_id(&proxy.config.trust_domain)?;
@@ -360,12 +420,11 @@ pub async fn run(
         node.clone(),
         reg_rx,
         health_rx,
+        readiness.clone(),
         stop_rx.clone(),
         goodbye_tx,
     ));
 
-    // Listeners stay up during the drain, so calls already routed here still land.
-    let (drain_tx, drain_rx) = watch::channel(false);
     let acceptor = MeshAcceptor::new(
         proxy.config.tls_mode,
         proxy.identity.cell.clone(),
@@ -389,7 +448,6 @@ pub async fn run(
         drain_rx.clone(),
         drain,
     ));
-    let admin_task = tokio::spawn(admin::serve(proxy.clone(), admin_listener, drain_rx));
     tracing::info!(
         identity = %proxy.identity.id,
         proxy_id = %node.proxy_id,

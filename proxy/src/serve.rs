@@ -134,7 +134,7 @@ pub async fn accept<F, Fut>(
     if !gate.closed(grace).await {
         tracing::warn!(
             listener = name,
-            ?grace,
+            grace_secs = grace.as_secs(),
             "connections still open after the drain"
         );
     }

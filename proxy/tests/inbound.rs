@@ -240,6 +240,118 @@ async fn strict_mode_refuses_plaintext_foreign_cas_and_revoked_entities() {
     }
 }
 
+/// The `capmesh_proxy_tls_handshakes_total{kind="mtls"}` count of a proxy.
+async fn mtls_handshakes(proxy: &ProxyProcess) -> u64 {
+    let (_, metrics) = proxy.admin_get("/metrics").await.unwrap();
+    metrics
+        .lines()
+        .find(|l| l.starts_with("capmesh_proxy_tls_handshakes_total") && l.contains("mtls"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_revoked_entity_is_refused_on_the_pooled_connection_it_already_holds() {
+    let mesh = Mesh::new().await;
+    let (_agent, provider) = mesh.provider("alpha", &["weather"], &[]).await;
+    // A partner whose sidecar's certificate comes from its own CA, registered as an entity.
+    let token = mesh.cp.admin_token().unwrap();
+    let rest = mesh.cp.rest().unwrap();
+    let acme = Ca::generate("acme.example".parse().unwrap(), false).unwrap();
+    let _: Entity = rest
+        .post(
+            "/v1/entities",
+            &EntityRequest {
+                name: "acme".into(),
+                trust_domain: "acme.example".parse().unwrap(),
+                ca_pem: acme.root_pem().into(),
+            },
+            Some(&token),
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // The partner's identity is in its own trust domain (its CA may issue no other).
+    let id: capmesh_certs::SpiffeId = "spiffe://acme.example/ns/default/agent/partner"
+        .parse()
+        .unwrap();
+    let key = WorkloadKey::generate().unwrap();
+    let issued = acme
+        .issue(
+            &key.csr_pem(&id).unwrap(),
+            &id,
+            Validity::for_ttl(Duration::from_secs(3600)),
+        )
+        .unwrap();
+    let (cert, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, issued.chain_pem).unwrap();
+    std::fs::write(&key_file, key.to_pem()).unwrap();
+    let (cert, key_file) = (cert.display().to_string(), key_file.display().to_string());
+    let mut partner = ProxyProcess::spawn(
+        mesh.proxy_bin(),
+        &mesh.cp,
+        "unused-with-files",
+        "partner",
+        None,
+        &[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key_file,
+            "--dependency",
+            "get_weather",
+        ],
+    )
+    .await
+    .unwrap();
+    partner.wait_ready(Duration::from_secs(30)).await.unwrap();
+
+    // Calls go over one pooled HTTP/2 connection from the partner's sidecar to alpha's.
+    for _ in 0..5 {
+        let (code, v) = call(&partner, "2026-07-28", "get_weather", r#"{"city":"Oslo"}"#).await;
+        assert_eq!(code, 0, "{v}");
+    }
+    let handshakes = mtls_handshakes(&provider).await;
+
+    let _: Entity = rest
+        .delete("/v1/entities/acme", Some(&token))
+        .await
+        .unwrap();
+    let revoked_at = Instant::now();
+    let refusal = loop {
+        let (code, v) = call(&partner, "2026-07-28", "get_weather", r#"{"city":"Oslo"}"#).await;
+        if code != 0 {
+            break v;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(10),
+            "the revoked partner's calls still pass"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let message = refusal.to_string();
+    assert!(
+        message.contains("no longer trusted") && message.contains("revoked entity"),
+        "{message}"
+    );
+    // Refused on the connection it already held: alpha saw no new handshake.
+    assert_eq!(
+        mtls_handshakes(&provider).await,
+        handshakes,
+        "the refusal came on a new connection, not the pooled one"
+    );
+    let (_, metrics) = provider.admin_get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("capmesh_proxy_tls_refusals_total{reason=\"revoked_entity\"}"),
+        "{metrics}"
+    );
+    eprintln!(
+        "revoked entity refused on its open connection {:?} after DELETE /v1/entities/acme returned",
+        revoked_at.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn a_deny_rule_blocks_the_call_and_hides_the_capability() {
     let mesh = Mesh::new().await;
@@ -316,8 +428,13 @@ async fn a_deny_rule_blocks_the_call_and_hides_the_capability() {
 #[tokio::test]
 async fn an_unmodified_agent_joins_by_its_sidecar_and_new_tools_reach_running_consumers() {
     let mesh = Mesh::new().await;
-    let mut agent = PyAgent::start("alpha", &["weather"], None).await.unwrap();
-    let port = agent.port;
+    // The agent restarts on the same port below: the port is held for the whole test, so
+    // nothing else can take it in between.
+    let held = capmesh_tests::reserve_port().unwrap();
+    let port = held.port();
+    let mut agent = PyAgent::start("alpha", &["weather"], Some(port))
+        .await
+        .unwrap();
     let provider = ProxyProcess::start(mesh.proxy_bin(), &mesh.cp, "alpha", Some(&agent.url), &[])
         .await
         .unwrap();
