@@ -151,7 +151,7 @@ pub fn create_token(
         info: info.clone(),
         secret_sha256: sha256_hex(secret.as_bytes()),
     })?;
-    tracing::info!(id = %id, namespace = %info.namespace, pattern = %info.agent_pattern, uses = ?info.uses, "bootstrap token created");
+    tracing::info!(id = %id, namespace = %info.namespace, pattern = %info.agent_pattern, uses = %info.uses.map_or_else(|| "unlimited".to_owned(), |u| u.to_string()), "bootstrap token created");
     Ok(TokenCreated {
         info,
         token: format!("cmt_{id}_{secret}"),

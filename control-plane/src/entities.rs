@@ -134,7 +134,7 @@ pub fn register(app: &App, req: EntityRequest) -> Result<Entity, ApiError> {
     };
     app.store.insert_entity(&entity)?;
     apply_trust(app)?;
-    tracing::info!(entity = %entity.name, trust_domain = ?entity.trust_domain.as_ref().map(|t| t.as_str()), fingerprint = %entity.fingerprint_sha256, "entity registered");
+    tracing::info!(entity = %entity.name, trust_domain = entity.trust_domain.as_ref().map_or("-", |t| t.as_str()), fingerprint = %entity.fingerprint_sha256, "entity registered");
     Ok(entity)
 }
 

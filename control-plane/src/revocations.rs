@@ -97,8 +97,8 @@ pub fn revoke(app: &App, req: RevocationRequest) -> Result<Revocation, ApiError>
     apply_trust(app)?;
     tracing::info!(
         id = %revocation.id,
-        identity = ?revocation.identity,
-        serial = ?revocation.serial,
+        identity = revocation.identity.as_deref().unwrap_or("-"),
+        serial = revocation.serial.as_deref().unwrap_or("-"),
         "revoked: refused by the control plane now and pushed to every proxy"
     );
     Ok(revocation)
@@ -108,7 +108,7 @@ pub fn revoke(app: &App, req: RevocationRequest) -> Result<Revocation, ApiError>
 pub fn lift(app: &App, id: &str) -> Result<Revocation, ApiError> {
     let lifted = app.store.remove_revocation(id)?;
     apply_trust(app)?;
-    tracing::info!(id = %id, identity = ?lifted.identity, serial = ?lifted.serial, "revocation lifted");
+    tracing::info!(id = %id, identity = lifted.identity.as_deref().unwrap_or("-"), serial = lifted.serial.as_deref().unwrap_or("-"), "revocation lifted");
     Ok(lifted)
 }
 

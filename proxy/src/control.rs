@@ -125,7 +125,7 @@ pub async fn run(
                     }
                     Some(Ok(ControlFrame::Nack { of, code, message, refused })) => {
                         let capabilities: Vec<&str> = refused.iter().map(|r| r.capability.as_str()).collect();
-                        tracing::warn!(frame = %of, code = %code, message = %message, refused = ?capabilities, "the control plane refused part of what this proxy sent");
+                        tracing::warn!(frame = %of, code = %code, message = %message, refused = %capabilities.join(", "), "the control plane refused part of what this proxy sent");
                     }
                     Some(Ok(frame)) => {
                         let reply = match proxy.apply(frame) {

@@ -70,7 +70,8 @@ fn curl(
         .expect("curl runs");
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
-    (code.trim().parse().unwrap_or(0), body.to_owned())
+    let body = format!("{body}{}", String::from_utf8_lossy(&out.stderr));
+    (code.trim().parse().unwrap_or(0), body)
 }
 
 async fn register_partner(mesh: &Mesh, ca: &OpensslCa) {
