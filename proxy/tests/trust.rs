@@ -42,7 +42,7 @@ fn curl(
         "-w",
         "\n%{http_code}",
         "--max-time",
-        "10",
+        "30",
     ])
     .arg("--cacert")
     .arg(cp.data_dir.join("ca.pem"))
