@@ -13,7 +13,7 @@ use capmesh_certs::{
 };
 use capmesh_client::listen::{self, ConnectionCap, Limits};
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use rustls::pki_types::CertificateDer;
 use tokio::io::AsyncWriteExt;
@@ -66,6 +66,14 @@ async fn dispatch(
             Ok(peer) => Some(peer),
             Err(refusal) => {
                 app.metrics.refuse(refusal.reason());
+                // Read a REST body (bounded) first: answering before it is read makes HTTP/2
+                // reset the stream, and some clients then report the reset instead of the
+                // 403. A topology stream's body never ends, so it is not waited for.
+                if req.uri().path() != "/v1/stream" {
+                    let _ = http_body_util::Limited::new(req.into_body(), rest::MAX_BODY)
+                        .collect()
+                        .await;
+                }
                 return rest::ApiError::forbidden(format!(
                     "your certificate is no longer trusted: {refusal}"
                 ))
