@@ -22,12 +22,14 @@ pub mod version;
 pub use dependency::{Dependency, DependencyTarget};
 pub use names::{AgentName, Capability, NameError, Namespace, Tag, TrustDomain};
 pub use policy::{
-    Policy, PolicyAction, PolicyDefault, PolicyError, PolicyRule, UNAUTHENTICATED, glob_match,
+    Policy, PolicyAction, PolicyDefault, PolicyError, PolicyRule, ProvideRule, UNAUTHENTICATED,
+    glob_match,
 };
 pub use registration::{CapabilityOverride, FlagError, Registration, ToolSpec};
 pub use rest::{
     AgentInfo, CapabilityInfo, CertificateRequest, CertificateResponse, Entity, EntityRequest,
-    ErrorBody, InstanceInfo, TokenCreated, TokenInfo, TokenRequest,
+    ErrorBody, InstanceInfo, RefusedCapability, Revocation, RevocationRequest, TokenCreated,
+    TokenInfo, TokenRequest,
 };
 pub use selector::{Selector, SelectorError, TagRule};
 pub use settings::{SettingsError, parse_propagated_header};

@@ -374,6 +374,8 @@ async fn obtain_identity(api: &Api, trust_domain: &TrustDomain) -> anyhow::Resul
                 namespace: namespace.clone(),
                 agent_pattern: CLI_AGENT.to_owned(),
                 ttl_secs: TOKEN_TTL_SECS,
+                uses: Some(1),
+                system: true,
                 description: Some("capmesh call: the CLI's short-lived identity".to_owned()),
             },
         )

@@ -326,6 +326,8 @@ async fn demo(
                         namespace: "default".parse()?,
                         agent_pattern: agent.into(),
                         ttl_secs: 600,
+                        uses: None,
+                        system: false,
                         description: Some("demo".into()),
                     },
                     Some(token),

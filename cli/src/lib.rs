@@ -26,6 +26,7 @@ pub mod mesh_settings;
 pub mod multicall;
 pub mod output;
 pub mod policy;
+pub mod revoke;
 pub mod settings;
 pub mod status;
 // `supervise`, `demo` and `up` are written by the lead.

@@ -99,11 +99,11 @@ enum Command {
         in memory (per replica).")]
     Trace(capmesh::trace::TraceArgs),
 
-    /// Register, list or revoke entities: extra CAs the mesh trusts.
+    /// Register, list or revoke entities: other trust domains and the CAs that speak for them.
     #[command(
         subcommand,
         after_help = "Examples:\n  \
-        capmesh entity register partner-a --ca ./partner-a-ca.pem\n  \
+        capmesh entity register partner-a --trust-domain partner.example --ca ./partner-a-ca.pem\n  \
         capmesh entity list\n  \
         capmesh entity revoke partner-a"
     )]
@@ -157,10 +157,18 @@ enum Command {
     #[command(disable_help_flag = true)]
     Proxy(PassThrough),
 
-    /// Run an example MCP agent: llm, flights, weather, planner or all (the demo's agents; see
-    /// `capmesh agent --help`). It prints the MCP URL it serves.
-    #[command(disable_help_flag = true)]
-    Agent(PassThrough),
+    /// Revoke a workload (or one certificate), lift a revocation, list revocations; or run
+    /// an example MCP agent: llm, flights, weather, planner or all (the demo's agents; see
+    /// `capmesh agent --help`), which prints the MCP URL it serves.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  \
+        capmesh agent revoke default/weather --reason 'key leaked'\n  \
+        capmesh agent revocations\n  \
+        capmesh agent lift default/weather\n  \
+        capmesh agent weather --port 8081        # an example agent"
+    )]
+    Agent(capmesh::revoke::AgentCommand),
 }
 
 /// The arguments of a program run in-process, passed on untouched.
@@ -233,7 +241,8 @@ async fn dispatch(cli: Cli, sources: ArgSources) -> anyhow::Result<ExitCode> {
         Command::Settings(cmd) => capmesh::mesh_settings::run(&api()?, output, cmd).await?,
         Command::Cert(cmd) => capmesh::cert::run(output, cmd)?,
         Command::Inject(args) => capmesh::inject::run(args, output)?,
-        Command::ControlPlane(_) | Command::Proxy(_) | Command::Agent(_) => {
+        Command::Agent(cmd) => capmesh::revoke::run(&api()?, output, cmd).await?,
+        Command::ControlPlane(_) | Command::Proxy(_) => {
             anyhow::bail!(
                 "run `capmesh control-plane …` and `capmesh proxy …` without other flags before them"
             )

@@ -35,6 +35,10 @@ pub struct Metrics {
     pub spans_dropped_by_proxies: IntCounter,
     /// Spans held in the in-memory window.
     pub spans_held: IntGauge,
+    /// Connections closed at accept because a listener was at its `--max-connections`.
+    pub connections_refused: IntCounterVec,
+    /// Register and health frames refused by a stream's rate limit.
+    pub frames_rate_limited: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -114,11 +118,29 @@ impl Metrics {
             "capmesh_cp_spans_held",
             "Spans held in the in-memory window (this replica)",
         );
+        let connections_refused = must(IntCounterVec::new(
+            Opts::new(
+                "capmesh_cp_connections_refused_total",
+                "Connections closed at accept because the listener was at --max-connections",
+            ),
+            &["listener"],
+        ));
+        must(registry.register(Box::new(connections_refused.clone())));
+        let frames_rate_limited = must(IntCounterVec::new(
+            Opts::new(
+                "capmesh_cp_frames_rate_limited_total",
+                "Register and health frames refused by a stream's rate limit",
+            ),
+            &["frame"],
+        ));
+        must(registry.register(Box::new(frames_rate_limited.clone())));
         Self {
             spans_received,
             spans_refused,
             spans_dropped_by_proxies,
             spans_held,
+            connections_refused,
+            frames_rate_limited,
             registry,
             streams_connected,
             agents,

@@ -6,9 +6,11 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use capmesh_api::rest::{CertificateRequest, EntityRequest, ErrorBody, TokenRequest};
+use capmesh_api::rest::{
+    CertificateRequest, EntityRequest, ErrorBody, RevocationRequest, TokenRequest,
+};
 use capmesh_api::{Dependency, DependencyTarget, MeshSettings, Policy, Selector};
-use capmesh_certs::SpiffeId;
+use capmesh_certs::VerifiedPeer;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
@@ -85,8 +87,8 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
 /// Who is calling, as proven by TLS and the `Authorization` header.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    /// The client certificate's identity, if one was presented.
-    pub peer: Option<SpiffeId>,
+    /// The client certificate's identity and issuer, if one was presented and is trusted now.
+    pub peer: Option<VerifiedPeer>,
     /// Whether the caller holds the admin token or an admin certificate.
     pub admin: bool,
 }
@@ -249,13 +251,7 @@ async fn route(
         }
         (&Method::POST, ["v1", "certificates"]) => {
             let body: CertificateRequest = read_json(req.into_body()).await?;
-            let resp = crate::ca::issue(
-                &app.ca,
-                app.store.as_ref(),
-                app.cert_ttl,
-                caller.peer.as_ref(),
-                &body,
-            )?;
+            let resp = crate::ca::issue(app, caller.peer.as_ref(), &body)?;
             app.metrics.certificates_issued.inc();
             ok(&resp)
         }
@@ -281,7 +277,7 @@ async fn route(
         (&Method::POST, ["v1", "tokens"]) => {
             caller.write()?;
             let body: TokenRequest = read_json(req.into_body()).await?;
-            let created = crate::ca::create_token(app.store.as_ref(), body)?;
+            let created = crate::ca::create_token(app.store.as_ref(), body, app.max_token_ttl)?;
             Ok(json(StatusCode::CREATED, &created))
         }
         (&Method::DELETE, ["v1", "tokens", id]) => {
@@ -289,6 +285,20 @@ async fn route(
             let info = app.store.revoke_token(id)?;
             tracing::info!(id = %id, "bootstrap token revoked");
             ok(&info)
+        }
+        (&Method::GET, ["v1", "revocations"]) => {
+            caller.read()?;
+            ok(&app.store.revocations()?)
+        }
+        (&Method::POST, ["v1", "revocations"]) => {
+            caller.write()?;
+            let body: RevocationRequest = read_json(req.into_body()).await?;
+            let revocation = crate::revocations::revoke(app, body)?;
+            Ok(json(StatusCode::CREATED, &revocation))
+        }
+        (&Method::DELETE, ["v1", "revocations", id]) => {
+            caller.write()?;
+            ok(&crate::revocations::lift(app, id)?)
         }
         (&Method::GET, ["v1", "policies"]) => {
             caller.read()?;
@@ -302,7 +312,11 @@ async fn route(
                 .map_err(|e| ApiError::bad_request(e.to_string()))?;
             app.store.set_policy(&policy)?;
             app.registry.set_policy(policy.clone());
-            tracing::info!(rules = policy.rules.len(), "policy replaced");
+            tracing::info!(
+                rules = policy.rules.len(),
+                provide = policy.provide.len(),
+                "policy replaced"
+            );
             ok(&policy)
         }
         (&Method::GET, ["v1", "settings"]) => {
@@ -324,7 +338,7 @@ async fn route(
             [
                 "v1",
                 "agents" | "capabilities" | "topology" | "certificates" | "entities" | "tokens"
-                | "policies" | "settings",
+                | "policies" | "revocations" | "settings",
                 ..,
             ],
         ) => Err(ApiError::method_not_allowed(format!(

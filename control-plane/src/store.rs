@@ -1,4 +1,4 @@
-//! Durable state: the CA, entities, bootstrap tokens and the policy. Live connection state
+//! Durable state: the CA, entities, bootstrap tokens, revocations and the policy. Live connection state
 //! (which proxies are connected, their endpoints) is in memory, in `registry`.
 //!
 //! Behind the [`Store`] trait so PostgreSQL can join SQLite for several replicas.
@@ -6,8 +6,8 @@
 use std::path::Path;
 use std::sync::Mutex;
 
-use capmesh_api::rest::{Entity, TokenInfo};
-use capmesh_api::{MeshSettings, Policy};
+use capmesh_api::rest::{Entity, Revocation, TokenInfo};
+use capmesh_api::{MeshSettings, Policy, TrustDomain};
 use rusqlite::{Connection, OptionalExtension, params};
 
 /// Why the store could not do what was asked.
@@ -32,6 +32,14 @@ pub enum StoreError {
     /// The database failed.
     #[error("store: {0}")]
     Db(#[from] rusqlite::Error),
+    /// A bootstrap token has been used as often as it may be.
+    #[error("bootstrap token {id:?} has been used {uses} time(s), all it may be")]
+    Exhausted {
+        /// The token's id.
+        id: String,
+        /// Its use limit.
+        uses: u32,
+    },
     /// A stored value no longer parses (written by a newer version?).
     #[error("store: stored {what} is unreadable: {detail}")]
     Corrupt {
@@ -84,6 +92,15 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn insert_token(&self, token: &StoredToken) -> Result<(), StoreError>;
     /// Revokes a token; returns it as it is now.
     fn revoke_token(&self, id: &str) -> Result<TokenInfo, StoreError>;
+    /// Counts one use of a token, atomically: refused with [`StoreError::Exhausted`] when it
+    /// has no use left. Returns it as it is now.
+    fn use_token(&self, id: &str) -> Result<TokenInfo, StoreError>;
+    /// Every revocation in force, oldest first.
+    fn revocations(&self) -> Result<Vec<Revocation>, StoreError>;
+    /// Saves a revocation; refuses one for an identity or serial already revoked.
+    fn insert_revocation(&self, revocation: &Revocation) -> Result<(), StoreError>;
+    /// Lifts (deletes) a revocation; returns what it was.
+    fn remove_revocation(&self, id: &str) -> Result<Revocation, StoreError>;
     /// The authorization policy, if one was ever set.
     fn policy(&self) -> Result<Option<Policy>, StoreError>;
     /// Replaces the authorization policy.
@@ -141,11 +158,22 @@ CREATE TABLE IF NOT EXISTS policy (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     policy_json TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS revocations (
+    id TEXT PRIMARY KEY,
+    identity TEXT UNIQUE,
+    serial TEXT UNIQUE,
+    reason TEXT,
+    created_unix INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS settings (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     settings_json TEXT NOT NULL
 );
 ";
+
+/// Columns added after a table was first created: (table, column, declaration). Each is added
+/// when missing, so an older data dir opens unchanged otherwise.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[("entities", "trust_domain", "TEXT")];
 
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`.
@@ -153,6 +181,16 @@ impl SqliteStore {
         let conn = Connection::open(path)?;
         conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")?;
         conn.execute_batch(SCHEMA)?;
+        for (table, column, decl) in ADDED_COLUMNS {
+            let present: bool = conn
+                .prepare(&format!(
+                    "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+                ))?
+                .exists(params![column])?;
+            if !present {
+                conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+            }
+        }
         Ok(Self {
             conn: Mutex::new(conn),
         })
@@ -169,13 +207,31 @@ impl SqliteStore {
     }
 }
 
+const ENTITY_COLUMNS: &str =
+    "name, ca_pem, fingerprint_sha256, created_unix, revoked_unix, trust_domain";
+
 fn entity_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Entity> {
+    let trust_domain: Option<String> = row.get(5)?;
     Ok(Entity {
         name: row.get(0)?,
         ca_pem: row.get(1)?,
         fingerprint_sha256: row.get(2)?,
         created_unix: row.get(3)?,
         revoked_unix: row.get(4)?,
+        // An unreadable trust domain trusts nothing, like a missing one (fail closed).
+        trust_domain: trust_domain.and_then(|td| TrustDomain::new(td).ok()),
+    })
+}
+
+const REVOCATION_COLUMNS: &str = "id, identity, serial, reason, created_unix";
+
+fn revocation_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Revocation> {
+    Ok(Revocation {
+        id: row.get(0)?,
+        identity: row.get(1)?,
+        serial: row.get(2)?,
+        reason: row.get(3)?,
+        created_unix: row.get(4)?,
     })
 }
 
@@ -258,10 +314,9 @@ impl Store for SqliteStore {
 
     fn entities(&self) -> Result<Vec<Entity>, StoreError> {
         self.with(|c| {
-            let mut stmt = c.prepare(
-                "SELECT name, ca_pem, fingerprint_sha256, created_unix, revoked_unix FROM entities
-                 ORDER BY created_unix, name",
-            )?;
+            let mut stmt = c.prepare(&format!(
+                "SELECT {ENTITY_COLUMNS} FROM entities ORDER BY created_unix, name"
+            ))?;
             let rows = stmt
                 .query_map([], entity_row)?
                 .collect::<Result<Vec<_>, _>>()?;
@@ -272,13 +327,22 @@ impl Store for SqliteStore {
     fn insert_entity(&self, e: &Entity) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO entities (name, ca_pem, fingerprint_sha256, created_unix, revoked_unix)
-                 VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![e.name, e.ca_pem, e.fingerprint_sha256, e.created_unix, e.revoked_unix],
+                &format!("INSERT INTO entities ({ENTITY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
+                params![
+                    e.name,
+                    e.ca_pem,
+                    e.fingerprint_sha256,
+                    e.created_unix,
+                    e.revoked_unix,
+                    e.trust_domain.as_ref().map(|td| td.as_str())
+                ],
             )
             .map_err(|err| {
                 if is_unique_violation(&err) {
-                    StoreError::Conflict { what: "entity", name: e.name.clone() }
+                    StoreError::Conflict {
+                        what: "entity",
+                        name: e.name.clone(),
+                    }
                 } else {
                     err.into()
                 }
@@ -296,13 +360,15 @@ impl Store for SqliteStore {
             )?;
             let entity = tx
                 .query_row(
-                    "SELECT name, ca_pem, fingerprint_sha256, created_unix, revoked_unix FROM entities
-                     WHERE name = ?1",
+                    &format!("SELECT {ENTITY_COLUMNS} FROM entities WHERE name = ?1"),
                     params![name],
                     entity_row,
                 )
                 .optional()?
-                .ok_or_else(|| StoreError::NotFound { what: "entity", name: name.to_owned() })?;
+                .ok_or_else(|| StoreError::NotFound {
+                    what: "entity",
+                    name: name.to_owned(),
+                })?;
             tx.commit()?;
             Ok(entity)
         })
@@ -374,6 +440,98 @@ impl Store for SqliteStore {
             )?;
             tx.commit()?;
             Ok(token.info)
+        })
+    }
+
+    fn use_token(&self, id: &str) -> Result<TokenInfo, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let row = tx
+                .query_row(
+                    "SELECT info_json, secret_sha256 FROM tokens WHERE id = ?1",
+                    params![id],
+                    token_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound {
+                    what: "token",
+                    name: id.to_owned(),
+                })?;
+            let mut token = parse_token(row)?;
+            if let Some(uses) = token.info.uses
+                && token.info.used >= uses
+            {
+                return Err(StoreError::Exhausted {
+                    id: id.to_owned(),
+                    uses,
+                });
+            }
+            token.info.used = token.info.used.saturating_add(1);
+            let info_json =
+                serde_json::to_string(&token.info).map_err(|e| StoreError::Corrupt {
+                    what: "token",
+                    detail: e.to_string(),
+                })?;
+            tx.execute(
+                "UPDATE tokens SET info_json = ?2 WHERE id = ?1",
+                params![id, info_json],
+            )?;
+            tx.commit()?;
+            Ok(token.info)
+        })
+    }
+
+    fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {REVOCATION_COLUMNS} FROM revocations ORDER BY created_unix, id"
+            ))?;
+            let rows = stmt
+                .query_map([], revocation_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn insert_revocation(&self, r: &Revocation) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                &format!(
+                    "INSERT INTO revocations ({REVOCATION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"
+                ),
+                params![r.id, r.identity, r.serial, r.reason, r.created_unix],
+            )
+            .map_err(|err| {
+                if is_unique_violation(&err) {
+                    StoreError::Conflict {
+                        what: "revocation of",
+                        name: r.identity.clone().or(r.serial.clone()).unwrap_or_default(),
+                    }
+                } else {
+                    err.into()
+                }
+            })?;
+            Ok(())
+        })
+    }
+
+    fn remove_revocation(&self, id: &str) -> Result<Revocation, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let found = tx
+                .query_row(
+                    &format!("SELECT {REVOCATION_COLUMNS} FROM revocations WHERE id = ?1"),
+                    params![id],
+                    revocation_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound {
+                    what: "revocation",
+                    name: id.to_owned(),
+                })?;
+            tx.execute("DELETE FROM revocations WHERE id = ?1", params![id])?;
+            tx.commit()?;
+            Ok(found)
         })
     }
 
@@ -497,6 +655,55 @@ mod tests {
             .session_key_or_insert(&[2; 32])
             .unwrap();
         assert_eq!(again, vec![1; 32], "a restart must keep the key");
+    }
+
+    #[test]
+    fn token_uses_are_counted_atomically_and_revocations_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("capmesh.db");
+        let store = SqliteStore::open(&path).unwrap();
+        store
+            .insert_token(&StoredToken {
+                info: TokenInfo {
+                    id: "t1".into(),
+                    namespace: capmesh_api::Namespace::new("default").unwrap(),
+                    agent_pattern: "weather".into(),
+                    expires_unix: i64::MAX,
+                    revoked: false,
+                    uses: Some(1),
+                    used: 0,
+                    description: None,
+                },
+                secret_sha256: "x".into(),
+            })
+            .unwrap();
+        assert_eq!(store.use_token("t1").unwrap().used, 1);
+        let err = store.use_token("t1").unwrap_err();
+        assert!(
+            matches!(err, StoreError::Exhausted { uses: 1, .. }),
+            "{err}"
+        );
+        let revocation = Revocation {
+            id: "r1".into(),
+            identity: Some("spiffe://capmesh.local/ns/default/agent/weather".into()),
+            serial: None,
+            reason: None,
+            created_unix: 1,
+        };
+        store.insert_revocation(&revocation).unwrap();
+        let twice = Revocation {
+            id: "r2".into(),
+            ..revocation.clone()
+        };
+        assert!(matches!(
+            store.insert_revocation(&twice),
+            Err(StoreError::Conflict { .. })
+        ));
+        drop(store);
+        let store = SqliteStore::open(&path).unwrap();
+        assert_eq!(store.revocations().unwrap(), vec![revocation.clone()]);
+        assert_eq!(store.remove_revocation("r1").unwrap(), revocation);
+        assert!(store.revocations().unwrap().is_empty());
     }
 
     #[test]

@@ -142,6 +142,10 @@ pub async fn run(
                     Some(Ok(ControlFrame::Error { code, message })) => {
                         tracing::warn!(code = %code, message = %message, "the control plane sent an error");
                     }
+                    Some(Ok(ControlFrame::Nack { of, code, message, refused })) => {
+                        let capabilities: Vec<&str> = refused.iter().map(|r| r.capability.as_str()).collect();
+                        tracing::warn!(frame = %of, code = %code, message = %message, refused = %capabilities.join(", "), "the control plane refused part of what this proxy sent");
+                    }
                     Some(Ok(frame)) => {
                         let reply = match proxy.apply(frame) {
                             Ok(version) => {
@@ -193,6 +197,6 @@ pub fn frame_version(frame: &ControlFrame) -> SnapshotVersion {
     match frame {
         ControlFrame::Snapshot(s) => s.version,
         ControlFrame::Delta(d) => d.version,
-        ControlFrame::Error { .. } => SnapshotVersion(0),
+        ControlFrame::Error { .. } | ControlFrame::Nack { .. } => SnapshotVersion(0),
     }
 }

@@ -135,7 +135,7 @@ impl Proxy {
                 Some(held) => held.apply(&d).map_err(|e| (version, e.to_string()))?,
                 None => return Err((version, "a delta arrived before any snapshot".into())),
             },
-            ControlFrame::Error { .. } => return Ok(version),
+            ControlFrame::Error { .. } | ControlFrame::Nack { .. } => return Ok(version),
         };
         let trust_changed = current
             .snapshot

@@ -99,6 +99,7 @@ async fn main() -> Result<()> {
                         }
                         tx.send(&ProxyFrame::Ack { version: d.version }).await?;
                     }
+                    ControlFrame::Nack { .. } => {}
                     ControlFrame::Error { code, message } => bail!("{code}: {message}"),
                 }
             }
