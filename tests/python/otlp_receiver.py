@@ -12,6 +12,7 @@ killed. A body that does not decode gets 400 and a line {"error": ...}.
 import argparse
 import json
 import sys
+import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -33,6 +34,17 @@ def value(v):
     return str(v)
 
 
+# The server answers each request on its own thread: one span's line is written whole.
+_out = threading.Lock()
+
+
+def emit(obj):
+    line = json.dumps(obj) + "\n"
+    with _out:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+
+
 def attributes(kvs):
     return {kv.key: value(kv.value) for kv in kvs}
 
@@ -51,7 +63,7 @@ class Handler(BaseHTTPRequestHandler):
         try:
             request.ParseFromString(body)
         except Exception as e:  # a body that is not OTLP
-            print(json.dumps({"error": str(e)}), flush=True)
+            emit({"error": str(e)})
             self.send_response(400)
             self.end_headers()
             return
@@ -59,24 +71,21 @@ class Handler(BaseHTTPRequestHandler):
             resource = attributes(rs.resource.attributes)
             for ss in rs.scope_spans:
                 for span in ss.spans:
-                    print(
-                        json.dumps(
-                            {
-                                "trace_id": span.trace_id.hex(),
-                                "span_id": span.span_id.hex(),
-                                "parent_span_id": span.parent_span_id.hex(),
-                                "name": span.name,
-                                "kind": span.kind,
-                                "start": span.start_time_unix_nano,
-                                "end": span.end_time_unix_nano,
-                                "attributes": attributes(span.attributes),
-                                "status_code": span.status.code,
-                                "status_message": span.status.message,
-                                "resource": resource,
-                                "scope": ss.scope.name,
-                            }
-                        ),
-                        flush=True,
+                    emit(
+                        {
+                            "trace_id": span.trace_id.hex(),
+                            "span_id": span.span_id.hex(),
+                            "parent_span_id": span.parent_span_id.hex(),
+                            "name": span.name,
+                            "kind": span.kind,
+                            "start": span.start_time_unix_nano,
+                            "end": span.end_time_unix_nano,
+                            "attributes": attributes(span.attributes),
+                            "status_code": span.status.code,
+                            "status_message": span.status.message,
+                            "resource": resource,
+                            "scope": ss.scope.name,
+                        }
                     )
         reply = ExportTraceServiceResponse().SerializeToString()
         self.send_response(200)

@@ -112,11 +112,31 @@ where
                 Err(e) if plan.pinned.is_some() && !e.may_have_reached_agent() => {
                     return Err(ProxyError::UnknownSession);
                 }
+                // The connection broke after the request went out. When the instance's proxy
+                // no longer accepts connections, the session died with it: whatever became of
+                // this request, the client has to start over, and 404 tells it so.
+                Err(e) if plan.pinned.is_some() && instance_gone(&plan.call).await => {
+                    tracing::debug!(error = %e, "the session's instance is gone");
+                    return Err(ProxyError::UnknownSession);
+                }
                 Err(e) => return Err(e),
             };
             relay(resp, &plan).await
         })
     }
+}
+
+/// Whether a pinned call's instance refuses new connections (its proxy is not listening any
+/// more), asked once with a short bound after its connection broke.
+async fn instance_gone(call: &Call) -> bool {
+    let Target::Pinned(ep) = &call.0.target else {
+        return false;
+    };
+    let connect = tokio::net::TcpStream::connect(ep.address.as_str());
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_millis(500), connect).await,
+        Ok(Err(_))
+    )
 }
 
 fn plan(proxy: &Proxy, req: Request<Bytes>) -> Result<Plan, ProxyError> {
