@@ -12,57 +12,94 @@ use capmesh_certs::ca::requested_identity;
 use capmesh_certs::{Ca, CertError, SpiffeId, Validity};
 use ring::rand::SecureRandom;
 
-use crate::rest::ApiError;
-use crate::store::{Store, StoreError, StoredCa, StoredToken};
+use anyhow::{Context, bail};
 
-/// Loads the CA from the store, or creates one (from `byo` files when given) and saves it.
-/// Writes the root to `<data-dir>/ca.pem` for clients either way.
-pub fn load_or_create(
-    store: &dyn Store,
+use crate::rest::ApiError;
+use crate::store::{Purpose, Store, StoreError, StoreKey, StoredCa, StoredKey, StoredToken};
+
+/// Loads the CA from the store, or creates one (from `byo` files when given) and saves it,
+/// its key sealed with `key` when there is one. Replicas starting together on an empty store
+/// race to save theirs: the first wins and the others load it. Writes the root to
+/// `<data-dir>/ca.pem` for clients either way.
+pub async fn load_or_create(
+    store: &impl Store,
+    key: Option<&StoreKey>,
     trust_domain: &TrustDomain,
     data_dir: &Path,
     byo: Option<(String, String)>,
 ) -> anyhow::Result<Ca> {
-    let ca = match store.ca()? {
-        Some(s) => Ca::from_pem(
-            trust_domain.clone(),
-            &s.cert_pem,
-            &s.key_pem,
-            s.root_pem.as_deref(),
-        )?,
+    let ca = match store.ca().await? {
+        Some(stored) => from_stored(store, key, trust_domain, stored).await?,
         None => {
-            let (ca, stored) = match byo {
+            let (ca, cert_pem, key_pem, root_pem) = match byo {
                 Some((cert, key)) => {
                     let ca = Ca::from_pem(trust_domain.clone(), &cert, &key, None)?;
-                    (
-                        ca,
-                        StoredCa {
-                            cert_pem: cert,
-                            key_pem: key,
-                            root_pem: None,
-                        },
-                    )
+                    (ca, cert, key, None)
                 }
                 None => {
                     let ca = Ca::generate(trust_domain.clone(), false)?;
                     let (cert_pem, key_pem, root_pem) = ca.export_pem();
-                    (
-                        ca,
-                        StoredCa {
-                            cert_pem,
-                            key_pem,
-                            root_pem,
-                        },
-                    )
+                    (ca, cert_pem, key_pem, root_pem)
                 }
             };
-            store.insert_ca(&stored)?;
-            tracing::info!(trust_domain = %trust_domain, "created the mesh CA");
-            ca
+            let stored = StoredCa {
+                cert_pem,
+                key: match key {
+                    Some(k) => StoredKey::Sealed(k.seal(Purpose::CaKey, key_pem.as_bytes())?),
+                    None => StoredKey::Plain(key_pem),
+                },
+                root_pem,
+            };
+            match store.insert_ca(&stored).await {
+                Ok(()) => {
+                    tracing::info!(trust_domain = %trust_domain, sealed = key.is_some(), "created the mesh CA");
+                    ca
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    let stored = store
+                        .ca()
+                        .await?
+                        .context("the store reported a CA, then had none")?;
+                    tracing::info!("another replica created the mesh CA first; using it");
+                    from_stored(store, key, trust_domain, stored).await?
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
     };
     capmesh_certs::ca::write_file(&data_dir.join("ca.pem"), ca.root_pem(), 0o644)?;
     Ok(ca)
+}
+
+/// The CA from its stored form: the key unsealed (or, when a store key is given for a store
+/// that has the key in plaintext, sealed in place from now on).
+async fn from_stored(
+    store: &impl Store,
+    key: Option<&StoreKey>,
+    trust_domain: &TrustDomain,
+    stored: StoredCa,
+) -> anyhow::Result<Ca> {
+    let key_pem = match (&stored.key, key) {
+        (StoredKey::Sealed(sealed), Some(k)) => String::from_utf8(k.open(Purpose::CaKey, sealed)?)
+            .context("the unsealed CA key is not text")?,
+        (StoredKey::Sealed(_), None) => bail!(
+            "the CA key in the store is sealed: pass --store-key-file with the key the store was first started with"
+        ),
+        (StoredKey::Plain(pem), Some(k)) => {
+            store
+                .seal_ca_key(&k.seal(Purpose::CaKey, pem.as_bytes())?)
+                .await?;
+            tracing::info!("sealed the CA key in the store with --store-key-file");
+            pem.clone()
+        }
+        (StoredKey::Plain(pem), None) => pem.clone(),
+    };
+    Ok(Ca::from_pem(
+        trust_domain.clone(),
+        &stored.cert_pem,
+        &key_pem,
+        stored.root_pem.as_deref(),
+    )?)
 }
 
 pub(crate) fn unix_now() -> i64 {
@@ -98,7 +135,7 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 const MAX_TOKEN_TTL: u64 = 365 * 24 * 3600;
 
 /// Creates a bootstrap token. The secret is shown once, here; only its hash is stored.
-pub fn create_token(store: &dyn Store, req: TokenRequest) -> Result<TokenCreated, ApiError> {
+pub async fn create_token(store: &impl Store, req: TokenRequest) -> Result<TokenCreated, ApiError> {
     if req.ttl_secs == 0 || req.ttl_secs > MAX_TOKEN_TTL {
         return Err(ApiError::bad_request(format!(
             "ttl_secs {} is out of range: use 1 to {MAX_TOKEN_TTL} seconds",
@@ -126,10 +163,12 @@ pub fn create_token(store: &dyn Store, req: TokenRequest) -> Result<TokenCreated
         revoked: false,
         description: req.description,
     };
-    store.insert_token(&StoredToken {
-        info: info.clone(),
-        secret_sha256: sha256_hex(secret.as_bytes()),
-    })?;
+    store
+        .insert_token(&StoredToken {
+            info: info.clone(),
+            secret_sha256: sha256_hex(secret.as_bytes()),
+        })
+        .await?;
     tracing::info!(id = %id, namespace = %info.namespace, pattern = %info.agent_pattern, "bootstrap token created");
     Ok(TokenCreated {
         info,
@@ -139,7 +178,7 @@ pub fn create_token(store: &dyn Store, req: TokenRequest) -> Result<TokenCreated
 
 /// Checks a bootstrap token for `identity`: it must exist, match, be unexpired and unrevoked,
 /// and cover the identity's namespace and agent name.
-fn check_token(store: &dyn Store, token: &str, identity: &SpiffeId) -> Result<(), ApiError> {
+async fn check_token(store: &impl Store, token: &str, identity: &SpiffeId) -> Result<(), ApiError> {
     let denied = |why: &str| ApiError::forbidden(format!("bootstrap token refused: {why}"));
     let rest = token
         .strip_prefix("cmt_")
@@ -147,7 +186,10 @@ fn check_token(store: &dyn Store, token: &str, identity: &SpiffeId) -> Result<()
     let (id, secret) = rest
         .split_once('_')
         .ok_or_else(|| denied("it is malformed"))?;
-    let stored = store.token(id)?.ok_or_else(|| denied("unknown token"))?;
+    let stored = store
+        .token(id)
+        .await?
+        .ok_or_else(|| denied("unknown token"))?;
     let given = sha256_hex(secret.as_bytes());
     if !constant_time_eq(given.as_bytes(), stored.secret_sha256.as_bytes()) {
         return Err(denied("unknown token"));
@@ -173,9 +215,9 @@ fn check_token(store: &dyn Store, token: &str, identity: &SpiffeId) -> Result<()
 
 /// `POST /v1/certificates`: first certificates against a bootstrap token, renewals against the
 /// caller's current mesh certificate (the identity must stay the same).
-pub fn issue(
+pub async fn issue(
     ca: &Ca,
-    store: &dyn Store,
+    store: &impl Store,
     ttl: Duration,
     peer: Option<&SpiffeId>,
     req: &CertificateRequest,
@@ -183,7 +225,7 @@ pub fn issue(
     let requested =
         requested_identity(&req.csr_pem).map_err(|e| ApiError::bad_request(e.to_string()))?;
     match (&req.token, peer) {
-        (Some(token), _) => check_token(store, token, &requested)?,
+        (Some(token), _) => check_token(store, token, &requested).await?,
         (None, Some(peer)) if *peer == requested => {}
         (None, Some(peer)) => {
             return Err(ApiError::forbidden(format!(
@@ -219,6 +261,12 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound { .. } => ApiError::not_found(e.to_string()),
             StoreError::Conflict { .. } => ApiError::conflict(e.to_string()),
+            StoreError::Unavailable { .. } => {
+                tracing::warn!(error = %e, "request refused: the store is unreachable");
+                ApiError::unavailable(format!(
+                    "{e}: nothing was changed; retry once it is back (proxies keep routing meanwhile)"
+                ))
+            }
             other => {
                 tracing::error!(error = %other, "store failure");
                 ApiError::internal(other.to_string())

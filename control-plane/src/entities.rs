@@ -10,6 +10,7 @@ use capmesh_certs::inspect::{certs_from_pem, inspect_der};
 use crate::App;
 use crate::ca::unix_now;
 use crate::rest::ApiError;
+use crate::store::Store;
 
 /// The trust bundle for proxies and the trust config for this process, from the store.
 pub fn trust_from_store(
@@ -48,19 +49,27 @@ pub fn trust_from_store(
     (bundle, config)
 }
 
-/// Re-reads the entities and applies the resulting trust everywhere.
-pub fn apply_trust(app: &App) -> Result<(), ApiError> {
-    let entities = app.store.entities()?;
+/// Re-reads the entities and applies the resulting trust everywhere: this process's listener,
+/// every proxy (in the next delta), and the streams of revoked entities (closed). Also how a
+/// change made on another replica is applied here.
+pub async fn apply_trust(app: &App) -> Result<(), ApiError> {
+    let entities = app.store.entities().await?;
     let (bundle, config) = trust_from_store(app.ca.root_pem(), &app.trust_domain, &entities);
     app.trust
         .update(&config)
         .map_err(|e| ApiError::internal(format!("cannot apply the trust bundle: {e}")))?;
     app.registry.set_trust(bundle);
+    for revoked in entities.iter().filter(|e| e.revoked_unix.is_some()) {
+        let closed = app.registry.close_entity_streams(&revoked.name);
+        if closed > 0 {
+            tracing::info!(entity = %revoked.name, streams_closed = closed, "closed the streams of a revoked entity");
+        }
+    }
     Ok(())
 }
 
 /// `POST /v1/entities`.
-pub fn register(app: &App, req: EntityRequest) -> Result<Entity, ApiError> {
+pub async fn register(app: &App, req: EntityRequest) -> Result<Entity, ApiError> {
     req.validate()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     let certs =
@@ -95,17 +104,16 @@ pub fn register(app: &App, req: EntityRequest) -> Result<Entity, ApiError> {
         created_unix: unix_now(),
         revoked_unix: None,
     };
-    app.store.insert_entity(&entity)?;
-    apply_trust(app)?;
+    app.store.insert_entity(&entity).await?;
+    apply_trust(app).await?;
     tracing::info!(entity = %entity.name, fingerprint = %entity.fingerprint_sha256, "entity registered");
     Ok(entity)
 }
 
 /// `DELETE /v1/entities/{name}`: revoke, push, and close the entity's open streams.
-pub fn revoke(app: &App, name: &str) -> Result<Entity, ApiError> {
-    let entity = app.store.revoke_entity(name, unix_now())?;
-    apply_trust(app)?;
-    let closed = app.registry.close_entity_streams(name);
-    tracing::info!(entity = %name, streams_closed = closed, "entity revoked");
+pub async fn revoke(app: &App, name: &str) -> Result<Entity, ApiError> {
+    let entity = app.store.revoke_entity(name, unix_now()).await?;
+    apply_trust(app).await?;
+    tracing::info!(entity = %name, "entity revoked");
     Ok(entity)
 }

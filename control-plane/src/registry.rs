@@ -29,6 +29,10 @@ struct CapEntry {
 /// One connected (or recently disconnected) proxy and its agent.
 #[derive(Debug)]
 struct Instance {
+    /// `None` when this replica holds its stream; else the replica that does (or did).
+    owner: Option<String>,
+    /// When its current stream opened (Unix ms): the later of two streams owns the instance.
+    started_ms: i64,
     node: Node,
     identity: String,
     entity: Option<String>,
@@ -82,6 +86,8 @@ pub struct Lease {
     pub proxy_id: String,
     /// Distinguishes this connection from earlier and later ones of the same proxy.
     pub epoch: u64,
+    /// When this stream opened (Unix ms), as written to the store.
+    pub started_ms: i64,
     /// Fires with a reason when the control plane wants this stream closed (replaced by a newer
     /// connection of the same proxy, or its entity revoked).
     pub closed: oneshot::Receiver<String>,
@@ -101,10 +107,44 @@ pub struct View {
 }
 
 /// The live registry. Cheap to share (`Arc<Registry>`); every mutation wakes all subscribers.
+///
+/// It holds this replica's instances (their streams are here) and, with a shared store, the
+/// other replicas' instances as they published them ("remote"): every replica serves every
+/// endpoint.
 #[derive(Debug)]
 pub struct Registry {
     inner: Mutex<Inner>,
     changed: watch::Sender<u64>,
+    replica: String,
+}
+
+/// An instance this replica holds, as it is to be written to the store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LocalInstance {
+    /// What is persisted.
+    pub record: InstanceRecord,
+    /// Whether its stream is open.
+    pub connected: bool,
+    /// When that stream opened (Unix ms).
+    pub started_ms: i64,
+}
+
+/// What [`Registry::upsert_remote`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoteUpsert {
+    /// The instance is now (or still) served as the other replica published it; the epoch to
+    /// expire it with when it is disconnected.
+    Applied(u64),
+    /// This replica holds a newer stream of the same proxy: kept ours.
+    KeptLocal,
+}
+
+/// The wall clock in Unix milliseconds.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn covers_all(deps: &[Dependency]) -> bool {
@@ -251,10 +291,17 @@ impl Inner {
 }
 
 impl Registry {
-    /// A registry with the given trust bundle, policy and settings, and no agents.
-    pub fn new(trust: TrustBundle, policy: Policy, settings: MeshSettings) -> Self {
+    /// A registry for replica `replica` with the given trust bundle, policy and settings, and
+    /// no agents.
+    pub fn new(
+        replica: impl Into<String>,
+        trust: TrustBundle,
+        policy: Policy,
+        settings: MeshSettings,
+    ) -> Self {
         let (changed, _) = watch::channel(1);
         Self {
+            replica: replica.into(),
             inner: Mutex::new(Inner {
                 generation: 1,
                 next_epoch: 1,
@@ -300,6 +347,14 @@ impl Registry {
         inner.next_epoch += 1;
         let (close_tx, closed) = oneshot::channel();
         let proxy_id = node.proxy_id.clone();
+        // Never earlier than a stream of this proxy already known (a clock step back, or
+        // another replica's clock ahead), so the newest stream always wins in the store.
+        let started_ms = unix_ms().max(
+            inner
+                .instances
+                .get(&proxy_id)
+                .map_or(0, |i| i.started_ms + 1),
+        );
         let previous = inner.instances.remove(&proxy_id);
         let (healthy, endpoint_ids) = match previous {
             Some(mut prev) => {
@@ -313,6 +368,8 @@ impl Registry {
         inner.instances.insert(
             proxy_id.clone(),
             Instance {
+                owner: None,
+                started_ms,
                 node,
                 identity,
                 entity,
@@ -333,6 +390,7 @@ impl Registry {
         Lease {
             proxy_id,
             epoch,
+            started_ms,
             closed,
         }
     }
@@ -340,7 +398,7 @@ impl Registry {
     fn with_instance(&self, lease_id: &str, epoch: u64, f: impl FnOnce(&mut Instance) -> bool) {
         let mut inner = self.lock();
         let republish = match inner.instances.get_mut(lease_id) {
-            Some(inst) if inst.epoch == epoch => f(inst),
+            Some(inst) if inst.epoch == epoch && inst.owner.is_none() => f(inst),
             _ => return,
         };
         if republish && inner.republish(lease_id) {
@@ -374,16 +432,17 @@ impl Registry {
     }
 
     /// A stream ended. Graceful: withdraw now. Otherwise the endpoints stay until
-    /// [`Registry::expire`] runs after the grace period.
-    pub fn disconnect(&self, proxy_id: &str, epoch: u64, graceful: bool) {
+    /// [`Registry::expire`] runs after the grace period. False when the stream was no longer
+    /// the instance's current one (replaced, or moved to another replica).
+    pub fn disconnect(&self, proxy_id: &str, epoch: u64, graceful: bool) -> bool {
         let mut inner = self.lock();
         match inner.instances.get_mut(proxy_id) {
-            Some(inst) if inst.epoch == epoch => {
+            Some(inst) if inst.epoch == epoch && inst.owner.is_none() => {
                 inst.connected = false;
                 inst.since = crate::ca::unix_now();
                 inst.close = None;
             }
-            _ => return,
+            _ => return false,
         }
         if graceful {
             inner.publish(proxy_id, Vec::new());
@@ -391,50 +450,185 @@ impl Registry {
         }
         inner.bump();
         self.notify(&inner);
+        true
     }
 
-    /// What to persist of an instance (`None` once it is withdrawn).
-    pub fn record(&self, proxy_id: &str) -> Option<InstanceRecord> {
+    /// An instance this replica holds, as it is to be persisted (`None` when it is withdrawn or
+    /// held by another replica).
+    pub fn local(&self, proxy_id: &str) -> Option<LocalInstance> {
         let inner = self.lock();
-        inner.instances.get(proxy_id).map(|i| InstanceRecord {
-            node: i.node.clone(),
-            identity: i.identity.clone(),
-            entity: i.entity.clone(),
-            registration: i.registration.clone(),
-            healthy: i.healthy,
-            cert_not_after: i.cert_not_after,
+        let i = inner
+            .instances
+            .get(proxy_id)
+            .filter(|i| i.owner.is_none())?;
+        Some(LocalInstance {
+            record: InstanceRecord {
+                node: i.node.clone(),
+                identity: i.identity.clone(),
+                entity: i.entity.clone(),
+                registration: i.registration.clone(),
+                healthy: i.healthy,
+                cert_not_after: i.cert_not_after,
+            },
+            connected: i.connected,
+            started_ms: i.started_ms,
         })
     }
 
-    /// Brings back an instance a previous run of the control plane knew, as disconnected: its
-    /// endpoints keep being served until it reconnects or [`Registry::expire`] withdraws it.
-    /// Returns the epoch to expire.
-    pub fn restore(&self, rec: InstanceRecord) -> u64 {
+    /// The proxy ids of every instance this replica holds.
+    pub fn local_ids(&self) -> Vec<String> {
+        let inner = self.lock();
+        inner
+            .instances
+            .iter()
+            .filter(|(_, i)| i.owner.is_none())
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    /// The proxy ids of every instance another replica holds, with that replica.
+    pub fn remote_ids(&self) -> Vec<(String, String)> {
+        let inner = self.lock();
+        inner
+            .instances
+            .iter()
+            .filter_map(|(id, i)| Some((id.clone(), i.owner.clone()?)))
+            .collect()
+    }
+
+    /// Serves an instance as replica `owner` published it (or as a previous run left it, when
+    /// `connected` is false): every endpoint is served by every replica. A local stream of the
+    /// same proxy that is older than `started_ms` is closed: the proxy moved.
+    pub fn upsert_remote(
+        &self,
+        rec: InstanceRecord,
+        owner: &str,
+        connected: bool,
+        started_ms: i64,
+    ) -> RemoteUpsert {
         let mut inner = self.lock();
+        let proxy_id = rec.node.proxy_id.clone();
+        let mut endpoint_ids = Vec::new();
+        let mut held = None;
+        if let Some(cur) = inner.instances.get_mut(&proxy_id) {
+            match &cur.owner {
+                None if cur.started_ms > started_ms => return RemoteUpsert::KeptLocal,
+                None => {
+                    if let Some(close) = cur.close.take() {
+                        let _ = close.send(format!(
+                            "this proxy opened a newer stream on control-plane replica {owner}"
+                        ));
+                    }
+                }
+                Some(o)
+                    if o == owner
+                        && cur.started_ms == started_ms
+                        && cur.connected == connected
+                        && cur.healthy == rec.healthy
+                        && cur.registration == rec.registration =>
+                {
+                    return RemoteUpsert::Applied(cur.epoch);
+                }
+                Some(_) => {}
+            }
+            endpoint_ids = std::mem::take(&mut cur.endpoint_ids);
+            held = cur.held;
+        }
         let epoch = inner.next_epoch;
         inner.next_epoch += 1;
-        let proxy_id = rec.node.proxy_id.clone();
         inner.instances.insert(
             proxy_id.clone(),
             Instance {
+                owner: Some(owner.to_owned()),
+                started_ms,
                 node: rec.node,
                 identity: rec.identity,
                 entity: rec.entity,
                 registration: rec.registration,
                 healthy: rec.healthy,
-                connected: false,
+                connected,
                 epoch,
-                held: None,
+                held,
                 cert_not_after: rec.cert_not_after,
                 since: crate::ca::unix_now(),
                 close: None,
-                endpoint_ids: Vec::new(),
+                endpoint_ids,
             },
         );
         inner.republish(&proxy_id);
         inner.bump();
         self.notify(&inner);
-        epoch
+        RemoteUpsert::Applied(epoch)
+    }
+
+    /// Withdraws an instance another replica held, now gone from the store. Instances this
+    /// replica holds are left alone.
+    pub fn remove_remote(&self, proxy_id: &str) -> bool {
+        let mut inner = self.lock();
+        if inner
+            .instances
+            .get(proxy_id)
+            .is_none_or(|i| i.owner.is_none())
+        {
+            return false;
+        }
+        inner.publish(proxy_id, Vec::new());
+        inner.instances.remove(proxy_id);
+        inner.bump();
+        self.notify(&inner);
+        true
+    }
+
+    /// Marks every instance held by replica `owner` disconnected (that replica is gone): their
+    /// endpoints stay while their proxies reconnect elsewhere. Returns (proxy id, epoch, stream
+    /// start) of each, to expire after the grace period.
+    pub fn orphan(&self, owner: &str) -> Vec<(String, u64, i64)> {
+        let mut inner = self.lock();
+        let now = crate::ca::unix_now();
+        let mut out = Vec::new();
+        for (id, inst) in inner.instances.iter_mut() {
+            if inst.owner.as_deref() == Some(owner) {
+                if inst.connected {
+                    inst.connected = false;
+                    inst.since = now;
+                }
+                out.push((id.clone(), inst.epoch, inst.started_ms));
+            }
+        }
+        if !out.is_empty() {
+            inner.bump();
+            self.notify(&inner);
+        }
+        out
+    }
+
+    /// Closes this replica's stream of `proxy_id` if it is the one that opened at
+    /// `started_ms`: the store says a newer stream of that proxy is held elsewhere.
+    pub fn close_stale(&self, proxy_id: &str, started_ms: i64) -> bool {
+        let mut inner = self.lock();
+        match inner.instances.get_mut(proxy_id) {
+            Some(inst) if inst.owner.is_none() && inst.started_ms == started_ms => {
+                match inst.close.take() {
+                    Some(close) => {
+                        let _ = close.send(
+                            "this proxy opened a newer stream on another control-plane replica"
+                                .into(),
+                        );
+                        true
+                    }
+                    None => false,
+                }
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the instance is still the disconnected one of `epoch` (its grace is running).
+    pub fn is_disconnected(&self, proxy_id: &str, epoch: u64) -> bool {
+        self.lock()
+            .instances
+            .get(proxy_id)
+            .is_some_and(|i| i.epoch == epoch && !i.connected)
     }
 
     /// Withdraws a disconnected instance if it has not reconnected since `epoch`.
@@ -467,16 +661,24 @@ impl Registry {
     }
 
     /// Replaces the trust bundle pushed to every proxy.
+    /// Unchanged trust is not pushed again.
     pub fn set_trust(&self, trust: TrustBundle) {
         let mut inner = self.lock();
+        if inner.trust.1 == trust {
+            return;
+        }
         let generation = inner.bump();
         inner.trust = (generation, trust);
         self.notify(&inner);
     }
 
-    /// Replaces the authorization policy pushed to every proxy.
+    /// Replaces the authorization policy pushed to every proxy. An unchanged policy is not
+    /// pushed again.
     pub fn set_policy(&self, policy: Policy) {
         let mut inner = self.lock();
+        if inner.policy.1 == policy {
+            return;
+        }
         let generation = inner.bump();
         inner.policy = (generation, policy);
         self.notify(&inner);
@@ -618,6 +820,7 @@ impl Registry {
                 instances: Vec::new(),
             });
             agent.instances.push(InstanceInfo {
+                replica: Some(inst.owner.clone().unwrap_or_else(|| self.replica.clone())),
                 proxy_id: inst.node.proxy_id.clone(),
                 address: inst.registration.endpoint.clone(),
                 zone: inst.node.zone.clone(),
@@ -653,7 +856,11 @@ impl Registry {
     /// Counts for metrics: (connected streams, agents, capabilities).
     pub fn counts(&self) -> (usize, usize, usize) {
         let inner = self.lock();
-        let connected = inner.instances.values().filter(|i| i.connected).count();
+        let connected = inner
+            .instances
+            .values()
+            .filter(|i| i.connected && i.owner.is_none())
+            .count();
         let agents: BTreeSet<(&str, &str)> = inner
             .instances
             .values()

@@ -23,6 +23,10 @@ use crate::rest::Body;
 /// How long a new stream may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest proxy id: it is a key in the store and travels in change notifications (PostgreSQL
+/// caps those at 8,000 bytes).
+const MAX_PROXY_ID: usize = 256;
+
 fn frame_response(status: StatusCode, code: &str, message: String) -> Response<Body> {
     let frame = ControlFrame::Error {
         code: code.to_owned(),
@@ -90,6 +94,20 @@ pub async fn handle(
         }
     };
     let node = &hello.node;
+    if node.proxy_id.is_empty()
+        || node.proxy_id.len() > MAX_PROXY_ID
+        || node.proxy_id.chars().any(char::is_control)
+    {
+        app.metrics.refuse("malformed_frame");
+        return frame_response(
+            StatusCode::BAD_REQUEST,
+            "malformed_frame",
+            format!(
+                "hello: proxy_id must be 1 to {MAX_PROXY_ID} bytes without control characters (got {} bytes): use the default (host name and a random suffix) or a short name",
+                node.proxy_id.len()
+            ),
+        );
+    }
     if node.agent != *peer.identity.agent() || node.namespace != *peer.identity.namespace() {
         tracing::warn!(
             claimed = %format!("{}/{}", node.namespace, node.agent),
@@ -146,6 +164,7 @@ async fn run(
     let Lease {
         proxy_id,
         epoch,
+        started_ms,
         mut closed,
     } = lease;
     app.metrics.streams_connected.inc();
@@ -259,19 +278,18 @@ async fn run(
         }
     }
     app.metrics.streams_connected.dec();
-    app.registry.disconnect(&proxy_id, epoch, graceful);
-    if graceful && app.registry.record(&proxy_id).is_none() {
-        app.forget(&proxy_id);
+    if !app.registry.disconnect(&proxy_id, epoch, graceful) {
+        // Replaced by a newer stream (here or on another replica), which owns the instance now.
+        return;
     }
-    if !graceful {
-        tracing::info!(proxy_id = %proxy_id, grace = ?app.grace, "stream ended; endpoints withdrawn after the grace period unless it reconnects");
-        let app = app.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(app.grace).await;
-            if app.registry.expire(&proxy_id, epoch) {
-                tracing::info!(proxy_id = %proxy_id, "endpoints withdrawn");
-                app.forget(&proxy_id);
-            }
-        });
+    if graceful {
+        app.writer.mark_gone(&proxy_id, started_ms);
+        return;
     }
+    app.persist(&proxy_id);
+    tracing::info!(proxy_id = %proxy_id, grace = ?app.grace, "stream ended; endpoints withdrawn after the grace period unless it reconnects");
+    tokio::spawn(async move {
+        tokio::time::sleep(app.grace).await;
+        app.expire_local(proxy_id, epoch, started_ms).await;
+    });
 }
