@@ -223,7 +223,7 @@ async fn demo(
         .trim()
         .to_owned();
     let rest = ControlPlaneClient::new(
-        format!("https://localhost:{api}").parse()?,
+        format!("https://localhost:{api}").parse::<capmesh_client::ControlPlaneUrl>()?,
         ServerCheck::Hostname {
             ca_pem: std::fs::read_to_string(&ca)?,
         },

@@ -200,7 +200,7 @@ async fn up(mesh: &MeshFile, base: &Path, exe: &Path, sup: &mut Supervisor) -> a
         .trim()
         .to_owned();
     let rest = ControlPlaneClient::new(
-        format!("https://localhost:{api_port}").parse()?,
+        format!("https://localhost:{api_port}").parse::<capmesh_client::ControlPlaneUrl>()?,
         ServerCheck::Hostname {
             ca_pem: std::fs::read_to_string(&ca)?,
         },

@@ -20,7 +20,7 @@ pub mod stream;
 
 use std::time::Duration;
 
-pub use addr::{ControlPlaneUrl, Host, UrlError};
+pub use addr::{ControlPlaneAddrs, ControlPlaneUrl, Host, UrlError};
 pub use body::{ChannelBody, channel};
 pub use connect::{ControlPlaneClient, ServerCheck};
 pub use frames::{FrameReader, LineDecoder, ReadError};

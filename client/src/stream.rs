@@ -48,12 +48,12 @@ impl ControlPlaneClient {
         &self,
         first: &ProxyFrame,
     ) -> Result<(StreamSender, StreamReceiver), ClientError> {
-        let url = self.url().to_string();
+        let (tls, target) = self.connect().await?;
+        let url = target.to_string();
         let http = |source| ClientError::Http {
             url: url.clone(),
             source,
         };
-        let tls = self.connect().await?;
         if !negotiated_h2(&tls) {
             return Err(ClientError::NoHttp2 { url });
         }
@@ -80,7 +80,7 @@ impl ControlPlaneClient {
         };
         let uri = Uri::builder()
             .scheme("https")
-            .authority(self.url().authority().as_str())
+            .authority(target.authority().as_str())
             .path_and_query(STREAM_PATH)
             .build()
             .map_err(invalid)?;
