@@ -530,12 +530,39 @@ impl ProxyProcess {
         agent_url: Option<&str>,
         extra: &[&str],
     ) -> Result<Self> {
+        let mut args = vec!["--control-plane".to_owned(), cp.address()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::spawn_at(
+            bin,
+            &cp.data_dir.join("ca.pem"),
+            Some(token),
+            agent,
+            agent_url,
+            &args,
+        )
+    }
+
+    /// Starts `capmesh-proxy` trusting `ca` (the mesh trust bundle), with `token` when given,
+    /// and `extra` flags, which name the control plane (`--control-plane`, one address or
+    /// several) or certificates from files. Returns at once.
+    pub fn spawn_at(
+        bin: &Path,
+        ca: &Path,
+        token: Option<&str>,
+        agent: &str,
+        agent_url: Option<&str>,
+        extra: &[&str],
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let (outbound, inbound, admin) = (free_port()?, free_port()?, free_port()?);
         let log = dir.path().join("proxy.log");
         let file = std::fs::File::create(&log)?;
-        let child = Command::new(bin)
-            .env("CAPMESH_BOOTSTRAP_TOKEN", token)
+        let mut command = Command::new(bin);
+        if let Some(token) = token {
+            command.env("CAPMESH_BOOTSTRAP_TOKEN", token);
+        }
+        let child = command
             .env("RUST_LOG", "info")
             .args([
                 "--agent-name",
@@ -543,10 +570,8 @@ impl ProxyProcess {
                 "--agent-url",
                 agent_url.unwrap_or("none"),
             ])
-            .arg("--control-plane")
-            .arg(format!("https://127.0.0.1:{}", cp.port))
             .arg("--control-plane-ca")
-            .arg(cp.data_dir.join("ca.pem"))
+            .arg(ca)
             .arg("--outbound")
             .arg(format!("127.0.0.1:{outbound}"))
             .arg("--inbound")
