@@ -360,7 +360,7 @@ async fn two_replicas_on_postgres_survive_a_killed_replica_and_a_database_outage
         proxy_id(&planner).await,
     );
     // Spread over both: replica 2 lists each sidecar with the replica that holds its stream.
-    let placement = vec![
+    let placement = [
         (eu_id.clone(), id1.clone()),
         (planner_id.clone(), id1.clone()),
         (us_id.clone(), id2.clone()),
