@@ -24,7 +24,7 @@ use tokio::sync::{Notify, mpsc, watch};
 
 use crate::App;
 use crate::registry::{InstanceRecord, RemoteUpsert};
-use crate::store::postgres::Followed;
+use crate::store::follow::Followed;
 use crate::store::{Change, InstanceWrite, Store, StoreError, StoredInstance, WriteOutcome};
 
 /// How often a replica renews its lease.
@@ -288,12 +288,19 @@ pub async fn follow(
 ) {
     let mut resync_pending = false;
     loop {
+        // A reload that failed is tried again after a pause even if nothing else happens.
+        let retry = if resync_pending {
+            Duration::from_millis(500)
+        } else {
+            Duration::from_secs(3600)
+        };
         let first = tokio::select! {
             _ = stop.changed() => return,
-            e = events.recv() => match e { Some(e) => e, None => return },
+            e = events.recv() => match e { Some(e) => Some(e), None => return },
+            _ = tokio::time::sleep(retry) => None,
         };
         // Take whatever else is queued: one round trip for a burst of changes.
-        let mut batch = vec![first];
+        let mut batch: Vec<Followed> = first.into_iter().collect();
         while batch.len() < 4096 {
             match events.try_recv() {
                 Ok(e) => batch.push(e),
@@ -324,8 +331,6 @@ pub async fn follow(
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot reload from the store; retrying");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    // Try again on the next event, or now if none comes.
                     continue;
                 }
             }

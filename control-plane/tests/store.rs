@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use capmesh_api::rest::{Entity, TokenInfo};
 use capmesh_api::{Namespace, Policy};
-use capmesh_control_plane::store::postgres::Followed;
+use capmesh_control_plane::store::follow::Followed;
 use capmesh_control_plane::store::{
     Backend, Change, InstanceWrite, PgStore, Purpose, SqliteStore, Store, StoreError, StoreKey,
     StoredCa, StoredInstance, StoredKey, StoredToken, WriteOutcome,

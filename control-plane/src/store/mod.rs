@@ -6,9 +6,10 @@
 //! (`control-plane/tests/store.rs`): SQLite in the data dir, embedded and the default, and
 //! PostgreSQL for several replicas. Each backend applies its versioned migrations
 //! ([`migrations`]) when it opens. PostgreSQL also tells the other replicas about every change
-//! (LISTEN/NOTIFY on one channel, see [`postgres`]); what a replica does with that news is in
-//! `replicas`.
+//! (NOTIFY on one channel, see [`postgres`], heard through [`follow`]); what a replica does
+//! with that news is in `replicas`.
 
+pub mod follow;
 pub mod migrations;
 pub mod postgres;
 pub mod seal;

@@ -5,23 +5,24 @@
 //! statement waits at most [`STATEMENT_TIMEOUT`]), and one that only LISTENs. Every change to
 //! shared state NOTIFYs channel [`CHANNEL`] inside its own transaction, so the other replicas
 //! hear of it exactly when it commits: `<kind> <replica> [<key>]`, with kind `instance`,
-//! `policy` or `entities`. [`PgStore::follow`] turns those into [`Followed`] events, skipping the
-//! replica's own, and says [`Followed::Resync`] after every (re)connection, because whatever
-//! was sent while it was away is lost.
+//! `policy` or `entities`. [`PgStore::follow`] turns those into events ([`super::follow`]).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use capmesh_api::Policy;
 use capmesh_api::rest::{Entity, TokenInfo};
 use tokio::sync::{Mutex, MutexGuard, mpsc};
+
+use super::follow::Followed;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{AsyncMessage, Client, Config, GenericClient, NoTls, Row};
+use tokio_postgres::{Client, Config, GenericClient, NoTls, Row, Statement};
 
 use super::migrations::{self, Migration};
 use super::{
-    Change, InstanceWrite, Store, StoreError, StoredCa, StoredInstance, StoredKey, StoredToken,
+    InstanceWrite, Store, StoreError, StoredCa, StoredInstance, StoredKey, StoredToken,
     WriteOutcome, from_json, to_json,
 };
 
@@ -32,7 +33,7 @@ pub const CHANNEL: &str = "capmesh_changes";
 pub const STATEMENT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Longest wait for a new connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+pub(super) const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Connections for statements.
 const POOL: usize = 4;
@@ -40,38 +41,50 @@ const POOL: usize = 4;
 /// Serializes migrations of replicas starting together (`pg_advisory_xact_lock` key).
 const MIGRATION_LOCK: i64 = 0x0063_6170_6d65_7368; // "capmesh"
 
-/// What the follower reports.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Followed {
-    /// (Re)connected and listening: anything may have changed meanwhile; reload it all.
-    Resync,
-    /// Another replica changed something.
-    Change(Change),
-    /// The listening connection broke; reconnecting.
-    Lost(String),
-}
-
 /// PostgreSQL, shared by the replicas.
 #[derive(Debug)]
 pub struct PgStore {
     config: Config,
     replica: String,
-    slots: Vec<Mutex<Option<Client>>>,
+    slots: Vec<Mutex<Option<Conn>>>,
     next: AtomicUsize,
     describe: String,
 }
 
+/// A pooled connection and the statements prepared on it (the hot ones: a change crossing
+/// replicas is one round trip on each side, not three).
+#[derive(Debug)]
+struct Conn {
+    client: Client,
+    prepared: HashMap<&'static str, Statement>,
+}
+
+impl Conn {
+    async fn statement(&mut self, sql: &'static str) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(s) = self.prepared.get(sql) {
+            return Ok(s.clone());
+        }
+        let s = self.client.prepare(sql).await?;
+        self.prepared.insert(sql, s.clone());
+        Ok(s)
+    }
+}
+
 /// One pooled connection, held for one call.
 struct Slot<'a> {
-    guard: MutexGuard<'a, Option<Client>>,
+    guard: MutexGuard<'a, Option<Conn>>,
 }
 
 impl Slot<'_> {
-    fn client(&mut self) -> Result<&mut Client, StoreError> {
-        // `acquire` only hands out slots that hold a client.
+    fn conn(&mut self) -> Result<&mut Conn, StoreError> {
+        // `acquire` only hands out slots that hold a connection.
         self.guard
             .as_mut()
             .ok_or_else(|| StoreError::Postgres("no connection in the pool slot".into()))
+    }
+
+    fn client(&mut self) -> Result<&mut Client, StoreError> {
+        Ok(&mut self.conn()?.client)
     }
 }
 
@@ -177,8 +190,11 @@ impl PgStore {
                 self.slots[i].lock().await
             }
         };
-        if guard.as_ref().is_none_or(Client::is_closed) {
-            *guard = Some(self.connect().await?);
+        if guard.as_ref().is_none_or(|c| c.client.is_closed()) {
+            *guard = Some(Conn {
+                client: self.connect().await?,
+                prepared: HashMap::new(),
+            });
         }
         Ok(Slot { guard })
     }
@@ -261,106 +277,8 @@ impl PgStore {
         let (tx, rx) = mpsc::channel(4096);
         let config = self.config.clone();
         let replica = self.replica.clone();
-        tokio::spawn(follow(config, replica, tx));
+        tokio::spawn(super::follow::run(config, replica, tx));
         rx
-    }
-}
-
-async fn follow(config: Config, replica: String, tx: mpsc::Sender<Followed>) {
-    let mut delay = Duration::from_millis(50);
-    loop {
-        let broke = listen_once(&config, &replica, &tx).await;
-        if tx.is_closed() {
-            return;
-        }
-        if tx.send(Followed::Lost(broke)).await.is_err() {
-            return;
-        }
-        tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(1));
-    }
-}
-
-/// One listening connection's life; returns why it ended.
-async fn listen_once(config: &Config, replica: &str, tx: &mpsc::Sender<Followed>) -> String {
-    let (client, mut connection) =
-        match tokio::time::timeout(CONNECT_TIMEOUT, config.connect(NoTls)).await {
-            Ok(Ok(pair)) => pair,
-            Ok(Err(e)) => return e.to_string(),
-            Err(_) => return format!("no connection within {CONNECT_TIMEOUT:?}"),
-        };
-    // The connection delivers notifications only while it is polled; it is polled here, and
-    // the LISTEN below goes through it.
-    let (note_tx, mut notes) = mpsc::unbounded_channel::<Result<String, String>>();
-    let driver = tokio::spawn(async move {
-        loop {
-            match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
-                Some(Ok(AsyncMessage::Notification(n))) => {
-                    if note_tx.send(Ok(n.payload().to_owned())).is_err() {
-                        return;
-                    }
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => {
-                    let _ = note_tx.send(Err(e.to_string()));
-                    return;
-                }
-                None => {
-                    let _ = note_tx.send(Err("the server closed the connection".into()));
-                    return;
-                }
-            }
-        }
-    });
-    let listening = tokio::time::timeout(
-        STATEMENT_TIMEOUT,
-        client.batch_execute(&format!("LISTEN {CHANNEL}")),
-    )
-    .await;
-    let why = match listening {
-        Ok(Ok(())) => {
-            if tx.send(Followed::Resync).await.is_err() {
-                driver.abort();
-                return "stopped".into();
-            }
-            loop {
-                match notes.recv().await {
-                    Some(Ok(payload)) => {
-                        if let Some(change) = parse_payload(&payload, replica)
-                            && tx.send(Followed::Change(change)).await.is_err()
-                        {
-                            break "stopped".into();
-                        }
-                    }
-                    Some(Err(e)) => break e,
-                    None => break "the connection task ended".into(),
-                }
-            }
-        }
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => format!("LISTEN got no answer within {STATEMENT_TIMEOUT:?}"),
-    };
-    driver.abort();
-    drop(client);
-    why
-}
-
-/// A notification's change, unless it came from `me` or is not one of ours.
-fn parse_payload(payload: &str, me: &str) -> Option<Change> {
-    let mut parts = payload.splitn(3, ' ');
-    let kind = parts.next()?;
-    let origin = parts.next()?;
-    if origin == me {
-        return None;
-    }
-    match (kind, parts.next()) {
-        ("instance", Some(id)) => Some(Change::Instance(id.to_owned())),
-        ("policy", _) => Some(Change::Policy),
-        ("entities", _) => Some(Change::Entities),
-        _ => {
-            tracing::debug!(payload, "ignoring an unknown change notification");
-            None
-        }
     }
 }
 
@@ -440,6 +358,64 @@ async fn notify(client: &impl GenericClient, payload: &str) -> Result<(), tokio_
         .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
         .await
         .map(|_| ())
+}
+
+/// Takes an instance over (unless a newer stream holds it), and announces it when it did.
+const CLAIM: &str = "WITH claimed AS (
+    INSERT INTO instances (proxy_id, record_json, owner, connected, started_ms)
+    VALUES ($1, $2, $3, $4, $5)
+    ON CONFLICT (proxy_id) DO UPDATE SET record_json = EXCLUDED.record_json,
+        owner = EXCLUDED.owner, connected = EXCLUDED.connected, started_ms = EXCLUDED.started_ms
+    WHERE instances.started_ms <= EXCLUDED.started_ms
+    RETURNING proxy_id
+)
+SELECT pg_notify($6, $7) FROM claimed";
+
+/// Deletes an instance if it is still that owner's stream, and announces it when it did.
+const REMOVE: &str = "WITH removed AS (
+    DELETE FROM instances WHERE proxy_id = $1 AND owner = $2 AND started_ms = $3
+    RETURNING proxy_id
+)
+SELECT pg_notify($4, $5) FROM removed";
+
+const SELECT_INSTANCES: &str = "SELECT proxy_id, record_json, owner, connected, started_ms FROM instances WHERE proxy_id = ANY($1)";
+
+/// One instance write (its statement prepared as `statements`: claim, remove).
+async fn write_one(
+    client: &impl GenericClient,
+    (claim, remove): &(Statement, Statement),
+    me: &str,
+    w: &InstanceWrite,
+) -> Result<WriteOutcome, tokio_postgres::Error> {
+    let payload = format!("instance {me} {}", w.proxy_id());
+    let rows = match w {
+        InstanceWrite::Claim(i) => {
+            client
+                .query(
+                    claim,
+                    &[
+                        &i.proxy_id,
+                        &i.record_json,
+                        &i.owner,
+                        &i.connected,
+                        &i.started_ms,
+                        &CHANNEL,
+                        &payload,
+                    ],
+                )
+                .await?
+        }
+        InstanceWrite::Remove {
+            proxy_id,
+            owner,
+            started_ms,
+        } => {
+            client
+                .query(remove, &[proxy_id, owner, started_ms, &CHANNEL, &payload])
+                .await?
+        }
+    };
+    outcome(client, rows.len() as u64, w.proxy_id()).await
 }
 
 /// Applied when a row changed; otherwise whether the row exists (owned by someone else).
@@ -710,11 +686,14 @@ impl Store for PgStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = with_client!(self, |c| c.query(
-            &format!("SELECT {INSTANCE_COLUMNS} FROM instances WHERE proxy_id = ANY($1)"),
-            &[&ids]
-        ))?;
-        instances_from(&rows)
+        let mut slot = self.acquire().await?;
+        let conn = slot.conn()?;
+        let result = tokio::time::timeout(STATEMENT_TIMEOUT, async {
+            let select = conn.statement(SELECT_INSTANCES).await?;
+            conn.client.query(&select, &[&ids]).await
+        })
+        .await;
+        instances_from(&self.finish(slot, result)?)
     }
 
     async fn write_instances(
@@ -722,55 +701,25 @@ impl Store for PgStore {
         writes: &[InstanceWrite],
     ) -> Result<Vec<WriteOutcome>, StoreError> {
         let me = self.replica.clone();
-        with_client!(self, |c| async {
-            let tx = c.transaction().await?;
-            let claim = tx
-                .prepare(
-                    "INSERT INTO instances (proxy_id, record_json, owner, connected, started_ms)
-                     VALUES ($1, $2, $3, $4, $5)
-                     ON CONFLICT (proxy_id) DO UPDATE SET record_json = EXCLUDED.record_json,
-                         owner = EXCLUDED.owner, connected = EXCLUDED.connected,
-                         started_ms = EXCLUDED.started_ms
-                     WHERE instances.started_ms <= EXCLUDED.started_ms",
-                )
-                .await?;
-            let remove = tx
-                .prepare(
-                    "DELETE FROM instances WHERE proxy_id = $1 AND owner = $2 AND started_ms = $3",
-                )
-                .await?;
+        let mut slot = self.acquire().await?;
+        let conn = slot.conn()?;
+        let result = tokio::time::timeout(STATEMENT_TIMEOUT, async {
+            let statements = (conn.statement(CLAIM).await?, conn.statement(REMOVE).await?);
+            // One write (the usual case: one stream's change) is one statement, one round trip;
+            // several share one transaction.
+            if let [w] = writes {
+                return Ok(vec![write_one(&conn.client, &statements, &me, w).await?]);
+            }
+            let tx = conn.client.transaction().await?;
             let mut outcomes = Vec::with_capacity(writes.len());
             for w in writes {
-                let changed = match w {
-                    InstanceWrite::Claim(i) => {
-                        tx.execute(
-                            &claim,
-                            &[
-                                &i.proxy_id,
-                                &i.record_json,
-                                &i.owner,
-                                &i.connected,
-                                &i.started_ms,
-                            ],
-                        )
-                        .await?
-                    }
-                    InstanceWrite::Remove {
-                        proxy_id,
-                        owner,
-                        started_ms,
-                    } => tx.execute(&remove, &[proxy_id, owner, started_ms]).await?,
-                };
-                let result = outcome(&tx, changed, w.proxy_id()).await?;
-                if result == WriteOutcome::Applied {
-                    let payload = format!("instance {me} {}", w.proxy_id());
-                    notify(&tx, &payload).await?;
-                }
-                outcomes.push(result);
+                outcomes.push(write_one(&tx, &statements, &me, w).await?);
             }
             tx.commit().await?;
             Ok(outcomes)
         })
+        .await;
+        self.finish(slot, result)
     }
 
     async fn heartbeat(&self, replica: &str, lease: Duration) -> Result<Vec<String>, StoreError> {
@@ -841,19 +790,5 @@ mod tests {
         assert_eq!(redact("host=db password=x"), "(a connection string)");
         let config: Config = "postgresql://u:p@db.example:6543/mesh".parse().unwrap();
         assert_eq!(describe(&config), "PostgreSQL at db.example:6543/mesh");
-    }
-
-    #[test]
-    fn notifications_from_this_replica_are_skipped() {
-        assert_eq!(parse_payload("policy r1", "r1"), None);
-        assert_eq!(parse_payload("policy r2", "r1"), Some(Change::Policy));
-        assert_eq!(
-            parse_payload("instance r2 proxy with spaces", "r1"),
-            Some(Change::Instance("proxy with spaces".into()))
-        );
-        assert_eq!(parse_payload("entities r2", "r1"), Some(Change::Entities));
-        assert_eq!(parse_payload("instance r2", "r1"), None);
-        assert_eq!(parse_payload("future r2 x", "r1"), None);
-        assert_eq!(parse_payload("", "r1"), None);
     }
 }
