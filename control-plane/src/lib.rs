@@ -19,6 +19,7 @@ pub mod rest;
 pub mod server;
 pub mod store;
 pub mod stream;
+pub mod subscribers;
 pub mod webhook;
 
 use std::collections::BTreeSet;

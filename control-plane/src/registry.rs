@@ -16,7 +16,9 @@ use capmesh_api::{
     Capability, Delta, Dependency, DependencyTarget, Endpoint, EndpointId, MeshSettings, Node,
     Policy, Registration, Snapshot, SnapshotVersion, TrustBundle,
 };
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot};
+
+use crate::subscribers::Subscribers;
 
 type EndpointMap = Arc<BTreeMap<EndpointId, Arc<Endpoint>>>;
 
@@ -57,6 +59,11 @@ struct Inner {
     trust: (u64, TrustBundle),
     policy: (u64, Policy),
     settings: (u64, MeshSettings),
+    subscribers: Subscribers,
+    /// Capabilities whose endpoints changed since subscribers were last woken.
+    changed_caps: BTreeSet<Capability>,
+    /// Whether something every subscriber sees changed since then.
+    changed_for_all: bool,
 }
 
 /// What is persisted of an instance so a restarted control plane can keep serving it until its
@@ -106,7 +113,8 @@ pub struct View {
     settings_generation: u64,
 }
 
-/// The live registry. Cheap to share (`Arc<Registry>`); every mutation wakes all subscribers.
+/// The live registry. Cheap to share (`Arc<Registry>`); a mutation wakes the subscribers it
+/// concerns ([`crate::subscribers`]).
 ///
 /// It holds this replica's instances (their streams are here) and, with a shared store, the
 /// other replicas' instances as they published them ("remote"): every replica serves every
@@ -114,8 +122,40 @@ pub struct View {
 #[derive(Debug)]
 pub struct Registry {
     inner: Mutex<Inner>,
-    changed: watch::Sender<u64>,
     replica: String,
+}
+
+/// A stream's subscription: woken when something it depends on changed. Dropping it
+/// unsubscribes.
+#[derive(Debug)]
+pub struct Subscription {
+    registry: Arc<Registry>,
+    id: u64,
+    wake: Arc<Notify>,
+}
+
+impl Subscription {
+    /// Resolves once something this subscriber depends on changed since the last time (cancel
+    /// safe: a wake-up that arrives meanwhile is kept).
+    pub async fn changed(&self) {
+        self.wake.notified().await;
+    }
+
+    /// Follows new dependencies (the agent re-registered).
+    pub fn set_dependencies(&self, deps: &[Dependency]) {
+        self.registry.lock().subscribers.set(self.id, deps);
+    }
+
+    /// Wakes this subscriber itself (to look at the registry again now).
+    pub fn poke(&self) {
+        self.wake.notify_one();
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.registry.lock().subscribers.remove(self.id);
+    }
 }
 
 /// An instance this replica holds, as it is to be written to the store.
@@ -244,6 +284,7 @@ impl Inner {
                 continue;
             }
             changed = true;
+            self.changed_caps.insert(cap.clone());
             let generation = self.bump();
             if map.is_empty() {
                 self.caps.remove(&cap);
@@ -261,6 +302,7 @@ impl Inner {
         }
         if known_changed {
             self.known_generation = self.bump();
+            self.changed_for_all = true;
         }
         changed
     }
@@ -299,7 +341,6 @@ impl Registry {
         policy: Policy,
         settings: MeshSettings,
     ) -> Self {
-        let (changed, _) = watch::channel(1);
         Self {
             replica: replica.into(),
             inner: Mutex::new(Inner {
@@ -311,8 +352,10 @@ impl Registry {
                 trust: (1, trust),
                 policy: (1, policy),
                 settings: (1, settings),
+                subscribers: Subscribers::default(),
+                changed_caps: BTreeSet::new(),
+                changed_for_all: false,
             }),
-            changed,
         }
     }
 
@@ -322,13 +365,21 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn notify(&self, inner: &Inner) {
-        self.changed.send_replace(inner.generation);
+    /// Wakes the subscribers of whatever changed since the last call.
+    fn notify(&self, inner: &mut Inner) {
+        let caps = std::mem::take(&mut inner.changed_caps);
+        let all = std::mem::take(&mut inner.changed_for_all);
+        inner.subscribers.wake(&caps, all);
     }
 
-    /// Wakes whenever anything in the registry changes.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
+    /// Subscribes a stream whose agent depends on `deps`.
+    pub fn subscribe(self: &Arc<Self>, deps: &[Dependency]) -> Subscription {
+        let (id, wake) = self.lock().subscribers.add(deps);
+        Subscription {
+            registry: self.clone(),
+            id,
+            wake,
+        }
     }
 
     /// Registers a proxy's stream. A newer connection of the same proxy id replaces the older
@@ -386,7 +437,7 @@ impl Registry {
         );
         inner.republish(&proxy_id);
         inner.bump();
-        self.notify(&inner);
+        self.notify(&mut inner);
         Lease {
             proxy_id,
             epoch,
@@ -402,7 +453,7 @@ impl Registry {
             _ => return,
         };
         if republish && inner.republish(lease_id) {
-            self.notify(&inner);
+            self.notify(&mut inner);
         }
     }
 
@@ -449,7 +500,7 @@ impl Registry {
             inner.instances.remove(proxy_id);
         }
         inner.bump();
-        self.notify(&inner);
+        self.notify(&mut inner);
         true
     }
 
@@ -557,7 +608,7 @@ impl Registry {
         );
         inner.republish(&proxy_id);
         inner.bump();
-        self.notify(&inner);
+        self.notify(&mut inner);
         RemoteUpsert::Applied(epoch)
     }
 
@@ -575,7 +626,7 @@ impl Registry {
         inner.publish(proxy_id, Vec::new());
         inner.instances.remove(proxy_id);
         inner.bump();
-        self.notify(&inner);
+        self.notify(&mut inner);
         true
     }
 
@@ -597,7 +648,7 @@ impl Registry {
         }
         if !out.is_empty() {
             inner.bump();
-            self.notify(&inner);
+            self.notify(&mut inner);
         }
         out
     }
@@ -641,7 +692,7 @@ impl Registry {
         inner.publish(proxy_id, Vec::new());
         inner.instances.remove(proxy_id);
         inner.bump();
-        self.notify(&inner);
+        self.notify(&mut inner);
         true
     }
 
@@ -669,7 +720,8 @@ impl Registry {
         }
         let generation = inner.bump();
         inner.trust = (generation, trust);
-        self.notify(&inner);
+        inner.changed_for_all = true;
+        self.notify(&mut inner);
     }
 
     /// Replaces the authorization policy pushed to every proxy. An unchanged policy is not
@@ -681,7 +733,8 @@ impl Registry {
         }
         let generation = inner.bump();
         inner.policy = (generation, policy);
-        self.notify(&inner);
+        inner.changed_for_all = true;
+        self.notify(&mut inner);
     }
 
     /// The full snapshot for a subscriber with these dependencies, and the view to diff from.

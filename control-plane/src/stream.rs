@@ -168,9 +168,10 @@ async fn run(
         mut closed,
     } = lease;
     app.metrics.streams_connected.inc();
-    let mut changes = app.registry.subscribe();
-    changes.borrow_and_update();
-    let (snapshot, mut view) = app.registry.snapshot(&app.registry.dependencies(&proxy_id));
+    // Subscribed before the snapshot is taken, so no change falls in between.
+    let deps = app.registry.dependencies(&proxy_id);
+    let subscription = app.registry.subscribe(&deps);
+    let (snapshot, mut view) = app.registry.snapshot(&deps);
     let mut in_flight: VecDeque<(SnapshotVersion, Instant)> = VecDeque::new();
     let mut graceful = false;
     let mut last_snapshot = view.version;
@@ -188,10 +189,7 @@ async fn run(
                     graceful = true;
                     break;
                 }
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
+                () = subscription.changed() => {
                     let deps = app.registry.dependencies(&proxy_id);
                     if let Some(delta) = app.registry.delta(&mut view, &deps) {
                         let version = delta.version;
@@ -258,6 +256,9 @@ async fn run(
                             tracing::info!(proxy_id = %proxy_id, tools = registration.tools.len(), "re-registered");
                             app.registry.register(&proxy_id, epoch, registration);
                             app.persist(&proxy_id);
+                            // New dependencies may mean new endpoints for this proxy itself.
+                            subscription.set_dependencies(&app.registry.dependencies(&proxy_id));
+                            subscription.poke();
                         }
                         ProxyFrame::Goodbye => {
                             tracing::info!(proxy_id = %proxy_id, "goodbye: withdrawing now");
