@@ -11,7 +11,6 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use capmesh_api::rest::{AgentInfo, CapabilityInfo, InstanceInfo};
 use capmesh_api::{
     Capability, Delta, Dependency, DependencyTarget, Endpoint, EndpointId, MeshSettings, Node,
     Policy, Registration, Snapshot, SnapshotVersion, TrustBundle,
@@ -19,6 +18,11 @@ use capmesh_api::{
 use tokio::sync::{Notify, oneshot};
 
 use crate::subscribers::Subscribers;
+
+mod ownership;
+mod views;
+
+pub use ownership::{LocalInstance, RemoteUpsert};
 
 type EndpointMap = Arc<BTreeMap<EndpointId, Arc<Endpoint>>>;
 
@@ -33,6 +37,8 @@ struct CapEntry {
 struct Instance {
     /// `None` when this replica holds its stream; else the replica that does (or did).
     owner: Option<String>,
+    /// Its owner is gone and its grace timer runs.
+    orphaned: bool,
     /// When its current stream opened (Unix ms): the later of two streams owns the instance.
     started_ms: i64,
     node: Node,
@@ -156,27 +162,6 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         self.registry.lock().subscribers.remove(self.id);
     }
-}
-
-/// An instance this replica holds, as it is to be written to the store.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LocalInstance {
-    /// What is persisted.
-    pub record: InstanceRecord,
-    /// Whether its stream is open.
-    pub connected: bool,
-    /// When that stream opened (Unix ms).
-    pub started_ms: i64,
-}
-
-/// What [`Registry::upsert_remote`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RemoteUpsert {
-    /// The instance is now (or still) served as the other replica published it; the epoch to
-    /// expire it with when it is disconnected.
-    Applied(u64),
-    /// This replica holds a newer stream of the same proxy: kept ours.
-    KeptLocal,
 }
 
 /// The wall clock in Unix milliseconds.
@@ -420,6 +405,7 @@ impl Registry {
             proxy_id.clone(),
             Instance {
                 owner: None,
+                orphaned: false,
                 started_ms,
                 node,
                 identity,
@@ -502,184 +488,6 @@ impl Registry {
         inner.bump();
         self.notify(&mut inner);
         true
-    }
-
-    /// An instance this replica holds, as it is to be persisted (`None` when it is withdrawn or
-    /// held by another replica).
-    pub fn local(&self, proxy_id: &str) -> Option<LocalInstance> {
-        let inner = self.lock();
-        let i = inner
-            .instances
-            .get(proxy_id)
-            .filter(|i| i.owner.is_none())?;
-        Some(LocalInstance {
-            record: InstanceRecord {
-                node: i.node.clone(),
-                identity: i.identity.clone(),
-                entity: i.entity.clone(),
-                registration: i.registration.clone(),
-                healthy: i.healthy,
-                cert_not_after: i.cert_not_after,
-            },
-            connected: i.connected,
-            started_ms: i.started_ms,
-        })
-    }
-
-    /// The proxy ids of every instance this replica holds.
-    pub fn local_ids(&self) -> Vec<String> {
-        let inner = self.lock();
-        inner
-            .instances
-            .iter()
-            .filter(|(_, i)| i.owner.is_none())
-            .map(|(id, _)| id.clone())
-            .collect()
-    }
-
-    /// The proxy ids of every instance another replica holds, with that replica.
-    pub fn remote_ids(&self) -> Vec<(String, String)> {
-        let inner = self.lock();
-        inner
-            .instances
-            .iter()
-            .filter_map(|(id, i)| Some((id.clone(), i.owner.clone()?)))
-            .collect()
-    }
-
-    /// Serves an instance as replica `owner` published it (or as a previous run left it, when
-    /// `connected` is false): every endpoint is served by every replica. A local stream of the
-    /// same proxy that is older than `started_ms` is closed: the proxy moved.
-    pub fn upsert_remote(
-        &self,
-        rec: InstanceRecord,
-        owner: &str,
-        connected: bool,
-        started_ms: i64,
-    ) -> RemoteUpsert {
-        let mut inner = self.lock();
-        let proxy_id = rec.node.proxy_id.clone();
-        let mut endpoint_ids = Vec::new();
-        let mut held = None;
-        if let Some(cur) = inner.instances.get_mut(&proxy_id) {
-            match &cur.owner {
-                None if cur.started_ms > started_ms => return RemoteUpsert::KeptLocal,
-                None => {
-                    if let Some(close) = cur.close.take() {
-                        let _ = close.send(format!(
-                            "this proxy opened a newer stream on control-plane replica {owner}"
-                        ));
-                    }
-                }
-                Some(o)
-                    if o == owner
-                        && cur.started_ms == started_ms
-                        && cur.connected == connected
-                        && cur.healthy == rec.healthy
-                        && cur.registration == rec.registration =>
-                {
-                    return RemoteUpsert::Applied(cur.epoch);
-                }
-                Some(_) => {}
-            }
-            endpoint_ids = std::mem::take(&mut cur.endpoint_ids);
-            held = cur.held;
-        }
-        let epoch = inner.next_epoch;
-        inner.next_epoch += 1;
-        inner.instances.insert(
-            proxy_id.clone(),
-            Instance {
-                owner: Some(owner.to_owned()),
-                started_ms,
-                node: rec.node,
-                identity: rec.identity,
-                entity: rec.entity,
-                registration: rec.registration,
-                healthy: rec.healthy,
-                connected,
-                epoch,
-                held,
-                cert_not_after: rec.cert_not_after,
-                since: crate::ca::unix_now(),
-                close: None,
-                endpoint_ids,
-            },
-        );
-        inner.republish(&proxy_id);
-        inner.bump();
-        self.notify(&mut inner);
-        RemoteUpsert::Applied(epoch)
-    }
-
-    /// Withdraws an instance another replica held, now gone from the store. Instances this
-    /// replica holds are left alone.
-    pub fn remove_remote(&self, proxy_id: &str) -> bool {
-        let mut inner = self.lock();
-        if inner
-            .instances
-            .get(proxy_id)
-            .is_none_or(|i| i.owner.is_none())
-        {
-            return false;
-        }
-        inner.publish(proxy_id, Vec::new());
-        inner.instances.remove(proxy_id);
-        inner.bump();
-        self.notify(&mut inner);
-        true
-    }
-
-    /// Marks every instance held by replica `owner` disconnected (that replica is gone): their
-    /// endpoints stay while their proxies reconnect elsewhere. Returns (proxy id, epoch, stream
-    /// start) of each, to expire after the grace period.
-    pub fn orphan(&self, owner: &str) -> Vec<(String, u64, i64)> {
-        let mut inner = self.lock();
-        let now = crate::ca::unix_now();
-        let mut out = Vec::new();
-        for (id, inst) in inner.instances.iter_mut() {
-            if inst.owner.as_deref() == Some(owner) {
-                if inst.connected {
-                    inst.connected = false;
-                    inst.since = now;
-                }
-                out.push((id.clone(), inst.epoch, inst.started_ms));
-            }
-        }
-        if !out.is_empty() {
-            inner.bump();
-            self.notify(&mut inner);
-        }
-        out
-    }
-
-    /// Closes this replica's stream of `proxy_id` if it is the one that opened at
-    /// `started_ms`: the store says a newer stream of that proxy is held elsewhere.
-    pub fn close_stale(&self, proxy_id: &str, started_ms: i64) -> bool {
-        let mut inner = self.lock();
-        match inner.instances.get_mut(proxy_id) {
-            Some(inst) if inst.owner.is_none() && inst.started_ms == started_ms => {
-                match inst.close.take() {
-                    Some(close) => {
-                        let _ = close.send(
-                            "this proxy opened a newer stream on another control-plane replica"
-                                .into(),
-                        );
-                        true
-                    }
-                    None => false,
-                }
-            }
-            _ => false,
-        }
-    }
-
-    /// Whether the instance is still the disconnected one of `epoch` (its grace is running).
-    pub fn is_disconnected(&self, proxy_id: &str, epoch: u64) -> bool {
-        self.lock()
-            .instances
-            .get(proxy_id)
-            .is_some_and(|i| i.epoch == epoch && !i.connected)
     }
 
     /// Withdraws a disconnected instance if it has not reconnected since `epoch`.
@@ -858,68 +666,6 @@ impl Registry {
             .get(proxy_id)
             .map(|i| i.registration.dependencies.clone())
             .unwrap_or_default()
-    }
-
-    /// Every agent with its instances, for `GET /v1/agents`.
-    pub fn agents(&self) -> Vec<AgentInfo> {
-        let inner = self.lock();
-        let mut agents: BTreeMap<(String, String), AgentInfo> = BTreeMap::new();
-        for inst in inner.instances.values() {
-            let key = (inst.node.namespace.to_string(), inst.node.agent.to_string());
-            let agent = agents.entry(key).or_insert_with(|| AgentInfo {
-                name: inst.node.agent.clone(),
-                namespace: inst.node.namespace.clone(),
-                identity: inst.identity.clone(),
-                instances: Vec::new(),
-            });
-            agent.instances.push(InstanceInfo {
-                replica: Some(inst.owner.clone().unwrap_or_else(|| self.replica.clone())),
-                proxy_id: inst.node.proxy_id.clone(),
-                address: inst.registration.endpoint.clone(),
-                zone: inst.node.zone.clone(),
-                healthy: inst.healthy,
-                connected: inst.connected,
-                tags: inst.registration.tags.clone(),
-                version: inst.registration.version.clone(),
-                snapshot_version: inst.held,
-                certificate_not_after_unix: inst.cert_not_after,
-                since_unix: Some(inst.since),
-                tools: inst.registration.tools.clone(),
-            });
-        }
-        let mut out: Vec<AgentInfo> = agents.into_values().collect();
-        for a in &mut out {
-            a.instances.sort_by(|x, y| x.proxy_id.cmp(&y.proxy_id));
-        }
-        out
-    }
-
-    /// Every capability with its endpoints, for `GET /v1/capabilities`.
-    pub fn capabilities(&self) -> Vec<CapabilityInfo> {
-        self.lock()
-            .caps
-            .iter()
-            .map(|(cap, entry)| CapabilityInfo {
-                capability: cap.clone(),
-                endpoints: entry.endpoints.values().map(|e| (**e).clone()).collect(),
-            })
-            .collect()
-    }
-
-    /// Counts for metrics: (connected streams, agents, capabilities).
-    pub fn counts(&self) -> (usize, usize, usize) {
-        let inner = self.lock();
-        let connected = inner
-            .instances
-            .values()
-            .filter(|i| i.connected && i.owner.is_none())
-            .count();
-        let agents: BTreeSet<(&str, &str)> = inner
-            .instances
-            .values()
-            .map(|i| (i.node.namespace.as_str(), i.node.agent.as_str()))
-            .collect();
-        (connected, agents.len(), inner.caps.len())
     }
 }
 
