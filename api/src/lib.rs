@@ -13,6 +13,7 @@ pub mod policy;
 pub mod registration;
 pub mod rest;
 pub mod selector;
+pub mod settings;
 pub mod snapshot;
 pub mod stream;
 pub mod version;
@@ -28,6 +29,7 @@ pub use rest::{
     ErrorBody, InstanceInfo, TokenCreated, TokenInfo, TokenRequest,
 };
 pub use selector::{Selector, SelectorError, TagRule};
+pub use settings::{SettingsError, parse_propagated_header};
 pub use snapshot::{
     Delta, DeltaError, Endpoint, EndpointId, EntityTrust, MeshSettings, Snapshot, SnapshotVersion,
     TrustBundle,

@@ -31,6 +31,9 @@ pub struct InstanceInfo {
     pub zone: Option<String>,
     /// Whether its agent is healthy.
     pub healthy: bool,
+    /// Why its agent is unhealthy, as its proxy reported it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_detail: Option<String>,
     /// Whether its proxy's stream is connected now (false during the grace period).
     pub connected: bool,
     /// The agent's tags.

@@ -77,6 +77,10 @@ pub struct LoadSpec {
     pub step: Option<Step>,
     /// A request not answered within this is an error.
     pub timeout: Duration,
+    /// Errors whose message contains this (the killed provider's SPIFFE ID, which the proxy
+    /// names when a call failed inside that provider) are counted apart: those calls had
+    /// reached it.
+    pub reached_marker: Option<String>,
 }
 
 /// A rate change in the middle of the measured phase, with no warm-up at the new rate.
@@ -130,6 +134,13 @@ pub struct LoadReport {
     pub errors: u64,
     /// The first error seen, to name the cause.
     pub first_error: Option<String>,
+    /// Of `errors`, those whose message names the `reached_marker` (calls that had reached
+    /// the provider it names); 0 without a marker.
+    #[serde(default)]
+    pub errors_reached: u64,
+    /// The first error that does not name the marker, when a marker was given.
+    #[serde(default)]
+    pub first_unreached_error: Option<String>,
     /// Length of the measured phase in seconds.
     pub seconds: f64,
     /// Successful requests per second over the measured phase.
@@ -163,6 +174,9 @@ struct Recorder {
     ok: u64,
     errors: u64,
     first_error: Option<String>,
+    marker: Option<String>,
+    errors_reached: u64,
+    first_unreached_error: Option<String>,
 }
 
 impl Recorder {
@@ -182,6 +196,13 @@ impl Recorder {
             }
             (_, Err(e)) => {
                 self.errors += 1;
+                match &self.marker {
+                    Some(m) if e.contains(m.as_str()) => self.errors_reached += 1,
+                    Some(_) => {
+                        self.first_unreached_error.get_or_insert(e.clone());
+                    }
+                    None => {}
+                }
                 self.first_error.get_or_insert(e);
             }
         }
@@ -278,6 +299,9 @@ pub async fn run(spec: &LoadSpec) -> Result<LoadReport> {
         ok: 0,
         errors: 0,
         first_error: None,
+        marker: spec.reached_marker.clone(),
+        errors_reached: 0,
+        first_unreached_error: None,
     }));
     let client = client(spec.proto);
     let (sent, seconds) = match spec.closed {
@@ -291,6 +315,8 @@ pub async fn run(spec: &LoadSpec) -> Result<LoadReport> {
         ok: r.ok,
         errors,
         first_error: r.first_error.clone(),
+        errors_reached: r.errors_reached,
+        first_unreached_error: r.first_unreached_error.clone(),
         seconds,
         achieved_rps: r.ok as f64 / seconds.max(1e-9),
         latency: Percentiles::of(&r.measured),

@@ -95,6 +95,8 @@ pub struct Peer {
     /// Entry port for HTTP/2 (prior knowledge) clients.
     pub entry_h2: u16,
     dir: tempfile::TempDir,
+    /// The ports the configurations name, held for the peer's life (see `ReservedPort`).
+    _ports: Vec<capmesh_tests::ReservedPort>,
 }
 
 impl Peer {
@@ -103,7 +105,13 @@ impl Peer {
         let program = which(kind.program())?;
         let dir = tempfile::tempdir()?;
         let c = certs(dir.path())?;
-        let (h1, h2, tls) = (free_port()?, free_port()?, free_port()?);
+        // nginx and HAProxy cannot report ports they picked: theirs are reserved instead.
+        let ports = [
+            capmesh_tests::reserve_port()?,
+            capmesh_tests::reserve_port()?,
+            capmesh_tests::reserve_port()?,
+        ];
+        let (h1, h2, tls) = (ports[0].port(), ports[1].port(), ports[2].port());
         let (front_cfg, back_cfg) = match kind {
             Kind::Nginx => (nginx_front(&c, h1, h2, tls), nginx_back(&c, tls, upstream)),
             Kind::Haproxy => (haproxy_front(&c, h1, tls), haproxy_back(&c, tls, upstream)),
@@ -139,6 +147,7 @@ impl Peer {
             entry_h1: h1,
             entry_h2: if kind == Kind::Nginx { h2 } else { h1 },
             dir,
+            _ports: ports.into(),
         };
         peer.wait_listening(&[h1, tls])?;
         Ok(peer)
@@ -205,12 +214,6 @@ impl Drop for Peer {
             }
         }
     }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
 }
 
 /// Finds `name` on PATH or in the sbin directories Debian installs servers to.

@@ -25,6 +25,9 @@ use crate::load::{LoadReport, Proto};
 use crate::peers::{Kind, Peer};
 use crate::procstat::CpuMeter;
 
+/// The agent name of the provider killed mid-run.
+const VICTIM: &str = "echo-victim";
+
 /// How the processes under test are set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Setup {
@@ -74,7 +77,8 @@ pub struct Point {
     pub cores: Vec<f64>,
     /// Per proxy instance: RSS at the end of the measured phase (KiB).
     pub rss_kib: Vec<u64>,
-    /// Whether a clean run must have zero errors (all but the kill scenario).
+    /// Whether a clean run must have zero errors (all but the kill scenario, which must have
+    /// zero errors that had not reached the killed provider).
     pub zero_errors_expected: bool,
 }
 
@@ -238,6 +242,9 @@ impl Runner {
             Load::Rate(r) => {
                 args.extend(["--rate".into(), r.to_string()]);
                 if mid_run.is_some() {
+                    // A call that failed inside the victim names it; every other failure is
+                    // a call the mesh lost.
+                    args.extend(["--reached-marker".into(), format!("agent/{VICTIM}")]);
                     (d.warmup, d.kill_measure)
                 } else {
                     (d.warmup, d.measure)
@@ -374,6 +381,20 @@ impl Runner {
                 .map(|c| (c * 100.0).round() / 100.0)
                 .collect::<Vec<_>>()
         );
+        let lost = r.errors.saturating_sub(r.errors_reached);
+        if !point.zero_errors_expected && lost > 0 {
+            self.failures.push(format!(
+                "{} {} {}: {lost} of {} calls failed that had not reached the killed provider (first: {})",
+                point.path,
+                point.load,
+                proto,
+                r.sent,
+                r.first_unreached_error
+                    .as_deref()
+                    .or(r.first_error.as_deref())
+                    .unwrap_or("?")
+            ));
+        }
         if point.zero_errors_expected && r.errors > 0 {
             self.failures.push(format!(
                 "{} {} {}: {} of {} calls failed (first: {})",
@@ -542,9 +563,12 @@ fn own_cpus() -> String {
 }
 
 /// Starts the echo upstream as its own process (so it can be metered and pinned like the
-/// proxies); returns it and its port.
-async fn start_echo(exe: &Path) -> Result<(tokio::process::Child, u16)> {
-    let port = capmesh_tests::free_port()?;
+/// proxies); returns it, its port and the port's reservation (hold it while the echo runs).
+async fn start_echo(
+    exe: &Path,
+) -> Result<(tokio::process::Child, u16, capmesh_tests::ReservedPort)> {
+    let reserved = capmesh_tests::reserve_port()?;
+    let port = reserved.port();
     let child = tokio::process::Command::new(exe)
         .args(["echo", "--listen", &format!("127.0.0.1:{port}")])
         .stdout(Stdio::null())
@@ -562,7 +586,7 @@ async fn start_echo(exe: &Path) -> Result<(tokio::process::Child, u16)> {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    Ok((child, port))
+    Ok((child, port, reserved))
 }
 
 /// Runs the suite; returns the failures (calls that failed where none should).
@@ -598,7 +622,7 @@ pub async fn run(opts: Options) -> Result<Vec<String>> {
     }))?;
 
     eprintln!("== starting the paths ({:?})", opts.setup);
-    let (echo, echo_port) = start_echo(&exe).await?;
+    let (echo, echo_port, _echo_port_held) = start_echo(&exe).await?;
     let echo_pid = echo.id().context("the echo server exited")?;
     let echo_url = format!("http://127.0.0.1:{echo_port}/mcp");
     let direct = Target {
@@ -692,15 +716,18 @@ pub async fn run(opts: Options) -> Result<Vec<String>> {
             // Start the new sidecars together, then wait for each.
             let mut fresh = vec![];
             while providers.len() + fresh.len() < count {
-                let token = cp.token("default", "echo").await?;
-                fresh.push(ProxyProcess::spawn(
-                    &proxy_bin,
-                    &cp,
-                    &token,
-                    "echo",
-                    Some(&echo_url),
-                    &[],
-                )?);
+                // The tenth provider, killed later, has a name of its own (same capability)
+                // so that calls that failed inside it can be told from calls the mesh lost.
+                let name = if providers.len() + fresh.len() + 1 == 10 {
+                    VICTIM
+                } else {
+                    "echo"
+                };
+                let token = cp.token("default", name).await?;
+                fresh.push(
+                    ProxyProcess::spawn(&proxy_bin, &cp, &token, name, Some(&echo_url), &[])
+                        .await?,
+                );
             }
             for mut p in fresh {
                 p.wait_ready(Duration::from_secs(30)).await?;

@@ -99,8 +99,8 @@ pub async fn run_rotation<R: Renew>(
             Err(e) => {
                 tracing::warn!(
                     error = %e,
-                    retry_in = ?retry,
-                    expires_in = ?current.not_after().duration_since(SystemTime::now()).unwrap_or_default(),
+                    retry_in_s = retry.as_secs(),
+                    expires_in_s = current.not_after().duration_since(SystemTime::now()).unwrap_or_default().as_secs(),
                     "certificate renewal failed; still serving the current certificate"
                 );
                 wait = retry;

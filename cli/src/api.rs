@@ -226,7 +226,13 @@ impl Api {
             ClientError::Refused { refusal, .. } => ApiError::Untrusted {
                 url,
                 ca: self.ca.clone(),
-                detail: refusal.to_string(),
+                // Said from this side: the server's certificate against the bundle we hold.
+                detail: match refusal {
+                    capmesh_certs::Refusal::UnknownCa => {
+                        "its certificate does not chain to that CA".to_owned()
+                    }
+                    other => other.to_string(),
+                },
             },
             ClientError::Handshake { source, .. } => ApiError::Unreachable {
                 url: url.clone(),

@@ -18,8 +18,8 @@ use capmesh_api::{
 };
 use capmesh_certs::{Credential, CredentialCell, SpiffeId, TrustConfig, TrustStore, WorkloadKey};
 use capmesh_proxy::balance::{pick, rank};
+use capmesh_proxy::contract::CALL_PATH;
 use capmesh_proxy::mcp::{Id, find_response};
-use capmesh_proxy::outbound::CALL_PATH;
 use capmesh_proxy::pool::{PeerError, PeerPool};
 use http::{Method, Request, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
@@ -253,6 +253,14 @@ pub async fn run(
                 last = why;
                 continue;
             }
+            Ok(Err(Attempt::Failed(why))) => {
+                return Err(CallError::AllFailed {
+                    capability: capability.to_string(),
+                    tried: tried.len(),
+                    last: format!("{provider}: {why} (not retried: it may have run)"),
+                }
+                .into());
+            }
             Ok(Ok(answer)) => answer,
         };
         let served = Served {
@@ -384,11 +392,15 @@ struct Answer {
     body: Bytes,
 }
 
-/// Why an attempt did not get an answer worth reporting, and another endpoint may be tried.
+/// Why an attempt did not get an answer worth reporting, sorted by the mesh's retry rule
+/// (`capmesh_proxy::forward::retry`): only what cannot have reached the agent is sent again.
 #[derive(Debug)]
 enum Attempt {
-    /// Connect, TLS or HTTP/2 failure before response headers, or a 503.
+    /// It certainly did not reach the agent (connect, TLS, unsent, refused, the mesh's 503):
+    /// another endpoint may be tried.
     Unavailable(String),
+    /// It may have reached the agent: a `tools/call` is not sent again.
+    Failed(String),
 }
 
 /// Sends one `tools/call` to one provider and reads the whole answer.
@@ -417,9 +429,20 @@ async fn send(pool: &PeerPool, endpoint: &Endpoint, arguments: Value) -> Result<
     let response = pool
         .send(&endpoint.address, &endpoint.identity, request)
         .await
-        .map_err(|e: PeerError| Attempt::Unavailable(e.to_string()))?;
+        .map_err(|e: PeerError| {
+            if e.may_have_reached() {
+                Attempt::Failed(e.to_string())
+            } else {
+                Attempt::Unavailable(e.to_string())
+            }
+        })?;
     let status = response.status();
-    if status == StatusCode::SERVICE_UNAVAILABLE {
+    // The mesh answers 503 (marked) only for what did not reach an agent.
+    if status == StatusCode::SERVICE_UNAVAILABLE
+        && response
+            .headers()
+            .contains_key(capmesh_proxy::contract::ERROR_HEADER)
+    {
         let body = Limited::new(response.into_body(), 64 * 1024)
             .collect()
             .await
@@ -437,7 +460,7 @@ async fn send(pool: &PeerPool, endpoint: &Endpoint, arguments: Value) -> Result<
     let body = Limited::new(response.into_body(), MAX_ANSWER)
         .collect()
         .await
-        .map_err(|e| Attempt::Unavailable(format!("reading the answer failed: {e}")))?
+        .map_err(|e| Attempt::Failed(format!("reading the answer failed: {e}")))?
         .to_bytes();
     Ok(Answer {
         status,
@@ -523,7 +546,9 @@ fn finish(
         }
         output::print_json(&out)?;
     } else {
-        let mut text = format!("served by {provider} in {ms} ms\n");
+        // The result alone on stdout (`capmesh call … > answer.txt`); who served it is a note.
+        eprintln!("served by {provider} in {ms} ms");
+        let mut text = String::new();
         if let Some(result) = response.get("result") {
             text.push_str(&result_text(result));
             if !text.ends_with('\n') {

@@ -63,7 +63,9 @@ pub enum InjectYamlError {
         detail: String,
     },
     /// A workload cannot be injected.
-    #[error("document {number} (from line {first_line}), {object}: {source}")]
+    // `problem` is part of this message and deliberately not an error `source`: an error chain
+    // printed in full would say it twice.
+    #[error("document {number} (from line {first_line}), {object}: {problem}")]
     Inject {
         /// 1-based, counting the non-empty documents.
         number: usize,
@@ -72,7 +74,7 @@ pub enum InjectYamlError {
         /// `Deployment/weather`.
         object: String,
         /// Why.
-        source: InjectError,
+        problem: InjectError,
     },
     /// A changed document could not be written back as YAML.
     #[error("document {number}: cannot write it back as YAML: {detail}")]
@@ -93,27 +95,73 @@ pub struct Injected {
     pub report: Vec<String>,
 }
 
-/// Runs `capmesh inject`.
-pub fn run(args: InjectArgs) -> anyhow::Result<()> {
-    let text = if args.file.as_os_str() == "-" {
+/// Reads the input: a file, or standard input for `-`. Errors say which and why.
+fn read_input(file: &std::path::Path) -> anyhow::Result<String> {
+    if file.as_os_str() == "-" {
         let mut text = String::new();
-        std::io::stdin().read_to_string(&mut text).map_err(|e| {
-            anyhow::anyhow!("cannot read standard input as UTF-8 text: {e}; pass YAML or -f FILE")
-        })?;
-        text
-    } else {
-        std::fs::read_to_string(&args.file).map_err(|e| {
+        return match std::io::stdin().read_to_string(&mut text) {
+            Ok(_) => Ok(text),
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => anyhow::bail!(
+                "standard input is not UTF-8 text: pass Kubernetes YAML, or a file with -f FILE"
+            ),
+            Err(e) => anyhow::bail!("cannot read standard input: {e}; pass YAML or -f FILE"),
+        };
+    }
+    let shown = file.display();
+    std::fs::read_to_string(file).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => {
             anyhow::anyhow!(
-                "-f {}: cannot read it as UTF-8 text: {e}; check the path",
-                args.file.display()
+                "-f {shown}: no such file: check the path (or use -f - for standard input)"
             )
-        })?
+        }
+        std::io::ErrorKind::InvalidData => {
+            anyhow::anyhow!("-f {shown}: not UTF-8 text: pass a Kubernetes YAML file")
+        }
+        std::io::ErrorKind::IsADirectory => {
+            anyhow::anyhow!("-f {shown}: is a directory: pass one YAML file")
+        }
+        _ => anyhow::anyhow!("-f {shown}: cannot read it: {e}"),
+    })
+}
+
+/// The injected stream as one JSON document: the object itself when there is one, else a
+/// `kind: List` of them (what `kubectl apply -f -` takes either way).
+pub fn to_json(yaml: &str) -> anyhow::Result<String> {
+    let mut objects = Vec::new();
+    for chunk in split(yaml) {
+        let value: Yaml = serde_yaml_ng::from_str(chunk.text)
+            .map_err(|e| anyhow::anyhow!("cannot convert the result to JSON: {e}"))?;
+        if value.is_null() {
+            continue;
+        }
+        let json = serde_json::to_value(&value).map_err(|e| {
+            anyhow::anyhow!("cannot convert document {} to JSON: {e}", objects.len() + 1)
+        })?;
+        objects.push(json);
+    }
+    let doc = if objects.len() == 1 {
+        objects.remove(0)
+    } else {
+        serde_json::json!({"apiVersion": "v1", "kind": "List", "items": objects})
     };
+    let mut text = serde_json::to_string_pretty(&doc)?;
+    text.push('\n');
+    Ok(text)
+}
+
+/// Runs `capmesh inject`: the result goes to stdout as YAML (documents not changed are printed
+/// as written), or as JSON with `--output json`; what happened to each workload goes to stderr.
+pub fn run(args: InjectArgs, output: crate::Output) -> anyhow::Result<()> {
+    let text = read_input(&args.file)?;
     let config = InjectConfig::from(args.settings);
     let injected = inject_stream(&text, &config)?;
+    let printed = match output {
+        crate::Output::Json => to_json(&injected.yaml)?,
+        crate::Output::Table => injected.yaml,
+    };
     let mut stdout = std::io::stdout().lock();
     match stdout
-        .write_all(injected.yaml.as_bytes())
+        .write_all(printed.as_bytes())
         .and_then(|()| stdout.flush())
     {
         Ok(()) => {}
@@ -244,11 +292,11 @@ pub fn inject_stream(input: &str, config: &InjectConfig) -> Result<Injected, Inj
             out.push_str(chunk.text);
             continue;
         };
-        let fail = |object: &Json, source| InjectYamlError::Inject {
+        let fail = |object: &Json, problem| InjectYamlError::Inject {
             number,
             first_line: chunk.first_line,
             object: describe(object),
-            source,
+            problem,
         };
         let mut changed = false;
         let items: Vec<&mut Json> = if object["kind"] == "List" {

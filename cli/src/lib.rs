@@ -21,6 +21,8 @@ pub mod demo;
 pub mod entity;
 pub mod inject;
 pub mod list;
+pub mod local_mesh;
+pub mod mesh_settings;
 pub mod multicall;
 pub mod output;
 pub mod policy;

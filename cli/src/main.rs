@@ -11,6 +11,7 @@ use capmesh::call::CallArgs;
 use capmesh::cert::CertCommand;
 use capmesh::entity::EntityCommand;
 use capmesh::list::ListArgs;
+use capmesh::mesh_settings::MeshSettingsCommand;
 use capmesh::policy::PolicyCommand;
 use capmesh::settings::ArgSources;
 use capmesh::status::StatusArgs;
@@ -32,10 +33,12 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
         capmesh call get_weather --args '{\"city\":\"Paris\"}' --tags +fast\n  \
         capmesh token create --agent weather > weather.token\n  \
         capmesh inject -f deployment.yaml | kubectl apply -f -\n  \
+        capmesh settings set --request-timeout 30s --propagate-headers x-tenant-id\n  \
         capmesh --control-plane https://cp.example:8000 --control-plane-ca ca.pem \\\n    \
             --admin-token-file admin-token list endpoints --output json\n\n\
-        Settings come from flags, then CAPMESH_* variables, then ~/.config/capmesh/config.toml\n\
-        (keys control_plane, control_plane_ca, admin_token, admin_token_file), then ./capmesh-data.\n\
+        Where the control plane is comes from flags, then CAPMESH_* variables, then\n\
+        ~/.config/capmesh/config.toml (keys control_plane, control_plane_ca, admin_token,\n\
+        admin_token_file), then a running `capmesh up` or `capmesh demo --keep`, then ./capmesh-data.\n\
         Exit codes: 0 success, 1 failure (including a tool that reported an error), 2 bad usage."
 )]
 struct Cli {
@@ -112,6 +115,12 @@ enum Command {
     )]
     Policy(PolicyCommand),
 
+    /// Get or change the mesh-wide settings: propagated headers, default request timeout,
+    /// retry budget (pushed to every proxy like the policy).
+    // Its examples are on the subcommands.
+    #[command(subcommand)]
+    Settings(MeshSettingsCommand),
+
     /// Add the capmesh sidecar to Kubernetes workloads in YAML (a file or standard input) and
     /// print the result. Works offline.
     // Its examples and per-pod annotations are on `InjectArgs` itself.
@@ -125,16 +134,19 @@ enum Command {
     )]
     Cert(CertCommand),
 
-    /// Run the control plane (the flags of capmesh-control-plane).
-    #[command(hide = true, disable_help_flag = true)]
+    /// Run the control plane in this process (the flags of capmesh-control-plane; see
+    /// `capmesh control-plane --help`).
+    #[command(disable_help_flag = true)]
     ControlPlane(PassThrough),
 
-    /// Run a sidecar proxy (the flags of capmesh-proxy).
-    #[command(hide = true, disable_help_flag = true)]
+    /// Run a sidecar proxy in this process (the flags of capmesh-proxy; see
+    /// `capmesh proxy --help`).
+    #[command(disable_help_flag = true)]
     Proxy(PassThrough),
 
-    /// Run an example MCP agent (the demo's agents; dispatched before this parser runs).
-    #[command(hide = true, disable_help_flag = true)]
+    /// Run an example MCP agent: llm, flights, weather, planner or all (the demo's agents; see
+    /// `capmesh agent --help`). It prints the MCP URL it serves.
+    #[command(disable_help_flag = true)]
     Agent(PassThrough),
 }
 
@@ -204,8 +216,9 @@ async fn dispatch(cli: Cli, sources: ArgSources) -> anyhow::Result<ExitCode> {
         Command::Entity(cmd) => capmesh::entity::run(&api()?, output, cmd).await?,
         Command::Token(cmd) => capmesh::token::run(&api()?, output, cmd).await?,
         Command::Policy(cmd) => capmesh::policy::run(&api()?, output, cmd).await?,
+        Command::Settings(cmd) => capmesh::mesh_settings::run(&api()?, output, cmd).await?,
         Command::Cert(cmd) => capmesh::cert::run(output, cmd)?,
-        Command::Inject(args) => capmesh::inject::run(args)?,
+        Command::Inject(args) => capmesh::inject::run(args, output)?,
         Command::ControlPlane(_) | Command::Proxy(_) | Command::Agent(_) => {
             anyhow::bail!(
                 "run `capmesh control-plane …` and `capmesh proxy …` without other flags before them"

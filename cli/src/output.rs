@@ -1,7 +1,8 @@
 //! Printing: aligned tables for people, pretty JSON for scripts, and times as people read them
 //! ("in 23h 59m", "5m 2s ago").
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// How results are printed (`--output`).
@@ -21,6 +22,45 @@ pub fn print(text: &str) -> std::io::Result<()> {
     match result {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         other => other,
+    }
+}
+
+static STDOUT_CLOSED: AtomicBool = AtomicBool::new(false);
+
+/// Writes a line to stdout for a long-running command (`demo`, `up`): a closed stdout
+/// (`capmesh demo | head -3`) is remembered instead of failing, so the command can stop cleanly
+/// (see [`stdout_closed`]); any other write error is ignored the same way, since there is no one
+/// left to tell.
+pub fn line(text: &str) {
+    if STDOUT_CLOSED.load(Ordering::Relaxed) {
+        return;
+    }
+    let mut out = std::io::stdout().lock();
+    let result = out
+        .write_all(text.as_bytes())
+        .and_then(|()| out.write_all(b"\n"))
+        .and_then(|()| out.flush());
+    if result.is_err() {
+        STDOUT_CLOSED.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Whether a write through [`line`] found stdout closed: the reader went away.
+pub fn stdout_closed() -> bool {
+    STDOUT_CLOSED.load(Ordering::Relaxed)
+}
+
+/// Whether stdout gets colours and bold: a terminal, no `NO_COLOR`, no `TERM=dumb`.
+pub fn colour() -> bool {
+    capmesh_client::process::colour(std::io::stdout().is_terminal())
+}
+
+/// `text` in bold when stdout is coloured ([`colour`]), else as is.
+pub fn bold(text: &str) -> String {
+    if colour() {
+        format!("\x1b[1m{text}\x1b[0m")
+    } else {
+        text.to_owned()
     }
 }
 

@@ -47,6 +47,21 @@ pub async fn run(api: &Api, output: Output, command: PolicyCommand) -> anyhow::R
         }
         PolicyCommand::Set(args) => {
             let policy = read_policy(&args.file)?;
+            let unmatchable = unmatchable_callers(&policy);
+            if !unmatchable.is_empty() {
+                // Best effort: the trust domain makes the suggestion exact.
+                let trust_domain = api
+                    .get::<capmesh_api::Snapshot>("/v1/topology")
+                    .await
+                    .map(|t| t.trust.trust_domain.to_string())
+                    .unwrap_or_else(|_| "capmesh.local".to_owned());
+                for (rule, pattern) in &unmatchable {
+                    eprintln!(
+                        "warning: rule {rule}: \"from\": {pattern:?} can never match a caller: callers are SPIFFE IDs such as spiffe://{trust_domain}/ns/default/agent/planner (or \"unauthenticated\"); did you mean {:?}?",
+                        suggest(pattern, &trust_domain)
+                    );
+                }
+            }
             let stored: Value = api.put("/v1/policies", &policy).await?;
             if output == Output::Json {
                 return output::print_json(&stored);
@@ -94,6 +109,42 @@ pub fn read_policy(file: &std::path::Path) -> anyhow::Result<Policy> {
     serde_json::from_str::<Policy>(&text).map_err(|e| invalid(e.to_string()))
 }
 
+/// Caller patterns that no caller can ever match, with their rule's index: callers are SPIFFE
+/// IDs (`spiffe://…`) or `unauthenticated`, so a pattern whose fixed start is neither (such as
+/// `planner`) is a mistake that silently never applies.
+pub fn unmatchable_callers(policy: &Policy) -> Vec<(usize, String)> {
+    const SCHEME: &str = "spiffe://";
+    let mut found = Vec::new();
+    for (i, rule) in policy.rules.iter().enumerate() {
+        for pattern in &rule.from {
+            if pattern == capmesh_api::UNAUTHENTICATED {
+                continue;
+            }
+            let fixed = pattern.split('*').next().unwrap_or_default();
+            if !(fixed.starts_with(SCHEME) || SCHEME.starts_with(fixed)) {
+                found.push((i, pattern.clone()));
+            }
+        }
+    }
+    found
+}
+
+/// What an unmatchable caller pattern probably meant.
+pub fn suggest(pattern: &str, trust_domain: &str) -> String {
+    if pattern.contains("/agent/") || pattern.starts_with("ns/") {
+        let rest = pattern.trim_start_matches('/');
+        if rest.starts_with("ns/") {
+            format!("spiffe://{trust_domain}/{rest}")
+        } else {
+            format!("spiffe://{rest}")
+        }
+    } else if let Some((ns, name)) = pattern.split_once('/') {
+        format!("spiffe://{trust_domain}/ns/{ns}/agent/{name}")
+    } else {
+        format!("spiffe://{trust_domain}/ns/default/agent/{pattern}")
+    }
+}
+
 /// The first key that is not part of a policy, as `"x"` or `"x" in rule 2`.
 fn unknown_key(value: &Value) -> Option<String> {
     let top = value.as_object()?;
@@ -115,6 +166,39 @@ fn unknown_key(value: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn caller_patterns_that_can_never_match_are_found_with_a_suggestion() {
+        let policy: Policy = serde_json::from_value(serde_json::json!({
+            "default": "allow",
+            "rules": [
+                {"from": ["planner", "spiffe://capmesh.local/ns/default/agent/ok", "*", "unauthenticated", "*/agent/x", "spif*"], "capabilities": ["*"], "action": "deny"},
+                {"from": ["prod/weather-*", "capmesh.local/ns/a/agent/b"], "capabilities": ["*"], "action": "allow"}
+            ]
+        }))
+        .unwrap();
+        let found = unmatchable_callers(&policy);
+        assert_eq!(
+            found,
+            [
+                (0, "planner".to_owned()),
+                (1, "prod/weather-*".to_owned()),
+                (1, "capmesh.local/ns/a/agent/b".to_owned())
+            ]
+        );
+        assert_eq!(
+            suggest("planner", "capmesh.local"),
+            "spiffe://capmesh.local/ns/default/agent/planner"
+        );
+        assert_eq!(
+            suggest("prod/weather-*", "capmesh.local"),
+            "spiffe://capmesh.local/ns/prod/agent/weather-*"
+        );
+        assert_eq!(
+            suggest("capmesh.local/ns/a/agent/b", "x"),
+            "spiffe://capmesh.local/ns/a/agent/b"
+        );
+    }
 
     #[test]
     fn bad_policies_name_the_file_and_the_problem() {

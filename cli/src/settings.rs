@@ -116,6 +116,9 @@ pub enum Origin {
         /// The key.
         key: &'static str,
     },
+    /// The local mesh a running `capmesh up` or `capmesh demo --keep` recorded (the record's
+    /// path).
+    LocalMesh(PathBuf),
     /// The built-in default.
     Default,
 }
@@ -126,7 +129,7 @@ impl Origin {
             Origin::Flag(_) => 3,
             Origin::Env(_) => 2,
             Origin::File { .. } => 1,
-            Origin::Default => 0,
+            Origin::LocalMesh(_) | Origin::Default => 0,
         }
     }
 
@@ -144,6 +147,9 @@ impl fmt::Display for Origin {
             Origin::Flag(flag) => f.write_str(flag),
             Origin::Env(var) => f.write_str(var),
             Origin::File { path, key } => write!(f, "{key} in {}", path.display()),
+            Origin::LocalMesh(path) => {
+                write!(f, "the running local mesh recorded in {}", path.display())
+            }
             Origin::Default => f.write_str("the default"),
         }
     }
@@ -314,11 +320,23 @@ pub struct Settings {
 
 impl Settings {
     /// Resolves the settings: command line, then environment, then the config file, then the
-    /// defaults in `./capmesh-data`. The config file is read here; the token file is read only
-    /// when [`Settings::read_admin_token`] is called.
+    /// local mesh a running `capmesh up` / `capmesh demo --keep` recorded
+    /// ([`crate::local_mesh`]), then the defaults in `./capmesh-data`. The config file is read
+    /// here; the token file is read only when [`Settings::read_admin_token`] is called.
     pub fn resolve(args: &GlobalArgs, sources: &ArgSources) -> Result<Self, SettingsError> {
+        let local = crate::local_mesh::current();
+        Self::resolve_with(args, sources, local)
+    }
+
+    /// [`Settings::resolve`] with the local mesh given (tests).
+    pub fn resolve_with(
+        args: &GlobalArgs,
+        sources: &ArgSources,
+        local: Option<(PathBuf, crate::local_mesh::LocalMesh)>,
+    ) -> Result<Self, SettingsError> {
         let config = load_config(args.config.as_deref())?;
         let file = config.as_ref();
+        let local_origin = || local.as_ref().map(|(p, _)| Origin::LocalMesh(p.clone()));
 
         let control_plane = match (&args.control_plane, file) {
             (Some(url), _) => (
@@ -333,8 +351,13 @@ impl Settings {
                 f.values.control_plane.clone().unwrap_or_default(),
                 f.origin("control_plane"),
             ),
-            _ => (DEFAULT_CONTROL_PLANE.to_owned(), Origin::Default),
+            _ => match (&local, local_origin()) {
+                (Some((_, mesh)), Some(origin)) => (mesh.control_plane.clone(), origin),
+                _ => (DEFAULT_CONTROL_PLANE.to_owned(), Origin::Default),
+            },
         };
+        // The local mesh's trust bundle and token belong to its control plane only.
+        let use_local = matches!(control_plane.1, Origin::LocalMesh(_));
 
         let control_plane_ca = match (&args.control_plane_ca, file) {
             (Some(path), _) => Some((
@@ -350,9 +373,14 @@ impl Settings {
                 .control_plane_ca
                 .as_deref()
                 .map(|p| (f.path_value(p), f.origin("control_plane_ca"))),
-            _ => Path::new(DEFAULT_CONTROL_PLANE_CA)
-                .exists()
-                .then(|| (PathBuf::from(DEFAULT_CONTROL_PLANE_CA), Origin::Default)),
+            _ => match (&local, local_origin()) {
+                (Some((_, mesh)), Some(origin)) if use_local => {
+                    Some((mesh.control_plane_ca.clone(), origin))
+                }
+                _ => Path::new(DEFAULT_CONTROL_PLANE_CA)
+                    .exists()
+                    .then(|| (PathBuf::from(DEFAULT_CONTROL_PLANE_CA), Origin::Default)),
+            },
         };
 
         // Every way of giving the token, best first within the same level: the token itself
@@ -392,11 +420,18 @@ impl Settings {
                 ));
             }
         }
-        if Path::new(DEFAULT_ADMIN_TOKEN_FILE).exists() {
-            candidates.push(TokenSource::File(
-                PathBuf::from(DEFAULT_ADMIN_TOKEN_FILE),
-                Origin::Default,
-            ));
+        match (&local, local_origin()) {
+            (Some((_, mesh)), Some(origin)) if use_local => {
+                candidates.push(TokenSource::File(mesh.admin_token_file.clone(), origin));
+            }
+            _ => {
+                if Path::new(DEFAULT_ADMIN_TOKEN_FILE).exists() {
+                    candidates.push(TokenSource::File(
+                        PathBuf::from(DEFAULT_ADMIN_TOKEN_FILE),
+                        Origin::Default,
+                    ));
+                }
+            }
         }
         // `max_by_key` keeps the last of equals; reverse so the first listed wins ties.
         let admin_token = candidates
@@ -468,7 +503,7 @@ mod tests {
         );
         let mut a = args();
         a.config = Some(path.clone());
-        let s = Settings::resolve(&a, &ArgSources::default()).unwrap();
+        let s = Settings::resolve_with(&a, &ArgSources::default(), None).unwrap();
         assert_eq!(s.control_plane.0, "https://cp.example:8000");
         assert_eq!(
             s.control_plane.1,
@@ -491,7 +526,7 @@ mod tests {
             admin_token_file: Some(ValueSource::EnvVariable),
             ..Default::default()
         };
-        let s = Settings::resolve(&a, &sources).unwrap();
+        let s = Settings::resolve_with(&a, &sources, None).unwrap();
         assert_eq!(s.control_plane.0, "https://flag:1");
         assert_eq!(s.control_plane.1, Origin::Flag("--control-plane"));
         assert_eq!(
@@ -514,7 +549,7 @@ mod tests {
             admin_token_file: Some(ValueSource::CommandLine),
             ..Default::default()
         };
-        let s = Settings::resolve(&a, &sources).unwrap();
+        let s = Settings::resolve_with(&a, &sources, None).unwrap();
         let err = s.read_admin_token().unwrap_err().to_string();
         assert!(
             err.contains("/nonexistent/token") && err.contains("--admin-token-file"),
@@ -526,7 +561,7 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(
-            Settings::resolve(&a, &both),
+            Settings::resolve_with(&a, &both, None),
             Err(SettingsError::TwoTokens)
         ));
     }
@@ -537,7 +572,7 @@ mod tests {
         let path = write_config(dir.path(), "control_plane = \"x\"\nadmin = \"typo\"\n");
         let mut a = args();
         a.config = Some(path.clone());
-        let err = Settings::resolve(&a, &ArgSources::default())
+        let err = Settings::resolve_with(&a, &ArgSources::default(), None)
             .unwrap_err()
             .to_string();
         assert!(
@@ -545,12 +580,58 @@ mod tests {
             "{err}"
         );
         a.config = Some(dir.path().join("missing.toml"));
-        let err = Settings::resolve(&a, &ArgSources::default())
+        let err = Settings::resolve_with(&a, &ArgSources::default(), None)
             .unwrap_err()
             .to_string();
         assert!(
             err.contains("missing.toml") && err.contains("--config"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_running_local_mesh_is_found_unless_something_says_otherwise() {
+        let mesh = crate::local_mesh::LocalMesh {
+            control_plane: "https://127.0.0.1:41000".into(),
+            control_plane_ca: "/tmp/mesh/ca.pem".into(),
+            admin_token_file: "/tmp/mesh/admin-token".into(),
+            data_dir: "/tmp/mesh".into(),
+            pid: 1,
+            started_by: "capmesh up -f demo.yaml".into(),
+        };
+        let record = PathBuf::from("/state/capmesh/local-mesh.json");
+        let local = || Some((record.clone(), mesh.clone()));
+        let dir = tempfile::tempdir().unwrap();
+        // An empty config file, so no user's file takes part.
+        let none = GlobalArgs {
+            config: Some(write_config(dir.path(), "")),
+            ..args()
+        };
+        let s = Settings::resolve_with(&none, &ArgSources::default(), local()).unwrap();
+        assert_eq!(s.control_plane.0, "https://127.0.0.1:41000");
+        assert!(matches!(s.control_plane.1, Origin::LocalMesh(_)));
+        assert_eq!(
+            s.control_plane_ca.as_ref().map(|(p, _)| p.clone()),
+            Some(PathBuf::from("/tmp/mesh/ca.pem"))
+        );
+        assert!(matches!(
+            s.admin_token,
+            Some(TokenSource::File(ref p, Origin::LocalMesh(_))) if p == Path::new("/tmp/mesh/admin-token")
+        ));
+        // A control plane named explicitly is not the local mesh's: its files are not used.
+        let other = GlobalArgs {
+            control_plane: Some("https://cp.example:8000".into()),
+            ..none
+        };
+        let s = Settings::resolve_with(&other, &ArgSources::default(), local()).unwrap();
+        assert_eq!(s.control_plane.0, "https://cp.example:8000");
+        assert!(!matches!(
+            s.control_plane_ca,
+            Some((_, Origin::LocalMesh(_)))
+        ));
+        assert!(!matches!(
+            s.admin_token,
+            Some(TokenSource::File(_, Origin::LocalMesh(_)))
+        ));
     }
 }

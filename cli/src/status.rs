@@ -52,6 +52,7 @@ pub async fn run(api: &Api, output: Output, _args: StatusArgs) -> anyhow::Result
                     "current_version": current,
                     "certificate_not_after_unix": i.certificate_not_after_unix,
                     "healthy": i.healthy,
+                    "health_detail": i.health_detail,
                 })
             })
             .collect();
@@ -139,6 +140,12 @@ pub async fn run(api: &Api, output: Output, _args: StatusArgs) -> anyhow::Result
         );
     } else {
         text.push_str(&table.render());
+        // Why each unhealthy agent is unhealthy, as its sidecar said.
+        for (_, inst) in &rows {
+            if let (false, Some(why)) = (inst.healthy, &inst.health_detail) {
+                text.push_str(&format!("{} unhealthy: {why}\n", inst.proxy_id));
+            }
+        }
     }
     output::print(&text)?;
     Ok(())

@@ -1,14 +1,27 @@
 //! Running a local mesh as child processes: the control plane, agents and their sidecars, each
 //! a real process (killing one is a real crash), with output prefixed by name, readiness
 //! checks, and a clean stop that never leaves a process behind.
+//!
+//! Ports are never picked here: every child binds port 0 itself and reports the port it got
+//! (`--ports-file` for the control plane and the sidecars, `READY <port>` on stdout for the
+//! example agents), so no port is released and reused. A child that exits while the mesh
+//! starts stops the start with that child's own last lines ([`ChildExited`]).
 
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+
+use crate::output;
+
+/// How many of a child's last output lines are kept for an error message.
+const TAIL_LINES: usize = 12;
 
 /// Where a child's output goes.
 #[derive(Debug, Clone)]
@@ -19,11 +32,19 @@ pub enum Output {
     File(PathBuf),
 }
 
+/// What a child printed that the supervisor needs: its last lines and its `READY <port>`.
+#[derive(Debug, Default)]
+struct Seen {
+    tail: VecDeque<String>,
+    ready_port: Option<u16>,
+}
+
 /// One supervised process.
 #[derive(Debug)]
 struct Managed {
     name: String,
     child: Child,
+    seen: Arc<Mutex<Seen>>,
 }
 
 /// The processes of a local mesh.
@@ -32,14 +53,34 @@ pub struct Supervisor {
     children: Vec<Managed>,
 }
 
-/// A free loopback port.
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+/// A child exited before the mesh was up: its name, how it ended and what it said last.
+#[derive(Debug, thiserror::Error)]
+#[error("{name} exited ({status}); its last lines:\n{}", indent(.tail))]
+pub struct ChildExited {
+    /// The child's name (`control-plane`, `weather-proxy`, ...).
+    pub name: String,
+    /// How it ended.
+    pub status: String,
+    /// Its last lines of output, stdout and stderr interleaved.
+    pub tail: Vec<String>,
 }
 
-fn pipe_lines<R>(name: String, reader: R, output: Output)
+fn indent(lines: &[String]) -> String {
+    if lines.is_empty() {
+        return "  (it printed nothing)".to_owned();
+    }
+    lines
+        .iter()
+        .map(|l| format!("  {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn lock(seen: &Mutex<Seen>) -> std::sync::MutexGuard<'_, Seen> {
+    seen.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn pipe_lines<R>(name: String, reader: R, output: Output, seen: Arc<Mutex<Seen>>)
 where
     R: tokio::io::AsyncRead + Unpin + Send + 'static,
 {
@@ -54,8 +95,22 @@ where
             Output::Prefixed => None,
         };
         while let Ok(Some(line)) = lines.next_line().await {
+            {
+                let mut seen = lock(&seen);
+                if seen.ready_port.is_none()
+                    && let Some(port) = line
+                        .strip_prefix("READY ")
+                        .and_then(|p| p.trim().parse().ok())
+                {
+                    seen.ready_port = Some(port);
+                }
+                if seen.tail.len() == TAIL_LINES {
+                    seen.tail.pop_front();
+                }
+                seen.tail.push_back(line.clone());
+            }
             match (&output, file.as_mut()) {
-                (Output::Prefixed, _) => println!("{name:>14} │ {line}"),
+                (Output::Prefixed, _) => output::line(&format!("{name:>14} │ {line}")),
                 (Output::File(_), Some(f)) => {
                     use std::io::Write;
                     let _ = writeln!(f, "{name}: {line}");
@@ -67,7 +122,9 @@ where
 }
 
 impl Supervisor {
-    /// Starts `program args…` as `name`.
+    /// Starts `program args…` as `name`. The child gets this process's environment without
+    /// its `CAPMESH_*` variables (they configure this command, not the mesh it starts), plus
+    /// `env`.
     pub fn spawn(
         &mut self,
         name: &str,
@@ -77,6 +134,11 @@ impl Supervisor {
         output: Output,
     ) -> anyhow::Result<u32> {
         let mut cmd = Command::new(program);
+        for (key, _) in std::env::vars_os() {
+            if key.to_str().is_some_and(|k| k.starts_with("CAPMESH_")) {
+                cmd.env_remove(key);
+            }
+        }
         cmd.args(args)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdin(Stdio::null())
@@ -87,15 +149,17 @@ impl Supervisor {
             .spawn()
             .with_context(|| format!("cannot start {name} ({})", program.display()))?;
         let pid = child.id().unwrap_or(0);
+        let seen = Arc::new(Mutex::new(Seen::default()));
         if let Some(out) = child.stdout.take() {
-            pipe_lines(name.to_owned(), out, output.clone());
+            pipe_lines(name.to_owned(), out, output.clone(), seen.clone());
         }
         if let Some(err) = child.stderr.take() {
-            pipe_lines(name.to_owned(), err, output);
+            pipe_lines(name.to_owned(), err, output, seen.clone());
         }
         self.children.push(Managed {
             name: name.to_owned(),
             child,
+            seen,
         });
         Ok(pid)
     }
@@ -108,14 +172,23 @@ impl Supervisor {
             .is_some_and(|m| matches!(m.child.try_wait(), Ok(None)))
     }
 
-    /// Fails if any child has exited (a mesh with a dead member is not what the user asked for).
-    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+    /// Fails with [`ChildExited`] if any child has exited (a mesh with a dead member is not
+    /// what the user asked for).
+    pub async fn check_alive(&mut self) -> Result<(), ChildExited> {
+        let mut exited = None;
         for m in &mut self.children {
             if let Ok(Some(status)) = m.child.try_wait() {
-                bail!("{} exited unexpectedly ({status})", m.name);
+                exited = Some((m.name.clone(), status.to_string(), m.seen.clone()));
+                break;
             }
         }
-        Ok(())
+        let Some((name, status, seen)) = exited else {
+            return Ok(());
+        };
+        // Its pipes may still hold its last words: give the readers a moment to drain them.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let tail = lock(&seen).tail.iter().cloned().collect();
+        Err(ChildExited { name, status, tail })
     }
 
     /// SIGKILL: the process vanishes, as in a crash.
@@ -153,11 +226,71 @@ impl Supervisor {
         }
         self.children.clear();
     }
+
+    /// Waits for `name`'s `READY <port>` line (an example agent started with `--port 0`).
+    pub async fn ready_port(&mut self, name: &str, timeout: Duration) -> anyhow::Result<u16> {
+        let seen = self
+            .children
+            .iter()
+            .find(|m| m.name == name)
+            .map(|m| m.seen.clone())
+            .with_context(|| format!("no process named {name}"))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(port) = lock(&seen).ready_port {
+                return Ok(port);
+            }
+            self.check_alive().await?;
+            if Instant::now() > deadline {
+                bail!("{name} did not print READY <port> within {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 /// Plain HTTP GET on a loopback port: (status, body).
 pub async fn http_get(port: u16, path: &str) -> anyhow::Result<(u16, String)> {
     Ok(capmesh_client::process::http_get(port, path).await?)
+}
+
+/// Waits until `file` (a child's `--ports-file`) exists and returns its addresses by name,
+/// while `sup` checks nobody died.
+pub async fn wait_ports(
+    sup: &mut Supervisor,
+    what: &str,
+    file: &Path,
+    timeout: Duration,
+) -> anyhow::Result<BTreeMap<String, SocketAddr>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            let ports: BTreeMap<String, String> = serde_json::from_str(&text)
+                .with_context(|| format!("{what}'s ports file {} is unreadable", file.display()))?;
+            return ports
+                .into_iter()
+                .map(|(k, v)| {
+                    let addr = v.parse().with_context(|| {
+                        format!("{what}'s ports file {}: {k} = {v:?}", file.display())
+                    })?;
+                    Ok((k, addr))
+                })
+                .collect();
+        }
+        sup.check_alive().await?;
+        if Instant::now() > deadline {
+            bail!("{what} did not bind its ports within {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The address named `name` in a ports file's addresses.
+pub fn port(ports: &BTreeMap<String, SocketAddr>, name: &str) -> anyhow::Result<u16> {
+    ports
+        .get(name)
+        .map(SocketAddr::port)
+        .with_context(|| format!("the ports file has no {name:?} address"))
 }
 
 /// Waits until `GET path` on `port` answers 200, while `sup` checks nobody died.
@@ -173,13 +306,17 @@ pub async fn wait_ready(
         if let Ok((200, _)) = http_get(port, path).await {
             return Ok(());
         }
-        sup.check_alive()?;
+        sup.check_alive().await?;
         if Instant::now() > deadline {
             let why = http_get(port, path)
                 .await
                 .map(|(_, b)| b)
                 .unwrap_or_default();
-            bail!("{what} was not ready within {timeout:?}: {}", why.trim());
+            bail!(
+                "{what} was not ready within {} s: {}",
+                timeout.as_secs(),
+                why.trim()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -200,9 +337,12 @@ pub async fn wait_port(
         {
             return Ok(());
         }
-        sup.check_alive()?;
+        sup.check_alive().await?;
         if Instant::now() > deadline {
-            bail!("{what} did not open port {port} within {timeout:?}");
+            bail!(
+                "{what} did not open port {port} within {} s",
+                timeout.as_secs()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -23,11 +23,13 @@ pub enum TokenCommand {
         capmesh token create --namespace prod --agent 'weather-*' --ttl 1h --description 'weather pods'\n  \
         capmesh-proxy --agent-name weather --bootstrap-token-file weather.token ...")]
     Create(CreateArgs),
-    /// List bootstrap tokens (never their secrets).
+    /// List bootstrap tokens (never their secrets). The one-shot tokens `capmesh call` made
+    /// for itself and used are left out unless --all is given.
     #[command(after_help = "Examples:\n  \
         capmesh token list\n  \
+        capmesh token list --all\n  \
         capmesh token list --output json | jq -r '.[] | select(.revoked | not) | .id'")]
-    List,
+    List(ListArgs),
     /// Revoke a bootstrap token: no new certificate can be got with it (certificates already
     /// issued stay valid until they expire).
     #[command(after_help = "Examples:\n  \
@@ -51,6 +53,22 @@ pub struct CreateArgs {
     /// A note for people (`capmesh token list` shows it).
     #[arg(long)]
     pub description: Option<String>,
+}
+
+/// Flags of `capmesh token list`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ListArgs {
+    /// Also list the used one-shot tokens of `capmesh call`.
+    #[arg(long)]
+    pub all: bool,
+}
+
+/// Whether `t` is a token `capmesh call` made for its own short-lived identity and has used
+/// (revoked) or let expire: bookkeeping nobody needs to see.
+pub fn is_used_cli_token(t: &TokenInfo, now_unix: i64) -> bool {
+    t.namespace.as_str() == crate::call::CLI_NAMESPACE
+        && t.agent_pattern == crate::call::CLI_AGENT
+        && (t.revoked || t.expires_unix <= now_unix)
 }
 
 /// Flags of `capmesh token revoke`.
@@ -88,7 +106,7 @@ fn parse_ttl(input: &str) -> Result<Duration, String> {
 pub async fn run(api: &Api, output: Output, command: TokenCommand) -> anyhow::Result<()> {
     match command {
         TokenCommand::Create(args) => create(api, output, args).await,
-        TokenCommand::List => list(api, output).await,
+        TokenCommand::List(args) => list(api, output, args).await,
         TokenCommand::Revoke(args) => revoke(api, output, args).await,
     }
 }
@@ -127,14 +145,27 @@ async fn create(api: &Api, output: Output, args: CreateArgs) -> anyhow::Result<(
     Ok(())
 }
 
-async fn list(api: &Api, output: Output) -> anyhow::Result<()> {
-    let raw: Value = api.get("/v1/tokens").await?;
-    if output == Output::Json {
-        return output::print_json(&raw);
-    }
-    let mut tokens: Vec<TokenInfo> = serde_json::from_value(raw)?;
-    tokens.sort_by_key(|t| std::cmp::Reverse(t.expires_unix));
+async fn list(api: &Api, output: Output, args: ListArgs) -> anyhow::Result<()> {
+    let mut tokens: Vec<TokenInfo> = api.get("/v1/tokens").await?;
     let now = output::now_unix();
+    let before = tokens.len();
+    if !args.all {
+        tokens.retain(|t| !is_used_cli_token(t, now));
+    }
+    let hidden = before - tokens.len();
+    let note = || {
+        if hidden > 0 {
+            eprintln!(
+                "({hidden} used one-shot token(s) of `capmesh call` not shown; --all lists them)"
+            );
+        }
+    };
+    if output == Output::Json {
+        output::print_json(&tokens)?;
+        note();
+        return Ok(());
+    }
+    tokens.sort_by_key(|t| std::cmp::Reverse(t.expires_unix));
     let mut table = Table::new(&[
         "ID",
         "NAMESPACE",
@@ -164,6 +195,7 @@ async fn list(api: &Api, output: Output) -> anyhow::Result<()> {
     if table.is_empty() {
         eprintln!("(no bootstrap tokens: `capmesh token create --agent <name>` makes one)");
     }
+    note();
     Ok(())
 }
 

@@ -226,6 +226,120 @@ async fn policy_get_and_set() {
         .fails(1, &["missing.json", "cannot read"]);
     let policy = mesh.capmesh(&["policy", "get"]).json();
     assert_eq!(policy["default"], "deny", "a bad policy changes nothing");
+
+    // A caller pattern that can never match a SPIFFE ID is set (it is valid) with a warning
+    // that shows what was probably meant.
+    let bare = write(
+        dir,
+        "bare.json",
+        r#"{"default": "allow", "rules": [{"from": ["planner"], "capabilities": ["*"], "action": "deny"}]}"#,
+    );
+    let out = mesh.capmesh(&["policy", "set", "-f", &bare]);
+    out.ok();
+    assert!(
+        out.stderr.contains("warning: rule 0")
+            && out.stderr.contains("\"planner\" can never match")
+            && out
+                .stderr
+                .contains("did you mean \"spiffe://capmesh.local/ns/default/agent/planner\""),
+        "{out}"
+    );
+    let good = mesh.capmesh(&["policy", "set", "-f", &file]);
+    assert!(!good.stderr.contains("warning"), "{good}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mesh_settings_get_set_are_validated_stored_and_survive_a_restart() {
+    let mut mesh = Mesh::start(&[]).await;
+    let get = mesh.capmesh(&["settings", "get", "-o", "json"]).json();
+    assert_eq!(get["request_timeout_ms"], 300_000);
+    assert_eq!(get["retry_budget_percent"], 20);
+    assert!(
+        get.get("session_key").is_none(),
+        "the session key is secret: {get}"
+    );
+
+    let out = mesh.capmesh(&[
+        "settings",
+        "set",
+        "--request-timeout",
+        "30s",
+        "--propagate-headers",
+        "x-tenant-id,x-request-*",
+        "--retry-budget",
+        "10",
+    ]);
+    let table = out.ok();
+    for cell in ["30000 ms", "x-tenant-id,x-request-*", "10 % of requests"] {
+        assert!(table.contains(cell), "{cell}: {out}");
+    }
+    // Only what was named changed.
+    let after = mesh.capmesh(&["settings", "get", "-o", "json"]).json();
+    assert_eq!(after["breaker_failures"], 5, "{after}");
+
+    // Bad values are refused, here and by the control plane, and change nothing.
+    mesh.capmesh(&["settings", "set", "--retry-budget", "150"])
+        .fails(
+            1,
+            &[
+                "retry_budget_percent = 150",
+                "0 to 100",
+                "nothing was changed",
+            ],
+        );
+    mesh.capmesh(&["settings", "set", "--propagate-headers", "*"])
+        .fails(1, &["--propagate-headers", "leak every header"]);
+    mesh.capmesh(&["settings", "set", "--request-timeout", "soon"])
+        .fails(2, &["--request-timeout"]);
+    let rest = mesh.cp.rest().unwrap();
+    let token = mesh.cp.admin_token().unwrap();
+    let refused = rest
+        .put::<_, serde_json::Value>(
+            "/v1/settings",
+            &serde_json::json!({"request_timout_ms": 5}),
+            Some(&token),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(refused.status(), Some(400), "{refused}");
+    assert!(
+        refused.to_string().contains("request_timout_ms"),
+        "{refused}"
+    );
+    let refused = rest
+        .put::<_, serde_json::Value>(
+            "/v1/settings",
+            &serde_json::json!({"session_key": "00"}),
+            Some(&token),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        refused.to_string().contains("session_key cannot be set"),
+        "{refused}"
+    );
+    // Changing them needs the admin token.
+    let unauthenticated = rest
+        .put::<_, serde_json::Value>("/v1/settings", &serde_json::json!({}), None)
+        .await
+        .unwrap_err();
+    assert_eq!(unauthenticated.status(), Some(401), "{unauthenticated}");
+    assert_eq!(
+        mesh.capmesh(&["settings", "get", "-o", "json"]).json(),
+        after,
+        "refused changes changed nothing"
+    );
+
+    // Stored: a restarted control plane sends the same settings.
+    mesh.cp.restart().await.unwrap();
+    assert_eq!(
+        mesh.capmesh(&["settings", "get", "-o", "json"]).json(),
+        after
+    );
+    let reset = mesh
+        .capmesh(&["settings", "set", "--reset", "-o", "json"])
+        .json();
+    assert_eq!(reset["request_timeout_ms"], 300_000, "{reset}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -235,7 +349,8 @@ async fn cert_inspect_works_offline() {
     let credential = mesh.cp.credential("default", "weather").await.unwrap();
     let pem = write(dir, "weather.pem", credential.chain_pem());
     // Offline: the control plane settings point nowhere.
-    let nowhere = format!("https://127.0.0.1:{}", closed_port());
+    let closed = closed_port();
+    let nowhere = format!("https://127.0.0.1:{}", closed.port());
     let env = [("CAPMESH_CONTROL_PLANE", nowhere.as_str())];
     let out = mesh.capmesh_with(&env, &["cert", "inspect", &pem]);
     let text = out.ok();
@@ -290,7 +405,8 @@ async fn failures_to_reach_or_convince_the_control_plane_say_how_to_fix_them() {
     let url = mesh.url();
 
     // Nothing listens there.
-    let nowhere = format!("https://127.0.0.1:{}", closed_port());
+    let closed = closed_port();
+    let nowhere = format!("https://127.0.0.1:{}", closed.port());
     for sub in [&["status"][..], &["list"], &["token", "list"]] {
         mesh.capmesh_with(
             &[
@@ -383,7 +499,8 @@ async fn settings_come_from_flags_then_environment_then_config_file_then_data_di
     let out = run(&[], &["status"]);
     assert!(out.ok().contains(&mesh.url()), "{out}");
     // The environment beats the config file...
-    let nowhere = format!("https://127.0.0.1:{}", closed_port());
+    let closed = closed_port();
+    let nowhere = format!("https://127.0.0.1:{}", closed.port());
     run(&[("CAPMESH_CONTROL_PLANE", &nowhere)], &["status"]).fails(1, &[&nowhere]);
     // ...and a flag beats the environment.
     let out = run(

@@ -8,7 +8,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{capmesh_bin, capmesh_in, closed_port, eventually, run_bounded};
+use common::{capmesh_bin, capmesh_in, eventually, run_bounded};
 
 #[test]
 fn every_subcommand_has_help_with_examples() {
@@ -31,6 +31,8 @@ fn every_subcommand_has_help_with_examples() {
         &["policy"],
         &["policy", "get"],
         &["policy", "set"],
+        &["settings", "get"],
+        &["settings", "set"],
         &["cert"],
         &["cert", "inspect"],
     ];
@@ -45,14 +47,18 @@ fn every_subcommand_has_help_with_examples() {
             args.join(" ")
         );
     }
-    // The in-process programs are not advertised, but answer with their own flags.
+    // The in-process programs are listed, and answer with their own flags.
     let top = capmesh_in(dir.path(), &[], &["--help"]);
-    assert!(
-        !top.ok()
-            .lines()
-            .any(|l| l.starts_with("  control-plane ") || l.starts_with("  proxy ")),
-        "{top}"
-    );
+    for program in ["agent", "proxy", "control-plane", "settings"] {
+        assert!(
+            top.ok()
+                .lines()
+                .any(|l| l.starts_with(&format!("  {program} "))),
+            "`capmesh --help` does not list {program}:\n{top}"
+        );
+    }
+    let agent = capmesh_in(dir.path(), &[], &["agent", "--help"]);
+    assert!(agent.ok().contains("--port"), "{agent}");
     let proxy = capmesh_in(dir.path(), &[], &["proxy", "--help"]);
     assert!(
         proxy.ok().contains("--agent-name") && proxy.stdout.contains("--bootstrap-token-file"),
@@ -79,7 +85,12 @@ fn bad_usage_exits_2_and_names_the_problem() {
 async fn control_plane_and_proxy_run_from_the_one_binary() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let (port, admin) = (closed_port(), closed_port());
+    // Ports held for this test, bound by the control plane (see `ReservedPort`).
+    let (port, admin) = (
+        capmesh_tests::reserve_port().unwrap(),
+        capmesh_tests::reserve_port().unwrap(),
+    );
+    let (port, admin) = (port.port(), admin.port());
     let mut child = Command::new(capmesh_bin())
         .arg("control-plane")
         .arg("--data-dir")
@@ -141,4 +152,48 @@ async fn control_plane_and_proxy_run_from_the_one_binary() {
     let mut cmd = Command::new(capmesh_bin());
     cmd.args(["proxy", "--agent-name", "Bad Name"]);
     run_bounded(cmd, Duration::from_secs(30)).fails(2, &["--agent-name", "lowercase"]);
+}
+
+#[test]
+fn a_closed_stdout_ends_every_program_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = capmesh_certs::Ca::generate("capmesh.local".parse().unwrap(), false).unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.root_pem()).unwrap();
+    let app = dir.path().join("app.yaml");
+    std::fs::write(
+        &app,
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: weather, labels: {app: weather}}\nspec:\n  containers: [{name: app, image: x, ports: [{containerPort: 9001}]}]\n",
+    )
+    .unwrap();
+    let (ca_path, app_path) = (ca_file.display().to_string(), app.display().to_string());
+    for args in [
+        &["--help"][..],
+        &["cert", "inspect", &ca_path],
+        &["inject", "-f", &app_path],
+        &["inject", "-f", &app_path, "-o", "json"],
+        &["proxy", "--version"],
+        &["proxy", "--help"],
+        &["control-plane", "--help"],
+        &["agent", "--help"],
+    ] {
+        // `capmesh … | head -0`: the reader is gone before anything is written.
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(capmesh_bin())
+            .args(args)
+            .env_clear()
+            .env("HOME", dir.path())
+            .stdout(writer)
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && !stderr.contains("panicked") && !stderr.contains("Broken pipe"),
+            "capmesh {}: {} {stderr}",
+            args.join(" "),
+            out.status
+        );
+    }
 }

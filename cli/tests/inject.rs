@@ -369,6 +369,13 @@ fn bad_input_names_the_document_and_prints_nothing() {
     ] {
         assert!(out.stderr.contains(word), "{word}: {}", out.stderr);
     }
+    // Said once, not once per level of the error chain.
+    assert_eq!(
+        out.stderr.matches("1 to 65535").count(),
+        1,
+        "{}",
+        out.stderr
+    );
     let bad_name = DEPLOYMENT.replace("{app: weather}", "{app: Weather_Agent}");
     let out = inject(&bad_name, &[]);
     assert_eq!(out.code, 1);
@@ -384,13 +391,37 @@ fn bad_input_names_the_document_and_prints_nothing() {
     assert_eq!(out.code, 2, "{}", out.stderr);
     assert!(out.stderr.contains("--proxy-tls-mode"), "{}", out.stderr);
 
-    // A missing file names the file.
+    // A missing file names the file and says it is missing (not that it is not UTF-8).
     let out = inject("", &["-f", "/nonexistent/app.yaml"]);
     assert_eq!(out.code, 1);
     assert!(
-        out.stderr.contains("/nonexistent/app.yaml"),
+        out.stderr.contains("/nonexistent/app.yaml")
+            && out.stderr.contains("no such file")
+            && !out.stderr.contains("UTF-8"),
         "{}",
         out.stderr
+    );
+}
+
+#[test]
+fn output_json_prints_json_that_says_the_same() {
+    let yaml = inject(&stream(), &[]);
+    assert_eq!(yaml.code, 0, "{}", yaml.stderr);
+    let out = inject(&stream(), &["-o", "json"]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let json: Value = serde_json::from_str(&out.stdout)
+        .unwrap_or_else(|e| panic!("-o json printed no JSON ({e}):\n{}", out.stdout));
+    // Several documents: one List holding them, in order, with the same content as the YAML.
+    assert_eq!(json["kind"], "List", "{json}");
+    let items = json["items"].as_array().unwrap();
+    assert_eq!(items, &documents(&yaml.stdout));
+    // One document: that object itself.
+    let out = inject(DEPLOYMENT, &["--output", "json"]);
+    let one: Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(one["kind"], "Deployment", "{one}");
+    assert!(
+        names(pod_spec(&one), "containers").contains(&"capmesh-proxy".to_owned()),
+        "{one}"
     );
 }
 

@@ -17,7 +17,7 @@ async fn list_shows_agents_capabilities_and_endpoints() {
         .provider(
             "alpha",
             &["weather", "echo"],
-            &["--tags", "fast,eu", "--version", "1.2.0"],
+            &["--tags", "fast,eu", "--agent-version", "1.2.0"],
         )
         .await;
 
@@ -94,7 +94,8 @@ async fn list_shows_agents_capabilities_and_endpoints() {
     // Bad input: an unknown kind of thing; an unreachable control plane.
     mesh.capmesh(&["list", "widgets"])
         .fails(2, &["widgets", "agents", "capabilities", "endpoints"]);
-    let nowhere = format!("https://127.0.0.1:{}", closed_port());
+    let closed = closed_port();
+    let nowhere = format!("https://127.0.0.1:{}", closed.port());
     mesh.capmesh(&["list", "endpoints", "--control-plane", &nowhere])
         .fails(1, &[&nowhere, "capmesh-control-plane"]);
 }
@@ -180,7 +181,8 @@ async fn status_shows_each_proxy_stream_snapshot_and_certificate() {
     );
 
     // Bad input: an unreachable control plane is a failure that says what to do.
-    let nowhere = format!("https://127.0.0.1:{}", closed_port());
+    let closed = closed_port();
+    let nowhere = format!("https://127.0.0.1:{}", closed.port());
     mesh.capmesh(&["status", "--control-plane", &nowhere])
         .fails(
             1,
@@ -201,9 +203,10 @@ async fn call_goes_through_the_mesh_with_tags_versions_and_failover() {
         .provider(
             "alpha",
             &["weather", "echo", "fail"],
-            &["--tags", "fast", "--version", "1.0.0"],
+            &["--tags", "fast", "--agent-version", "1.0.0"],
         )
         .await;
+    // `--version <semver>`, the deprecated spelling of `--agent-version`, still works.
     let (_b, mut pb) = mesh
         .provider(
             "beta",
@@ -223,14 +226,17 @@ async fn call_goes_through_the_mesh_with_tags_versions_and_failover() {
     .await;
 
     let args = r#"{"city":"Paris"}"#;
+    // The result alone on stdout; who served it on stderr.
     let out = mesh.capmesh(&["call", "get_weather", "--args", args]);
     let text = out.ok();
     assert!(
-        text.starts_with("served by spiffe://capmesh.local/ns/default/agent/"),
+        text.ends_with(": sunny in Paris\n") && text.lines().count() == 1,
         "{out}"
     );
     assert!(
-        text.contains(" ms\n") && text.contains(": sunny in Paris"),
+        out.stderr
+            .starts_with("served by spiffe://capmesh.local/ns/default/agent/")
+            && out.stderr.contains(" ms\n"),
         "{out}"
     );
 
@@ -359,16 +365,41 @@ async fn call_goes_through_the_mesh_with_tags_versions_and_failover() {
     let out = mesh.capmesh(&["call", "get_weather", "--args", args]);
     assert!(out.ok().contains("alpha: sunny in Paris"), "{out}");
 
-    // The CLI cleans up after itself: its bootstrap tokens are revoked once used.
-    let tokens = mesh.capmesh(&["token", "list", "-o", "json"]).json();
+    // The CLI cleans up after itself: its bootstrap tokens are revoked once used, and left out
+    // of `token list` (which would otherwise grow by one row per call) unless --all is given.
+    let listed = mesh.capmesh(&["token", "list"]);
+    assert!(
+        !listed.ok().contains("capmesh-system"),
+        "used one-shot tokens of capmesh call are listed:\n{listed}"
+    );
+    assert!(
+        listed
+            .stderr
+            .contains("used one-shot token(s) of `capmesh call` not shown; --all"),
+        "{listed}"
+    );
+    let tokens = mesh
+        .capmesh(&["token", "list", "--all", "-o", "json"])
+        .json();
     let cli_tokens: Vec<_> = tokens
         .as_array()
         .unwrap()
         .iter()
         .filter(|t| t["namespace"] == "capmesh-system")
         .collect();
-    assert!(!cli_tokens.is_empty());
+    assert!(cli_tokens.len() > 10, "{tokens}");
     assert!(cli_tokens.iter().all(|t| t["revoked"] == true), "{tokens}");
+    // The tokens of the two sidecars are still listed by default.
+    let tokens = mesh.capmesh(&["token", "list", "-o", "json"]).json();
+    assert!(
+        tokens
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["namespace"] != "capmesh-system")
+            && tokens.as_array().unwrap().len() >= 2,
+        "{tokens}"
+    );
 }
 
 /// The SNAPSHOT cell (`acked/current`) of a `capmesh status` row: columns are separated by at

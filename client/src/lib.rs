@@ -62,10 +62,7 @@ pub enum ClientError {
         source: std::io::Error,
     },
     /// The TLS handshake broke a verification rule, on either side.
-    #[error(
-        "the TLS handshake with the control plane at {url} was refused: {refusal}: check \
-         --control-plane-ca and that {url} is the control plane"
-    )]
+    #[error("{}", refused_text(url, refusal))]
     Refused {
         /// The control plane's URL.
         url: String,
@@ -176,6 +173,35 @@ pub enum ClientError {
     /// A frame could not be read from the topology stream.
     #[error("reading the topology stream from the control plane failed: {0}")]
     Read(#[from] ReadError),
+}
+
+/// A refused handshake in words of this side: a server certificate *we* refused is described
+/// against the trust bundle we were given, not with the server's wording.
+fn refused_text(url: &str, refusal: &capmesh_certs::Refusal) -> String {
+    use capmesh_certs::Refusal;
+    match refusal {
+        Refusal::UnknownCa => format!(
+            "the server at {url} presented a certificate that does not chain to the trust bundle given \
+             (--control-plane-ca): pass the ca.pem from the data dir of the control plane at {url}, \
+             or check that {url} is that control plane"
+        ),
+        Refusal::Expired | Refusal::NotYetValid => format!(
+            "the server at {url} presented a certificate outside its validity window ({refusal}): \
+             check this machine's clock and the control plane's"
+        ),
+        Refusal::IdentityMismatch { .. } | Refusal::NoIdentity(_) => format!(
+            "the server at {url} is not the control plane this client expects ({refusal}): \
+             check --control-plane and --trust-domain"
+        ),
+        Refusal::PeerAlert(_) => format!(
+            "the control plane at {url} refused this client's certificate ({refusal}): \
+             check that the certificate comes from this mesh's CA and is not revoked"
+        ),
+        other => format!(
+            "the TLS handshake with the control plane at {url} was refused: {other}: check \
+             --control-plane-ca and that {url} is the control plane"
+        ),
+    }
 }
 
 impl ClientError {

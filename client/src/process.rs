@@ -7,18 +7,56 @@ use std::process::ExitCode;
 
 use tracing_subscriber::EnvFilter;
 
+/// The log filter when `RUST_LOG` is not set: `info`, but the MCP SDK (`rmcp`) only from
+/// `warn`, since its INFO lines carry whole debug dumps of every request.
+pub const DEFAULT_LOG_FILTER: &str = "info,rmcp=warn";
+
+/// Whether to colour what goes to a stream: only a terminal, and never with `NO_COLOR` set
+/// (to anything but the empty string) or `TERM=dumb`.
+pub fn colour(stream_is_terminal: bool) -> bool {
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let dumb = std::env::var_os("TERM").is_some_and(|t| t == "dumb");
+    stream_is_terminal && !no_color && !dumb
+}
+
 /// Logs to stderr, text or JSON (`format` = `json`); the level comes from `RUST_LOG`
-/// (default `info`).
+/// (default [`DEFAULT_LOG_FILTER`]). Text is coloured only on a terminal ([`colour`]).
 pub fn init_tracing(format: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     if format == "json" {
         let _ = tracing_subscriber::fmt()
             .json()
             .with_env_filter(filter)
+            .with_writer(std::io::stderr)
             .try_init();
     } else {
-        let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_ansi(colour(std::io::stderr().is_terminal()))
+            .with_writer(std::io::stderr)
+            .try_init();
     }
+}
+
+/// Writes `addresses` (`name` → bound address) to `path` as one JSON object, atomically (a
+/// temporary file renamed into place), so a supervisor that passed port 0 reads whole ports.
+pub fn write_ports_file(
+    path: &std::path::Path,
+    addresses: &[(&str, std::net::SocketAddr)],
+) -> std::io::Result<()> {
+    let map: serde_json::Map<String, serde_json::Value> = addresses
+        .iter()
+        .map(|(name, addr)| ((*name).to_owned(), addr.to_string().into()))
+        .collect();
+    let mut text = serde_json::Value::Object(map).to_string();
+    text.push('\n');
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -521,5 +521,12 @@ async fn host_name_checking_refuses_a_server_from_another_ca() {
     .await
     .unwrap_err();
     assert_eq!(err.refusal(), Some(&Refusal::UnknownCa), "{err}");
-    assert!(err.to_string().contains("unknown CA"), "{err}");
+    // Worded from the client's side: the server's certificate against the bundle it was given.
+    let text = err.to_string();
+    assert!(
+        text.contains("does not chain to the trust bundle given")
+            && text.contains("--control-plane-ca")
+            && !text.contains("mesh CA or a registered entity"),
+        "{err}"
+    );
 }

@@ -101,6 +101,12 @@ pub struct Config {
     #[command(flatten)]
     pub inject: crate::inject::WebhookInjectFlags,
 
+    /// Once the listeners are bound, write their addresses to this file as JSON
+    /// (`{"listen":"127.0.0.1:41000","admin":"127.0.0.1:41001"}`, plus `webhook` when set), so a
+    /// supervisor that passed port 0 learns the ports the system chose. Written atomically.
+    #[arg(long, env = "CAPMESH_PORTS_FILE", value_name = "FILE")]
+    pub ports_file: Option<PathBuf>,
+
     /// Log format: `text` or `json`. The level comes from RUST_LOG (default `info`).
     #[arg(long, env = "CAPMESH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,

@@ -52,7 +52,7 @@ pub mod keys {
     pub const CONSUMER_ONLY: &str = "capmesh.io/consumer-only";
     /// `--tags` (comma-separated).
     pub const TAGS: &str = "capmesh.io/tags";
-    /// `--version`.
+    /// `--agent-version`.
     pub const VERSION: &str = "capmesh.io/version";
     /// `--capability`, one per whitespace-separated word.
     pub const CAPABILITIES: &str = "capmesh.io/capabilities";

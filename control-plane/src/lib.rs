@@ -314,7 +314,7 @@ pub async fn run(
     let policy = store.policy().await?.unwrap_or_default();
     let settings = MeshSettings {
         session_key: session_key(&store, store_key.as_ref()).await?,
-        ..MeshSettings::default()
+        ..store.settings().await?.unwrap_or_default()
     };
     let registry = Arc::new(Registry::new(replica.clone(), bundle, policy, settings));
     // A replica sharing the store learns who else is alive before it serves their instances.
@@ -376,7 +376,11 @@ pub async fn run(
 
     let restored = replicas::restore(&app, config.restart_grace).await?;
     if restored > 0 {
-        tracing::info!(restored, grace = ?config.restart_grace, "serving the stored instances (those of gone replicas until their proxies reconnect)");
+        tracing::info!(
+            restored,
+            grace_ms = config.restart_grace.as_millis() as u64,
+            "serving the stored instances (those of gone replicas until their proxies reconnect)"
+        );
     }
 
     let api = TcpListener::bind(config.listen).await.with_context(|| {
@@ -410,6 +414,17 @@ pub async fn run(
                 config.admin_listen
             )
         })?;
+    if let Some(path) = &config.ports_file {
+        let mut ports = vec![
+            ("listen", api.local_addr()?),
+            ("admin", admin.local_addr()?),
+        ];
+        if let Some((listener, _)) = &webhook {
+            ports.push(("webhook", listener.local_addr()?));
+        }
+        capmesh_client::process::write_ports_file(path, &ports)
+            .with_context(|| format!("--ports-file {}", path.display()))?;
+    }
     tracing::info!(
         api = %api.local_addr()?,
         admin = %admin.local_addr()?,

@@ -46,6 +46,8 @@ struct Instance {
     entity: Option<String>,
     registration: Registration,
     healthy: bool,
+    /// Why the agent is unhealthy, as its proxy said.
+    health_detail: Option<String>,
     connected: bool,
     epoch: u64,
     held: Option<SnapshotVersion>,
@@ -87,6 +89,9 @@ pub struct InstanceRecord {
     pub registration: Registration,
     /// Its agent's health as last reported.
     pub healthy: bool,
+    /// Why its agent is unhealthy, as the proxy said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_detail: Option<String>,
     /// Its certificate's expiry as last seen.
     #[serde(default)]
     pub cert_not_after: Option<i64>,
@@ -412,6 +417,7 @@ impl Registry {
                 entity,
                 registration,
                 healthy,
+                health_detail: None,
                 connected: true,
                 epoch,
                 held: None,
@@ -443,11 +449,13 @@ impl Registry {
         }
     }
 
-    /// Records the agent's health; flips its endpoints when it changed.
-    pub fn set_health(&self, proxy_id: &str, epoch: u64, healthy: bool) {
+    /// Records the agent's health (and why it is unhealthy, when the proxy says); flips its
+    /// endpoints when it changed.
+    pub fn set_health(&self, proxy_id: &str, epoch: u64, healthy: bool, detail: Option<String>) {
         self.with_instance(proxy_id, epoch, |inst| {
             let changed = inst.healthy != healthy;
             inst.healthy = healthy;
+            inst.health_detail = if healthy { None } else { detail };
             changed
         });
     }
@@ -543,6 +551,28 @@ impl Registry {
         inner.policy = (generation, policy);
         inner.changed_for_all = true;
         self.notify(&mut inner);
+    }
+
+    /// Replaces the mesh settings pushed to every proxy; the mesh's session key is kept.
+    /// Unchanged settings are not pushed again.
+    pub fn set_settings(&self, mut settings: MeshSettings) {
+        let mut inner = self.lock();
+        settings.session_key = inner.settings.1.session_key.clone();
+        if inner.settings.1 == settings {
+            return;
+        }
+        let generation = inner.bump();
+        inner.settings = (generation, settings);
+        inner.changed_for_all = true;
+        self.notify(&mut inner);
+    }
+
+    /// The mesh settings in force, without the session key.
+    pub fn settings(&self) -> MeshSettings {
+        MeshSettings {
+            session_key: String::new(),
+            ..self.lock().settings.1.clone()
+        }
     }
 
     /// The full snapshot for a subscriber with these dependencies, and the view to diff from.

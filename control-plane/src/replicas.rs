@@ -8,7 +8,8 @@
 //!   write). A row is claimed only if no newer stream holds it; a lost claim closes our stream.
 //!   Writes that fail (store down) stay dirty and are retried when it answers again.
 //! - [`follow`] (PostgreSQL): the other replicas' changes, pushed by LISTEN/NOTIFY, applied to the
-//!   registry (their instances are served here as "remote"), the policy and the trust bundle.
+//!   registry (their instances are served here as "remote"), the policy, the mesh settings and
+//!   the trust bundle.
 //!   After every (re)connection everything is reloaded, because notifications sent meanwhile
 //!   are lost.
 //! - [`heartbeat`] (PostgreSQL): each replica renews a lease every [`HEARTBEAT`]; the instances
@@ -161,7 +162,10 @@ pub async fn write(app: Arc<App>, mut stop: watch::Receiver<bool>) {
                         app.metrics.store_up.set(1);
                     }
                     if let Some(since) = failing.take() {
-                        tracing::info!(after = ?since.elapsed(), "the store answers again; instance writes resumed");
+                        tracing::info!(
+                            after_ms = since.elapsed().as_millis() as u64,
+                            "the store answers again; instance writes resumed"
+                        );
                     }
                     retry = Duration::from_millis(100);
                     for (w, outcome) in writes.iter().zip(outcomes) {
@@ -250,6 +254,15 @@ pub async fn reload_policy(app: &App) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Reloads the mesh settings from the store and pushes them if they changed (the session key
+/// stays this process's).
+pub async fn reload_settings(app: &App) -> Result<(), StoreError> {
+    if let Some(settings) = app.store.settings().await? {
+        app.registry.set_settings(settings);
+    }
+    Ok(())
+}
+
 /// Reloads the entities: trust bundle applied here and pushed; streams of revoked entities
 /// closed.
 pub async fn reload_entities(app: &App) -> Result<(), crate::rest::ApiError> {
@@ -260,6 +273,7 @@ pub async fn reload_entities(app: &App) -> Result<(), crate::rest::ApiError> {
 /// Loads everything another replica may have changed while we were not listening.
 async fn resync(app: &App) -> Result<(), StoreError> {
     reload_policy(app).await?;
+    reload_settings(app).await?;
     if let Err(e) = reload_entities(app).await {
         tracing::warn!(error = %e.detail, "cannot reload the entities");
     }
@@ -308,6 +322,7 @@ pub async fn follow(
             }
         }
         let mut policy = false;
+        let mut settings = false;
         let mut entities = false;
         let mut ids: BTreeSet<String> = BTreeSet::new();
         for e in batch {
@@ -317,6 +332,7 @@ pub async fn follow(
                     tracing::warn!(reason = %why, "lost the store's change notifications; reconnecting (changes made on other replicas wait until then)");
                 }
                 Followed::Change(Change::Policy) => policy = true,
+                Followed::Change(Change::Settings) => settings = true,
                 Followed::Change(Change::Entities) => entities = true,
                 Followed::Change(Change::Instance(id)) => {
                     ids.insert(id);
@@ -338,6 +354,10 @@ pub async fn follow(
         }
         if policy && let Err(e) = reload_policy(&app).await {
             tracing::warn!(error = %e, "cannot reload the policy another replica changed");
+            resync_pending = true;
+        }
+        if settings && let Err(e) = reload_settings(&app).await {
+            tracing::warn!(error = %e, "cannot reload the settings another replica changed");
             resync_pending = true;
         }
         if entities && let Err(e) = reload_entities(&app).await {
@@ -449,7 +469,7 @@ pub async fn heartbeat(app: Arc<App>, mut stop: watch::Receiver<bool>) {
                     if !app.is_live(&owner) {
                         let n = orphan(&app, &owner, app.grace);
                         if n > 0 {
-                            tracing::warn!(replica = %owner, instances = n, grace = ?app.grace, "replica's lease lapsed: its instances stay while their proxies reconnect elsewhere");
+                            tracing::warn!(replica = %owner, instances = n, grace_ms = app.grace.as_millis() as u64, "replica's lease lapsed: its instances stay while their proxies reconnect elsewhere");
                         }
                     }
                 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use capmesh_api::rest::{CertificateRequest, EntityRequest, ErrorBody, TokenRequest};
-use capmesh_api::{Dependency, DependencyTarget, Policy, Selector};
+use capmesh_api::{Dependency, DependencyTarget, MeshSettings, Policy, Selector};
 use capmesh_certs::SpiffeId;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
@@ -282,12 +282,26 @@ async fn route(
             tracing::info!(rules = policy.rules.len(), "policy replaced");
             ok(&policy)
         }
+        (&Method::GET, ["v1", "settings"]) => {
+            caller.read()?;
+            ok(&app.registry.settings())
+        }
+        (&Method::PUT, ["v1", "settings"]) => {
+            caller.write()?;
+            let body: serde_json::Value = read_json(req.into_body()).await?;
+            let settings = MeshSettings::from_request(&body)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
+            app.store.set_settings(&settings).await?;
+            app.registry.set_settings(settings);
+            tracing::info!("mesh settings replaced");
+            ok(&app.registry.settings())
+        }
         (
             _,
             [
                 "v1",
                 "agents" | "capabilities" | "topology" | "certificates" | "entities" | "tokens"
-                | "policies",
+                | "policies" | "settings",
                 ..,
             ],
         ) => Err(ApiError::method_not_allowed(format!(

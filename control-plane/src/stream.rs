@@ -129,7 +129,9 @@ pub async fn handle(
         proxy_id = %node.proxy_id,
         identity = %peer.identity,
         tools = hello.registration.tools.len(),
-        held = ?hello.version,
+        held = %hello
+            .version
+            .map_or_else(|| "none".to_owned(), |v| v.to_string()),
         "stream opened"
     );
     let lease = app.registry.connect(
@@ -249,7 +251,7 @@ async fn run(
                         }
                         ProxyFrame::Health { healthy, detail } => {
                             tracing::debug!(proxy_id = %proxy_id, healthy, detail = ?detail, "health");
-                            app.registry.set_health(&proxy_id, epoch, healthy);
+                            app.registry.set_health(&proxy_id, epoch, healthy, detail);
                             app.persist(&proxy_id);
                         }
                         ProxyFrame::Register(registration) => {
@@ -288,7 +290,7 @@ async fn run(
         return;
     }
     app.persist(&proxy_id);
-    tracing::info!(proxy_id = %proxy_id, grace = ?app.grace, "stream ended; endpoints withdrawn after the grace period unless it reconnects");
+    tracing::info!(proxy_id = %proxy_id, grace_ms = app.grace.as_millis() as u64, "stream ended; endpoints withdrawn after the grace period unless it reconnects");
     tokio::spawn(async move {
         tokio::time::sleep(app.grace).await;
         app.expire_local(proxy_id, epoch, started_ms).await;

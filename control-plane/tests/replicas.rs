@@ -210,6 +210,32 @@ async fn a_change_made_through_either_replica_reaches_streams_on_the_other() {
         .unwrap();
     assert_eq!(on_a, policy);
 
+    // Mesh settings replaced through B reach the stream on A, the session key untouched.
+    let key_before = planner
+        .snapshot
+        .as_ref()
+        .unwrap()
+        .settings
+        .session_key
+        .clone();
+    assert!(!key_before.is_empty());
+    let _: serde_json::Value = b
+        .rest()
+        .unwrap()
+        .put(
+            "/v1/settings",
+            &serde_json::json!({"request_timeout_ms": 42_000}),
+            Some(&token),
+        )
+        .await
+        .unwrap();
+    planner
+        .until(WAIT, "the settings set through the other replica", |s| {
+            s.settings.request_timeout_ms == 42_000 && s.settings.session_key == key_before
+        })
+        .await
+        .unwrap();
+
     // An entity registered through B is trusted by A; its agent connects to A; revoked through
     // B, its stream on A is closed and every proxy is told.
     let acme = Ca::generate("capmesh.local".parse().unwrap(), false).unwrap();

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use capmesh_api::rest::{Entity, TokenInfo};
-use capmesh_api::{Namespace, Policy};
+use capmesh_api::{MeshSettings, Namespace, Policy};
 use capmesh_control_plane::store::follow::Followed;
 use capmesh_control_plane::store::{
     Backend, Change, InstanceWrite, PgStore, Purpose, SqliteStore, Store, StoreError, StoreKey,
@@ -194,6 +194,20 @@ async fn conformance(subject: Subject) {
     policy = serde_json::from_value(serde_json::json!({"default": "allow", "rules": []})).unwrap();
     s.set_policy(&policy).await.unwrap();
     assert_eq!(s.policy().await.unwrap(), Some(policy.clone()));
+
+    // The mesh settings: none, then replaced whole, never with the session key.
+    assert_eq!(s.settings().await.unwrap(), None);
+    let settings = MeshSettings {
+        request_timeout_ms: 30_000,
+        propagate_headers: vec!["x-tenant-id".into()],
+        session_key: "ab".repeat(32),
+        ..MeshSettings::default()
+    };
+    s.set_settings(&settings).await.unwrap();
+    let read = s.settings().await.unwrap().unwrap();
+    assert_eq!(read.request_timeout_ms, 30_000);
+    assert_eq!(read.propagate_headers, ["x-tenant-id"]);
+    assert!(read.session_key.is_empty(), "the session key is kept apart");
 
     // The session key: the first one offered stays.
     assert_eq!(
@@ -400,6 +414,7 @@ async fn postgres_tells_the_other_replicas_and_only_them() {
     // r1's own change is not reported back to r1; r2's changes are, in commit order.
     r1.set_policy(&Policy::default()).await.unwrap();
     r2.set_policy(&Policy::default()).await.unwrap();
+    r2.set_settings(&MeshSettings::default()).await.unwrap();
     r2.insert_entity(&entity("partner", 1)).await.unwrap();
     r2.revoke_entity("partner", 2).await.unwrap();
     r2.write_instances(&[
@@ -415,6 +430,10 @@ async fn postgres_tells_the_other_replicas_and_only_them() {
     assert_eq!(
         next_change(&mut heard_by_r1).await,
         Followed::Change(Change::Policy)
+    );
+    assert_eq!(
+        next_change(&mut heard_by_r1).await,
+        Followed::Change(Change::Settings)
     );
     assert_eq!(
         next_change(&mut heard_by_r1).await,

@@ -117,9 +117,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         let city = args.city.as_deref().unwrap_or(DEFAULT_CITY);
         let plan = plan_trip(mesh, city).await?;
         let mut out = std::io::stdout().lock();
-        write!(out, "{plan}").context("could not write the plan to stdout")?;
-        out.flush().context("could not write the plan to stdout")?;
-        return Ok(());
+        return match write!(out, "{plan}").and_then(|()| out.flush()) {
+            // `capmesh agent planner | head -3`: the reader has what it wanted.
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+            other => other.context("could not write the plan to stdout"),
+        };
     }
     for (flag, given) in [
         ("--mesh", args.mesh.is_some()),

@@ -211,14 +211,24 @@ async fn route(
 }
 
 /// Serves an agent of `kind` until SIGTERM or Ctrl-C. Prints `READY <port>` on stdout (and
-/// flushes) once listening, so a supervisor can wait for it and learn the port.
+/// flushes) once listening, so a supervisor can wait for it and learn the port, then the MCP
+/// URL it serves, for a person (and for `--agent-url`). A closed stdout does not stop it.
 pub async fn serve(kind: AgentKind, opts: ServeOptions) -> anyhow::Result<()> {
     let server = AgentServer::bind(kind, &opts).await?;
-    let port = server.local_addr().port();
+    let addr = server.local_addr();
+    let host = if addr.ip().is_unspecified() {
+        "127.0.0.1".to_owned()
+    } else {
+        match addr.ip() {
+            std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+            ip => ip.to_string(),
+        }
+    };
+    let port = addr.port();
     let mut out = std::io::stdout().lock();
-    writeln!(out, "READY {port}")
-        .and_then(|()| out.flush())
-        .context("could not print READY on stdout")?;
+    let _ = writeln!(out, "READY {port}")
+        .and_then(|()| writeln!(out, "serving MCP at http://{host}:{port}{MCP_PATH}"))
+        .and_then(|()| out.flush());
     drop(out);
     server.run_until(stop_signal()).await
 }

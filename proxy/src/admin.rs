@@ -1,9 +1,14 @@
 //! Admin endpoints on 127.0.0.1:15020: `/live`, `/ready`, `/metrics`, `/config`. Kept off the
 //! request path (their own listener and tasks).
+//!
+//! The listener serves from the proxy's first moment, before it has a certificate: `/live`
+//! answers 200 as long as the process runs (a Kubernetes liveness probe must not restart a
+//! sidecar that waits for a slow control plane), and `/ready` answers 503 naming what is missing
+//! and why ([`Readiness`]).
 
 use std::convert::Infallible;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
 use std::time::UNIX_EPOCH;
 
 use bytes::Bytes;
@@ -17,6 +22,44 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::Proxy;
+use crate::readiness::{Condition, Readiness};
+
+/// What the admin endpoints see: the reasons from the first moment, the proxy once it exists.
+#[derive(Debug)]
+pub struct AdminState {
+    /// Why each start-up wait is not over yet.
+    pub readiness: Arc<Readiness>,
+    /// Set once the proxy has its certificate and runs.
+    pub proxy: OnceLock<Arc<Proxy>>,
+    /// Whether the proxy serves an agent (`--agent-url` is not `none`).
+    pub has_agent: bool,
+}
+
+impl AdminState {
+    /// The state of a proxy that is starting.
+    pub fn new(readiness: Arc<Readiness>, has_agent: bool) -> Self {
+        Self {
+            readiness,
+            proxy: OnceLock::new(),
+            has_agent,
+        }
+    }
+
+    /// What is still missing before the proxy is ready, each with why; empty when ready.
+    pub fn not_ready(&self) -> Vec<String> {
+        let mut unmet = Vec::new();
+        match self.proxy.get() {
+            None => {
+                unmet.extend([Condition::Certificate, Condition::Snapshot]);
+                if self.has_agent {
+                    unmet.extend([Condition::Registration, Condition::AgentHealth]);
+                }
+            }
+            Some(proxy) => unmet.extend(not_ready(proxy)),
+        }
+        self.readiness.describe(&unmet)
+    }
+}
 
 fn reply(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -28,18 +71,18 @@ fn reply(status: StatusCode, content_type: &'static str, body: String) -> Respon
     r
 }
 
-/// What is still missing before the proxy is ready; empty when ready.
-pub fn not_ready(proxy: &Proxy) -> Vec<&'static str> {
+/// The conditions a running proxy does not meet yet; empty when ready.
+pub fn not_ready(proxy: &Proxy) -> Vec<Condition> {
     let mut missing = Vec::new();
     if !proxy.ready_snapshot.load(Ordering::Acquire) {
-        missing.push("no snapshot from the control plane yet");
+        missing.push(Condition::Snapshot);
     }
     if proxy.agent.is_some() {
         if proxy.registration.borrow().is_none() {
-            missing.push("the agent's tools are not registered yet");
+            missing.push(Condition::Registration);
         }
         if !*proxy.healthy.borrow() {
-            missing.push("the agent is not healthy");
+            missing.push(Condition::AgentHealth);
         }
     }
     missing
@@ -102,12 +145,13 @@ fn config(proxy: &Proxy) -> String {
     serde_json::to_string_pretty(&doc).unwrap_or_default()
 }
 
-async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    match req.uri().path() {
-        "/live" => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    match path {
+        "/live" => return reply(StatusCode::OK, "text/plain", "ok\n".into()),
         "/ready" => {
-            let missing = not_ready(&proxy);
-            if missing.is_empty() {
+            let missing = state.not_ready();
+            return if missing.is_empty() {
                 reply(StatusCode::OK, "text/plain", "ready\n".into())
             } else {
                 reply(
@@ -115,10 +159,23 @@ async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Full<Byte
                     "text/plain",
                     format!("not ready: {}\n", missing.join("; ")),
                 )
-            }
+            };
         }
-        "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics(&proxy)),
-        "/config" => reply(StatusCode::OK, "application/json", config(&proxy)),
+        _ => {}
+    }
+    let Some(proxy) = state.proxy.get() else {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/plain",
+            format!(
+                "starting: {path} is served once the proxy has its certificate; {}\n",
+                state.not_ready().join("; ")
+            ),
+        );
+    };
+    match path {
+        "/metrics" => reply(StatusCode::OK, "text/plain; version=0.0.4", metrics(proxy)),
+        "/config" => reply(StatusCode::OK, "application/json", config(proxy)),
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
@@ -128,17 +185,17 @@ async fn handle(proxy: Arc<Proxy>, req: Request<Incoming>) -> Response<Full<Byte
 }
 
 /// Serves the admin listener until `stop` flips.
-pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+pub async fn serve(state: Arc<AdminState>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
     loop {
         let tcp = tokio::select! {
             _ = stop.changed() => return,
             a = listener.accept() => match a { Ok((tcp, _)) => tcp, Err(_) => continue },
         };
-        let proxy = proxy.clone();
+        let state = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req| {
-                let proxy = proxy.clone();
-                async move { Ok::<_, Infallible>(handle(proxy, req).await) }
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(handle(state, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(tcp), svc)

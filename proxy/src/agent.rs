@@ -21,6 +21,7 @@ use tokio::sync::{Mutex, watch};
 
 use crate::mcp::jsonrpc::Id;
 use crate::mcp::sse::find_response;
+use crate::readiness::{Condition, Readiness, StartupWait};
 use crate::{BoxBody, boxed};
 
 /// The newest session-based protocol version the proxy speaks to agents.
@@ -261,60 +262,70 @@ impl Agent {
         params
     }
 
-    /// Every tool the agent offers (follows `nextCursor`). Re-opens the session once on 404.
+    /// Every tool the agent offers (follows `nextCursor`). An agent that restarted or expired
+    /// the session answers 404 before listing anything: the session is opened again and the
+    /// list asked in it (not a retry: nothing ran).
     pub async fn list_tools(&self) -> anyhow::Result<Vec<AgentTool>> {
-        for attempt in 0..2 {
-            let session = self.session().await?;
-            let mut tools = Vec::new();
-            let mut cursor: Option<String> = None;
-            let mut stale = false;
-            for page in 0..100 {
-                let mut params = json!({});
-                if let Some(c) = &cursor {
-                    params["cursor"] = json!(c);
-                }
-                let body = json!({ "jsonrpc": "2.0", "id": 2 + page, "method": "tools/list", "params": Self::with_meta(&session, params) });
-                let (status, headers, bytes) = self.call(Some(&session), &body).await?;
-                if status == StatusCode::NOT_FOUND && session.id.is_some() {
-                    stale = true;
-                    break;
-                }
-                if !status.is_success() {
-                    bail!("tools/list answered HTTP {status}");
-                }
-                let result = Self::result_of(&headers, &bytes, 2 + page)?;
-                for tool in result
-                    .get("tools")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                {
-                    if let Some(name) = tool.get("name").and_then(Value::as_str) {
-                        tools.push(AgentTool {
-                            name: name.to_owned(),
-                            description: tool
-                                .get("description")
-                                .and_then(Value::as_str)
-                                .map(str::to_owned),
-                            input_schema: tool.get("inputSchema").cloned(),
-                        });
-                    }
-                }
-                cursor = result
-                    .get("nextCursor")
-                    .and_then(Value::as_str)
-                    .map(str::to_owned);
-                if cursor.is_none() {
-                    return Ok(tools);
-                }
-            }
-            if stale && attempt == 0 {
+        let session = self.session().await?;
+        match self.list_tools_in(&session).await? {
+            Some(tools) => Ok(tools),
+            None => {
                 self.forget_session(&session).await;
-                continue;
+                let fresh = self.session().await?;
+                self.list_tools_in(&fresh)
+                    .await?
+                    .context("the agent refused a session it had just opened (404 to tools/list)")
             }
-            bail!("tools/list did not finish (session expired twice or over 100 pages)");
         }
-        bail!("tools/list failed")
+    }
+
+    /// The tools listed in `session`; `None` when the agent no longer knows the session.
+    async fn list_tools_in(
+        &self,
+        session: &AgentSession,
+    ) -> anyhow::Result<Option<Vec<AgentTool>>> {
+        let mut tools = Vec::new();
+        let mut cursor: Option<String> = None;
+        for page in 0..100 {
+            let mut params = json!({});
+            if let Some(c) = &cursor {
+                params["cursor"] = json!(c);
+            }
+            let body = json!({ "jsonrpc": "2.0", "id": 2 + page, "method": "tools/list", "params": Self::with_meta(session, params) });
+            let (status, headers, bytes) = self.call(Some(session), &body).await?;
+            if status == StatusCode::NOT_FOUND && session.id.is_some() {
+                return Ok(None);
+            }
+            if !status.is_success() {
+                bail!("tools/list answered HTTP {status}");
+            }
+            let result = Self::result_of(&headers, &bytes, 2 + page)?;
+            for tool in result
+                .get("tools")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(name) = tool.get("name").and_then(Value::as_str) {
+                    tools.push(AgentTool {
+                        name: name.to_owned(),
+                        description: tool
+                            .get("description")
+                            .and_then(Value::as_str)
+                            .map(str::to_owned),
+                        input_schema: tool.get("inputSchema").cloned(),
+                    });
+                }
+            }
+            cursor = result
+                .get("nextCursor")
+                .and_then(Value::as_str)
+                .map(str::to_owned);
+            if cursor.is_none() {
+                return Ok(Some(tools));
+            }
+        }
+        bail!("tools/list did not finish in 100 pages")
     }
 }
 
@@ -370,20 +381,37 @@ impl RegistrationTemplate {
     }
 }
 
+/// Whether `e` is "nothing accepts connections at the agent's address" (yet).
+fn nothing_listening(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<hyper_util::client::legacy::Error>()
+            .is_some_and(hyper_util::client::legacy::Error::is_connect)
+    })
+}
+
+/// How long an agent may take to start listening beside its sidecar before that is a warning.
+const AGENT_START_GRACE: Duration = Duration::from_secs(2);
+
 /// Watches the agent: registers its tools, re-registers when they change, and reports health.
-/// Checks every second until the agent first answers, then every 5 s.
+/// Checks every second until the agent first answers, then every 5 s. Until then, why it does
+/// not answer is recorded in `readiness` and logged at WARN (within a few seconds, naming the
+/// URL and what it answered; nothing listening yet is normal for [`AGENT_START_GRACE`]).
 pub async fn watch(
     agent: Arc<Agent>,
     template: RegistrationTemplate,
     registration: watch::Sender<Option<Registration>>,
     healthy: watch::Sender<bool>,
+    readiness: Arc<Readiness>,
     mut stop: watch::Receiver<bool>,
 ) {
+    let url = agent.url().to_string();
     let mut failures = 0u32;
+    let mut wait = StartupWait::after("the agent's tools", AGENT_START_GRACE);
     loop {
         match agent.list_tools().await {
             Ok(tools) => {
                 failures = 0;
+                wait.done();
                 let next = template.build(&tools);
                 let changed = registration.borrow().as_ref() != Some(&next);
                 if changed {
@@ -397,8 +425,25 @@ pub async fn watch(
             }
             Err(e) => {
                 failures += 1;
+                let refused = nothing_listening(&e);
+                let said = crate::readiness::error_text(&e);
+                let reason = if refused {
+                    format!("nothing accepts connections at --agent-url {url} ({said})")
+                } else {
+                    format!("the agent at --agent-url {url} answered: {said}")
+                };
+                readiness.waiting(Condition::AgentHealth, reason.clone());
+                if registration.borrow().is_none() {
+                    readiness.waiting(Condition::Registration, reason.clone());
+                    let fix = if refused {
+                        "start the agent, or fix --agent-url (host and port of its MCP endpoint)"
+                    } else {
+                        "check --agent-url: it must be the agent's MCP endpoint itself, such as http://127.0.0.1:8080/mcp"
+                    };
+                    wait.waiting(&reason, fix, refused);
+                }
                 if failures >= 2 && *healthy.borrow() {
-                    tracing::warn!(error = %format!("{e:#}"), "agent is unhealthy");
+                    tracing::warn!(agent_url = %url, error = %format!("{e:#}"), "agent is unhealthy");
                     healthy.send_replace(false);
                 } else {
                     tracing::debug!(error = %format!("{e:#}"), "agent check failed");

@@ -6,6 +6,7 @@
 //! decide which failures are retryable, or hold the endpoint map: the caller keeps one
 //! `Arc<EndpointStats>` per [`EndpointId`] across snapshot updates and reports each outcome.
 
+use std::borrow::Borrow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -160,16 +161,22 @@ impl EndpointStats {
         }
     }
 
-    /// The load P2C compares: the latency estimate at `now` in nanoseconds, times requests in
-    /// flight plus one. An endpoint never observed counts 1 ms.
-    pub fn cost(&self, now: Instant) -> f64 {
+    /// The latency estimate at `now` in nanoseconds (decayed since the last sample), or `None`
+    /// for an endpoint never observed.
+    pub fn estimate(&self, now: Instant) -> Option<f64> {
         let word = self.rtt.load(Ordering::Relaxed);
-        let estimate = if word == UNOBSERVED {
-            DEFAULT_RTT.as_nanos() as f64
-        } else {
-            let (estimate, at) = unpack(word);
-            estimate * decay(elapsed_ms(at, stamp(now)))
-        };
+        if word == UNOBSERVED {
+            return None;
+        }
+        let (estimate, at) = unpack(word);
+        Some(estimate * decay(elapsed_ms(at, stamp(now))))
+    }
+
+    /// The load P2C compares: the latency estimate at `now` in nanoseconds, times requests in
+    /// flight plus one. An endpoint never observed counts 1 ms here; [`pick`] instead takes it
+    /// to be as fast as the endpoint it is compared with.
+    pub fn cost(&self, now: Instant) -> f64 {
+        let estimate = self.estimate(now).unwrap_or(DEFAULT_RTT.as_nanos() as f64);
         estimate * f64::from(self.in_flight().saturating_add(1))
     }
 
@@ -229,17 +236,20 @@ impl Drop for InFlight {
 ///
 /// The result depends only on the snapshot and the selector, so callers compute it once per
 /// snapshot and pass it to [`pick`] on every request.
-pub fn rank<'a>(
-    endpoints: impl IntoIterator<Item = &'a Endpoint>,
+pub fn rank<E: Borrow<Endpoint>>(
+    endpoints: impl IntoIterator<Item = E>,
     selector: &Selector,
-) -> Vec<Vec<&'a Endpoint>> {
-    let mut scored: Vec<(u32, &'a Endpoint)> = endpoints
+) -> Vec<Vec<E>> {
+    let mut scored: Vec<(u32, E)> = endpoints
         .into_iter()
-        .filter(|e| e.healthy)
-        .filter_map(|e| Some((selector.matches(&e.tags, e.version.as_ref())?, e)))
+        .filter(|e| e.borrow().healthy)
+        .filter_map(|e| {
+            let ep = e.borrow();
+            Some((selector.matches(&ep.tags, ep.version.as_ref())?, e))
+        })
         .collect();
-    scored.sort_by(|(sa, a), (sb, b)| sb.cmp(sa).then_with(|| a.id.cmp(&b.id)));
-    let mut ranks: Vec<Vec<&'a Endpoint>> = Vec::new();
+    scored.sort_by(|(sa, a), (sb, b)| sb.cmp(sa).then_with(|| a.borrow().id.cmp(&b.borrow().id)));
+    let mut ranks: Vec<Vec<E>> = Vec::new();
     let mut current = None;
     for (score, endpoint) in scored {
         match ranks.last_mut() {
@@ -254,33 +264,37 @@ pub fn rank<'a>(
 }
 
 /// An endpoint that may take the request, with what is needed to compare and admit it.
-struct Candidate<'a> {
-    endpoint: &'a Endpoint,
+struct Candidate<'a, E> {
+    endpoint: &'a E,
     stats: Option<Arc<EndpointStats>>,
     /// Half-open: the request must claim the probe first.
     probe: bool,
 }
 
-impl Candidate<'_> {
-    fn cost(&self, now: Instant) -> f64 {
-        self.stats
-            .as_ref()
-            .map_or(DEFAULT_RTT.as_nanos() as f64, |s| s.cost(now))
+impl<E> Candidate<'_, E> {
+    /// The latency estimate, `None` for an endpoint never observed.
+    fn estimate(&self, now: Instant) -> Option<f64> {
+        self.stats.as_ref().and_then(|s| s.estimate(now))
+    }
+
+    fn in_flight(&self) -> u32 {
+        self.stats.as_ref().map_or(0, |s| s.in_flight())
     }
 }
 
 /// `endpoint` as a candidate, or `None` when excluded or blocked by its breaker. An endpoint
 /// without stats has never been used and counts as ready.
-fn candidate<'a>(
-    endpoint: &'a Endpoint,
+fn candidate<'a, E: Borrow<Endpoint>>(
+    endpoint: &'a E,
     stats: &impl Fn(&EndpointId) -> Option<Arc<EndpointStats>>,
     exclude: &[EndpointId],
     now: Instant,
-) -> Option<Candidate<'a>> {
-    if exclude.contains(&endpoint.id) {
+) -> Option<Candidate<'a, E>> {
+    let id = &endpoint.borrow().id;
+    if exclude.contains(id) {
         return None;
     }
-    let stats = stats(&endpoint.id);
+    let stats = stats(id);
     let probe = match stats.as_ref().map(|s| s.breaker().admission(now)) {
         None | Some(Admission::Ready) => false,
         Some(Admission::Probe) => true,
@@ -293,18 +307,31 @@ fn candidate<'a>(
     })
 }
 
-/// Power of two choices: the cheaper of two (ties to the first).
-fn cheaper<'a>(a: Candidate<'a>, b: Candidate<'a>, now: Instant) -> Candidate<'a> {
-    if b.cost(now) < a.cost(now) { b } else { a }
+/// Power of two choices: the cheaper of two (ties to the first, itself drawn at random).
+///
+/// The cost is the latency estimate times requests in flight plus one. An endpoint never
+/// observed is taken to be as fast as the other (a neutral first estimate): a new endpoint
+/// gets its share at once instead of waiting until the known one looks slow, and its requests
+/// in flight still count, so a burst is not all sent to it before its first answer.
+fn cheaper<'a, E>(a: Candidate<'a, E>, b: Candidate<'a, E>, now: Instant) -> Candidate<'a, E> {
+    let (ea, eb) = match (a.estimate(now), b.estimate(now)) {
+        (Some(x), Some(y)) => (x, y),
+        (Some(x), None) => (x, x),
+        (None, Some(y)) => (y, y),
+        (None, None) => (1.0, 1.0),
+    };
+    let cost_a = ea * f64::from(a.in_flight().saturating_add(1));
+    let cost_b = eb * f64::from(b.in_flight().saturating_add(1));
+    if cost_b < cost_a { b } else { a }
 }
 
 /// P2C within one rank: two distinct random candidates, the cheaper wins.
-fn choose<'a>(
-    rank: &[&'a Endpoint],
+fn choose<'a, E: Borrow<Endpoint>>(
+    rank: &'a [E],
     stats: &impl Fn(&EndpointId) -> Option<Arc<EndpointStats>>,
     exclude: &[EndpointId],
     now: Instant,
-) -> Option<Candidate<'a>> {
+) -> Option<Candidate<'a, E>> {
     let n = rank.len();
     if n <= 1 {
         return candidate(rank.first()?, stats, exclude, now);
@@ -312,14 +339,14 @@ fn choose<'a>(
     // Usual case: two random endpoints, both usable; two stats lookups in all.
     let a = random_below(n);
     let b = (a + 1 + random_below(n - 1)) % n;
-    let first = candidate(rank[a], stats, exclude, now);
-    let second = candidate(rank[b], stats, exclude, now);
+    let first = candidate(&rank[a], stats, exclude, now);
+    let second = candidate(&rank[b], stats, exclude, now);
     if let (Some(first), Some(second)) = (first, second) {
         return Some(cheaper(first, second, now));
     }
     // Some are excluded or ejected: one pass of reservoir sampling draws two distinct usable
     // endpoints uniformly, without allocating.
-    let mut picked: [Option<Candidate<'a>>; 2] = [None, None];
+    let mut picked: [Option<Candidate<'a, E>>; 2] = [None, None];
     let mut seen = 0usize;
     for endpoint in rank {
         let Some(c) = candidate(endpoint, stats, exclude, now) else {
@@ -345,16 +372,16 @@ fn choose<'a>(
 ///
 /// Walks `ranks` best first; the first rank with an available endpoint (not in `exclude`, its
 /// breaker closed or half-open with the probe free) serves, by power of two choices over
-/// [`EndpointStats::cost`]. That is how `+claude` falls back to `openai`. A half-open pick
-/// claims the endpoint's single probe. When no endpoint is available anywhere, the one whose
-/// ejection ends soonest is returned anyway: never eject below one ready endpoint. `None` only
-/// when every endpoint is excluded, or there are none.
-pub fn pick<'a>(
-    ranks: &[Vec<&'a Endpoint>],
+/// latency estimate × requests in flight. That is how `+claude` falls back to `openai`. A
+/// half-open pick claims the endpoint's single probe. When no endpoint is available anywhere,
+/// the one whose ejection ends soonest is returned anyway: never eject below one ready
+/// endpoint. `None` only when every endpoint is excluded, or there are none.
+pub fn pick<'a, E: Borrow<Endpoint>>(
+    ranks: &'a [Vec<E>],
     stats: &impl Fn(&EndpointId) -> Option<Arc<EndpointStats>>,
     exclude: &[EndpointId],
     now: Instant,
-) -> Option<&'a Endpoint> {
+) -> Option<&'a E> {
     for rank in ranks {
         // A lost probe race blocks that endpoint, so each retry has one fewer candidate.
         for _ in 0..=rank.len() {
@@ -371,18 +398,19 @@ pub fn pick<'a>(
 }
 
 /// The non-excluded endpoint whose ejection ends first (better ranks win ties).
-fn soonest_ready<'a>(
-    ranks: &[Vec<&'a Endpoint>],
+fn soonest_ready<'a, E: Borrow<Endpoint>>(
+    ranks: &'a [Vec<E>],
     stats: &impl Fn(&EndpointId) -> Option<Arc<EndpointStats>>,
     exclude: &[EndpointId],
     now: Instant,
-) -> Option<&'a Endpoint> {
-    let mut best: Option<(&'a Endpoint, i64)> = None;
-    for endpoint in ranks.iter().flatten().copied() {
-        if exclude.contains(&endpoint.id) {
+) -> Option<&'a E> {
+    let mut best: Option<(&'a E, i64)> = None;
+    for endpoint in ranks.iter().flatten() {
+        let id = &endpoint.borrow().id;
+        if exclude.contains(id) {
             continue;
         }
-        let ready_at = match stats(&endpoint.id).map(|s| s.breaker().admission(now)) {
+        let ready_at = match stats(id).map(|s| s.breaker().admission(now)) {
             Some(Admission::Blocked(at)) => at,
             _ => i64::MIN,
         };
@@ -652,7 +680,7 @@ mod tests {
         // Everything excluded: nothing.
         let all: Vec<EndpointId> = endpoints.iter().map(|e| e.id.clone()).collect();
         assert!(pick(&ranks, &stats, &all, now).is_none());
-        assert!(pick(&[], &stats, &[], now).is_none());
+        assert!(pick::<&Endpoint>(&[], &stats, &[], now).is_none());
     }
 
     #[test]
@@ -710,6 +738,45 @@ mod tests {
         assert!((6_000..7_300).contains(&fast), "{counts:?}");
         assert!((2_700..4_000).contains(&medium), "{counts:?}");
         assert_eq!(counts.get("slow"), None, "{counts:?}");
+    }
+
+    #[test]
+    fn a_new_endpoint_takes_its_share_at_once() {
+        // A known endpoint answering in 0.2 ms and a new one never observed. With a pessimistic
+        // first estimate (1 ms) the new one would lose every comparison until the known one
+        // looked slow; with the neutral estimate it is as fast as the one it is compared with.
+        let endpoints = [endpoint("known", &[], None), endpoint("new", &[], None)];
+        let ranks = rank(&endpoints, &Selector::default());
+        let table = Table::new(&endpoints);
+        let now = Instant::now();
+        table
+            .get(&endpoints[0])
+            .observe_at(Outcome::Success, Duration::from_micros(200), now);
+        let stats = table.lookup();
+        let mut new = 0;
+        for _ in 0..1_000 {
+            if pick(&ranks, &stats, &[], now).unwrap().agent.as_str() == "new" {
+                new += 1;
+            }
+        }
+        assert!(
+            (400..600).contains(&new),
+            "the new endpoint got {new} of 1000"
+        );
+        // Its requests in flight count: a burst does not all go to it before it answers.
+        let mut guards = Vec::new();
+        let mut burst_new = 0;
+        for _ in 0..100 {
+            let e = pick(&ranks, &stats, &[], now).unwrap();
+            if e.agent.as_str() == "new" {
+                burst_new += 1;
+            }
+            guards.push(table.get(e).start());
+        }
+        assert!(
+            (30..70).contains(&burst_new),
+            "{burst_new} of a burst of 100"
+        );
     }
 
     #[test]

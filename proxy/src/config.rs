@@ -14,8 +14,6 @@ use clap::Parser;
 #[command(
     name = "capmesh-proxy",
     version,
-    // `--version` is the agent's version (DESIGN); the proxy's own shows in --help.
-    disable_version_flag = true,
     after_help = "Examples:\n  \
   capmesh-proxy --agent-name weather --agent-url http://127.0.0.1:9001/mcp \\\n    \
     --control-plane https://127.0.0.1:8000 --control-plane-ca ./capmesh-data/ca.pem \\\n    \
@@ -104,9 +102,10 @@ pub struct Config {
     #[arg(long, env = "CAPMESH_TAGS", value_delimiter = ',')]
     pub tags: Vec<Tag>,
 
-    /// Version of the agent (semver).
-    #[arg(long, env = "CAPMESH_VERSION", value_parser = capmesh_api::parse_version)]
-    pub version: Option<semver::Version>,
+    /// Version of the agent (semver), matched by consumers' version constraints such as
+    /// '>=1.2'. (`--version` prints the proxy's own version.)
+    #[arg(long, env = "CAPMESH_AGENT_VERSION", value_name = "SEMVER", value_parser = capmesh_api::parse_version)]
+    pub agent_version: Option<semver::Version>,
 
     /// Zone (locality) of this instance.
     #[arg(long, env = "CAPMESH_ZONE")]
@@ -139,34 +138,58 @@ pub struct Config {
     #[arg(long, env = "CAPMESH_PROXY_ID")]
     pub proxy_id: Option<String>,
 
+    /// Once the outbound, inbound and admin listeners are bound, write their addresses to this
+    /// file as JSON (`{"outbound":"127.0.0.1:41001","inbound":…,"admin":…}`), so a supervisor
+    /// that passed port 0 learns the ports the system chose. Written atomically (a rename).
+    #[arg(long, env = "CAPMESH_PORTS_FILE", value_name = "FILE")]
+    pub ports_file: Option<PathBuf>,
+
     /// Log format: text or json. The level comes from RUST_LOG (default info).
     #[arg(long, env = "CAPMESH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+
+    /// Connections each listener (outbound, inbound) holds open at once; more are closed on
+    /// accept and counted in capmesh_proxy_connections_refused_total.
+    #[arg(long, env = "CAPMESH_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
+    /// Time a client has to send a whole HTTP/1 request head (also the longest an HTTP/1
+    /// connection may idle between requests), e.g. 10s.
+    #[arg(long, env = "CAPMESH_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
+    pub header_read_timeout: std::time::Duration,
+
+    /// A connection with no request in flight for this long is closed gracefully, e.g. 5m.
+    #[arg(long, env = "CAPMESH_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
+    pub idle_timeout: std::time::Duration,
+}
+
+fn parse_positive_duration(s: &str) -> Result<std::time::Duration, String> {
+    match capmesh_api::duration::parse_duration(s) {
+        Ok(d) if !d.is_zero() => Ok(d),
+        Ok(_) => Err(format!(
+            "{s:?} is zero: give a positive duration such as 10s"
+        )),
+        Err(e) => Err(format!(
+            "{s:?}: {e} (use a duration such as 500ms, 10s or 5m)"
+        )),
+    }
 }
 
 fn parse_propagated(s: &str) -> Result<String, String> {
-    let s = s.trim().to_ascii_lowercase();
-    if s == "*" {
-        return Err(
-            "'*' would leak every header (cookies, credentials) to every agent: list the names or \
-                    prefixes to carry, such as x-tenant-id,x-request-*"
-                .into(),
-        );
-    }
-    let name = s.strip_suffix('*').unwrap_or(&s);
-    if name.is_empty()
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    {
-        return Err(format!(
-            "{s:?} is not a header name or prefix: use names like x-tenant-id or prefixes like x-request-*"
-        ));
-    }
-    Ok(s)
+    capmesh_api::parse_propagated_header(s)
 }
 
 impl Config {
+    /// What each listener allows its clients.
+    pub fn limits(&self) -> crate::serve::Limits {
+        crate::serve::Limits {
+            max_connections: self.max_connections as usize,
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            ..crate::serve::Limits::default()
+        }
+    }
+
     /// Every tool → capability mapping: `--capability` flags, then `--capabilities-file`.
     pub fn overrides(&self) -> anyhow::Result<Vec<CapabilityOverride>> {
         let mut all = self.capabilities.clone();
@@ -214,6 +237,59 @@ impl Config {
     }
 }
 
+/// `--version <semver>` (and `CAPMESH_VERSION`) named the agent's version before
+/// `--agent-version` existed. When the word after `--version` is a version, it still means that:
+/// the arguments are rewritten to `--agent-version` and a deprecation warning is returned.
+/// `--version` alone (or before another flag) is left for clap, which prints the proxy's version.
+pub fn rewrite_deprecated_version(
+    args: &mut Vec<std::ffi::OsString>,
+    env_version: Option<String>,
+) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let is_version = |s: &str| !s.starts_with('-') && capmesh_api::parse_version(s).is_ok();
+    let mut i = 1;
+    while i < args.len() {
+        let arg = args[i].to_str().unwrap_or_default().to_owned();
+        if arg == "--" {
+            break;
+        }
+        if arg == "--version"
+            && let Some(value) = args.get(i + 1).and_then(|a| a.to_str()).map(str::to_owned)
+            && is_version(&value)
+        {
+            args[i] = "--agent-version".into();
+            warnings.push(format!(
+                "--version {value} is deprecated for the agent's version: use --agent-version {value} (--version alone prints the proxy's version)"
+            ));
+            i += 2;
+            continue;
+        }
+        if let Some(value) = arg.strip_prefix("--version=")
+            && is_version(value)
+        {
+            warnings.push(format!(
+                "--version={value} is deprecated for the agent's version: use --agent-version={value}"
+            ));
+            args[i] = format!("--agent-version={value}").into();
+        }
+        i += 1;
+    }
+    let given = args.iter().any(|a| {
+        a.to_str()
+            .is_some_and(|s| s == "--agent-version" || s.starts_with("--agent-version="))
+    });
+    if let Some(value) = env_version
+        && !given
+        && is_version(&value)
+    {
+        warnings.push(format!(
+            "CAPMESH_VERSION={value} is deprecated for the agent's version: set CAPMESH_AGENT_VERSION={value}"
+        ));
+        args.push(format!("--agent-version={value}").into());
+    }
+    warnings
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -243,6 +319,49 @@ mod tests {
         assert!(err.contains("item 2") && err.contains("caps.yaml"), "{err}");
         std::fs::write(&file, "just: a map\n").unwrap();
         assert!(c.overrides().unwrap_err().to_string().contains("YAML list"));
+    }
+
+    #[test]
+    fn version_prints_the_proxy_and_the_old_agent_version_flag_still_works() {
+        let err = Config::try_parse_from(["capmesh-proxy", "--version"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::DisplayVersion);
+        assert!(err.to_string().contains(env!("CARGO_PKG_VERSION")), "{err}");
+        let err = Config::try_parse_from(["capmesh-proxy", "-V"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::DisplayVersion);
+
+        let mut args: Vec<std::ffi::OsString> =
+            ["capmesh-proxy", "--agent-name", "a", "--version", "1.4.0"]
+                .iter()
+                .map(Into::into)
+                .collect();
+        let warnings = rewrite_deprecated_version(&mut args, None);
+        assert!(
+            warnings[0].contains("--agent-version 1.4.0"),
+            "{warnings:?}"
+        );
+        let c = Config::try_parse_from(&args).unwrap();
+        assert_eq!(c.agent_version.unwrap().to_string(), "1.4.0");
+
+        // Alone, or before another flag, `--version` is the proxy's own.
+        for tail in [&["--version"][..], &["--version", "--agent-name", "a"][..]] {
+            let mut args: Vec<std::ffi::OsString> = std::iter::once("capmesh-proxy")
+                .chain(tail.iter().copied())
+                .map(Into::into)
+                .collect();
+            assert!(rewrite_deprecated_version(&mut args, None).is_empty());
+            assert!(args.iter().all(|a| a != "--agent-version"));
+        }
+        let mut args: Vec<std::ffi::OsString> = ["capmesh-proxy", "--agent-name", "a"]
+            .iter()
+            .map(Into::into)
+            .collect();
+        let warnings = rewrite_deprecated_version(&mut args, Some("2.0.0".into()));
+        assert!(
+            warnings[0].contains("CAPMESH_AGENT_VERSION"),
+            "{warnings:?}"
+        );
+        let c = Config::try_parse_from(&args).unwrap();
+        assert_eq!(c.agent_version.unwrap().to_string(), "2.0.0");
     }
 
     #[test]
@@ -281,7 +400,7 @@ mod tests {
             "capmesh-proxy",
             "--agent-name",
             "a",
-            "--version",
+            "--agent-version",
             "1.2.3",
             "--dependency",
             "fast_llm=llm:+claude",
@@ -289,7 +408,7 @@ mod tests {
             "get_weather=weather@2.0.0#fast",
         ])
         .unwrap();
-        assert_eq!(ok.version.unwrap().to_string(), "1.2.3");
+        assert_eq!(ok.agent_version.unwrap().to_string(), "1.2.3");
         assert_eq!(ok.dependencies.len(), 1);
     }
 }

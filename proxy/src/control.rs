@@ -11,19 +11,34 @@ use tokio::sync::watch;
 
 use crate::Proxy;
 use crate::backoff::ExponentialBackoff;
+use crate::readiness::{Condition, Readiness, StartupWait};
+
+/// The `health` frame for the agent's state: unhealthy ones say why.
+fn health_frame(healthy: bool, readiness: &Readiness) -> ProxyFrame {
+    ProxyFrame::Health {
+        healthy,
+        detail: (!healthy).then(|| readiness.reason(Condition::AgentHealth)),
+    }
+}
 
 /// Runs the stream until `stop` flips; then says goodbye (withdrawing at once).
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     proxy: Arc<Proxy>,
     client: ControlPlaneClient,
     node: Node,
     mut registration: watch::Receiver<Option<Registration>>,
     mut healthy: watch::Receiver<bool>,
+    readiness: Arc<Readiness>,
     mut stop: watch::Receiver<bool>,
     goodbye_sent: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut backoff = ExponentialBackoff::default_stream().backoff();
     let mut goodbye_sent = Some(goodbye_sent);
+    // Waiting for the first snapshot, then for the stream to come back: each logged at WARN
+    // once (then at a bounded interval), not once per attempt.
+    let mut first = StartupWait::new("the first snapshot");
+    let mut reconnect = StartupWait::new("the topology stream to reopen");
     loop {
         if *stop.borrow() {
             break;
@@ -46,7 +61,21 @@ pub async fn run(
             Ok(pair) => pair,
             Err(e) => {
                 let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?delay, "cannot open the topology stream; routing on the last snapshot");
+                let reason = e.to_string();
+                if held.is_none() {
+                    readiness.waiting(Condition::Snapshot, reason.clone());
+                    first.waiting(
+                        &reason,
+                        "start the control plane, or fix --control-plane / --control-plane-ca",
+                        false,
+                    );
+                } else {
+                    reconnect.waiting(
+                        &reason,
+                        "calls keep being routed on the last snapshot; start the control plane or fix --control-plane",
+                        false,
+                    );
+                }
                 tokio::select! {
                     _ = stop.changed() => break,
                     _ = tokio::time::sleep(delay) => continue,
@@ -54,14 +83,20 @@ pub async fn run(
             }
         };
         proxy.metrics.control_plane_connected.set(1);
-        tracing::info!(held = ?held, "topology stream open");
+        first.done();
+        reconnect.done();
+        match held {
+            Some(version) => tracing::info!(held = %version, "topology stream open"),
+            None => {
+                readiness.waiting(
+                    Condition::Snapshot,
+                    "the topology stream is open; waiting for the control plane's first snapshot",
+                );
+                tracing::info!("topology stream open")
+            }
+        }
         let h = *healthy.borrow_and_update();
-        let _ = tx
-            .send(&ProxyFrame::Health {
-                healthy: h,
-                detail: None,
-            })
-            .await;
+        let _ = tx.send(&health_frame(h, &readiness)).await;
         let mut stopping = false;
         loop {
             tokio::select! {
@@ -78,7 +113,7 @@ pub async fn run(
                 changed = healthy.changed() => {
                     if changed.is_err() { continue; }
                     let h = *healthy.borrow_and_update();
-                    if tx.send(&ProxyFrame::Health { healthy: h, detail: None }).await.is_err() {
+                    if tx.send(&health_frame(h, &readiness)).await.is_err() {
                         break;
                     }
                 }
@@ -95,6 +130,9 @@ pub async fn run(
                                 ProxyFrame::Ack { version }
                             }
                             Err((version, error)) => {
+                                if proxy.routing.load().snapshot.is_none() {
+                                    readiness.waiting(Condition::Snapshot, format!("refused the control plane's snapshot {version}: {error}"));
+                                }
                                 tracing::warn!(version = %version, error = %error, "refused a topology update; keeping the current snapshot");
                                 ProxyFrame::Nack { version, error }
                             }

@@ -48,6 +48,25 @@ impl Propagation {
     }
 }
 
+/// The client's headers minus hop-by-hop ones, `host`, the mesh's own (a caller cannot forge
+/// them) and the trace context (continued separately): what passthrough and transparent mode
+/// forward.
+pub fn forwarded(from: &HeaderMap) -> HeaderMap {
+    let mut out = HeaderMap::with_capacity(from.len() + 4);
+    for (name, value) in from {
+        let n = name.as_str();
+        if is_hop_by_hop(n)
+            || n.starts_with(crate::contract::MESH_HEADER_PREFIX)
+            || matches!(n, "traceparent" | "tracestate")
+        {
+            continue;
+        }
+        out.append(name.clone(), value.clone());
+    }
+    continue_trace(from, &mut out);
+    out
+}
+
 /// Headers that belong to one connection, never forwarded (RFC 9110 §7.6.1), plus `host`.
 pub fn is_hop_by_hop(name: &str) -> bool {
     matches!(

@@ -15,6 +15,7 @@ use capmesh_client::{ControlPlaneAddrs, ControlPlaneClient, ServerCheck};
 
 use crate::backoff::ExponentialBackoff;
 use crate::config::Config;
+use crate::readiness::{Condition, Readiness, StartupWait};
 
 /// The control plane's own SPIFFE ID in `trust_domain`.
 pub fn control_plane_id(trust_domain: &capmesh_api::TrustDomain) -> anyhow::Result<SpiffeId> {
@@ -82,8 +83,9 @@ async fn request_certificate(
 }
 
 /// Gets the first certificate. With a bootstrap token this waits for the control plane (the
-/// sidecar may start first), retrying with backoff; a refusal (bad token) fails at once.
-pub async fn obtain(config: &Config) -> anyhow::Result<Identity> {
+/// sidecar may start first), retrying with backoff, and records why it waits in `readiness`
+/// (logged at WARN once, then at a bounded interval); a refusal (bad token) fails at once.
+pub async fn obtain(config: &Config, readiness: &Readiness) -> anyhow::Result<Identity> {
     let id = SpiffeId::new(
         config.trust_domain.clone(),
         config.namespace.clone(),
@@ -124,14 +126,19 @@ pub async fn obtain(config: &Config) -> anyhow::Result<Identity> {
         });
     }
 
-    let token = match (&config.bootstrap_token, &config.bootstrap_token_file) {
-        (Some(t), _) => t.trim().to_owned(),
-        (None, Some(path)) => read(path, "--bootstrap-token-file")?.trim().to_owned(),
-        (None, None) => bail!(
-            "no way to get a certificate: pass --bootstrap-token or --bootstrap-token-file (see `capmesh token create`), \
-             or --tls-cert and --tls-key"
-        ),
+    // The token file is read again before every attempt, so a refused token can be replaced
+    // without restarting the sidecar.
+    let read_token = || -> anyhow::Result<String> {
+        match (&config.bootstrap_token, &config.bootstrap_token_file) {
+            (Some(t), _) => Ok(t.trim().to_owned()),
+            (None, Some(path)) => Ok(read(path, "--bootstrap-token-file")?.trim().to_owned()),
+            (None, None) => bail!(
+                "no way to get a certificate: pass --bootstrap-token or --bootstrap-token-file (see `capmesh token create`), \
+                 or --tls-cert and --tls-key"
+            ),
+        }
     };
+    read_token()?;
     let client = ControlPlaneClient::new(
         control_plane_url(config)?,
         ServerCheck::Spiffe(control_plane_id(&config.trust_domain)?),
@@ -140,9 +147,15 @@ pub async fn obtain(config: &Config) -> anyhow::Result<Identity> {
     )?;
     let mut backoff =
         ExponentialBackoff::new(Duration::from_millis(100), Duration::from_secs(5)).backoff();
+    let mut wait = StartupWait::new("the first certificate");
     loop {
-        match request_certificate(&client, &id, Some(token.clone())).await {
+        let attempt = match read_token() {
+            Ok(token) => request_certificate(&client, &id, Some(token)).await,
+            Err(e) => Err(e),
+        };
+        match attempt {
             Ok(credential) => {
+                wait.done();
                 tracing::info!(identity = %id, serial = %credential.serial(), "got the first certificate");
                 return Ok(Identity {
                     id,
@@ -152,14 +165,26 @@ pub async fn obtain(config: &Config) -> anyhow::Result<Identity> {
                 });
             }
             Err(e) => {
-                if let Some(capmesh_client::ClientError::Api { status, detail, .. }) =
-                    e.downcast_ref()
-                {
-                    bail!("the control plane refused the certificate request ({status}): {detail}");
-                }
-                let delay = backoff.next_delay();
-                tracing::warn!(error = %e, retry_in = ?delay, "cannot reach the control plane for a certificate yet");
-                tokio::time::sleep(delay).await;
+                let (reason, fix) = match e.downcast_ref() {
+                    Some(capmesh_client::ClientError::Api { status, detail, .. }) => (
+                        format!(
+                            "the control plane at {} refused the bootstrap token for {id} (HTTP {status}): {detail}",
+                            config.control_plane
+                        ),
+                        format!(
+                            "check --agent-name and --namespace, or create a token for them (capmesh token create --namespace {} --agent {}) and pass it with --bootstrap-token-file (re-read on every attempt)",
+                            config.namespace, config.agent_name
+                        ),
+                    ),
+                    _ => (
+                        crate::readiness::error_text(&e),
+                        "start the control plane, or fix --control-plane / --control-plane-ca"
+                            .to_owned(),
+                    ),
+                };
+                readiness.waiting(Condition::Certificate, reason.clone());
+                wait.waiting(&reason, &fix, false);
+                tokio::time::sleep(backoff.next_delay()).await;
             }
         }
     }

@@ -2,10 +2,11 @@
 //! mutual-TLS server in front of the local agent, the control-plane stream client and the admin
 //! endpoints.
 //!
-//! A request's path, top to bottom: [`outbound::handle`] (classify the MCP message, answer the
-//! protocol, resolve and pick an endpoint, retry) → [`pool::PeerPool::send`] (HTTP/2 over mutual
-//! TLS to the provider's proxy) → [`inbound`] on the provider's side (verify the peer, authorize,
-//! strip and set headers, forward to the agent) → the response streams back the same way.
+//! Each listener's request path is a tower stack composed in one function that reads top to
+//! bottom: [`outbound::stack`] (the local agent calls the mesh) over [`forward::stack`] (deadline,
+//! retry, balance, metrics, the peer client), and [`inbound::stack`] on the provider's side
+//! (verify the peer, authorize every message, sessions, the agent). Errors are one type,
+//! [`error::ProxyError`], turned into responses in one place. `ARCHITECTURE.md` draws it all.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -14,7 +15,10 @@ pub mod backoff;
 pub mod balance;
 pub mod breaker;
 pub mod config;
+pub mod contract;
 pub mod control;
+pub mod error;
+pub mod forward;
 pub mod headers;
 pub mod identity;
 pub mod inbound;
@@ -22,26 +26,23 @@ pub mod init;
 pub mod mcp;
 pub mod metrics;
 pub mod outbound;
-pub mod passthrough;
 pub mod pool;
+pub mod readiness;
 pub mod routing;
-pub mod transparent;
+pub mod seal;
+pub mod serve;
+pub mod stack;
 
-use std::collections::HashMap;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use arc_swap::ArcSwap;
+use arc_swap::{ArcSwap, ArcSwapOption};
 use bytes::Bytes;
-use capmesh_api::{Capability, ControlFrame, Node, Registration, SnapshotVersion};
+use capmesh_api::{ControlFrame, Node, Registration, SnapshotVersion};
 use capmesh_certs::{MeshAcceptor, RenewPolicy, TrustConfig};
 use capmesh_client::{ControlPlaneClient, ServerCheck};
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -89,8 +90,9 @@ pub struct Proxy {
     pub registration: watch::Receiver<Option<Registration>>,
     /// The agent's health.
     pub healthy: watch::Receiver<bool>,
-    /// function → capability of the local agent (inbound authorization).
-    pub functions: ArcSwap<HashMap<String, Capability>>,
+    /// What inbound authorization decides from: the snapshot's policy and the agent's tools;
+    /// `None` until both are known.
+    pub authz: inbound::authorize::AuthzView,
     /// Connections to peer proxies.
     pub peers: pool::PeerPool,
     /// Legacy sessions of the federated endpoint.
@@ -100,11 +102,11 @@ pub struct Proxy {
     /// Propagated headers.
     pub propagation: ArcSwap<headers::Propagation>,
     /// Retry budget for outbound calls.
-    pub retry_budget: balance::RetryBudget,
+    pub retry_budget: Arc<balance::RetryBudget>,
     /// Metrics.
     pub metrics: metrics::Metrics,
     /// Connections intercepted in transparent mode.
-    pub transparent: transparent::Transparent,
+    pub transparent: outbound::transparent::Transparent,
 }
 
 impl Proxy {
@@ -113,7 +115,7 @@ impl Proxy {
         Registration {
             endpoint: self.config.advertised(),
             tags: self.config.tags.clone(),
-            version: self.config.version.clone(),
+            version: self.config.agent_version.clone(),
             tools: vec![],
             dependencies: self.config.dependencies.clone(),
         }
@@ -164,6 +166,7 @@ impl Proxy {
             .map(|(_, e, _)| (e.address.clone(), e.identity.clone()))
             .collect();
         self.routing.store(Arc::new(next));
+        self.refresh_authz();
         self.peers
             .retain(|addr, id| addresses.iter().any(|(a, i)| a == addr && i == id));
         if tools_changed {
@@ -187,70 +190,33 @@ impl Proxy {
     }
 }
 
+impl Proxy {
+    /// Rebuilds what inbound authorization decides from, after the snapshot or the agent's
+    /// registration changed. Stays `None` (everything refused with 503) until both are known.
+    pub fn refresh_authz(&self) {
+        let routing = self.routing.load();
+        let registration = self.registration.borrow();
+        let view = match (&routing.snapshot, registration.as_ref()) {
+            (Some(snapshot), Some(reg)) => Some(Arc::new(inbound::authorize::Authz::new(
+                snapshot.policy.clone(),
+                &reg.tools,
+            ))),
+            _ => None,
+        };
+        self.authz.store(view);
+    }
+}
+
 async fn bind(addr: std::net::SocketAddr, flag: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
         .with_context(|| format!("{flag} {addr}: cannot bind (in use? pick another port)"))
 }
 
-/// Serves the outbound listener (plain HTTP on loopback) until `stop`, then drains.
-async fn serve_outbound(
-    proxy: Arc<Proxy>,
-    listener: TcpListener,
-    mut stop: watch::Receiver<bool>,
-    drain: Duration,
-) {
-    let graceful = GracefulShutdown::new();
-    loop {
-        let tcp = tokio::select! {
-            _ = stop.changed() => break,
-            a = listener.accept() => match a { Ok((tcp, _)) => tcp, Err(_) => continue },
-        };
-        let _ = tcp.set_nodelay(true);
-        let (proxy, watcher) = (proxy.clone(), graceful.watcher());
-        // Redirected here by `capmesh-proxy init`'s rules: the agent dialled another address.
-        if let Some(dst) = transparent::original_dst(&tcp) {
-            tokio::spawn(transparent::serve(proxy, tcp, dst, watcher));
-            continue;
-        }
-        let svc = service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(outbound::handle(proxy, req).await) }
-        });
-        tokio::spawn(serve_plain_http(tcp, svc, watcher));
-    }
-    let _ = tokio::time::timeout(drain, graceful.shutdown()).await;
-}
-
-/// Serves HTTP/1.1 or HTTP/2 (prior knowledge) on a plain connection until it closes or the
-/// listener drains.
-pub(crate) async fn serve_plain_http<S>(
-    tcp: tokio::net::TcpStream,
-    svc: S,
-    watcher: hyper_util::server::graceful::Watcher,
-) where
-    S: hyper::service::Service<
-            http::Request<hyper::body::Incoming>,
-            Response = http::Response<BoxBody>,
-            Error = Infallible,
-        > + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
-{
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let _ = watcher
-        .watch(
-            builder
-                .serve_connection(TokioIo::new(tcp), svc)
-                .into_owned(),
-        )
-        .await;
-}
-
 /// The `capmesh-proxy` program: parses `args` (the first is the program name), then runs until
-/// SIGTERM or Ctrl-C. A bad flag prints clap's message and exits 2. `capmesh-proxy init …`
-/// writes the transparent-mode iptables rules instead; `capmesh-proxy run …` is the default.
+/// SIGTERM or Ctrl-C. A bad flag prints clap's message and exits 2; `--version` (`-V`) prints
+/// the proxy's version. `capmesh-proxy init …` writes the transparent-mode iptables rules
+/// instead; `capmesh-proxy run …` is the default.
 pub fn main_with_args(
     args: impl IntoIterator<Item = std::ffi::OsString>,
 ) -> std::process::ExitCode {
@@ -266,6 +232,10 @@ pub fn main_with_args(
         }
         _ => {}
     }
+    let env_version = std::env::var("CAPMESH_VERSION").ok();
+    for warning in config::rewrite_deprecated_version(&mut args, env_version) {
+        eprintln!("capmesh-proxy: warning: {warning}");
+    }
     process::main(
         "capmesh-proxy",
         args,
@@ -275,8 +245,13 @@ pub fn main_with_args(
 }
 
 /// Runs the proxy until `shutdown` resolves; then withdraws from the mesh, drains and exits.
+///
+/// Start-up order: every listener is bound first (a taken port fails at once, and
+/// `--ports-file` reports the ports chosen for `:0`), the admin listener serves `/live` and
+/// `/ready` from that moment, then the first certificate is awaited (SIGTERM still stops the
+/// wait), and only then do the outbound and inbound listeners serve.
 pub async fn run(
-    config: Config,
+    mut config: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
     let agent = match config.agent() {
@@ -286,7 +261,78 @@ pub async fn run(
     let outbound_listener = bind(config.outbound, "--outbound").await?;
     let inbound_listener = bind(config.inbound, "--inbound").await?;
     let admin_listener = bind(config.admin, "--admin").await?;
-    let identity = identity::obtain(&config).await?;
+    // From here on the addresses are the bound ones (a port 0 became a real port), so what is
+    // advertised, logged and reported is what others can dial.
+    config.outbound = outbound_listener.local_addr()?;
+    config.inbound = inbound_listener.local_addr()?;
+    config.admin = admin_listener.local_addr()?;
+    if let Some(path) = &config.ports_file {
+        capmesh_client::process::write_ports_file(
+            path,
+            &[
+                ("outbound", config.outbound),
+                ("inbound", config.inbound),
+                ("admin", config.admin),
+            ],
+        )
+        .with_context(|| format!("--ports-file {}", path.display()))?;
+    }
+
+    let readiness = Arc::new(readiness::Readiness::default());
+    let admin_state = Arc::new(admin::AdminState::new(readiness.clone(), agent.is_some()));
+    // Listeners stay up during the drain, so calls already routed here still land.
+    let (drain_tx, drain_rx) = watch::channel(false);
+    let admin_task = tokio::spawn(admin::serve(
+        admin_state.clone(),
+        admin_listener,
+        drain_rx.clone(),
+    ));
+    tracing::info!(admin = %config.admin, "admin listener serving /live and /ready");
+
+    // The agent is watched from the start too, so a wrong --agent-url is reported while the
+    // certificate is still on its way.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (reg_tx, reg_rx) = watch::channel(None);
+    let (health_tx, health_rx) = watch::channel(agent.is_none());
+    let template = agent::RegistrationTemplate {
+        endpoint: config.advertised(),
+        tags: config.tags.clone(),
+        version: config.agent_version.clone(),
+        overrides: config.overrides()?,
+        dependencies: config.dependencies.clone(),
+    };
+    let mut tasks = Vec::new();
+    // A consumer's registration never changes; its senders live as long as the proxy.
+    let mut _consumer_senders = None;
+    match &agent {
+        Some(agent) => tasks.push(tokio::spawn(agent::watch(
+            agent.clone(),
+            template,
+            reg_tx,
+            health_tx,
+            readiness.clone(),
+            stop_rx.clone(),
+        ))),
+        None => {
+            reg_tx.send_replace(Some(template.build(&[])));
+            _consumer_senders = Some((reg_tx, health_tx));
+        }
+    }
+
+    let mut shutdown = std::pin::pin!(shutdown);
+    let identity = tokio::select! {
+        identity = identity::obtain(&config, &readiness) => identity?,
+        _ = &mut shutdown => {
+            tracing::info!("stopped before the first certificate arrived");
+            let _ = stop_tx.send(true);
+            let _ = drain_tx.send(true);
+            let _ = admin_task.await;
+            for t in tasks {
+                t.abort();
+            }
+            return Ok(());
+        }
+    };
     let node = Node {
         proxy_id: config
             .proxy_id
@@ -296,8 +342,6 @@ pub async fn run(
         namespace: config.namespace.clone(),
         zone: config.zone.clone(),
     };
-    let (reg_tx, reg_rx) = watch::channel(None);
-    let (health_tx, health_rx) = watch::channel(agent.is_none());
     let proxy = Arc::new(Proxy {
         node: node.clone(),
         routing: ArcSwap::from_pointee(routing::Routing::default()),
@@ -305,7 +349,7 @@ pub async fn run(
         agent: agent.clone(),
         registration: reg_rx.clone(),
         healthy: health_rx.clone(),
-        functions: ArcSwap::from_pointee(HashMap::new()),
+        authz: Arc::new(ArcSwapOption::empty()),
         peers: pool::PeerPool::new(
             identity.cell.clone(),
             identity.trust.clone(),
@@ -314,50 +358,27 @@ pub async fn run(
         sessions: outbound::Sessions::default(),
         tools_changed: watch::channel(0).0,
         propagation: ArcSwap::from_pointee(headers::Propagation::new(&config.propagate_headers)),
-        retry_budget: balance::RetryBudget::new(20, 10),
+        retry_budget: Arc::new(balance::RetryBudget::new(20, 10)),
         metrics: metrics::Metrics::new(),
-        transparent: transparent::Transparent::default(),
+        transparent: outbound::transparent::Transparent::default(),
         identity,
         config,
     });
-    if agent.is_none() {
-        reg_tx.send_replace(Some(proxy.empty_registration()));
-    }
+    let _ = admin_state.proxy.set(proxy.clone());
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut tasks = Vec::new();
-    // Keep the function → capability map in step with the registration.
+    // Keep inbound authorization in step with the registration.
     {
         let proxy = proxy.clone();
         let mut reg = reg_rx.clone();
         tasks.push(tokio::spawn(async move {
             loop {
-                if let Some(r) = reg.borrow_and_update().as_ref() {
-                    proxy
-                        .functions
-                        .store(Arc::new(outbound::function_map(&r.tools)));
-                }
+                reg.borrow_and_update();
+                proxy.refresh_authz();
                 if reg.changed().await.is_err() {
                     return;
                 }
             }
         }));
-    }
-    if let Some(agent) = &agent {
-        let template = agent::RegistrationTemplate {
-            endpoint: proxy.config.advertised(),
-            tags: proxy.config.tags.clone(),
-            version: proxy.config.version.clone(),
-            overrides: proxy.config.overrides()?,
-            dependencies: proxy.config.dependencies.clone(),
-        };
-        tasks.push(tokio::spawn(agent::watch(
-            agent.clone(),
-            template,
-            reg_tx,
-            health_tx,
-            stop_rx.clone(),
-        )));
     }
     let url = identity::control_plane_url(&proxy.config)?;
     let cp_id = identity::control_plane_id(&proxy.config.trust_domain)?;
@@ -399,12 +420,11 @@ pub async fn run(
         node.clone(),
         reg_rx,
         health_rx,
+        readiness.clone(),
         stop_rx.clone(),
         goodbye_tx,
     ));
 
-    // Listeners stay up during the drain, so calls already routed here still land.
-    let (drain_tx, drain_rx) = watch::channel(false);
     let acceptor = MeshAcceptor::new(
         proxy.config.tls_mode,
         proxy.identity.cell.clone(),
@@ -412,20 +432,22 @@ pub async fn run(
         &[b"h2", b"http/1.1"],
     )?;
     let drain = Duration::from_secs(10);
+    let limits = proxy.config.limits();
     let inbound_task = tokio::spawn(inbound::serve(
         proxy.clone(),
         inbound_listener,
         acceptor,
+        limits,
         drain_rx.clone(),
         drain,
     ));
-    let outbound_task = tokio::spawn(serve_outbound(
+    let outbound_task = tokio::spawn(outbound::serve(
         proxy.clone(),
         outbound_listener,
+        limits,
         drain_rx.clone(),
         drain,
     ));
-    let admin_task = tokio::spawn(admin::serve(proxy.clone(), admin_listener, drain_rx));
     tracing::info!(
         identity = %proxy.identity.id,
         proxy_id = %node.proxy_id,

@@ -40,6 +40,8 @@ pub struct Metrics {
     /// Traffic redirected here by the init rules (transparent mode): HTTP requests sent to a
     /// provider's proxy (`route="mesh"`) and connections relayed as they are (`route="direct"`).
     pub transparent: IntCounterVec,
+    /// Connections closed on accept because a listener was at its cap, by listener.
+    pub connections_refused: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -137,6 +139,11 @@ impl Metrics {
                 "capmesh_proxy_intercepted_total",
                 "Traffic redirected by the init rules: HTTP requests to the mesh (mesh), connections relayed as they are (direct)",
                 &["route"]
+            )),
+            connections_refused: reg!(counter(
+                "capmesh_proxy_connections_refused_total",
+                "Connections closed on accept because the listener held --max-connections",
+                &["listener"]
             )),
             registry,
         }

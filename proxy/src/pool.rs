@@ -14,9 +14,8 @@ use tokio::net::TcpStream;
 
 use crate::BoxBody;
 
-/// Why a request never got response headers from a peer. All of these are safe to retry on
-/// another endpoint except [`PeerError::Http`] after the request body was sent, which the
-/// caller judges.
+/// Why a request to a peer got no response headers. [`PeerError::may_have_reached`] tells
+/// whether the peer can have processed it: only [`PeerError::Reset`] may have.
 #[derive(Debug, thiserror::Error)]
 pub enum PeerError {
     /// TCP connect failed (refused, unreachable).
@@ -44,16 +43,68 @@ pub enum PeerError {
         detail: String,
     },
     /// The snapshot's identity for the endpoint is not a SPIFFE ID.
-    #[error("endpoint identity {0:?} is not a SPIFFE ID")]
+    #[error("endpoint identity \"{0}\" is not a SPIFFE ID")]
     BadIdentity(String),
-    /// HTTP/2 failed (connection reset, stream reset before response headers).
-    #[error("HTTP/2 with {addr}: {source}")]
-    Http {
+    /// The connection failed before the request was written: nothing reached the peer.
+    #[error("HTTP/2 with {addr} failed before the request was sent: {source}")]
+    NotSent {
         /// The peer.
         addr: String,
         /// Why.
         source: hyper::Error,
     },
+    /// The peer refused the stream without processing it (HTTP/2 `REFUSED_STREAM`, or a
+    /// graceful `GOAWAY` that did not cover it).
+    #[error("{addr} refused the request unprocessed: {source}")]
+    Refused {
+        /// The peer.
+        addr: String,
+        /// Why.
+        source: hyper::Error,
+    },
+    /// The request was sent, then the exchange failed before response headers: the peer may
+    /// have processed it.
+    #[error("{addr} reset the request after it was sent: {source}")]
+    Reset {
+        /// The peer.
+        addr: String,
+        /// Why.
+        source: hyper::Error,
+    },
+}
+
+impl PeerError {
+    /// Whether the peer can have processed the request.
+    pub fn may_have_reached(&self) -> bool {
+        matches!(self, PeerError::Reset { .. })
+    }
+
+    /// Sorts a failed send: unsent (the request came back), refused by the peer unprocessed,
+    /// or reset after it was sent.
+    fn from_send(addr: &str, unsent: bool, source: hyper::Error) -> Self {
+        let addr = addr.to_owned();
+        if unsent {
+            return PeerError::NotSent { addr, source };
+        }
+        let refused = {
+            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&source);
+            let mut found = false;
+            while let Some(e) = cause {
+                if let Some(h2) = e.downcast_ref::<h2::Error>() {
+                    found = h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                        || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR));
+                    break;
+                }
+                cause = e.source();
+            }
+            found
+        };
+        if refused {
+            PeerError::Refused { addr, source }
+        } else {
+            PeerError::Reset { addr, source }
+        }
+    }
 }
 
 type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<BoxBody>>>>;
@@ -133,7 +184,7 @@ impl PeerPool {
                 .initial_connection_window_size(4 * 1024 * 1024)
                 .handshake(TokioIo::new(tls))
                 .await
-                .map_err(|source| PeerError::Http {
+                .map_err(|source| PeerError::NotSent {
                     addr: addr.to_owned(),
                     source,
                 })?;
@@ -174,22 +225,8 @@ impl PeerPool {
         Ok(sender)
     }
 
-    /// A connection to the proxy at `addr` (which must prove `identity`), ready for one more
-    /// request. Failing here means nothing was sent, so another endpoint may be tried.
-    pub async fn ready(
-        &self,
-        addr: &str,
-        identity: &str,
-    ) -> Result<SendRequest<BoxBody>, PeerError> {
-        let mut sender = self.sender(addr, identity).await?;
-        sender.ready().await.map_err(|source| PeerError::Http {
-            addr: addr.to_owned(),
-            source,
-        })?;
-        Ok(sender)
-    }
-
-    /// Sends `req` to the proxy at `addr`, which must prove `identity`.
+    /// Sends `req` to the proxy at `addr`, which must prove `identity`. The error says whether
+    /// the request can have reached the peer ([`PeerError::may_have_reached`]).
     pub async fn send(
         &self,
         addr: &str,
@@ -197,17 +234,14 @@ impl PeerPool {
         req: Request<BoxBody>,
     ) -> Result<Response<Incoming>, PeerError> {
         let mut sender = self.sender(addr, identity).await?;
-        sender.ready().await.map_err(|source| PeerError::Http {
-            addr: addr.to_owned(),
-            source,
-        })?;
         sender
-            .send_request(req)
+            .ready()
             .await
-            .map_err(|source| PeerError::Http {
-                addr: addr.to_owned(),
-                source,
-            })
+            .map_err(|source| PeerError::from_send(addr, true, source))?;
+        sender.try_send_request(req).await.map_err(|mut e| {
+            let unsent = e.take_message().is_some();
+            PeerError::from_send(addr, unsent, e.into_error())
+        })
     }
 
     /// Drops pooled connections to peers that are no longer in the snapshot.

@@ -9,11 +9,12 @@ use capmesh_api::{
 };
 use serde_json::{Value, json};
 
-use crate::balance::EndpointStats;
+use crate::balance::{EndpointStats, rank};
 use crate::breaker::BreakerConfig;
+use crate::forward::Ranks;
 
 /// A tool the local agent sees on the federated endpoint.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct ToolEntry {
     /// The name the agent calls (the alias, or the capability).
     pub name: String,
@@ -25,6 +26,22 @@ pub struct ToolEntry {
     pub description: Option<String>,
     /// Input schema (from a provider).
     pub input_schema: Value,
+    /// Its healthy endpoints ranked by the selector, best first: computed once per snapshot,
+    /// read by every call.
+    pub ranks: Arc<Ranks>,
+    /// Endpoints registered for the capability, healthy or not.
+    pub registered: usize,
+}
+
+/// Equal when the agent would see the same tool (endpoints may differ).
+impl PartialEq for ToolEntry {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.capability == other.capability
+            && self.selector == other.selector
+            && self.description == other.description
+            && self.input_schema == other.input_schema
+    }
 }
 
 impl ToolEntry {
@@ -43,7 +60,7 @@ impl ToolEntry {
 pub struct Routing {
     /// The snapshot as received.
     pub snapshot: Option<Arc<Snapshot>>,
-    endpoints: HashMap<Capability, Vec<Endpoint>>,
+    endpoints: HashMap<Capability, Vec<Arc<Endpoint>>>,
     stats: HashMap<EndpointId, Arc<EndpointStats>>,
     /// The federated endpoint's tools, sorted by name.
     pub tools: Arc<Vec<ToolEntry>>,
@@ -59,7 +76,7 @@ impl Routing {
         previous: &Routing,
         breaker: BreakerConfig,
     ) -> Self {
-        let mut endpoints: HashMap<Capability, Vec<Endpoint>> = HashMap::new();
+        let mut endpoints: HashMap<Capability, Vec<Arc<Endpoint>>> = HashMap::new();
         let mut stats = HashMap::new();
         for ep in &snapshot.endpoints {
             let s = previous
@@ -71,7 +88,7 @@ impl Routing {
             endpoints
                 .entry(ep.capability.clone())
                 .or_default()
-                .push(ep.clone());
+                .push(Arc::new(ep.clone()));
         }
         for list in endpoints.values_mut() {
             list.sort_by(|a, b| a.id.cmp(&b.id));
@@ -94,6 +111,8 @@ impl Routing {
                 name,
                 capability: capability.clone(),
                 selector: selector.clone(),
+                ranks: Arc::new(rank(list.into_iter().flatten().cloned(), selector)),
+                registered: list.map_or(0, Vec::len),
                 description: best.description.clone(),
                 input_schema: best
                     .input_schema
@@ -126,7 +145,7 @@ impl Routing {
     }
 
     /// Every endpoint of `capability` (healthy or not).
-    pub fn endpoints(&self, capability: &Capability) -> &[Endpoint] {
+    pub fn endpoints(&self, capability: &Capability) -> &[Arc<Endpoint>] {
         self.endpoints
             .get(capability)
             .map(Vec::as_slice)
@@ -143,6 +162,12 @@ impl Routing {
         self.tools.iter().find(|t| t.name == name)
     }
 
+    /// The first tool entry that routes to `capability` (for passthrough), if the agent may
+    /// call it.
+    pub fn tool_for(&self, capability: &Capability) -> Option<&ToolEntry> {
+        self.tools.iter().find(|t| &t.capability == capability)
+    }
+
     /// Whether the capability exists anywhere in the mesh.
     pub fn known(&self, capability: &Capability) -> bool {
         self.snapshot.as_ref().is_some_and(|s| s.knows(capability))
@@ -153,7 +178,7 @@ impl Routing {
         let stats = &self.stats;
         self.endpoints.iter().flat_map(move |(cap, eps)| {
             eps.iter()
-                .filter_map(move |e| stats.get(&e.id).map(|s| (cap, e, s)))
+                .filter_map(move |e| stats.get(&e.id).map(|s| (cap, e.as_ref(), s)))
         })
     }
 }

@@ -57,6 +57,7 @@ async fn file_based_certificates_serve_and_are_reloaded_when_they_change() {
         Some(&agent.url),
         &["--tls-cert", &cert, "--tls-key", &key],
     )
+    .await
     .unwrap();
     provider.wait_ready(Duration::from_secs(30)).await.unwrap();
     let consumer = mesh.consumer("planner", &["get_weather"], &[]).await;

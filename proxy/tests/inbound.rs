@@ -8,13 +8,12 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use capmesh_api::Policy;
 use capmesh_api::rest::{Entity, EntityRequest};
 use capmesh_certs::tls::{client_config, connect};
 use capmesh_certs::{Ca, Credential, CredentialCell, TrustStore, Validity, WorkloadKey};
 use capmesh_tests::python::{PyAgent, client_json, json_lines, spawn_client};
 use capmesh_tests::{ProxyProcess, spiffe};
-use common::{MODES, Mesh, call, eventually, served_by, tool_names};
+use common::{MODES, Mesh, call, eventually, served_by, set_policy, tool_names};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -211,6 +210,114 @@ async fn strict_mode_refuses_plaintext_foreign_cas_and_revoked_entities() {
     }
 }
 
+/// The `capmesh_proxy_tls_handshakes_total{kind="mtls"}` count of a proxy.
+async fn mtls_handshakes(proxy: &ProxyProcess) -> u64 {
+    let (_, metrics) = proxy.admin_get("/metrics").await.unwrap();
+    metrics
+        .lines()
+        .find(|l| l.starts_with("capmesh_proxy_tls_handshakes_total") && l.contains("mtls"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_revoked_entity_is_refused_on_the_pooled_connection_it_already_holds() {
+    let mesh = Mesh::new().await;
+    let (_agent, provider) = mesh.provider("alpha", &["weather"], &[]).await;
+    // A partner whose sidecar's certificate comes from its own CA, registered as an entity.
+    let token = mesh.cp.admin_token().unwrap();
+    let rest = mesh.cp.rest().unwrap();
+    let acme = Ca::generate("capmesh.local".parse().unwrap(), false).unwrap();
+    let _: Entity = rest
+        .post(
+            "/v1/entities",
+            &EntityRequest {
+                name: "acme".into(),
+                ca_pem: acme.root_pem().into(),
+            },
+            Some(&token),
+        )
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let id = spiffe("default", "partner").unwrap();
+    let key = WorkloadKey::generate().unwrap();
+    let issued = acme
+        .issue(
+            &key.csr_pem(&id).unwrap(),
+            &id,
+            Validity::for_ttl(Duration::from_secs(3600)),
+        )
+        .unwrap();
+    let (cert, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, issued.chain_pem).unwrap();
+    std::fs::write(&key_file, key.to_pem()).unwrap();
+    let (cert, key_file) = (cert.display().to_string(), key_file.display().to_string());
+    let mut partner = ProxyProcess::spawn(
+        mesh.proxy_bin(),
+        &mesh.cp,
+        "unused-with-files",
+        "partner",
+        None,
+        &[
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key_file,
+            "--dependency",
+            "get_weather",
+        ],
+    )
+    .await
+    .unwrap();
+    partner.wait_ready(Duration::from_secs(30)).await.unwrap();
+
+    // Calls go over one pooled HTTP/2 connection from the partner's sidecar to alpha's.
+    for _ in 0..5 {
+        let (code, v) = call(&partner, "2026-07-28", "get_weather", r#"{"city":"Oslo"}"#).await;
+        assert_eq!(code, 0, "{v}");
+    }
+    let handshakes = mtls_handshakes(&provider).await;
+
+    let _: Entity = rest
+        .delete("/v1/entities/acme", Some(&token))
+        .await
+        .unwrap();
+    let revoked_at = Instant::now();
+    let refusal = loop {
+        let (code, v) = call(&partner, "2026-07-28", "get_weather", r#"{"city":"Oslo"}"#).await;
+        if code != 0 {
+            break v;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(10),
+            "the revoked partner's calls still pass"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let message = refusal.to_string();
+    assert!(
+        message.contains("no longer trusted") && message.contains("revoked entity"),
+        "{message}"
+    );
+    // Refused on the connection it already held: alpha saw no new handshake.
+    assert_eq!(
+        mtls_handshakes(&provider).await,
+        handshakes,
+        "the refusal came on a new connection, not the pooled one"
+    );
+    let (_, metrics) = provider.admin_get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("capmesh_proxy_tls_refusals_total{reason=\"revoked_entity\"}"),
+        "{metrics}"
+    );
+    eprintln!(
+        "revoked entity refused on its open connection {:?} after DELETE /v1/entities/acme returned",
+        revoked_at.elapsed()
+    );
+}
+
 #[tokio::test]
 async fn a_deny_rule_blocks_the_call_and_hides_the_capability() {
     let mesh = Mesh::new().await;
@@ -223,22 +330,11 @@ async fn a_deny_rule_blocks_the_call_and_hides_the_capability() {
         ["echo", "get_weather"]
     );
 
-    let policy: Policy = serde_json::from_value(serde_json::json!({
+    let policy = serde_json::json!({
         "default": "allow",
         "rules": [{ "from": ["spiffe://capmesh.local/ns/default/agent/planner"], "capabilities": ["get_weather"], "action": "deny" }]
-    }))
-    .unwrap();
-    let _: Policy = mesh
-        .cp
-        .rest()
-        .unwrap()
-        .put(
-            "/v1/policies",
-            &policy,
-            Some(&mesh.cp.admin_token().unwrap()),
-        )
-        .await
-        .unwrap();
+    });
+    set_policy(&mesh, policy).await;
     eventually(
         Duration::from_secs(10),
         "get_weather leaves the consumer's tools/list",
@@ -298,8 +394,13 @@ async fn a_deny_rule_blocks_the_call_and_hides_the_capability() {
 #[tokio::test]
 async fn an_unmodified_agent_joins_by_its_sidecar_and_new_tools_reach_running_consumers() {
     let mesh = Mesh::new().await;
-    let mut agent = PyAgent::start("alpha", &["weather"], None).await.unwrap();
-    let port = agent.port;
+    // The agent restarts on the same port below: the port is held for the whole test, so
+    // nothing else can take it in between.
+    let held = capmesh_tests::reserve_port().unwrap();
+    let port = held.port();
+    let mut agent = PyAgent::start("alpha", &["weather"], Some(port))
+        .await
+        .unwrap();
     let provider = ProxyProcess::start(mesh.proxy_bin(), &mesh.cp, "alpha", Some(&agent.url), &[])
         .await
         .unwrap();

@@ -11,7 +11,7 @@ protocol generations on the same endpoint, `http://HOST:PORT/mcp` (streamable HT
 Usage:
     python agent.py --port P [--host 127.0.0.1] [--name NAME]
                     [--tools weather,echo,slow,caller,headers,fail] [--delay-ms N]
-                    [--no-host-check]
+                    [--journal FILE] [--no-host-check]
 
 `--port 0` picks a free port; the real one is printed as `READY <port>` (stdout, flushed)
 once the socket is listening. SIGTERM/SIGINT stop it cleanly (open streams are closed after
@@ -108,6 +108,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--name", default="agent", help="instance name, prefixed to every tool result")
     p.add_argument("--tools", default=DEFAULT_TOOLS, help=f"comma-separated: {','.join(sorted(TOOL_KEYS))}")
     p.add_argument("--delay-ms", type=int, default=0, help="extra latency added to every tool call")
+    p.add_argument(
+        "--journal",
+        default=None,
+        help="append '<tool> <argument>' to this file as each get_weather/echo call's request "
+        "arrives, before the SDK handles it (so a test knows which calls reached this agent "
+        "before it was killed)",
+    )
     p.add_argument(
         "--no-host-check",
         action="store_true",
@@ -246,12 +253,58 @@ def build_server(args: argparse.Namespace) -> tuple[MCPServer, InMemorySubscript
     return server, bus, toggle_extra
 
 
+class Journal:
+    """ASGI middleware: appends `<tool> <argument>` to a file for each get_weather/echo call the
+    moment its HTTP request body has arrived, before the MCP SDK sees it, so a test knows which
+    calls reached this process before it was killed. Written through to the kernel at once (it
+    survives a SIGKILL)."""
+
+    ARGUMENT = {"get_weather": "city", "echo": "text"}
+
+    def __init__(self, app: Any, path: str) -> None:
+        self.app = app
+        self.file = open(path, "a", encoding="utf-8")  # noqa: SIM115
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("type") != "http" or scope.get("method") != "POST":
+            await self.app(scope, receive, send)
+            return
+        messages = []
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message.get("type") != "http.request" or not message.get("more_body", False):
+                break
+        body = b"".join(m.get("body", b"") for m in messages)
+        try:
+            rpc = json.loads(body)
+            params = rpc.get("params") or {} if isinstance(rpc, dict) else {}
+            tool = params.get("name") if rpc.get("method") == "tools/call" else None
+            if tool in self.ARGUMENT:
+                argument = (params.get("arguments") or {}).get(self.ARGUMENT[tool], "")
+                self.file.write(f"{tool} {argument}\n")
+                self.file.flush()
+        except (ValueError, AttributeError):
+            pass
+        pending = iter(messages)
+
+        async def replay() -> Any:
+            try:
+                return next(pending)
+            except StopIteration:
+                return await receive()
+
+        await self.app(scope, replay, send)
+
+
 async def serve(args: argparse.Namespace) -> None:
     server, _bus, toggle_extra = build_server(args)
     security = None
     if args.no_host_check:
         security = TransportSecuritySettings(enable_dns_rebinding_protection=False)
     app = server.streamable_http_app(streamable_http_path="/mcp", host=args.host, transport_security=security)
+    if args.journal:
+        app = Journal(app, args.journal)
     config = uvicorn.Config(
         app,
         host=args.host,

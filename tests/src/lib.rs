@@ -7,13 +7,19 @@
 //!   (apply, ack) so tests can wait for "the consumer now sees X".
 //! - [`postgres::Postgres`]: a throwaway PostgreSQL server, and [`SharedSecrets`]: what the
 //!   replicas of one control plane on it share (admin token, store key).
+//!
+//! Ports are never guessed: every child binds port 0 and reports what it got (`--ports-file`,
+//! `READY <port>`); a port that must stay the same across a restart, or one that must stay
+//! closed, is a [`ReservedPort`]. Children never see the developer's `CAPMESH_*` variables
+//! ([`scrub_env`]).
 #![forbid(unsafe_code)]
 
 pub mod node;
 pub mod postgres;
 pub mod python;
 
-use std::net::TcpListener as StdListener;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -30,9 +36,103 @@ use capmesh_client::{
     ControlPlaneClient, ControlPlaneUrl, ServerCheck, StreamReceiver, StreamSender,
 };
 
-/// A free loopback port (bound then released; fine for tests on one machine).
-pub fn free_port() -> Result<u16> {
-    Ok(StdListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A loopback port held for as long as this value lives: bound to port 0 (the system picks
+/// it) with `SO_REUSEADDR` and never listening. Nobody else can bind it meanwhile (and the
+/// kernel does not hand it out as an ephemeral port), but a child that binds it with
+/// `SO_REUSEADDR` and listens — as tokio, Python, Node, nginx and HAProxy all do — can, even
+/// again after a restart. Connecting to it while no child listens is refused, so it is also a
+/// port that stays closed.
+#[derive(Debug)]
+pub struct ReservedPort {
+    _socket: socket2::Socket,
+    port: u16,
+}
+
+impl ReservedPort {
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+}
+
+/// Reserves a loopback port (see [`ReservedPort`]).
+pub fn reserve_port() -> Result<ReservedPort> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::IPV4, Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())?;
+    let port = socket
+        .local_addr()?
+        .as_socket()
+        .context("the reserved socket has no IP address")?
+        .port();
+    Ok(ReservedPort {
+        _socket: socket,
+        port,
+    })
+}
+
+/// The names of this process's `CAPMESH_*` environment variables.
+pub fn capmesh_env_vars() -> Vec<std::ffi::OsString> {
+    std::env::vars_os()
+        .map(|(k, _)| k)
+        .filter(|k| k.to_str().is_some_and(|k| k.starts_with("CAPMESH_")))
+        .collect()
+}
+
+/// Removes the developer's `CAPMESH_*` variables from a child's environment, so a binary under
+/// test sees only the flags and variables the test gives it.
+pub fn scrub_env(cmd: &mut Command) -> &mut Command {
+    for key in capmesh_env_vars() {
+        cmd.env_remove(key);
+    }
+    cmd
+}
+
+/// [`scrub_env`] for a tokio command.
+pub fn scrub_env_async(cmd: &mut tokio::process::Command) -> &mut tokio::process::Command {
+    for key in capmesh_env_vars() {
+        cmd.env_remove(key);
+    }
+    cmd
+}
+
+/// Waits for a child's `--ports-file` and returns its addresses by name; fails at once when the
+/// child exits first (`log` says why).
+pub async fn wait_ports_file(
+    file: &Path,
+    child: &mut Child,
+    what: &str,
+    log: impl Fn() -> String,
+) -> Result<BTreeMap<String, SocketAddr>> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            let raw: BTreeMap<String, String> = serde_json::from_str(&text)
+                .with_context(|| format!("{what}'s ports file is unreadable: {text}"))?;
+            return raw.into_iter().map(|(k, v)| Ok((k, v.parse()?))).collect();
+        }
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "{what} exited with {status} before binding its ports; log:\n{}",
+                log()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{what} did not report its ports within 20 s; log:\n{}",
+                log()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn port_named(ports: &BTreeMap<String, SocketAddr>, name: &str) -> Result<u16> {
+    ports
+        .get(name)
+        .map(SocketAddr::port)
+        .with_context(|| format!("no {name:?} in the ports file: {ports:?}"))
 }
 
 /// The path of a workspace binary built beside the running program: next to it (a binary in
@@ -74,10 +174,14 @@ pub struct ControlPlane {
     /// The data dir (kept across [`ControlPlane::restart`]).
     pub data_dir: PathBuf,
     _tmp: Option<tempfile::TempDir>,
-    /// The API port.
+    /// The API port (reserved for the control plane's whole life, restarts included, so
+    /// proxies configured with it find it again).
     pub port: u16,
-    /// The admin port.
+    /// The admin port, as the running process reported it.
     pub admin_port: u16,
+    /// The admission webhook's port, when `--webhook-listen` was given (use `127.0.0.1:0`).
+    pub webhook_port: Option<u16>,
+    api: ReservedPort,
     extra: Vec<String>,
 }
 
@@ -85,13 +189,16 @@ impl ControlPlane {
     /// Starts the binary at `bin` with a fresh data dir and `extra` flags; waits for `/ready`.
     pub async fn start(bin: &Path, extra: &[&str]) -> Result<Self> {
         let tmp = tempfile::tempdir()?;
+        let api = reserve_port()?;
         let mut cp = Self {
             child: None,
             bin: bin.to_owned(),
             data_dir: tmp.path().join("data"),
             _tmp: Some(tmp),
-            port: 0,
+            port: api.port(),
             admin_port: 0,
+            webhook_port: None,
+            api,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         cp.spawn().await?;
@@ -99,28 +206,35 @@ impl ControlPlane {
     }
 
     async fn spawn(&mut self) -> Result<()> {
-        // A restart keeps its ports, so proxies configured with them find it again.
-        if self.port == 0 {
-            self.port = free_port()?;
-            self.admin_port = free_port()?;
-        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.data_dir.with_extension("log"))?;
-        let child = Command::new(&self.bin)
+        let ports_file = self.data_dir.with_extension("ports.json");
+        let _ = std::fs::remove_file(&ports_file);
+        let mut child = scrub_env(&mut Command::new(&self.bin))
             .arg("--data-dir")
             .arg(&self.data_dir)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{}", self.port))
+            .arg(format!("127.0.0.1:{}", self.api.port()))
             .arg("--admin-listen")
-            .arg(format!("127.0.0.1:{}", self.admin_port))
+            .arg("127.0.0.1:0")
+            .arg("--ports-file")
+            .arg(&ports_file)
             .args(&self.extra)
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log))
             .spawn()
             .with_context(|| format!("cannot start {}", self.bin.display()))?;
+        let log_path = self.data_dir.with_extension("log");
+        let ports = wait_ports_file(&ports_file, &mut child, "the control plane", || {
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        })
+        .await;
         self.child = Some(child);
+        let ports = ports?;
+        self.admin_port = port_named(&ports, "admin")?;
+        self.webhook_port = ports.get("webhook").map(SocketAddr::port);
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Ok(body) = self.admin_get("/ready").await
@@ -516,13 +630,15 @@ impl ProxyProcess {
         extra: &[&str],
     ) -> Result<Self> {
         let token = cp.token("default", agent).await?;
-        let mut p = Self::spawn(bin, cp, &token, agent, agent_url, extra)?;
+        let mut p = Self::spawn(bin, cp, &token, agent, agent_url, extra).await?;
         p.wait_ready(Duration::from_secs(30)).await?;
         Ok(p)
     }
 
-    /// Starts `capmesh-proxy` with `token` and returns at once (the control plane may be down).
-    pub fn spawn(
+    /// Starts `capmesh-proxy` with `token` and returns once its listeners are bound (ports 0,
+    /// reported in its `--ports-file`), without waiting for readiness: the control plane may be
+    /// down.
+    pub async fn spawn(
         bin: &Path,
         cp: &ControlPlane,
         token: &str,
@@ -541,12 +657,14 @@ impl ProxyProcess {
             agent_url,
             &args,
         )
+        .await
     }
 
     /// Starts `capmesh-proxy` trusting `ca` (the mesh trust bundle), with `token` when given,
     /// and `extra` flags, which name the control plane (`--control-plane`, one address or
-    /// several) or certificates from files. Returns at once.
-    pub fn spawn_at(
+    /// several) or certificates from files. Returns once its listeners are bound, without
+    /// waiting for readiness.
+    pub async fn spawn_at(
         bin: &Path,
         ca: &Path,
         token: Option<&str>,
@@ -555,14 +673,15 @@ impl ProxyProcess {
         extra: &[&str],
     ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
-        let (outbound, inbound, admin) = (free_port()?, free_port()?, free_port()?);
         let log = dir.path().join("proxy.log");
+        let ports_file = dir.path().join("ports.json");
         let file = std::fs::File::create(&log)?;
         let mut command = Command::new(bin);
+        scrub_env(&mut command);
         if let Some(token) = token {
             command.env("CAPMESH_BOOTSTRAP_TOKEN", token);
         }
-        let child = command
+        let mut child = command
             .env("RUST_LOG", "info")
             .args([
                 "--agent-name",
@@ -572,23 +691,35 @@ impl ProxyProcess {
             ])
             .arg("--control-plane-ca")
             .arg(ca)
-            .arg("--outbound")
-            .arg(format!("127.0.0.1:{outbound}"))
-            .arg("--inbound")
-            .arg(format!("127.0.0.1:{inbound}"))
-            .arg("--admin")
-            .arg(format!("127.0.0.1:{admin}"))
+            .args(["--outbound", "127.0.0.1:0"])
+            .args(["--inbound", "127.0.0.1:0"])
+            .args(["--admin", "127.0.0.1:0"])
+            .arg("--ports-file")
+            .arg(&ports_file)
             .args(extra)
             .stdout(Stdio::from(file.try_clone()?))
             .stderr(Stdio::from(file))
             .spawn()
             .with_context(|| format!("cannot start {}", bin.display()))?;
+        let what = format!("capmesh-proxy for {agent}");
+        let ports = wait_ports_file(&ports_file, &mut child, &what, || {
+            std::fs::read_to_string(&log).unwrap_or_default()
+        })
+        .await;
+        let ports = match ports {
+            Ok(p) => p,
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
         Ok(Self {
             child: Some(child),
             agent: agent.to_owned(),
-            outbound,
-            inbound,
-            admin,
+            outbound: port_named(&ports, "outbound")?,
+            inbound: port_named(&ports, "inbound")?,
+            admin: port_named(&ports, "admin")?,
             log,
             _dir: dir,
         })

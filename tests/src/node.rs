@@ -124,13 +124,16 @@ pub struct NodeServer {
     /// Its MCP endpoint, `http://127.0.0.1:<port>/mcp`.
     pub url: String,
     output: tempfile::NamedTempFile,
+    _reserved: Option<crate::ReservedPort>,
 }
 
 impl NodeServer {
     /// `@modelcontextprotocol/server-everything streamableHttp` on a free port.
     pub async fn everything() -> Result<Self> {
         let dir = peers_async().await?;
-        let port = crate::free_port()?;
+        // It cannot report a port it picked, so it gets one reserved for its whole life.
+        let reserved = crate::reserve_port()?;
+        let port = reserved.port();
         let script = dir
             .join("node_modules")
             .join("@modelcontextprotocol")
@@ -143,10 +146,12 @@ impl NodeServer {
             .env("PORT", port.to_string());
         // It logs "… listening on port N" on stderr once bound.
         let marker = format!("listening on port {port}");
-        Self::spawn(cmd, "server-everything", move |line| {
+        let mut server = Self::spawn(cmd, "server-everything", move |line| {
             line.contains(&marker).then_some(port)
         })
-        .await
+        .await?;
+        server._reserved = Some(reserved);
+        Ok(server)
     }
 
     /// `tests/node/ts-server.mjs PORT NAME`: a sessionless TypeScript SDK v2 server with one
@@ -173,6 +178,7 @@ impl NodeServer {
             .suffix(".log")
             .tempfile()
             .context("cannot create a temp file for the server's output")?;
+        crate::scrub_env_async(&mut cmd);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -216,6 +222,7 @@ impl NodeServer {
                 port,
                 url: format!("http://127.0.0.1:{port}/mcp"),
                 output,
+                _reserved: None,
             }),
             other => {
                 let _ = child.start_kill();
@@ -259,6 +266,7 @@ pub async fn conformance(url: &str, scenario: Option<&str>) -> Result<Conformanc
     let results = tempfile::tempdir()?;
     let bin = dir.join("node_modules").join(".bin").join("conformance");
     let mut cmd = Command::new(node22(&dir));
+    crate::scrub_env_async(&mut cmd);
     cmd.arg(&bin)
         .arg("server")
         .arg("--url")

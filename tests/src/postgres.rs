@@ -1,5 +1,5 @@
 //! A throwaway PostgreSQL server for tests and benches, from Debian's `postgresql` package:
-//! `initdb` and `pg_ctl` in a temporary directory, on a free loopback port, password
+//! `initdb` and `pg_ctl` in a temporary directory, on a reserved loopback port, password
 //! authentication (SCRAM) for TCP. Run as root, the server runs as `nobody` (PostgreSQL refuses
 //! to run as root). The package is installed with apt-get when it is missing and we are root.
 
@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use crate::free_port;
+use crate::{ReservedPort, reserve_port};
 
 /// The database, user and password every test server has.
 const DATABASE: &str = "capmesh";
@@ -22,8 +22,9 @@ const PASSWORD: &str = "capmesh-test-password";
 pub struct Postgres {
     bin: PathBuf,
     dir: tempfile::TempDir,
-    /// The TCP port on 127.0.0.1.
+    /// The TCP port on 127.0.0.1 (held for the server's whole life, restarts included).
     pub port: u16,
+    _reserved: ReservedPort,
     run_as: Option<String>,
 }
 
@@ -134,10 +135,12 @@ impl Postgres {
                 "chown",
             )?;
         }
+        let reserved = reserve_port()?;
         let pg = Self {
             bin,
             dir,
-            port: free_port()?,
+            port: reserved.port(),
+            _reserved: reserved,
             run_as,
         };
         let pwfile = pg.dir.path().join("pw");

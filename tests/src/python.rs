@@ -190,6 +190,9 @@ pub struct AgentOptions {
     pub delay_ms: u64,
     /// Disable the SDK's DNS-rebinding protection (Host/Origin allow-list).
     pub no_host_check: bool,
+    /// A file to which each `get_weather`/`echo` call's argument is appended as the call
+    /// arrives (`echo <text>`), before its delay: which calls reached this agent.
+    pub journal: Option<PathBuf>,
 }
 
 impl AgentOptions {
@@ -202,6 +205,7 @@ impl AgentOptions {
             host: "127.0.0.1".to_string(),
             delay_ms: 0,
             no_host_check: false,
+            journal: None,
         }
     }
 }
@@ -244,6 +248,7 @@ impl PyAgent {
             .context("cannot reopen the agent's stderr file")?;
 
         let mut cmd = Command::new(&python);
+        crate::scrub_env_async(&mut cmd);
         cmd.arg(&script)
             .arg("--port")
             .arg(opts.port.unwrap_or(0).to_string())
@@ -259,6 +264,9 @@ impl PyAgent {
         }
         if opts.no_host_check {
             cmd.arg("--no-host-check");
+        }
+        if let Some(journal) = &opts.journal {
+            cmd.arg("--journal").arg(journal);
         }
         cmd.env("PYTHONUNBUFFERED", "1")
             .env("PYTHONDONTWRITEBYTECODE", "1")
@@ -425,6 +433,7 @@ fn client_command_with(
     args: &[&str],
 ) -> Command {
     let mut cmd = Command::new(python);
+    crate::scrub_env_async(&mut cmd);
     cmd.arg(python_dir().join("client.py"))
         .arg("--url")
         .arg(url)

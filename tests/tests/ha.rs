@@ -104,6 +104,7 @@ async fn sidecar(
         agent_url,
         &args,
     )
+    .await
     .unwrap();
     p.wait_ready(WAIT).await.unwrap();
     p
@@ -544,6 +545,7 @@ async fn two_replicas_on_postgres_survive_a_killed_replica_and_a_database_outage
             keyfile.to_str().unwrap(),
         ],
     )
+    .await
     .unwrap();
     partner_proxy.wait_ready(WAIT).await.unwrap();
     probe(&client, out, "the partner serves", |r| {

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::process::{Command, Stdio};
 
 use capmesh_tests::python::repo_root;
-use capmesh_tests::{ControlPlane, free_port, workspace_bin};
+use capmesh_tests::{ControlPlane, workspace_bin};
 use serde_json::{Value, json};
 
 const NAMESPACE: &str = "travel";
@@ -165,11 +165,10 @@ async fn report() -> Value {
         webhook["bundles_equal"], true,
         "the caBundle is the CA in the webhook Secret: {webhook}"
     );
-    let port = free_port().unwrap();
-    let listen = format!("127.0.0.1:{port}");
+    // Port 0: the control plane reports the port it bound.
     let mut cp_args: Vec<String> = [
         "--webhook-listen",
-        &listen,
+        "127.0.0.1:0",
         "--webhook-tls-cert",
         webhook["cert"].as_str().unwrap(),
         "--webhook-tls-key",
@@ -180,6 +179,9 @@ async fn report() -> Value {
     cp_args.extend(flags("inject-"));
     let cp_args: Vec<&str> = cp_args.iter().map(String::as_str).collect();
     let cp = ControlPlane::start(&cp_bin, &cp_args).await.unwrap();
+    let port = cp
+        .webhook_port
+        .expect("the control plane reports its webhook port");
 
     let job = json!({
         "capmesh": capmesh,
@@ -329,7 +331,7 @@ async fn capmesh_inject_and_the_webhook_give_the_same_valid_pod() {
     assert_eq!(p["--agent-url"], "http://127.0.0.1:9001/mcp");
     assert_eq!(p["--control-plane"], SETTINGS[1].1);
     assert_eq!(p["--propagate-headers"], SETTINGS[2].1);
-    assert_eq!(p["--version"], "1.4.0");
+    assert_eq!(p["--agent-version"], "1.4.0");
     assert_eq!(p["--dependency"], "geo");
     let ca = a["volumes"]
         .as_array()
@@ -395,7 +397,7 @@ async fn the_injected_sidecar_is_the_agent_charts_and_the_proxy_accepts_its_flag
                 "--namespace"
                     | "--control-plane"
                     | "--propagate-headers"
-                    | "--version"
+                    | "--agent-version"
                     | "--dependency"
             )
         });

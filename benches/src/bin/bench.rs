@@ -69,6 +69,10 @@ enum Cmd {
         /// Seconds before a request counts as failed.
         #[arg(long, default_value_t = 5.0)]
         timeout: f64,
+        /// Count apart the errors whose message contains this text (the SPIFFE ID of a
+        /// provider killed during the run: calls that failed inside it had reached it).
+        #[arg(long, value_name = "TEXT")]
+        reached_marker: Option<String>,
     },
     /// Run every scenario against every path; one JSON line per measured point.
     Suite {
@@ -155,6 +159,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             step_rate,
             step_at,
             timeout,
+            reached_marker,
         } => {
             let step = match (step_rate, step_at) {
                 (Some(rate), Some(at)) => Some(Step {
@@ -172,6 +177,7 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 duration: secs("--duration", duration)?,
                 step,
                 timeout: secs("--timeout", timeout)?,
+                reached_marker,
             };
             let report = runtime(1)?.block_on(capmesh_bench::load::run(&spec))?;
             println!("{}", serde_json::to_string(&report)?);

@@ -189,7 +189,7 @@ charts test runs the binary's own parser over the rendered arguments.
     - {{ join "," . | quote }}
     {{- end }}
     {{- with $a.version }}
-    - --version
+    - --agent-version
     - {{ . | quote }}
     {{- end }}
     {{- with $a.zone }}

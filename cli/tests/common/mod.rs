@@ -227,6 +227,30 @@ impl Mesh {
     }
 }
 
+impl Mesh {
+    /// A consumer's sidecar (`--agent-url none`) named `name` with `extra` flags; waits until
+    /// it is ready.
+    pub async fn consumer(&self, name: &str, extra: &[&str]) -> ProxyProcess {
+        ProxyProcess::start(&self.programs.proxy(), &self.cp, name, None, extra)
+            .await
+            .unwrap()
+    }
+
+    /// A sidecar for `name` started with `token` and `agent_url`, not waited for.
+    pub async fn sidecar(&self, name: &str, agent_url: &str, token: &str) -> ProxyProcess {
+        ProxyProcess::spawn(
+            &self.programs.proxy(),
+            &self.cp,
+            token,
+            name,
+            Some(agent_url),
+            &[],
+        )
+        .await
+        .unwrap()
+    }
+}
+
 /// Runs `probe` every 200 ms until it returns `Some`, or panics after `timeout`.
 pub async fn eventually<T>(
     timeout: Duration,
@@ -243,7 +267,7 @@ pub async fn eventually<T>(
     }
 }
 
-/// A port nothing listens on (bound, then released).
-pub fn closed_port() -> u16 {
-    capmesh_tests::free_port().unwrap()
+/// A port nothing listens on, held closed while the value lives (see `ReservedPort`).
+pub fn closed_port() -> capmesh_tests::ReservedPort {
+    capmesh_tests::reserve_port().unwrap()
 }

@@ -44,7 +44,7 @@ pub(super) fn proxy_container(s: &PodSettings, c: &InjectConfig) -> Value {
         a.extend(args(&[("--tags", tags)]));
     }
     if let Some(version) = &s.version {
-        a.extend(args(&[("--version", version)]));
+        a.extend(args(&[("--agent-version", version)]));
     }
     for cap in &s.capabilities {
         a.extend(args(&[("--capability", cap)]));

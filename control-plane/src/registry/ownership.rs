@@ -40,6 +40,7 @@ impl Registry {
                 entity: i.entity.clone(),
                 registration: i.registration.clone(),
                 healthy: i.healthy,
+                health_detail: i.health_detail.clone(),
                 cert_not_after: i.cert_not_after,
             },
             connected: i.connected,
@@ -97,6 +98,7 @@ impl Registry {
                         && cur.started_ms == started_ms
                         && cur.connected == connected
                         && cur.healthy == rec.healthy
+                        && cur.health_detail == rec.health_detail
                         && cur.registration == rec.registration =>
                 {
                     return RemoteUpsert::Applied(cur.epoch);
@@ -119,6 +121,7 @@ impl Registry {
                 entity: rec.entity,
                 registration: rec.registration,
                 healthy: rec.healthy,
+                health_detail: rec.health_detail,
                 connected,
                 epoch,
                 held,
@@ -246,6 +249,7 @@ mod tests {
                 dependencies: vec![],
             },
             healthy: true,
+            health_detail: None,
             cert_not_after: None,
         }
     }

@@ -25,6 +25,7 @@ impl Registry {
                 address: inst.registration.endpoint.clone(),
                 zone: inst.node.zone.clone(),
                 healthy: inst.healthy,
+                health_detail: inst.health_detail.clone(),
                 connected: inst.connected,
                 tags: inst.registration.tags.clone(),
                 version: inst.registration.version.clone(),

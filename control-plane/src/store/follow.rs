@@ -114,6 +114,7 @@ fn parse_payload(payload: &str, me: &str) -> Option<Change> {
     match (kind, parts.next()) {
         ("instance", Some(id)) => Some(Change::Instance(id.to_owned())),
         ("policy", _) => Some(Change::Policy),
+        ("settings", _) => Some(Change::Settings),
         ("entities", _) => Some(Change::Entities),
         _ => {
             tracing::debug!(payload, "ignoring an unknown change notification");
@@ -135,6 +136,7 @@ mod tests {
             Some(Change::Instance("proxy with spaces".into()))
         );
         assert_eq!(parse_payload("entities r2", "r1"), Some(Change::Entities));
+        assert_eq!(parse_payload("settings r2", "r1"), Some(Change::Settings));
         assert_eq!(parse_payload("instance r2", "r1"), None);
         assert_eq!(parse_payload("future r2 x", "r1"), None);
         assert_eq!(parse_payload("", "r1"), None);

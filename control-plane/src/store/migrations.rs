@@ -28,7 +28,7 @@ pub const VERSIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
 pub const SQLITE: &[Migration] = &[
     Migration {
         version: 1,
-        name: "ca, entities, tokens, instances, session key, policy",
+        name: "ca, entities, tokens, instances, session key, policy, settings",
         sql: "
 CREATE TABLE IF NOT EXISTS ca (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -61,6 +61,10 @@ CREATE TABLE IF NOT EXISTS policy (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     policy_json TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS settings (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    settings_json TEXT NOT NULL
+);
 ",
     },
     Migration {
@@ -78,7 +82,7 @@ ALTER TABLE ca ADD COLUMN key_sealed BLOB;
 /// PostgreSQL. Secrets are `bytea` and sealed; the CA key has no plaintext column at all.
 pub const POSTGRES: &[Migration] = &[Migration {
     version: 1,
-    name: "ca (sealed key), entities, tokens, instances with owners, replicas, session key, policy",
+    name: "ca (sealed key), entities, tokens, instances with owners, replicas, session key, policy, settings",
     sql: "
 CREATE TABLE ca (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -118,6 +122,10 @@ CREATE TABLE mesh_secret (
 CREATE TABLE policy (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     policy_json TEXT NOT NULL
+);
+CREATE TABLE settings (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    settings_json TEXT NOT NULL
 );
 ",
 }];

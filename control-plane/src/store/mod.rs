@@ -1,6 +1,6 @@
 //! Durable state: the CA (its key sealed with `--store-key-file`), entities, bootstrap tokens,
-//! the policy, the session key, and every proxy instance's registration with the replica that
-//! owns it. Live connection state (streams, views) is in memory, in `registry`.
+//! the policy, the mesh settings, the session key, and every proxy instance's registration with
+//! the replica that owns it. Live connection state (streams, views) is in memory, in `registry`.
 //!
 //! One backend-neutral [`Store`] trait with two backends that pass the same tests
 //! (`control-plane/tests/store.rs`): SQLite in the data dir, embedded and the default, and
@@ -18,8 +18,8 @@ pub mod sqlite;
 use std::future::Future;
 use std::time::Duration;
 
-use capmesh_api::Policy;
 use capmesh_api::rest::{Entity, TokenInfo};
+use capmesh_api::{MeshSettings, Policy};
 
 pub use postgres::PgStore;
 pub use seal::{Purpose, StoreKey};
@@ -174,6 +174,8 @@ pub enum Change {
     Instance(String),
     /// The policy was replaced.
     Policy,
+    /// The mesh settings were replaced.
+    Settings,
     /// An entity was registered or revoked.
     Entities,
 }
@@ -215,6 +217,14 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     fn policy(&self) -> impl Future<Output = Result<Option<Policy>, StoreError>> + Send;
     /// Replaces the authorization policy.
     fn set_policy(&self, policy: &Policy) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// The mesh settings, if they were ever set (never with the session key, which has its own
+    /// place).
+    fn settings(&self) -> impl Future<Output = Result<Option<MeshSettings>, StoreError>> + Send;
+    /// Replaces the mesh settings (their session key is not stored).
+    fn set_settings(
+        &self,
+        settings: &MeshSettings,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// The mesh's session-sealing key as stored: the one there, or `fresh` stored now when there
     /// is none yet (so it is created once, by whichever replica comes first, and kept).
     fn session_key_or_insert(
@@ -313,6 +323,12 @@ impl Store for Backend {
     async fn set_policy(&self, policy: &Policy) -> Result<(), StoreError> {
         delegate!(self, s => s.set_policy(policy))
     }
+    async fn settings(&self) -> Result<Option<MeshSettings>, StoreError> {
+        delegate!(self, s => s.settings())
+    }
+    async fn set_settings(&self, settings: &MeshSettings) -> Result<(), StoreError> {
+        delegate!(self, s => s.set_settings(settings))
+    }
     async fn session_key_or_insert(&self, fresh: &[u8]) -> Result<Vec<u8>, StoreError> {
         delegate!(self, s => s.session_key_or_insert(fresh))
     }
@@ -353,4 +369,15 @@ pub(crate) fn to_json<T: serde::Serialize>(
         what,
         detail: e.to_string(),
     })
+}
+
+/// The settings as stored: without the session key, which is kept (sealed) on its own.
+pub(crate) fn stored_settings(settings: &MeshSettings) -> Result<String, StoreError> {
+    to_json(
+        "settings",
+        &MeshSettings {
+            session_key: String::new(),
+            ..settings.clone()
+        },
+    )
 }

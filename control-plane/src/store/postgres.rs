@@ -5,14 +5,14 @@
 //! statement waits at most [`STATEMENT_TIMEOUT`]), and one that only LISTENs. Every change to
 //! shared state NOTIFYs channel [`CHANNEL`] inside its own transaction, so the other replicas
 //! hear of it exactly when it commits: `<kind> <replica> [<key>]`, with kind `instance`,
-//! `policy` or `entities`. [`PgStore::follow`] turns those into events ([`super::follow`]).
+//! `policy`, `settings` or `entities`. [`PgStore::follow`] turns those into events ([`super::follow`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use capmesh_api::Policy;
 use capmesh_api::rest::{Entity, TokenInfo};
+use capmesh_api::{MeshSettings, Policy};
 use tokio::sync::{Mutex, MutexGuard, mpsc};
 
 use super::follow::Followed;
@@ -23,7 +23,7 @@ use tokio_postgres::{Client, Config, GenericClient, NoTls, Row, Statement};
 use super::migrations::{self, Migration};
 use super::{
     InstanceWrite, Store, StoreError, StoredCa, StoredInstance, StoredKey, StoredToken,
-    WriteOutcome, from_json, to_json,
+    WriteOutcome, from_json, stored_settings, to_json,
 };
 
 /// The LISTEN/NOTIFY channel every replica of one store shares.
@@ -650,6 +650,37 @@ impl Store for PgStore {
             tx.execute(
                 "INSERT INTO policy (id, policy_json) VALUES (1, $1)
                  ON CONFLICT (id) DO UPDATE SET policy_json = EXCLUDED.policy_json",
+                &[&json],
+            )
+            .await?;
+            notify(&tx, &payload).await?;
+            tx.commit().await
+        })
+    }
+
+    async fn settings(&self) -> Result<Option<MeshSettings>, StoreError> {
+        let row = with_client!(self, |c| c
+            .query_opt("SELECT settings_json FROM settings WHERE id = 1", &[]))?;
+        match row {
+            None => Ok(None),
+            Some(row) => {
+                let json: String = row.try_get(0).map_err(|e| StoreError::Corrupt {
+                    what: "settings",
+                    detail: e.to_string(),
+                })?;
+                from_json("settings", &json).map(Some)
+            }
+        }
+    }
+
+    async fn set_settings(&self, settings: &MeshSettings) -> Result<(), StoreError> {
+        let json = stored_settings(settings)?;
+        let payload = self.payload("settings", None);
+        with_client!(self, |c| async {
+            let tx = c.transaction().await?;
+            tx.execute(
+                "INSERT INTO settings (id, settings_json) VALUES (1, $1)
+                 ON CONFLICT (id) DO UPDATE SET settings_json = EXCLUDED.settings_json",
                 &[&json],
             )
             .await?;

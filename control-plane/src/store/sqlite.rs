@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use capmesh_api::Policy;
 use capmesh_api::rest::{Entity, TokenInfo};
+use capmesh_api::{MeshSettings, Policy};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::migrations::{self, Migration};
 use super::{
     InstanceWrite, Store, StoreError, StoredCa, StoredInstance, StoredKey, StoredToken,
-    WriteOutcome, from_json, to_json,
+    WriteOutcome, from_json, stored_settings, to_json,
 };
 
 /// SQLite in the data dir.
@@ -364,6 +364,29 @@ impl Store for SqliteStore {
             c.execute(
                 "INSERT INTO policy (id, policy_json) VALUES (1, ?1)
                  ON CONFLICT(id) DO UPDATE SET policy_json = excluded.policy_json",
+                params![json],
+            )?;
+            Ok(())
+        })
+    }
+
+    async fn settings(&self) -> Result<Option<MeshSettings>, StoreError> {
+        self.with(|c| {
+            let json: Option<String> = c
+                .query_row("SELECT settings_json FROM settings WHERE id = 1", [], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            json.map(|j| from_json("settings", &j)).transpose()
+        })
+    }
+
+    async fn set_settings(&self, settings: &MeshSettings) -> Result<(), StoreError> {
+        let json = stored_settings(settings)?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO settings (id, settings_json) VALUES (1, ?1)
+                 ON CONFLICT(id) DO UPDATE SET settings_json = excluded.settings_json",
                 params![json],
             )?;
             Ok(())

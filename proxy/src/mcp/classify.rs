@@ -66,7 +66,7 @@ pub struct Classified {
 }
 
 /// A request refused before routing: send `status` with `body` (a JSON-RPC error).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Rejection {
     /// The HTTP status (400 for every transport-rule failure).
     pub status: StatusCode,
@@ -74,6 +74,8 @@ pub struct Rejection {
     pub code: i64,
     /// The JSON-RPC error response body (`application/json`).
     pub body: Bytes,
+    /// The error itself.
+    pub error: Box<RpcError>,
 }
 
 impl Rejection {
@@ -83,6 +85,7 @@ impl Rejection {
             status,
             code: err.code,
             body: err.to_body(),
+            error: Box::new(err.clone()),
         }
     }
 

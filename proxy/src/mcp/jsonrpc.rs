@@ -1,10 +1,12 @@
 //! JSON-RPC 2.0 messages as MCP uses them: parsing a POST body into a single message or a batch,
 //! telling parse errors (-32700) from invalid requests (-32600), and building error/result bodies.
 //!
-//! MCP narrows JSON-RPC in two ways that this module enforces: a request id is a string or an
-//! integer (never null, never fractional), and `params` is structured (object or array). Integer
-//! ids survive a round trip byte for byte; string ids keep their value (a `\u0041` escape comes
-//! back as `A`, which every JSON reader treats as the same id).
+//! MCP narrows JSON-RPC in two ways: a request id is a string or an integer (never null), and
+//! `params` is structured (object or array). This module enforces the second and the non-null
+//! id; for numeric ids it accepts every number form SDKs accept (`1.0` included), so the mesh
+//! never reads a message differently from the agent. Integer ids within 64 bits survive a round
+//! trip byte for byte; string ids keep their value (a `\u0041` escape comes back as `A`, which
+//! every JSON reader treats as the same id).
 //!
 //! Error codes the proxy itself sends:
 //!
@@ -54,18 +56,19 @@ pub const UPSTREAM_FAILED: i64 = -32005;
 /// A JSON-RPC request id: an integer or a string, kept as received.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Id {
-    /// An integer id (always `is_i64()` or `is_u64()`; fractions are refused at parse time).
+    /// A numeric id: MCP asks for integers, but SDKs accept `1.0` (an integer to JavaScript and
+    /// pydantic), so every number form is read, as the agent would, and sent back as read.
     Number(Number),
     /// A string id.
     String(String),
 }
 
 impl Id {
-    /// Reads an id from a JSON value: `None` for null, fractions, and anything but integers and
+    /// Reads an id from a JSON value: `None` for null and anything but numbers and
     /// strings.
     pub fn from_value(v: &Value) -> Option<Id> {
         match v {
-            Value::Number(n) if n.is_i64() || n.is_u64() => Some(Id::Number(n.clone())),
+            Value::Number(n) => Some(Id::Number(n.clone())),
             Value::String(s) => Some(Id::String(s.clone())),
             _ => None,
         }
@@ -305,7 +308,7 @@ fn invalid(message: impl Into<String>) -> RpcError {
 /// Parses a POST body into one message or a batch.
 ///
 /// Not JSON → [`PARSE_ERROR`]; JSON that is not a JSON-RPC 2.0 message (no `"jsonrpc":"2.0"`, no
-/// method and no result/error, a null/fractional/boolean request id, scalar params, an empty
+/// method and no result/error, a null/boolean request id, scalar params, an empty
 /// array, or any bad element in a batch) → [`INVALID_REQUEST`], carrying the id when it was
 /// readable.
 pub fn parse(body: &[u8]) -> Result<Parsed, RpcError> {

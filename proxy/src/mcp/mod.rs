@@ -1,6 +1,8 @@
 //! The MCP wire rules the proxy enforces and relies on, for both protocol generations
 //! (2025-03-26 … 2025-11-25 with sessions; 2026-07-28 stateless with `Mcp-Method`/`Mcp-Name`).
 //!
+//! * [`inspect`]: every message of a body read in one strict pass without a tree (method,
+//!   target, id shape): what inbound authorization decides on.
 //! * [`jsonrpc`]: JSON-RPC 2.0 messages, parse/invalid-request errors, error and result bodies,
 //!   and the error codes capmesh sends.
 //! * [`classify`]: what a POST is (generation, method, target name, id, session) and the 400s
@@ -18,6 +20,7 @@
 
 pub mod classify;
 pub mod header;
+pub mod inspect;
 pub mod jsonrpc;
 pub mod relay;
 pub mod rewrite;

@@ -61,6 +61,22 @@ impl Mesh {
     }
 }
 
+/// Replaces the mesh's authorization policy (as the admin).
+pub async fn set_policy(mesh: &Mesh, policy: Value) {
+    let policy: capmesh_api::Policy = serde_json::from_value(policy).unwrap();
+    let _: capmesh_api::Policy = mesh
+        .cp
+        .rest()
+        .unwrap()
+        .put(
+            "/v1/policies",
+            &policy,
+            Some(&mesh.cp.admin_token().unwrap()),
+        )
+        .await
+        .unwrap();
+}
+
 /// `client.py call` through `proxy`; returns (exit code, JSON).
 pub async fn call(proxy: &ProxyProcess, mode: &str, tool: &str, args: &str) -> (i32, Value) {
     client_json(&proxy.url(), mode, &[], &["call", tool, args])

@@ -15,24 +15,26 @@
 //! depends on (`--dependency '*'` for all); the provider's proxy applies its own checks.
 
 use std::collections::HashSet;
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use capmesh_api::{Endpoint, Namespace};
-use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http::{HeaderValue, Method, Request, Response};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::server::graceful::Watcher;
 use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tower::ServiceBuilder;
 
-use crate::headers::{continue_trace, is_hop_by_hop};
+use super::passthrough::is_safe;
+use super::tool_call::call_timeout;
+use crate::contract::SERVED_BY_HEADER;
+use crate::forward::{self, Attempts, Call, CallSpec, Served, Target, Upstream};
+use crate::headers::is_hop_by_hop;
 use crate::routing::Routing;
+use crate::stack::{Handled, Middleware, Next, ReadBody, RespondLayer, Stage, call};
 use crate::{BoxBody, Proxy, boxed};
 
 /// The address a redirected connection was going to, before the init rules sent it here.
@@ -60,8 +62,6 @@ pub struct Transparent {
     /// one of them means the proxy's own traffic is being intercepted (it does not run as the
     /// UID given to `init --proxy-uid`), which would loop forever.
     relays: Mutex<HashSet<SocketAddr>>,
-    /// Spreads requests over the instances behind one address or name.
-    next: AtomicUsize,
 }
 
 impl Transparent {
@@ -75,11 +75,15 @@ impl Transparent {
 const SNIFF: Duration = Duration::from_millis(200);
 /// The most of a request head read to find `Host`.
 const SNIFF_BYTES: usize = 8 * 1024;
-/// Instances tried when the first is unreachable (nothing was sent to it).
-const MAX_TRIES: usize = 3;
 
 /// Serves one redirected connection (see the module docs).
-pub async fn serve(proxy: Arc<Proxy>, tcp: TcpStream, dst: OrigDstAddr, watcher: Watcher) {
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    tcp: TcpStream,
+    dst: OrigDstAddr,
+    limits: crate::serve::Limits,
+    drain: watch::Receiver<bool>,
+) {
     if let Ok(peer) = tcp.peer_addr()
         && proxy.transparent.relays().contains(&peer)
     {
@@ -101,22 +105,32 @@ pub async fn serve(proxy: Arc<Proxy>, tcp: TcpStream, dst: OrigDstAddr, watcher:
         relay(proxy, tcp, dst).await;
         return;
     }
-    let fallback = Arc::new(fallback);
-    let svc = service_fn(move |req| {
-        let (proxy, fallback) = (proxy.clone(), fallback.clone());
-        async move { Ok::<_, Infallible>(to_mesh(proxy, dst, &fallback, req).await) }
-    });
-    crate::serve_plain_http(tcp, svc, watcher).await;
+    let svc = ServiceBuilder::new()
+        // Errors become responses here, and only here.
+        .layer(RespondLayer)
+        // The mesh reads what it forwards (bounded): the provider's proxy authorizes every
+        // message, and a read body can be sent again.
+        .layer(Stage(ReadBody {
+            limit: crate::contract::MAX_REQUEST,
+        }))
+        // The instances behind the address (or Host) the agent dialled.
+        .layer(Stage(ToMesh {
+            proxy: proxy.clone(),
+            dst,
+            fallback: Arc::new(fallback),
+        }))
+        .service(forward::stack(&proxy));
+    crate::serve::connection(tcp, svc, limits, drain).await;
 }
 
 /// The instances (one endpoint each) whose proxy advertises `ip`.
-pub fn instances_at(routing: &Routing, ip: IpAddr) -> Vec<Endpoint> {
+pub fn instances_at(routing: &Routing, ip: IpAddr) -> Vec<Arc<Endpoint>> {
     dedup_instances(routing, |ep| host_ip(&ep.address) == Some(ip))
 }
 
 /// The instances of the agent a DNS name points at: `agent`, `agent.namespace` or
 /// `agent.namespace.svc[.cluster.local]`; the bare name is looked up in `own` namespace.
-pub fn instances_named(routing: &Routing, host: &str, own: &Namespace) -> Vec<Endpoint> {
+pub fn instances_named(routing: &Routing, host: &str, own: &Namespace) -> Vec<Arc<Endpoint>> {
     let host = strip_port(host).trim_end_matches('.').to_ascii_lowercase();
     if host.parse::<IpAddr>().is_ok() {
         return Vec::new();
@@ -131,7 +145,7 @@ pub fn instances_named(routing: &Routing, host: &str, own: &Namespace) -> Vec<En
     })
 }
 
-fn dedup_instances(routing: &Routing, want: impl Fn(&Endpoint) -> bool) -> Vec<Endpoint> {
+fn dedup_instances(routing: &Routing, want: impl Fn(&Endpoint) -> bool) -> Vec<Arc<Endpoint>> {
     let Some(snapshot) = &routing.snapshot else {
         return Vec::new();
     };
@@ -140,7 +154,7 @@ fn dedup_instances(routing: &Routing, want: impl Fn(&Endpoint) -> bool) -> Vec<E
         .endpoints
         .iter()
         .filter(|ep| want(ep) && seen.insert(ep.instance.clone()))
-        .cloned()
+        .map(|ep| Arc::new(ep.clone()))
         .collect()
 }
 
@@ -252,82 +266,72 @@ async fn relay(proxy: Arc<Proxy>, mut tcp: TcpStream, dst: OrigDstAddr) {
     }
 }
 
-fn plain_error(status: StatusCode, text: String) -> Response<BoxBody> {
-    let mut resp = Response::new(boxed(
-        Full::new(Bytes::from(text + "\n"))
-            .map_err(|never: Infallible| -> crate::BoxError { match never {} }),
-    ));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
-}
-
-/// Forwards one intercepted request to an instance behind its address (or `Host`), over the
-/// peer pool's mutual TLS, and streams the answer back.
-async fn to_mesh(
+/// Resolves an intercepted request to the instances behind the address (or `Host`) it was
+/// sent to — the address wins, then this request's `Host`, then what the connection started
+/// with — healthy ones first, and relays the answer unchanged.
+#[derive(Debug, Clone)]
+struct ToMesh {
     proxy: Arc<Proxy>,
     dst: OrigDstAddr,
-    fallback: &[Endpoint],
-    req: Request<Incoming>,
-) -> Response<BoxBody> {
-    proxy.metrics.transparent.with_label_values(&["mesh"]).inc();
-    let routing = proxy.routing.load_full();
-    // The instances may have changed since the connection was accepted; the address wins,
-    // then this request's Host, then what the connection started with.
-    let mut instances = instances_at(&routing, dst.0.ip());
-    if instances.is_empty()
-        && let Some(host) = request_host(&req)
-    {
-        instances = instances_named(&routing, &host, &proxy.node.namespace);
-    }
-    if instances.is_empty() {
-        instances = fallback.to_vec();
-    }
-    // Healthy instances first, taken in turn.
-    let start = proxy.transparent.next.fetch_add(1, Ordering::Relaxed);
-    let n = instances.len().max(1);
-    instances.rotate_left(start % n);
-    instances.sort_by_key(|ep| !ep.healthy);
-
-    let mut last_error = String::from("no instance");
-    for ep in instances.iter().take(MAX_TRIES) {
-        let sender = match proxy.peers.ready(&ep.address, &ep.identity).await {
-            Ok(s) => s,
-            Err(e) => {
-                last_error = e.to_string();
-                continue;
-            }
-        };
-        let upstream = match upstream_request(ep, req) {
-            Ok(r) => r,
-            Err(e) => return plain_error(StatusCode::BAD_REQUEST, e),
-        };
-        let mut sender = sender;
-        return match sender.send_request(upstream).await {
-            Ok(resp) => stream_back(resp, ep),
-            Err(e) => plain_error(
-                StatusCode::BAD_GATEWAY,
-                format!("capmesh: {} ({}) failed: {e}", ep.identity, ep.address),
-            ),
-        };
-    }
-    plain_error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!(
-            "capmesh: no instance of {} behind {} is reachable: {last_error}",
-            fallback
-                .first()
-                .map(|e| e.agent.to_string())
-                .unwrap_or_default(),
-            dst.0
-        ),
-    )
+    fallback: Arc<Vec<Arc<Endpoint>>>,
 }
 
-fn request_host(req: &Request<Incoming>) -> Option<String> {
+impl<S> Middleware<Request<Bytes>, S> for ToMesh
+where
+    S: Next<Call, Response<Incoming>>,
+{
+    type Response = Response<BoxBody>;
+
+    fn handle(&self, req: Request<Bytes>, next: S) -> Handled<Response<BoxBody>> {
+        let this = self.clone();
+        Box::pin(async move {
+            let proxy = &this.proxy;
+            proxy.metrics.transparent.with_label_values(&["mesh"]).inc();
+            let routing = proxy.routing.load_full();
+            let mut instances = instances_at(&routing, this.dst.0.ip());
+            if instances.is_empty()
+                && let Some(host) = request_host(&req)
+            {
+                instances = instances_named(&routing, &host, &proxy.node.namespace);
+            }
+            if instances.is_empty() {
+                instances = this.fallback.to_vec();
+            }
+            drop(routing);
+            let label = instances
+                .first()
+                .map(|e| e.agent.to_string())
+                .unwrap_or_default();
+            let (healthy, unhealthy): (Vec<_>, Vec<_>) =
+                instances.into_iter().partition(|e| e.healthy);
+            let ranks = Arc::new(vec![healthy, unhealthy]);
+            let (parts, body) = req.into_parts();
+            let path = parts
+                .uri
+                .path_and_query()
+                .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
+            proxy.retry_budget.deposit();
+            let spec = Call(Arc::new(CallSpec {
+                target: Target::Ranked {
+                    name: label.clone(),
+                    ranks,
+                },
+                upstream: Upstream::Transparent { path },
+                safe: parts.method == Method::HEAD || is_safe(&parts.method, &body),
+                timeout: call_timeout(proxy, &parts.headers),
+                headers: crate::headers::forwarded(&parts.headers),
+                method: parts.method,
+                body,
+                label,
+                attempts: Attempts::default(),
+            }));
+            let resp = call(next, spec).await?;
+            Ok(stream_back(resp))
+        })
+    }
+}
+
+fn request_host<B>(req: &Request<B>) -> Option<String> {
     req.headers()
         .get(http::header::HOST)
         .and_then(|v| v.to_str().ok())
@@ -335,24 +339,8 @@ fn request_host(req: &Request<Incoming>) -> Option<String> {
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
 }
 
-fn upstream_request(ep: &Endpoint, req: Request<Incoming>) -> Result<Request<BoxBody>, String> {
-    let (parts, body) = req.into_parts();
-    let path = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let uri: http::Uri = format!("https://{}{path}", ep.address)
-        .parse()
-        .map_err(|e| format!("capmesh: bad request target {path:?}: {e}"))?;
-    let mut out = Request::builder().method(parts.method).uri(uri);
-    let h = out.headers_mut().ok_or("capmesh: request builder failed")?;
-    *h = crate::passthrough::forwarded_headers(&parts.headers);
-    continue_trace(&parts.headers, h);
-    out.body(boxed(body)).map_err(|e| e.to_string())
-}
-
-fn stream_back(resp: Response<Incoming>, ep: &Endpoint) -> Response<BoxBody> {
+fn stream_back(resp: Response<Incoming>) -> Response<BoxBody> {
+    let served = resp.extensions().get::<Served>().cloned();
     let (parts, body) = resp.into_parts();
     let mut out = Response::new(boxed(body));
     *out.status_mut() = parts.status;
@@ -362,8 +350,10 @@ fn stream_back(resp: Response<Incoming>, ep: &Endpoint) -> Response<BoxBody> {
             h.append(name.clone(), value.clone());
         }
     }
-    if let Ok(v) = HeaderValue::from_str(&format!("{}#{}", ep.identity, ep.instance)) {
-        h.insert("x-capmesh-served-by", v);
+    if let Some(Served(ep)) = served
+        && let Ok(v) = HeaderValue::from_str(&format!("{}#{}", ep.identity, ep.instance))
+    {
+        h.insert(SERVED_BY_HEADER, v);
     }
     out
 }

@@ -1,0 +1,29 @@
+//! The caller's deadline (`x-capmesh-timeout`, else the mesh default): it covers every attempt
+//! up to response headers. A streamed response is never cut by it.
+
+use http::Response;
+use hyper::body::Incoming;
+
+use super::Call;
+use crate::error::ProxyError;
+use crate::stack::{Handled, Middleware, Next, call};
+
+/// See the module docs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Deadline;
+
+impl<S> Middleware<Call, S> for Deadline
+where
+    S: Next<Call, Response<Incoming>>,
+{
+    type Response = Response<Incoming>;
+
+    fn handle(&self, req: Call, next: S) -> Handled<Response<Incoming>> {
+        let after = req.timeout;
+        Box::pin(async move {
+            tokio::time::timeout(after, call(next, req))
+                .await
+                .unwrap_or(Err(ProxyError::Timeout { after }))
+        })
+    }
+}

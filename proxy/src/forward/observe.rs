@@ -1,0 +1,49 @@
+//! Per-attempt metrics: latency to response headers and the outcome, by capability.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use http::Response;
+use hyper::body::Incoming;
+
+use super::balance::Attempt;
+use crate::Proxy;
+use crate::stack::{Handled, Middleware, Next, call};
+
+/// See the module docs.
+#[derive(Debug, Clone)]
+pub struct Observe {
+    proxy: Arc<Proxy>,
+}
+
+impl Observe {
+    /// Counting into `proxy`'s metrics.
+    pub fn new(proxy: Arc<Proxy>) -> Self {
+        Self { proxy }
+    }
+}
+
+impl<S> Middleware<Attempt, S> for Observe
+where
+    S: Next<Attempt, Response<Incoming>>,
+{
+    type Response = Response<Incoming>;
+
+    fn handle(&self, req: Attempt, next: S) -> Handled<Response<Incoming>> {
+        let proxy = self.proxy.clone();
+        Box::pin(async move {
+            let label = req.call.label.clone();
+            let t0 = Instant::now();
+            let result = call(next, req).await;
+            let m = &proxy.metrics;
+            match &result {
+                Ok(resp) => m.answered(&label, resp.status(), t0.elapsed()),
+                Err(e) => m
+                    .responses
+                    .with_label_values(&[label.as_str(), e.status().as_str(), e.label()])
+                    .inc(),
+            }
+            result
+        })
+    }
+}

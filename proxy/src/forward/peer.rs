@@ -1,0 +1,135 @@
+//! The bottom of every outbound stack: writes the attempt's request for its endpoint and sends
+//! it over the peer pool's mutual TLS.
+
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use capmesh_api::Endpoint;
+use http::{HeaderValue, Request, Response, Uri};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use serde_json::Value;
+
+use super::balance::Attempt;
+use super::{CallSpec, Upstream};
+use crate::contract::{CALL_PATH, CAPABILITY_HEADER, PASSTHROUGH_PATH};
+use crate::error::ProxyError;
+use crate::mcp::{classify, rewrite};
+use crate::stack::BoxFuture;
+use crate::{BoxBody, Proxy, boxed};
+
+/// See the module docs.
+#[derive(Debug, Clone)]
+pub struct PeerClient {
+    proxy: Arc<Proxy>,
+}
+
+impl PeerClient {
+    /// Sending through `proxy`'s peer pool.
+    pub fn new(proxy: Arc<Proxy>) -> Self {
+        Self { proxy }
+    }
+}
+
+impl tower::Service<Attempt> for PeerClient {
+    type Response = Response<Incoming>;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<Response<Incoming>, ProxyError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, attempt: Attempt) -> Self::Future {
+        let proxy = self.proxy.clone();
+        Box::pin(async move {
+            let ep = &attempt.endpoint;
+            let request = request_for(&attempt.call, ep)?;
+            proxy
+                .peers
+                .send(&ep.address, &ep.identity, request)
+                .await
+                .map_err(|source| ProxyError::Peer {
+                    endpoint: format!("{}#{}", ep.identity, ep.instance),
+                    source,
+                })
+        })
+    }
+}
+
+/// The request `call` becomes when sent to `ep`.
+pub fn request_for(call: &CallSpec, ep: &Endpoint) -> Result<Request<BoxBody>, ProxyError> {
+    let (path, body): (String, Bytes) = match &call.upstream {
+        Upstream::ToolCall {
+            upstream_id,
+            request_state,
+            ..
+        } => (
+            CALL_PATH.to_owned(),
+            tool_call_body(
+                &call.body,
+                &ep.function,
+                upstream_id,
+                request_state.as_ref(),
+            )?,
+        ),
+        Upstream::Message => (CALL_PATH.to_owned(), call.body.clone()),
+        Upstream::Passthrough { query, .. } => {
+            (format!("{PASSTHROUGH_PATH}{query}"), call.body.clone())
+        }
+        Upstream::Transparent { path } => (path.clone(), call.body.clone()),
+    };
+    let uri: Uri = format!("https://{}{path}", ep.address)
+        .parse()
+        .map_err(|e| ProxyError::Internal(format!("endpoint address {}: {e}", ep.address)))?;
+    let mut req = Request::new(boxed(Full::new(body)));
+    *req.method_mut() = call.method.clone();
+    *req.uri_mut() = uri;
+    *req.headers_mut() = call.headers.clone();
+    let h = req.headers_mut();
+    match &call.upstream {
+        Upstream::ToolCall { modern: true, .. } => {
+            classify::set_routing_headers(h, "tools/call", Some(&ep.function));
+        }
+        Upstream::Passthrough {
+            capability,
+            session,
+            ..
+        } => {
+            h.remove("mcp-session-id");
+            if let Some(s) = session {
+                let v = HeaderValue::from_str(s).map_err(|_| ProxyError::UnknownSession)?;
+                h.insert("mcp-session-id", v);
+            }
+            let v = HeaderValue::from_str(capability)
+                .map_err(|_| ProxyError::UnknownCapability(capability.clone()))?;
+            h.insert(CAPABILITY_HEADER, v);
+        }
+        _ => {}
+    }
+    Ok(req)
+}
+
+/// A federated `tools/call` for a provider: its function name, the mesh's id and, on a
+/// retried 2026-07-28 call, the provider's own `requestState`.
+fn tool_call_body(
+    body: &Bytes,
+    function: &str,
+    upstream_id: &Value,
+    request_state: Option<&Value>,
+) -> Result<Bytes, ProxyError> {
+    let renamed = rewrite::rename_tool_call_with_id(body, function, upstream_id)?;
+    let Some(state) = request_state else {
+        return Ok(renamed);
+    };
+    // Only a retry carrying a restored requestState needs the JSON tree.
+    let mut message: Value = serde_json::from_slice(&renamed)
+        .map_err(|e| ProxyError::Internal(format!("renamed call is not JSON: {e}")))?;
+    if let Some(params) = message.get_mut("params").and_then(Value::as_object_mut) {
+        params.insert("requestState".to_owned(), state.clone());
+    }
+    serde_json::to_vec(&message)
+        .map(Bytes::from)
+        .map_err(|e| ProxyError::Internal(e.to_string()))
+}

@@ -1,0 +1,348 @@
+//! Inbound: the local agent as a mesh member, behind mutual TLS on `0.0.0.0:15006`.
+//!
+//! Three kinds of request arrive from peer proxies (or, in permissive mode, from plaintext
+//! clients): mesh calls (`/.capmesh/call`), passthrough conversations
+//! (`/.capmesh/passthrough`) and requests for the agent's own paths (transparent mode). One
+//! stack serves them all, composed in [`stack`]; [`serve`] accepts connections, terminates TLS
+//! per the mode and closes a connection whose peer stops being trusted.
+
+pub mod agent;
+pub mod authorize;
+
+use std::convert::Infallible;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use capmesh_certs::{AcceptError, Accepted, MeshAcceptor, Refusal};
+use http::{Request, Response};
+use hyper::body::Incoming;
+use rustls::pki_types::CertificateDer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower::{Service, ServiceBuilder};
+
+use crate::contract::{CALL_PATH, CAPABILITY_HEADER, MAX_REQUEST, PASSTHROUGH_PATH};
+use crate::error::ProxyError;
+use crate::serve::Limits;
+use crate::stack::{BoxFuture, Handled, Middleware, Next, ReadBody, RespondLayer, Stage, call};
+use crate::{BoxBody, Proxy};
+
+/// Who sent a request: the verified SPIFFE ID, or `None` for a plaintext client permissive
+/// mode let in. A request extension from the top of the stack down.
+#[derive(Debug, Clone, Default)]
+pub struct Caller(pub Option<Arc<str>>);
+
+impl fmt::Display for Caller {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.as_deref().unwrap_or(capmesh_api::UNAUTHENTICATED))
+    }
+}
+
+/// Which kind of inbound request this is, by its path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Path {
+    /// `/.capmesh/call`: one message of a federated call.
+    Call,
+    /// `/.capmesh/passthrough`: a conversation for this capability.
+    Passthrough {
+        /// From [`CAPABILITY_HEADER`].
+        capability: String,
+    },
+    /// Any other path: the agent's own (transparent mode).
+    Agent,
+}
+
+impl Path {
+    /// The kind of `req`.
+    pub fn of<B>(req: &Request<B>) -> Path {
+        match req.uri().path() {
+            CALL_PATH => Path::Call,
+            PASSTHROUGH_PATH => Path::Passthrough {
+                capability: req
+                    .headers()
+                    .get(CAPABILITY_HEADER)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned(),
+            },
+            _ => Path::Agent,
+        }
+    }
+}
+
+/// Who is on the other end of one inbound connection.
+#[derive(Debug)]
+struct Peer {
+    /// The verified SPIFFE ID, or `None` for a permitted plaintext client.
+    identity: Option<Arc<str>>,
+    chain: Vec<CertificateDer<'static>>,
+    /// The trust generation the chain was last verified against.
+    verified: AtomicU64,
+}
+
+impl Peer {
+    /// Re-checks the peer's chain when the trust bundle changed since the last check.
+    fn still_trusted(&self, proxy: &Proxy) -> Result<(), Refusal> {
+        let current = proxy.identity.trust.generation();
+        if self.identity.is_none() || self.verified.load(Ordering::Acquire) == current {
+            return Ok(());
+        }
+        proxy
+            .identity
+            .trust
+            .verify_client_chain(&self.chain)
+            .map(|_| self.verified.store(current, Ordering::Release))
+    }
+
+    /// Resolves when the peer is no longer trusted (revoked, its CA removed) or its
+    /// certificate expires: the connection is then closed, whatever it carries.
+    async fn distrusted(&self, proxy: &Proxy) {
+        if self.identity.is_none() {
+            return std::future::pending().await;
+        }
+        let expires = self
+            .chain
+            .first()
+            .and_then(|c| capmesh_certs::inspect_der(c).ok())
+            .map(|info| info.not_after);
+        loop {
+            if let Err(r) = self.still_trusted(proxy) {
+                proxy
+                    .metrics
+                    .tls_refusals
+                    .with_label_values(&[r.reason()])
+                    .inc();
+                return;
+            }
+            if expires.is_some_and(|at| at <= SystemTime::now()) {
+                proxy
+                    .metrics
+                    .tls_refusals
+                    .with_label_values(&["expired"])
+                    .inc();
+                return;
+            }
+            // Trust changes arrive with snapshots; checking this often keeps a revocation's
+            // effect on open connections well within a second.
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// Verifies, on every request, that the connection's peer is still trusted (a revocation
+/// applies to connections already open), and names the caller for the layers below. Mesh
+/// paths need a mesh identity.
+#[derive(Debug, Clone)]
+struct Verify {
+    proxy: Arc<Proxy>,
+}
+
+impl<S> Middleware<Request<Incoming>, S> for Verify
+where
+    S: Next<Request<Incoming>, Response<BoxBody>>,
+{
+    type Response = Response<BoxBody>;
+
+    fn handle(&self, mut req: Request<Incoming>, next: S) -> Handled<Response<BoxBody>> {
+        let proxy = self.proxy.clone();
+        Box::pin(async move {
+            let peer = req
+                .extensions()
+                .get::<Arc<Peer>>()
+                .cloned()
+                .ok_or_else(|| ProxyError::Internal("a request without its connection".into()))?;
+            if let Err(refusal) = peer.still_trusted(&proxy) {
+                proxy
+                    .metrics
+                    .tls_refusals
+                    .with_label_values(&[refusal.reason()])
+                    .inc();
+                return Err(ProxyError::Untrusted(format!(
+                    "your certificate is no longer trusted by this mesh: {refusal}"
+                )));
+            }
+            if proxy.agent.is_none() {
+                return Err(ProxyError::NoAgent);
+            }
+            if peer.identity.is_none() && Path::of(&req) != Path::Agent {
+                return Err(ProxyError::Untrusted(
+                    "mesh calls need a mesh certificate".into(),
+                ));
+            }
+            req.extensions_mut().insert(Caller(peer.identity.clone()));
+            call(next, req).await
+        })
+    }
+}
+
+/// The inbound listener's stack, top to bottom.
+pub fn stack(proxy: &Arc<Proxy>) -> impl Next<Request<Incoming>, Response<BoxBody>> {
+    ServiceBuilder::new()
+        // Still trusted (a revocation ends open connections' calls too); the caller named.
+        .layer(Stage(Verify {
+            proxy: proxy.clone(),
+        }))
+        // Bounded: every message is read to be authorized.
+        .layer(Stage(ReadBody { limit: MAX_REQUEST }))
+        // One decision for every message on every path; fails closed.
+        .layer(Stage(authorize::Authorize::new(
+            proxy.authz.clone(),
+            Some(proxy.metrics.inbound.clone()),
+        )))
+        .service(Route {
+            call: ServiceBuilder::new()
+                // The proxy's own session with the agent, shared by callers; the agent's
+                // requests to a caller sealed for that caller.
+                .layer(Stage(agent::Shared::new(proxy.clone())))
+                .service(agent::AgentClient::new(proxy.clone())),
+            conversation: ServiceBuilder::new()
+                // The caller's own session: the agent's session ids sealed for the caller.
+                .layer(Stage(agent::Owned::new(proxy.clone())))
+                .service(agent::AgentClient::new(proxy.clone())),
+        })
+}
+
+/// Mesh calls to the shared session; passthrough and the agent's own paths to the caller's.
+#[derive(Debug, Clone)]
+struct Route<C, O> {
+    call: C,
+    conversation: O,
+}
+
+impl<C, O> Service<Request<Bytes>> for Route<C, O>
+where
+    C: Next<Request<Bytes>, Response<BoxBody>>,
+    O: Next<Request<Bytes>, Response<BoxBody>>,
+{
+    type Response = Response<BoxBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<Response<BoxBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+        if req.uri().path() == CALL_PATH {
+            Box::pin(call(self.call.clone(), req))
+        } else {
+            Box::pin(call(self.conversation.clone(), req))
+        }
+    }
+}
+
+/// Serves the inbound listener until `drain`; then stops accepting and lets in-flight calls
+/// finish (bounded by `grace`).
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    acceptor: MeshAcceptor,
+    limits: Limits,
+    drain: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let refused = proxy
+        .metrics
+        .connections_refused
+        .with_label_values(&["inbound"]);
+    let svc = ServiceBuilder::new()
+        // Errors become responses here, and only here.
+        .layer(RespondLayer)
+        .service(stack(&proxy));
+    let serve = |tcp| {
+        let (proxy, acceptor, svc, drain) =
+            (proxy.clone(), acceptor.clone(), svc.clone(), drain.clone());
+        connection(proxy, acceptor, tcp, svc, limits, drain)
+    };
+    crate::serve::accept(
+        "inbound",
+        listener,
+        limits,
+        refused,
+        drain.clone(),
+        grace,
+        serve,
+    )
+    .await;
+}
+
+async fn connection<S>(
+    proxy: Arc<Proxy>,
+    acceptor: MeshAcceptor,
+    tcp: tokio::net::TcpStream,
+    svc: S,
+    limits: Limits,
+    drain: watch::Receiver<bool>,
+) where
+    S: Service<Request<Incoming>, Response = Response<BoxBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let handshakes = &proxy.metrics.tls_handshakes;
+    let (io, peer) =
+        match tokio::time::timeout(limits.header_read_timeout, acceptor.accept(tcp)).await {
+            Err(_) => {
+                tracing::debug!("inbound handshake timed out");
+                return;
+            }
+            Ok(Ok(Accepted::Tls { stream, peer })) => {
+                handshakes.with_label_values(&["mtls"]).inc();
+                let chain = stream
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .map(|c| c.to_vec())
+                    .unwrap_or_default();
+                let peer = Peer {
+                    identity: peer.map(|p| Arc::from(p.to_string())),
+                    chain,
+                    verified: AtomicU64::new(proxy.identity.trust.generation()),
+                };
+                (Io::Tls(stream), peer)
+            }
+            Ok(Ok(Accepted::Plain(tcp))) => {
+                handshakes.with_label_values(&["plaintext"]).inc();
+                let peer = Peer {
+                    identity: None,
+                    chain: vec![],
+                    verified: AtomicU64::new(0),
+                };
+                (Io::Plain(tcp), peer)
+            }
+            Ok(Err(AcceptError::Refused(r))) => {
+                proxy
+                    .metrics
+                    .tls_refusals
+                    .with_label_values(&[r.reason()])
+                    .inc();
+                tracing::info!(reason = %r, "inbound connection refused");
+                return;
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "inbound handshake failed");
+                return;
+            }
+        };
+    let peer = Arc::new(peer);
+    let for_requests = peer.clone();
+    let svc = tower::util::MapRequest::new(svc, move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(for_requests.clone());
+        req
+    });
+    let distrusted = async { peer.distrusted(&proxy).await };
+    match io {
+        Io::Tls(s) => crate::serve::connection_until(s, svc, limits, drain, distrusted).await,
+        Io::Plain(s) => crate::serve::connection_until(s, svc, limits, drain, distrusted).await,
+    }
+}
+
+enum Io {
+    Tls(Box<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>),
+    Plain(tokio::net::TcpStream),
+}

@@ -1,0 +1,175 @@
+//! Outbound: what the local agent calls, on `127.0.0.1:15001`.
+//!
+//! * `POST /mcp` — the federated endpoint: the mesh as one MCP server whose tools are the
+//!   capabilities the agent depends on ([`federated`], [`tool_call`], [`message`]);
+//!   `GET`/`DELETE /mcp` for its legacy sessions ([`listen`]).
+//! * `/capabilities/<capability>/mcp` — passthrough: one provider instance's own MCP server,
+//!   the conversation unchanged ([`passthrough`]).
+//! * connections redirected here by `capmesh-proxy init`'s rules — transparent mode
+//!   ([`transparent`]).
+//!
+//! Each is a tower stack composed in [`stack`] (and [`transparent::serve`]); their lower half,
+//! shared, is [`crate::forward`].
+
+pub mod federated;
+mod guard;
+pub mod listen;
+pub mod message;
+pub mod passthrough;
+pub mod sessions;
+pub mod tool_call;
+pub mod transparent;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use http::{Method, Request, Response};
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower::{Service, ServiceBuilder};
+
+pub use self::sessions::Sessions;
+use crate::contract::MAX_REQUEST;
+use crate::error::ProxyError;
+use crate::forward;
+use crate::serve::Limits;
+use crate::stack::{BoxFuture, Next, ReadBody, RespondLayer, Stage, call};
+use crate::{BoxBody, Proxy};
+
+/// The outbound listener's stack, top to bottom.
+pub fn stack(
+    proxy: &Arc<Proxy>,
+) -> impl Service<Request<Incoming>, Response = Response<BoxBody>, Error = Infallible, Future: Send>
++ Clone
++ Send
++ 'static {
+    ServiceBuilder::new()
+        // Errors become JSON-RPC error responses here, and only here.
+        .layer(RespondLayer)
+        // A page on another site can reach a loopback port under a name of its own.
+        .layer(Stage(guard::RebindingGuard))
+        .service(Router {
+            federated: federated_stack(proxy),
+            sessions: listen::Listen::new(proxy.clone()),
+            passthrough: passthrough_stack(proxy),
+        })
+}
+
+/// `POST /mcp`.
+fn federated_stack(proxy: &Arc<Proxy>) -> impl Next<Request<Incoming>, Response<BoxBody>> {
+    ServiceBuilder::new()
+        // A bounded body: the mesh reads every message it answers or routes.
+        .layer(Stage(ReadBody { limit: MAX_REQUEST }))
+        // The transport rules of both generations; errors name the request's id from here.
+        .layer(Stage(federated::Classify))
+        // Legacy sessions: initialize mints one, everything else must carry a live one.
+        .layer(Stage(sessions::SessionLayer::new(proxy.clone())))
+        // 2025-03-26 batches: each request through the layers below, answered as one array.
+        .layer(Stage(federated::Batch))
+        // The mesh is the server: initialize, ping, the lists.
+        .layer(Stage(federated::LocalAnswers::new(proxy.clone())))
+        .service(federated::Dispatch {
+            tool_call: ServiceBuilder::new()
+                // The mesh's own id at the provider; the response mapped back to the client.
+                .layer(Stage(tool_call::Relay::new(proxy.clone())))
+                // Capability → ranked endpoints (or the instance a requestState names).
+                .layer(Stage(tool_call::Resolve::new(proxy.clone())))
+                .service(forward::stack(proxy)),
+            // Answers to providers' requests and cancellations: to the instance concerned.
+            message: ServiceBuilder::new()
+                .layer(Stage(message::ToProvider::new(proxy.clone())))
+                .service(forward::stack(proxy)),
+        })
+}
+
+/// `/capabilities/<capability>/mcp`.
+fn passthrough_stack(proxy: &Arc<Proxy>) -> impl Next<Request<Incoming>, Response<BoxBody>> {
+    ServiceBuilder::new()
+        // Bounded, so that it can be authorized on the other side and sent again.
+        .layer(Stage(ReadBody { limit: MAX_REQUEST }))
+        // Sealed sessions and requestStates → the instance; else the capability's endpoints.
+        .layer(Stage(passthrough::Passthrough::new(proxy.clone())))
+        .service(forward::stack(proxy))
+}
+
+/// Sends each request to the stack its method and path name.
+#[derive(Debug, Clone)]
+struct Router<F, L, P> {
+    federated: F,
+    sessions: L,
+    passthrough: P,
+}
+
+impl<F, L, P> Service<Request<Incoming>> for Router<F, L, P>
+where
+    F: Next<Request<Incoming>, Response<BoxBody>>,
+    L: Next<Request<Incoming>, Response<BoxBody>>,
+    P: Next<Request<Incoming>, Response<BoxBody>>,
+{
+    type Response = Response<BoxBody>;
+    type Error = ProxyError;
+    type Future = BoxFuture<Result<Response<BoxBody>, ProxyError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        let path = req.uri().path();
+        if path == "/mcp" {
+            return match *req.method() {
+                Method::POST => Box::pin(call(self.federated.clone(), req)),
+                Method::GET | Method::DELETE => Box::pin(call(self.sessions.clone(), req)),
+                _ => Box::pin(std::future::ready(Err(ProxyError::MethodNotAllowed(
+                    "use POST (GET and DELETE for legacy sessions)",
+                )))),
+            };
+        }
+        if passthrough::capability_in_path(path).is_some() {
+            return Box::pin(call(self.passthrough.clone(), req));
+        }
+        Box::pin(std::future::ready(Err(ProxyError::NotFound(
+            "the mesh is at /mcp; one capability's provider, unchanged, at /capabilities/<capability>/mcp",
+        ))))
+    }
+}
+
+/// Serves the outbound listener (plain HTTP on loopback, and the connections transparent mode
+/// redirects) until `drain`, then lets connections finish (bounded by `grace`).
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    limits: Limits,
+    drain: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let refused = proxy
+        .metrics
+        .connections_refused
+        .with_label_values(&["outbound"]);
+    let svc = stack(&proxy);
+    let connection = |tcp: tokio::net::TcpStream| {
+        let (proxy, svc, drain) = (proxy.clone(), svc.clone(), drain.clone());
+        async move {
+            // Redirected here by `capmesh-proxy init`'s rules: the agent dialled another address.
+            if let Some(dst) = transparent::original_dst(&tcp) {
+                transparent::serve(proxy, tcp, dst, limits, drain).await;
+            } else {
+                crate::serve::connection(tcp, svc, limits, drain).await;
+            }
+        }
+    };
+    crate::serve::accept(
+        "outbound",
+        listener,
+        limits,
+        refused,
+        drain.clone(),
+        grace,
+        connection,
+    )
+    .await;
+}

@@ -1,0 +1,174 @@
+//! Sessions of the federated endpoint's legacy clients (2025-03-26 … 2025-11-25): the proxy
+//! answers `initialize` itself and mints the session id; every other request must carry a
+//! live one. The calls of a session still streaming are remembered, so that the client's
+//! `notifications/cancelled` reaches the provider running the call.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use http::{HeaderValue, Response};
+use serde_json::Value;
+
+use super::federated::Mcp;
+use crate::BoxBody;
+use crate::error::ProxyError;
+use crate::mcp::classify::{self, Generation};
+use crate::mcp::jsonrpc::{self, Id, Message, Parsed, RpcError};
+use crate::seal::Route;
+use crate::stack::{Handled, Middleware, Next, call};
+
+/// The sessions the proxy minted: id → negotiated protocol version; and the streaming calls.
+#[derive(Debug, Default)]
+pub struct Sessions {
+    map: Mutex<HashMap<String, String>>,
+    calls: Arc<Mutex<HashMap<(String, String), Route>>>,
+}
+
+/// Removes a streaming call from [`Sessions`] when its response ends or the client leaves.
+#[derive(Debug)]
+pub struct CallGuard {
+    calls: Arc<Mutex<HashMap<(String, String), Route>>>,
+    key: (String, String),
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.key);
+    }
+}
+
+impl Sessions {
+    fn mint(&self, version: &str) -> String {
+        let id = crate::random_hex(16);
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id.clone(), version.to_owned());
+        id
+    }
+
+    /// The protocol version session `id` negotiated, if it is live.
+    pub fn version(&self, id: &str) -> Option<String> {
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    /// Ends session `id`; false when it was not live.
+    pub fn remove(&self, id: &str) -> bool {
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(session, _), _| session != id);
+        self.map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id)
+            .is_some()
+    }
+
+    /// Records a call of `session` (client id `id`) as streaming from `route`, until the
+    /// returned guard drops.
+    pub fn track(&self, session: &str, id: &Id, route: Route) -> CallGuard {
+        let key = (session.to_owned(), id.to_string());
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone(), route);
+        CallGuard {
+            calls: Arc::clone(&self.calls),
+            key,
+        }
+    }
+
+    /// Where the streaming call `id` of `session` runs.
+    pub fn call_route(&self, session: &str, id: &Id) -> Option<Route> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(session.to_owned(), id.to_string()))
+            .cloned()
+    }
+}
+
+/// The protocol version to answer `initialize` with: the client's when capmesh speaks it,
+/// else the newest legacy one.
+pub fn negotiate(requested: Option<&str>) -> &'static str {
+    classify::LEGACY_VERSIONS
+        .iter()
+        .find(|v| Some(**v) == requested)
+        .copied()
+        .unwrap_or(classify::LEGACY_VERSIONS[classify::LEGACY_VERSIONS.len() - 1])
+}
+
+/// The layer: `initialize` mints a session (its id goes back in `Mcp-Session-Id`); other
+/// legacy requests must carry a live one; batches only in sessions negotiated at 2025-03-26,
+/// whatever the header says.
+#[derive(Debug, Clone)]
+pub struct SessionLayer {
+    sessions: Arc<crate::Proxy>,
+}
+
+impl SessionLayer {
+    /// Over `proxy`'s sessions.
+    pub fn new(proxy: Arc<crate::Proxy>) -> Self {
+        Self { sessions: proxy }
+    }
+}
+
+impl<S> Middleware<Mcp, S> for SessionLayer
+where
+    S: Next<Mcp, Response<BoxBody>>,
+{
+    type Response = Response<BoxBody>;
+
+    fn handle(&self, req: Mcp, next: S) -> Handled<Response<BoxBody>> {
+        let proxy = self.sessions.clone();
+        Box::pin(async move {
+            let c = &req.classified;
+            if c.generation == Generation::Modern {
+                return call(next, req).await;
+            }
+            let sessions = &proxy.sessions;
+            let mut minted = None;
+            if c.method.as_deref() == Some("initialize") {
+                let requested = match &c.message {
+                    Parsed::Single(Message::Request { params, .. }) => params
+                        .as_ref()
+                        .and_then(|p| p.get("protocolVersion"))
+                        .and_then(Value::as_str),
+                    _ => None,
+                };
+                minted = Some(sessions.mint(negotiate(requested)));
+            } else {
+                let Some(id) = c.session_id.as_deref() else {
+                    return Err(ProxyError::MissingSession);
+                };
+                let Some(version) = sessions.version(id) else {
+                    return Err(ProxyError::UnknownSession);
+                };
+                if matches!(c.message, Parsed::Batch(_)) && version != classify::BATCH_VERSION {
+                    return Err(ProxyError::Protocol(RpcError::new(
+                        jsonrpc::INVALID_REQUEST,
+                        format!(
+                            "JSON-RPC batches are only allowed in protocol {}; this session negotiated {version}: send one message per POST",
+                            classify::BATCH_VERSION
+                        ),
+                    )));
+                }
+            }
+            let mut resp = call(next, req).await?;
+            if let Some(id) = minted
+                && let Ok(v) = HeaderValue::from_str(&id)
+            {
+                resp.headers_mut().insert("mcp-session-id", v);
+            }
+            Ok(resp)
+        })
+    }
+}

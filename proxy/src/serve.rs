@@ -1,0 +1,362 @@
+//! Serving a listener's connections with the limits every listener enforces, whatever its
+//! stack: a cap on connections (excess ones are closed at once and counted), a deadline for
+//! each HTTP/1 request head (slow-header clients, idle keep-alive connections), HTTP/2
+//! keepalive pings (dead peers are dropped), a cap on concurrent HTTP/2 streams, and an idle
+//! timeout after which a connection with nothing in flight is closed gracefully (GOAWAY, so
+//! a request racing the close is refused unprocessed, never lost). On drain, every connection
+//! is asked to finish gracefully and the listener waits for them, up to a bound.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use prometheus::IntCounter;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tower::Service;
+
+use crate::BoxBody;
+
+/// What a listener allows each client.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections open at once; more are closed on accept.
+    pub max_connections: usize,
+    /// Time to send a whole HTTP/1 request head (and the most an HTTP/1 connection may idle
+    /// between requests).
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed gracefully.
+    pub idle_timeout: Duration,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: 4096,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_streams: 512,
+        }
+    }
+}
+
+/// The connections of one listener: admits up to the cap, counts refusals, and knows when
+/// the last one has closed.
+#[derive(Debug, Clone)]
+pub struct Gate {
+    permits: Arc<Semaphore>,
+    max: usize,
+    refused: IntCounter,
+}
+
+impl Gate {
+    /// A gate for `max` connections, counting refusals in `refused`.
+    pub fn new(max: usize, refused: IntCounter) -> Self {
+        let max = max.max(1);
+        Self {
+            permits: Arc::new(Semaphore::new(max)),
+            max,
+            refused,
+        }
+    }
+
+    /// A permit for one more connection (held while it is open), or `None` at the cap.
+    pub fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        match self.permits.clone().try_acquire_owned() {
+            Ok(p) => Some(p),
+            Err(_) => {
+                self.refused.inc();
+                None
+            }
+        }
+    }
+
+    /// Waits until every admitted connection has closed, at most `bound`; false on time-out.
+    pub async fn closed(&self, bound: Duration) -> bool {
+        let all = u32::try_from(self.max).unwrap_or(u32::MAX);
+        tokio::time::timeout(bound, self.permits.acquire_many(all))
+            .await
+            .is_ok()
+    }
+}
+
+/// Accepts connections on `listener` until `drain` turns true, admitting each through a
+/// [`Gate`] of `limits.max_connections` (refusals counted in `refused`) and handing it to
+/// `serve` on a task of its own; then waits for the open connections to finish, at most
+/// `grace`. `name` names the listener in logs.
+pub async fn accept<F, Fut>(
+    name: &'static str,
+    listener: TcpListener,
+    limits: Limits,
+    refused: IntCounter,
+    mut drain: watch::Receiver<bool>,
+    grace: Duration,
+    serve: F,
+) where
+    F: Fn(TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let gate = Gate::new(limits.max_connections, refused);
+    loop {
+        let tcp = tokio::select! {
+            _ = drain.changed() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, _)) => tcp,
+                Err(e) => {
+                    tracing::warn!(listener = name, error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+        };
+        let Some(permit) = gate.admit() else {
+            tracing::debug!(listener = name, "connection refused: at --max-connections");
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let work = serve(tcp);
+        tokio::spawn(async move {
+            let _permit = permit;
+            work.await;
+        });
+    }
+    if !gate.closed(grace).await {
+        tracing::warn!(
+            listener = name,
+            grace_secs = grace.as_secs(),
+            "connections still open after the drain"
+        );
+    }
+}
+
+/// Requests in flight on one connection and when the last one ended.
+#[derive(Debug)]
+struct Activity {
+    open: AtomicUsize,
+    /// Milliseconds since `origin` when the connection last went idle.
+    idle_since: AtomicU64,
+    origin: Instant,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            open: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            origin: Instant::now(),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    /// How long the connection has had nothing in flight (zero while busy).
+    fn idle_for(&self) -> Duration {
+        if self.open.load(Ordering::Acquire) > 0 {
+            return Duration::ZERO;
+        }
+        let since = self.idle_since.load(Ordering::Acquire);
+        Duration::from_millis(self.now_ms().saturating_sub(since))
+    }
+}
+
+/// Counts each request as in flight until its response body ends (a long event stream is
+/// activity), so the idle timeout only closes connections that carry nothing.
+#[derive(Debug, Clone)]
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+struct InFlight(Arc<Activity>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle_since.store(self.0.now_ms(), Ordering::Release);
+        }
+    }
+}
+
+impl<S> Service<Request<Incoming>> for Tracked<S>
+where
+    S: Service<Request<Incoming>, Response = Response<BoxBody>, Error = Infallible>,
+    S::Future: Send + 'static,
+{
+    type Response = Response<BoxBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        self.activity.open.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight(self.activity.clone());
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await;
+            // A streaming body keeps the request in flight until it ends.
+            resp.map(|r| {
+                r.map(|b| {
+                    crate::boxed(Guarded {
+                        body: b,
+                        _guard: guard,
+                    })
+                })
+            })
+        })
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it ends.
+struct Guarded {
+    body: BoxBody,
+    _guard: InFlight,
+}
+
+impl http_body::Body for Guarded {
+    type Data = bytes::Bytes;
+    type Error = crate::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<bytes::Bytes>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+/// Serves one connection with `svc` under `limits` until it closes, `drain` turns true (then
+/// gracefully), or it idles past the limit (gracefully).
+pub async fn connection<I, S>(io: I, svc: S, limits: Limits, drain: watch::Receiver<bool>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<BoxBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    connection_until(io, svc, limits, drain, std::future::pending()).await;
+}
+
+/// [`connection`], also closed at once (not gracefully) when `close` resolves: the peer's
+/// certificate was revoked or expired.
+pub async fn connection_until<I, S>(
+    io: I,
+    svc: S,
+    limits: Limits,
+    mut drain: watch::Receiver<bool>,
+    close: impl Future<Output = ()> + Send,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: Service<Request<Incoming>, Response = Response<BoxBody>, Error = Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let activity = Arc::new(Activity::new());
+    let svc = TowerToHyperService::new(Tracked {
+        inner: svc,
+        activity: activity.clone(),
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(limits.max_streams)
+        .keep_alive_interval(Some(Duration::from_secs(10)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
+    tokio::pin!(conn);
+    let mut closing = *drain.borrow();
+    if closing {
+        conn.as_mut().graceful_shutdown();
+    }
+    let check = (limits.idle_timeout / 4).max(Duration::from_millis(50));
+    tokio::pin!(close);
+    loop {
+        tokio::select! {
+            () = &mut close => {
+                tracing::info!("closing a connection whose peer is no longer trusted");
+                return;
+            }
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            changed = drain.changed(), if !closing => {
+                if changed.is_err() || *drain.borrow() {
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+            _ = tokio::time::sleep(check), if !closing => {
+                if activity.idle_for() >= limits.idle_timeout {
+                    tracing::debug!("closing an idle connection");
+                    conn.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn the_gate_admits_up_to_the_cap_and_counts_refusals() {
+        let refused = IntCounter::new("r", "r").unwrap();
+        let gate = Gate::new(2, refused.clone());
+        let a = gate.admit().unwrap();
+        let _b = gate.admit().unwrap();
+        assert!(gate.admit().is_none());
+        assert_eq!(refused.get(), 1);
+        drop(a);
+        assert!(gate.admit().is_some());
+    }
+
+    #[test]
+    fn activity_is_idle_only_with_nothing_in_flight() {
+        let a = Arc::new(Activity::new());
+        a.open.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight(a.clone());
+        assert_eq!(a.idle_for(), Duration::ZERO);
+        drop(guard);
+        assert_eq!(a.open.load(Ordering::Acquire), 0);
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(a.idle_for() >= Duration::from_millis(15));
+    }
+}
