@@ -443,6 +443,24 @@ async fn two_replicas_on_postgres_survive_a_killed_replica_and_a_database_outage
     );
     assert!(moved_after <= DEADLINE, "moved after {moved_after:?}");
 
+    // The CLI, given both addresses with the dead replica first, answers from the live one.
+    let listed_by_cli = Command::new(workspace_bin("capmesh").unwrap())
+        .args(["list", "--output", "json", "--control-plane", &one_first])
+        .arg("--control-plane-ca")
+        .arg(r2.data_dir.join("ca.pem"))
+        .arg("--admin-token-file")
+        .arg(&secrets.admin_token_file)
+        .env_remove("CAPMESH_CONTROL_PLANE")
+        .env_remove("CAPMESH_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&listed_by_cli.stdout);
+    assert!(
+        listed_by_cli.status.success() && printed.contains(&eu_id),
+        "capmesh list: {printed}{}",
+        String::from_utf8_lossy(&listed_by_cli.stderr)
+    );
+
     // A provider registered through replica 2 during the outage (its sidecar is given the dead
     // replica first) is served to the consumer that was on replica 1 within 1 s of being ready.
     let ap = Agent::start("weather-ap").unwrap();
