@@ -244,7 +244,13 @@ async fn open_store(config: &Config, replica: &str) -> anyhow::Result<(Backend, 
                     "--store {shown}: every replica must accept the same admin token: pass --admin-token-file (the same file for every replica)"
                 );
             }
-            Backend::Postgres(Box::new(PgStore::open(url, replica).await?))
+            let store = PgStore::open(url, replica).await.map_err(|e| match e {
+                store::StoreError::Unavailable { .. } => anyhow::anyhow!(
+                    "{e}: check --store {shown} and that PostgreSQL is up and reachable from here"
+                ),
+                other => other.into(),
+            })?;
+            Backend::Postgres(Box::new(store))
         }
         Some(url) => bail!(
             "--store {:?}: use sqlite:///path/to/file.db, postgres://user:password@host:5432/database, or leave it unset for <data-dir>/capmesh.db",

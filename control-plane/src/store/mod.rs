@@ -72,6 +72,9 @@ pub enum StoreError {
     /// The store refuses a value it must never hold (a plaintext CA key in PostgreSQL).
     #[error("store: {0}")]
     Refused(String),
+    /// `--store` cannot be used as given.
+    #[error("{0}")]
+    Config(String),
 }
 
 impl StoreError {

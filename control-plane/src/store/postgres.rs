@@ -94,13 +94,13 @@ impl PgStore {
     /// so a replica does not start without its store.
     pub async fn open(url: &str, replica: &str) -> Result<Self, StoreError> {
         let mut config: Config = url.parse().map_err(|e| {
-            StoreError::Schema(format!(
+            StoreError::Config(format!(
                 "--store {}: not a PostgreSQL URL ({e}): use postgres://user:password@host:5432/database",
                 redact(url)
             ))
         })?;
         if config.get_ssl_mode() == SslMode::Require {
-            return Err(StoreError::Refused(format!(
+            return Err(StoreError::Config(format!(
                 "--store {}: sslmode=require is not supported: this control plane speaks to PostgreSQL without TLS; use sslmode=disable on a trusted network (see docs/control-plane.md)",
                 redact(url)
             )));
@@ -139,7 +139,7 @@ impl PgStore {
     /// failure.
     fn classify(&self, e: tokio_postgres::Error) -> (StoreError, bool) {
         match e.as_db_error() {
-            None => (self.unavailable(e.to_string()), true),
+            None => (self.unavailable(with_causes(&e)), true),
             Some(db) => {
                 let code = db.code().code();
                 let down = code.starts_with("08")
@@ -280,6 +280,22 @@ impl PgStore {
         tokio::spawn(super::follow::run(config, replica, tx));
         rx
     }
+}
+
+/// An error and what caused it ("error connecting to server: Connection refused (os error
+/// 111)"): the driver's own message alone rarely says what to fix.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let more = s.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        source = s.source();
+    }
+    text
 }
 
 fn describe(config: &Config) -> String {
