@@ -16,17 +16,20 @@ pub mod selector;
 pub mod settings;
 pub mod snapshot;
 pub mod stream;
+pub mod trace;
 pub mod version;
 
 pub use dependency::{Dependency, DependencyTarget};
 pub use names::{AgentName, Capability, NameError, Namespace, Tag, TrustDomain};
 pub use policy::{
-    Policy, PolicyAction, PolicyDefault, PolicyError, PolicyRule, UNAUTHENTICATED, glob_match,
+    Policy, PolicyAction, PolicyDefault, PolicyError, PolicyRule, ProvideRule, UNAUTHENTICATED,
+    glob_match,
 };
 pub use registration::{CapabilityOverride, FlagError, Registration, ToolSpec};
 pub use rest::{
     AgentInfo, CapabilityInfo, CertificateRequest, CertificateResponse, Entity, EntityRequest,
-    ErrorBody, InstanceInfo, TokenCreated, TokenInfo, TokenRequest,
+    ErrorBody, InstanceInfo, RefusedCapability, Revocation, RevocationRequest, TokenCreated,
+    TokenInfo, TokenRequest,
 };
 pub use selector::{Selector, SelectorError, TagRule};
 pub use settings::{SettingsError, parse_propagated_header};
@@ -36,5 +39,8 @@ pub use snapshot::{
 };
 pub use stream::{
     ControlFrame, FrameError, Hello, MAX_FRAME_BYTES, Node, ProxyFrame, decode_frame, encode_frame,
+};
+pub use trace::{
+    AttributeValue, EdgeTraffic, SpanKind, SpanRecord, StoredSpan, Trace, TraceSummary, Traffic,
 };
 pub use version::{VersionError, parse_version, parse_version_req};

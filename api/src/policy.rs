@@ -3,6 +3,10 @@
 //! Rules are tried in order and the first whose caller and capability patterns both match
 //! decides; when none matches, the policy's default does. Patterns are globs where `*` matches
 //! any run of characters (including none, and including `/`).
+//!
+//! `provide` rules say who may *register* a capability (and so receive its calls): a capability
+//! that some rule names may be provided only by an identity one of those rules lists; any other
+//! capability only by identities of the mesh's own trust domain (never by an entity's).
 
 use serde::{Deserialize, Serialize};
 
@@ -74,6 +78,17 @@ impl PolicyRule {
     }
 }
 
+/// Who may provide capabilities: identities matching any `from` glob may register the
+/// capabilities matching any `capabilities` glob.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProvideRule {
+    /// Capability globs (`weather*`).
+    pub capabilities: Vec<String>,
+    /// SPIFFE ID globs of the identities that may provide them
+    /// (`spiffe://partner.example/ns/*/agent/*`).
+    pub from: Vec<String>,
+}
+
 /// An agent's authorization policy. The default policy allows everything and has no rules.
 ///
 /// Deserializing validates it (see [`Policy::validate`]).
@@ -84,6 +99,10 @@ pub struct Policy {
     pub default: PolicyDefault,
     /// The rules, tried in order (none when absent).
     pub rules: Vec<PolicyRule>,
+    /// Who may provide which capabilities (none: only the mesh's own identities, any
+    /// capability).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub provide: Vec<ProvideRule>,
 }
 
 impl Policy {
@@ -97,20 +116,52 @@ impl Policy {
         action == PolicyAction::Allow
     }
 
-    /// Checks that every rule can match: no empty lists and no empty patterns.
-    pub fn validate(&self) -> Result<(), PolicyError> {
-        for (index, rule) in self.rules.iter().enumerate() {
-            for (field, patterns) in [("from", &rule.from), ("capabilities", &rule.capabilities)] {
-                if patterns.is_empty() {
-                    return Err(PolicyError::EmptyList { rule: index, field });
-                }
-                if patterns.iter().any(|p| p.is_empty()) {
-                    return Err(PolicyError::EmptyPattern { rule: index, field });
+    /// Whether `identity` (a SPIFFE ID) may provide `capability`. A capability named by some
+    /// `provide` rule: only an identity that one of those rules lists. Any other: only an
+    /// identity of `mesh_trust_domain`.
+    pub fn may_provide(&self, identity: &str, capability: &str, mesh_trust_domain: &str) -> bool {
+        let mut named = false;
+        for rule in &self.provide {
+            if rule.capabilities.iter().any(|p| glob_match(p, capability)) {
+                named = true;
+                if rule.from.iter().any(|p| glob_match(p, identity)) {
+                    return true;
                 }
             }
         }
+        !named
+            && identity
+                .strip_prefix("spiffe://")
+                .and_then(|rest| rest.split_once('/'))
+                .is_some_and(|(domain, _)| domain == mesh_trust_domain)
+    }
+
+    /// Checks that every rule can match: no empty lists and no empty patterns.
+    pub fn validate(&self) -> Result<(), PolicyError> {
+        for (index, rule) in self.rules.iter().enumerate() {
+            check_patterns(index, "from", &rule.from)?;
+            check_patterns(index, "capabilities", &rule.capabilities)?;
+        }
+        for (index, rule) in self.provide.iter().enumerate() {
+            check_patterns(index, "provide.from", &rule.from)?;
+            check_patterns(index, "provide.capabilities", &rule.capabilities)?;
+        }
         Ok(())
     }
+}
+
+fn check_patterns(
+    rule: usize,
+    field: &'static str,
+    patterns: &[String],
+) -> Result<(), PolicyError> {
+    if patterns.is_empty() {
+        return Err(PolicyError::EmptyList { rule, field });
+    }
+    if patterns.iter().any(|p| p.is_empty()) {
+        return Err(PolicyError::EmptyPattern { rule, field });
+    }
+    Ok(())
 }
 
 /// The wire shape of [`Policy`], before validation.
@@ -120,6 +171,8 @@ struct RawPolicy {
     default: PolicyDefault,
     #[serde(default)]
     rules: Vec<PolicyRule>,
+    #[serde(default)]
+    provide: Vec<ProvideRule>,
 }
 
 impl TryFrom<RawPolicy> for Policy {
@@ -128,6 +181,7 @@ impl TryFrom<RawPolicy> for Policy {
         let policy = Policy {
             default: raw.default,
             rules: raw.rules,
+            provide: raw.provide,
         };
         policy.validate()?;
         Ok(policy)
@@ -225,6 +279,7 @@ mod tests {
                     PolicyAction::Allow,
                 ),
             ],
+            provide: vec![],
         };
         assert!(!policy.allows(Some(PROD_BILLING), "billing_charge"));
         assert!(policy.allows(Some(PROD_BILLING), "weather"));
@@ -238,6 +293,7 @@ mod tests {
         let named = Policy {
             default: PolicyAction::Deny,
             rules: vec![rule(&["spiffe://*"], &["*"], PolicyAction::Allow)],
+            provide: vec![],
         };
         assert!(!named.allows(None, "weather"));
         assert!(named.allows(Some(PLANNER), "weather"));
@@ -245,6 +301,7 @@ mod tests {
         let unauth = Policy {
             default: PolicyAction::Allow,
             rules: vec![rule(&[UNAUTHENTICATED], &["admin*"], PolicyAction::Deny)],
+            provide: vec![],
         };
         assert!(!unauth.allows(None, "admin_reset"));
         assert!(unauth.allows(None, "weather"));
@@ -253,9 +310,47 @@ mod tests {
         let star = Policy {
             default: PolicyAction::Allow,
             rules: vec![rule(&["*"], &["admin*"], PolicyAction::Deny)],
+            provide: vec![],
         };
         assert!(!star.allows(None, "admin_reset"));
         assert!(!star.allows(Some(PLANNER), "admin_reset"));
+    }
+
+    #[test]
+    fn provide_rules_bind_capabilities_to_identities_and_keep_entities_out_by_default() {
+        let policy: Policy = serde_json::from_str(
+            r#"{"provide":[{"capabilities":["weather*"],"from":["spiffe://capmesh.local/ns/default/agent/weather"]},
+                           {"capabilities":["translate"],"from":["spiffe://partner.example/ns/*/agent/*"]}]}"#,
+        )
+        .unwrap();
+        let td = "capmesh.local";
+        let weather = "spiffe://capmesh.local/ns/default/agent/weather";
+        let squatter = "spiffe://capmesh.local/ns/default/agent/squatter";
+        let partner = "spiffe://partner.example/ns/default/agent/deepl";
+        assert!(policy.may_provide(weather, "weather_forecast", td));
+        assert!(
+            !policy.may_provide(squatter, "weather", td),
+            "a rule names weather*"
+        );
+        assert!(
+            policy.may_provide(squatter, "news", td),
+            "mesh identities by default"
+        );
+        assert!(
+            !policy.may_provide(partner, "news", td),
+            "no entity by default"
+        );
+        assert!(
+            policy.may_provide(partner, "translate", td),
+            "allowed by a rule"
+        );
+        assert!(!policy.may_provide("spiffe://capmesh.local.evil/ns/a/agent/b", "news", td));
+        assert!(Policy::default().may_provide(weather, "anything", td));
+        let err =
+            serde_json::from_str::<Policy>(r#"{"provide":[{"capabilities":["*"],"from":[]}]}"#)
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("provide.from is empty"), "{err}");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use semver::Version;
 use serde::{Deserialize, Serialize};
 
-use crate::names::{AgentName, Capability, NameError, Namespace, Tag};
+use crate::names::{AgentName, Capability, NameError, Namespace, Tag, TrustDomain};
 use crate::registration::ToolSpec;
 use crate::snapshot::{Endpoint, SnapshotVersion};
 
@@ -54,6 +54,19 @@ pub struct InstanceInfo {
     /// The tools it registered.
     #[serde(default)]
     pub tools: Vec<ToolSpec>,
+    /// Capabilities of its registration that the control plane refused (`provide` rules), with
+    /// why; they are not published.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub refused: Vec<RefusedCapability>,
+}
+
+/// A capability of a registration that the control plane refused to publish.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusedCapability {
+    /// The capability.
+    pub capability: Capability,
+    /// Why, and what to change.
+    pub error: String,
 }
 
 /// An agent and its instances (`GET /v1/agents`, `GET /v1/agents/{id}`).
@@ -104,11 +117,15 @@ pub struct CertificateResponse {
     pub identity: String,
 }
 
-/// `POST /v1/entities`: register an extra CA the mesh trusts.
+/// `POST /v1/entities`: register another SPIFFE trust domain and the CA that speaks for it
+/// (SPIFFE federation). Certificates chaining to `ca_pem` are valid only for identities in
+/// `trust_domain`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntityRequest {
     /// The entity's name: a DNS label (`partner-a`).
     pub name: String,
+    /// The entity's trust domain (`partner.example`); never the mesh's own.
+    pub trust_domain: TrustDomain,
     /// The entity's CA certificate (PEM).
     pub ca_pem: String,
 }
@@ -131,6 +148,11 @@ impl EntityRequest {
 pub struct Entity {
     /// The entity's name.
     pub name: String,
+    /// The trust domain its CA may issue identities in. `None` only for an entity registered
+    /// before entities had trust domains: its certificates are refused until it is registered
+    /// again with one.
+    #[serde(default)]
+    pub trust_domain: Option<TrustDomain>,
     /// The entity's CA certificate (PEM).
     pub ca_pem: String,
     /// SHA-256 of the CA certificate's DER, lowercase hex.
@@ -149,8 +171,17 @@ pub struct TokenRequest {
     pub namespace: Namespace,
     /// Which agent names it may get certificates for (a glob: `weather-*`, `*`).
     pub agent_pattern: String,
-    /// How long the token is valid, in seconds.
+    /// How long the token is valid, in seconds (at most the control plane's
+    /// `--max-token-ttl`).
     pub ttl_secs: u64,
+    /// How many certificates it may get. Absent: one when `agent_pattern` names one exact
+    /// agent, unlimited for a pattern with `*`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uses: Option<u32>,
+    /// Must be true for a token in the `capmesh-system` namespace (the control plane's, the
+    /// admin's and the CLI's identities), so such a token is never made by accident.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub system: bool,
     /// A note for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
@@ -169,6 +200,12 @@ pub struct TokenInfo {
     pub expires_unix: i64,
     /// Whether it was revoked.
     pub revoked: bool,
+    /// How many certificates it may get in all (`None`: unlimited until it expires).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uses: Option<u32>,
+    /// How many certificates it got so far.
+    #[serde(default)]
+    pub used: u32,
     /// A note for people.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
@@ -183,6 +220,39 @@ pub struct TokenCreated {
     pub token: String,
 }
 
+/// `POST /v1/revocations`: revoke one workload identity or one certificate serial. Exactly one
+/// of `identity` and `serial` is given.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationRequest {
+    /// `<namespace>/<agent>` (in the mesh's trust domain) or a whole SPIFFE ID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// A certificate serial number (hex, `:` separators and leading zeros allowed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// A note for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A revocation in force (`GET /v1/revocations`); `DELETE /v1/revocations/{id}` lifts it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// Its id.
+    pub id: String,
+    /// The revoked SPIFFE ID, for an identity revocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    /// The revoked serial (lowercase hex without leading zero bytes), for a serial revocation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// A note for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// When it was made (Unix seconds).
+    pub created_unix: i64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,6 +261,7 @@ mod tests {
     fn entity_names_follow_the_dns_label_rule() {
         let request = |name: &str| EntityRequest {
             name: name.into(),
+            trust_domain: TrustDomain::new("partner.example").unwrap(),
             ca_pem: String::new(),
         };
         assert!(request("partner-a").validate().is_ok());

@@ -85,11 +85,14 @@ pub struct Endpoint {
     pub healthy: bool,
 }
 
-/// An entity (an extra CA the mesh trusts) as proxies see it.
+/// An entity (another trust domain and its CA) as proxies see it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EntityTrust {
     /// The entity's name.
     pub name: String,
+    /// The only trust domain its CA may issue identities in (`None`: none at all).
+    #[serde(default)]
+    pub trust_domain: Option<TrustDomain>,
     /// The entity's CA certificate (PEM).
     pub ca_pem: String,
 }
@@ -111,6 +114,9 @@ pub struct TrustBundle {
     /// Serial numbers of revoked certificates (lowercase hex, no separators).
     #[serde(default)]
     pub revoked_serials: Vec<String>,
+    /// Revoked workload identities (SPIFFE IDs), refused whatever certificate they present.
+    #[serde(default)]
+    pub revoked_identities: Vec<String>,
 }
 
 /// Mesh-wide data-plane settings. Missing fields take their defaults.
@@ -342,6 +348,7 @@ mod tests {
                 entities: vec![],
                 revoked_entities: vec![],
                 revoked_serials: vec![],
+                revoked_identities: vec![],
             },
             policy: Policy::default(),
             settings: MeshSettings::default(),

@@ -70,6 +70,21 @@ pub enum ProxyFrame {
     Register(Registration),
     /// Graceful shutdown: withdraw this proxy's endpoints now, without a grace period.
     Goodbye,
+    /// Finished spans the proxy sampled (at most [`crate::trace::MAX_SPANS_PER_FRAME`]), for
+    /// `capmesh trace` and the dashboard.
+    Spans {
+        /// The spans, in the order they ended.
+        spans: Vec<crate::trace::SpanRecord>,
+        /// Spans this proxy dropped since its previous `spans` frame (its queue was full).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        dropped: u64,
+    },
+    /// What the proxy sent to each capability since its previous report.
+    Traffic(crate::trace::Traffic),
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A frame from the control plane to a proxy.
@@ -80,6 +95,20 @@ pub enum ControlFrame {
     Snapshot(Snapshot),
     /// A change to the snapshot at `base_version`.
     Delta(Delta),
+    /// The control plane refused part of a frame the proxy sent (a capability its `provide`
+    /// rules do not allow it to register, or a register/health frame over the rate limit).
+    /// The stream stays open; what was refused is not applied.
+    Nack {
+        /// The type of the refused frame (`hello`, `register`, `health`).
+        of: String,
+        /// A stable code (`not_allowed_to_provide`, `rate_limited`).
+        code: String,
+        /// What was refused and what to do, for people.
+        message: String,
+        /// The refused capabilities, when the refusal is about some of them.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        refused: Vec<crate::rest::RefusedCapability>,
+    },
     /// The control plane refuses the stream and is about to close it.
     Error {
         /// A stable, machine-readable code (`forbidden`, `malformed_frame`, ...).

@@ -25,7 +25,9 @@ pub use key::WorkloadKey;
 pub use rotate::{Renew, RenewPolicy, run_rotation};
 pub use spiffe::{SpiffeError, SpiffeId};
 pub use tls::{AcceptError, Accepted, MeshAcceptor, TlsMode};
-pub use verify::{Refusal, TrustConfig, TrustStore, VerifiedPeer};
+pub use verify::{
+    EntityAnchor, PeerRole, Refusal, SYSTEM_NAMESPACE, TrustConfig, TrustStore, VerifiedPeer,
+};
 
 /// Everything that can go wrong making, reading or using certificates.
 #[derive(Debug, thiserror::Error)]

@@ -65,12 +65,23 @@ pub fn server_config(
     client_auth_mandatory: bool,
     alpn: &[&[u8]],
 ) -> Result<Arc<ServerConfig>, CertError> {
+    build_server_config(cell, trust, client_auth_mandatory, false, alpn)
+}
+
+fn build_server_config(
+    cell: Arc<CredentialCell>,
+    trust: Arc<TrustStore>,
+    client_auth_mandatory: bool,
+    deferred: bool,
+    alpn: &[&[u8]],
+) -> Result<Arc<ServerConfig>, CertError> {
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(CertError::Tls)?
         .with_client_cert_verifier(Arc::new(MeshClientVerifier {
             trust,
             mandatory: client_auth_mandatory,
+            deferred,
         }))
         .with_cert_resolver(Arc::new(CellResolver(cell)));
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
@@ -156,6 +167,7 @@ pub struct MeshAcceptor {
     acceptor: TlsAcceptor,
     trust: Arc<TrustStore>,
     handshake_timeout: Duration,
+    deferred: bool,
 }
 
 impl std::fmt::Debug for MeshAcceptor {
@@ -184,7 +196,33 @@ impl MeshAcceptor {
             acceptor: TlsAcceptor::from(config),
             trust,
             handshake_timeout: Duration::from_secs(10),
+            deferred: false,
         })
+    }
+
+    /// The control plane's acceptor: TLS with an optional client certificate, which the
+    /// handshake does not judge beyond proof of its key; the server verifies the chain with
+    /// [`TrustStore::verify_chain`] for every request (and refuses with the rule's name).
+    /// Plaintext is passed through (to be told to use https).
+    pub fn deferred(
+        cell: Arc<CredentialCell>,
+        trust: Arc<TrustStore>,
+        alpn: &[&[u8]],
+    ) -> Result<Self, CertError> {
+        let config = build_server_config(cell, trust.clone(), false, true, alpn)?;
+        Ok(Self {
+            mode: TlsMode::Permissive,
+            acceptor: TlsAcceptor::from(config),
+            trust,
+            handshake_timeout: Duration::from_secs(10),
+            deferred: true,
+        })
+    }
+
+    /// Sets how long a client may take to finish the TLS handshake (default 10 s).
+    pub fn with_handshake_timeout(mut self, timeout: Duration) -> Self {
+        self.handshake_timeout = timeout;
+        self
     }
 
     /// The listener's mode.
@@ -224,7 +262,8 @@ impl MeshAcceptor {
             let conn = stream.get_ref().1;
             // A resumed TLS 1.3 session skips certificate verification: check the chain it
             // carries against what is trusted *now*, so a revocation also ends resumptions.
-            if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+            if !self.deferred
+                && conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
                 && let Some((leaf, rest)) = conn.peer_certificates().and_then(|c| c.split_first())
             {
                 self.trust

@@ -6,6 +6,7 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use capmesh_api::TrustDomain;
@@ -38,6 +39,20 @@ pub enum Refusal {
     /// The certificate chains to an entity CA that has been revoked.
     #[error("revoked entity: the certificate was issued by entity {0:?}, which is revoked")]
     RevokedEntity(String),
+    /// The certificate's identity is revoked (`capmesh agent revoke`).
+    #[error("revoked identity: {0} is revoked (`capmesh agent lift` restores it)")]
+    RevokedIdentity(String),
+    /// The CA that issued the certificate may not speak for its identity: an entity's CA only
+    /// for its own trust domain, the mesh's trust domain and `capmesh-system` only the mesh CA.
+    #[error("trust domain mismatch: {identity} was issued by {issuer}, which {rule}")]
+    TrustDomainMismatch {
+        /// The identity the certificate claims.
+        identity: String,
+        /// Who issued it (`the mesh CA`, `entity "partner"`).
+        issuer: String,
+        /// What that issuer may issue.
+        rule: String,
+    },
     /// The peer is not the workload this side expected.
     #[error("identity mismatch: expected {expected}, the peer is {actual}")]
     IdentityMismatch {
@@ -106,6 +121,8 @@ impl Refusal {
             Refusal::NotYetValid => "not_yet_valid",
             Refusal::RevokedSerial => "revoked_serial",
             Refusal::RevokedEntity(_) => "revoked_entity",
+            Refusal::RevokedIdentity(_) => "revoked_identity",
+            Refusal::TrustDomainMismatch { .. } => "trust_domain_mismatch",
             Refusal::IdentityMismatch { .. } => "identity_mismatch",
             Refusal::NoIdentity(_) => "no_identity",
             Refusal::Plaintext => "plaintext",
@@ -137,6 +154,17 @@ pub struct VerifiedPeer {
     pub entity: Option<String>,
 }
 
+/// An entity as the verifiers see it: another trust domain and the CA that speaks for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntityAnchor {
+    /// The entity's name.
+    pub name: String,
+    /// The only trust domain its CA may issue identities in (`None`: none at all).
+    pub trust_domain: Option<TrustDomain>,
+    /// Its CA certificate(s), PEM.
+    pub ca_pem: String,
+}
+
 /// What the mesh trusts right now. Built from the topology stream's trust bundle.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TrustConfig {
@@ -144,12 +172,28 @@ pub struct TrustConfig {
     pub trust_domain: TrustDomain,
     /// The mesh CA certificate(s), PEM.
     pub mesh_ca_pem: String,
-    /// Registered entity CAs: (entity name, CA PEM).
-    pub entities: Vec<(String, String)>,
+    /// Registered entities.
+    pub entities: Vec<EntityAnchor>,
     /// Names of revoked entities (their CAs may still be listed; they are refused by name).
     pub revoked_entities: Vec<String>,
     /// Revoked serial numbers, lowercase hex.
     pub revoked_serials: Vec<String>,
+    /// Revoked identities (SPIFFE IDs).
+    pub revoked_identities: Vec<String>,
+}
+
+impl TrustConfig {
+    /// Only the mesh CA, nothing revoked: what a proxy trusts before its first snapshot.
+    pub fn mesh_only(trust_domain: TrustDomain, mesh_ca_pem: impl Into<String>) -> Self {
+        Self {
+            trust_domain,
+            mesh_ca_pem: mesh_ca_pem.into(),
+            entities: Vec::new(),
+            revoked_entities: Vec::new(),
+            revoked_serials: Vec::new(),
+            revoked_identities: Vec::new(),
+        }
+    }
 }
 
 impl From<&capmesh_api::TrustBundle> for TrustConfig {
@@ -161,55 +205,85 @@ impl From<&capmesh_api::TrustBundle> for TrustConfig {
             entities: bundle
                 .entities
                 .iter()
-                .map(|e| (e.name.clone(), e.ca_pem.clone()))
+                .map(|e| EntityAnchor {
+                    name: e.name.clone(),
+                    trust_domain: e.trust_domain.clone(),
+                    ca_pem: e.ca_pem.clone(),
+                })
                 .collect(),
             revoked_entities: bundle.revoked_entities.clone(),
             revoked_serials: bundle.revoked_serials.clone(),
+            revoked_identities: bundle.revoked_identities.clone(),
+        }
+    }
+}
+
+/// Which side of a connection presented a chain: it decides the key usage checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerRole {
+    /// A client of one of our listeners.
+    Client,
+    /// A server we connected to.
+    Server,
+}
+
+impl PeerRole {
+    fn usage(self) -> webpki::KeyUsage {
+        match self {
+            PeerRole::Client => webpki::KeyUsage::client_auth(),
+            PeerRole::Server => webpki::KeyUsage::server_auth(),
         }
     }
 }
 
 #[derive(Debug)]
 struct Anchor {
-    /// `None` for the mesh CA, the entity's name otherwise.
-    entity: Option<String>,
+    /// `None` for the mesh CA; the entity's name and trust domain otherwise.
+    entity: Option<(String, Option<TrustDomain>)>,
     anchor: TrustAnchor<'static>,
 }
 
 #[derive(Debug)]
 struct TrustState {
+    trust_domain: TrustDomain,
     anchors: Vec<Anchor>,
     webpki_anchors: Vec<TrustAnchor<'static>>,
     revoked_entities: HashSet<String>,
     revoked_serials: HashSet<String>,
+    revoked_identities: HashSet<String>,
 }
+
+/// The namespace of the control plane's, the admin's and the CLI's identities.
+pub const SYSTEM_NAMESPACE: &str = "capmesh-system";
 
 impl TrustState {
     fn build(cfg: &TrustConfig) -> Result<Self, CertError> {
         let mut anchors = Vec::new();
-        let mut add = |entity: Option<&str>, pem: &str| -> Result<(), CertError> {
+        let mut add = |entity: Option<&EntityAnchor>, pem: &str| -> Result<(), CertError> {
             for der in certs_from_pem(pem)? {
                 let anchor = webpki::anchor_from_trusted_cert(&der)
                     .map_err(|e| CertError::Pem {
                         what: "trust anchor",
-                        detail: format!("{}: {e}", entity.unwrap_or("mesh CA")),
+                        detail: format!("{}: {e}", entity.map_or("mesh CA", |e| &e.name)),
                     })?
                     .to_owned();
                 anchors.push(Anchor {
-                    entity: entity.map(str::to_owned),
+                    entity: entity.map(|e| (e.name.clone(), e.trust_domain.clone())),
                     anchor,
                 });
             }
             Ok(())
         };
         add(None, &cfg.mesh_ca_pem)?;
-        for (name, pem) in &cfg.entities {
-            add(Some(name), pem)?;
+        for entity in &cfg.entities {
+            add(Some(entity), &entity.ca_pem)?;
         }
         Ok(Self {
+            trust_domain: cfg.trust_domain.clone(),
             webpki_anchors: anchors.iter().map(|a| a.anchor.clone()).collect(),
             anchors,
             revoked_entities: cfg.revoked_entities.iter().cloned().collect(),
+            revoked_identities: cfg.revoked_identities.iter().cloned().collect(),
             revoked_serials: cfg
                 .revoked_serials
                 .iter()
@@ -225,6 +299,7 @@ pub struct TrustStore {
     trust_domain: ArcSwap<TrustDomain>,
     state: ArcSwap<TrustState>,
     generation: std::sync::atomic::AtomicU64,
+    changed: tokio::sync::watch::Sender<u64>,
 }
 
 fn algorithms() -> WebPkiSupportedAlgorithms {
@@ -238,6 +313,7 @@ impl TrustStore {
             trust_domain: ArcSwap::from_pointee(cfg.trust_domain.clone()),
             state: ArcSwap::from_pointee(TrustState::build(cfg)?),
             generation: std::sync::atomic::AtomicU64::new(1),
+            changed: tokio::sync::watch::channel(1).0,
         })
     }
 
@@ -247,15 +323,72 @@ impl TrustStore {
         let state = TrustState::build(cfg)?;
         self.trust_domain.store(Arc::new(cfg.trust_domain.clone()));
         self.state.store(Arc::new(state));
-        self.generation
-            .fetch_add(1, std::sync::atomic::Ordering::Release);
+        let generation = self
+            .generation
+            .fetch_add(1, std::sync::atomic::Ordering::Release)
+            + 1;
+        self.changed.send_replace(generation);
         tracing::info!(
             anchors = cfg.entities.len() + 1,
             revoked_entities = cfg.revoked_entities.len(),
             revoked_serials = cfg.revoked_serials.len(),
+            revoked_identities = cfg.revoked_identities.len(),
             "trust bundle applied"
         );
         Ok(())
+    }
+
+    /// Verifies a chain (leaf first) presented by a peer in `role`, now.
+    pub fn verify_chain(
+        &self,
+        chain: &[CertificateDer<'_>],
+        role: PeerRole,
+    ) -> Result<VerifiedPeer, Refusal> {
+        let (leaf, rest) = chain
+            .split_first()
+            .ok_or_else(|| Refusal::Invalid("no certificate".into()))?;
+        self.verify_peer(leaf, rest, UnixTime::now(), role.usage())
+    }
+
+    /// Resolves when a connection whose peer presented `chain` must end: after a trust change
+    /// (a revocation, an entity removed) the chain no longer verifies, or its leaf expired.
+    /// Long-lived connections (HTTP/2, the topology stream) race their work against this, so
+    /// a revocation or an expiry ends them too, not only new handshakes. Never resolves for an
+    /// empty chain (a plaintext peer has nothing to revoke).
+    pub async fn until_refused(
+        &self,
+        chain: &[CertificateDer<'static>],
+        role: PeerRole,
+    ) -> Refusal {
+        let Some(leaf) = chain.first() else {
+            return std::future::pending().await;
+        };
+        let not_after = inspect_der(leaf).ok().map(|i| i.not_after);
+        let mut changes = self.changed.subscribe();
+        loop {
+            if let Err(refusal) = self.verify_chain(chain, role) {
+                return refusal;
+            }
+            // Wake just after the leaf expires, and at least daily (a timer that long is fine).
+            let until_expiry = not_after
+                .and_then(|t| t.duration_since(SystemTime::now()).ok())
+                .map_or(Duration::from_secs(1), |d| d + Duration::from_secs(1))
+                .min(Duration::from_secs(24 * 3600));
+            tokio::select! {
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        // The store is gone with its process: nothing will change any more.
+                        return std::future::pending().await;
+                    }
+                }
+                _ = tokio::time::sleep(until_expiry) => {}
+            }
+        }
+    }
+
+    /// A receiver that wakes on every trust change.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
     }
 
     /// Bumped on every [`TrustStore::update`]: long-lived connections compare it to decide
@@ -330,7 +463,7 @@ impl TrustStore {
                     && a.anchor.subject_public_key_info == used.subject_public_key_info
             })
             .and_then(|a| a.entity.clone());
-        if let Some(name) = &entity
+        if let Some((name, _)) = &entity
             && state.revoked_entities.contains(name)
         {
             return Err(Refusal::RevokedEntity(name.clone()));
@@ -344,16 +477,69 @@ impl TrustStore {
             }
         }
         let identity = identity_of(end_entity).map_err(|e| Refusal::NoIdentity(e.to_string()))?;
-        Ok(VerifiedPeer { identity, entity })
+        check_issuer(&state.trust_domain, entity.as_ref(), &identity)?;
+        if state.revoked_identities.contains(&identity.to_string()) {
+            return Err(Refusal::RevokedIdentity(identity.to_string()));
+        }
+        Ok(VerifiedPeer {
+            identity,
+            entity: entity.map(|(name, _)| name),
+        })
+    }
+}
+
+/// The SPIFFE federation rule: the mesh CA speaks only for the mesh's trust domain, an entity's
+/// CA only for the entity's own trust domain, and `capmesh-system` identities (the control
+/// plane, the admin, the CLI) come only from the mesh CA.
+fn check_issuer(
+    mesh: &TrustDomain,
+    entity: Option<&(String, Option<TrustDomain>)>,
+    identity: &SpiffeId,
+) -> Result<(), Refusal> {
+    let refuse = |issuer: String, rule: String| {
+        Err(Refusal::TrustDomainMismatch {
+            identity: identity.to_string(),
+            issuer,
+            rule,
+        })
+    };
+    match entity {
+        None if identity.trust_domain() != mesh => refuse(
+            "the mesh CA".into(),
+            format!("issues identities only in the mesh's trust domain {mesh}"),
+        ),
+        None => Ok(()),
+        Some((name, allowed)) => {
+            let issuer = format!("entity {name:?}");
+            match allowed {
+                None => refuse(
+                    issuer,
+                    "has no trust domain: register it again with --trust-domain".into(),
+                ),
+                Some(td) if td != identity.trust_domain() || td == mesh => refuse(
+                    issuer,
+                    format!("may issue identities only in its trust domain {td}"),
+                ),
+                Some(_) if identity.namespace().as_str() == SYSTEM_NAMESPACE => refuse(
+                    issuer,
+                    format!("may not issue {SYSTEM_NAMESPACE} identities (only the mesh CA does)"),
+                ),
+                Some(_) => Ok(()),
+            }
+        }
     }
 }
 
 /// Verifies clients of a mesh listener. Mandatory (strict) or optional (permissive): either way
-/// a certificate that *is* presented must pass every check.
+/// a certificate that *is* presented must pass every check. With `deferred` (the control
+/// plane's API), the handshake only proves the client holds the key of the certificate it
+/// presents; the server verifies the chain for every request, so a refusal reaches the client
+/// as an HTTP 403 naming the rule instead of a bare TLS alert.
 #[derive(Debug)]
 pub(crate) struct MeshClientVerifier {
     pub(crate) trust: Arc<TrustStore>,
     pub(crate) mandatory: bool,
+    pub(crate) deferred: bool,
 }
 
 impl ClientCertVerifier for MeshClientVerifier {
@@ -371,6 +557,9 @@ impl ClientCertVerifier for MeshClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
+        if self.deferred {
+            return Ok(ClientCertVerified::assertion());
+        }
         self.trust
             .verify(
                 end_entity,

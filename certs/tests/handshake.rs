@@ -9,8 +9,8 @@ use std::time::Duration;
 use capmesh_api::TrustDomain;
 use capmesh_certs::tls::{client_config, connect};
 use capmesh_certs::{
-    AcceptError, Accepted, Ca, CertError, Credential, CredentialCell, MeshAcceptor, Refusal,
-    SpiffeId, TlsMode, TrustConfig, TrustStore, Validity, WorkloadKey,
+    AcceptError, Accepted, Ca, CertError, Credential, CredentialCell, EntityAnchor, MeshAcceptor,
+    PeerRole, Refusal, SpiffeId, TlsMode, TrustConfig, TrustStore, Validity, WorkloadKey,
 };
 use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -42,13 +42,7 @@ fn fresh(ca: &Ca, who: &str) -> Arc<CredentialCell> {
 }
 
 fn trust_for(ca: &Ca) -> TrustConfig {
-    TrustConfig {
-        trust_domain: td(),
-        mesh_ca_pem: ca.root_pem().to_owned(),
-        entities: vec![],
-        revoked_entities: vec![],
-        revoked_serials: vec![],
-    }
+    TrustConfig::mesh_only(td(), ca.root_pem())
 }
 
 /// A listener that reports each accept's outcome and echoes one message over good connections.
@@ -286,9 +280,17 @@ async fn revoked_serial_is_refused_on_the_next_handshake_without_restart() {
 #[tokio::test]
 async fn entities_are_trusted_and_revoked_live() {
     let mesh = Mesh::new();
-    let acme = Ca::generate(td(), false).unwrap();
+    let partner_td = TrustDomain::new("partner.example").unwrap();
+    let acme = Ca::generate(partner_td.clone(), false).unwrap();
     let mut server = mesh.server("weather", TlsMode::Strict).await;
-    let acme_client = fresh(&acme, "partner");
+    let partner: SpiffeId = "spiffe://partner.example/ns/default/agent/partner"
+        .parse()
+        .unwrap();
+    let acme_client = Arc::new(CredentialCell::new(issue(
+        &acme,
+        &partner,
+        Validity::for_ttl(Duration::from_secs(3600)),
+    )));
 
     let _ = server
         .call(Some(acme_client.clone()), mesh.trust.clone(), id("weather"))
@@ -300,16 +302,17 @@ async fn entities_are_trusted_and_revoked_live() {
     );
 
     let mut cfg = trust_for(&mesh.ca);
-    cfg.entities = vec![("acme".into(), acme.root_pem().to_owned())];
+    cfg.entities = vec![EntityAnchor {
+        name: "acme".into(),
+        trust_domain: Some(partner_td.clone()),
+        ca_pem: acme.root_pem().to_owned(),
+    }];
     mesh.trust.update(&cfg).unwrap();
     server
         .call(Some(acme_client.clone()), mesh.trust.clone(), id("weather"))
         .await
         .expect("trusted once the entity is registered, same listener");
-    assert_eq!(
-        server.next().await.unwrap(),
-        Some(id("partner").to_string())
-    );
+    assert_eq!(server.next().await.unwrap(), Some(partner.to_string()));
 
     cfg.revoked_entities = vec!["acme".into()];
     mesh.trust.update(&cfg).unwrap();
@@ -323,7 +326,11 @@ async fn entities_are_trusted_and_revoked_live() {
 
     // A bad bundle is refused whole and the previous trust stays in force.
     let mut bad = cfg.clone();
-    bad.entities.push(("broken".into(), "not a pem".into()));
+    bad.entities.push(EntityAnchor {
+        name: "broken".into(),
+        trust_domain: Some(partner_td),
+        ca_pem: "not a pem".into(),
+    });
     assert!(mesh.trust.update(&bad).is_err());
     server
         .call(
@@ -333,6 +340,136 @@ async fn entities_are_trusted_and_revoked_live() {
         )
         .await
         .expect("mesh certificates still accepted after a rejected update");
+}
+
+/// An entity's CA that mints identities outside its trust domain: the mesh's own, capmesh-system
+/// (the admin), or another partner's. Each is refused by name, and only the partner's own
+/// identities pass.
+#[test]
+fn an_entity_ca_speaks_only_for_its_own_trust_domain() {
+    let mesh = Mesh::new();
+    let partner_td = TrustDomain::new("partner.example").unwrap();
+    // The partner's CA is registered for partner.example but mints mesh identities: what
+    // decides is which anchor the chain leads to, not what the CA's own name says.
+    let rogue_mesh = Ca::generate(td(), false).unwrap();
+    let mut cfg = trust_for(&mesh.ca);
+    cfg.entities = vec![EntityAnchor {
+        name: "acme".into(),
+        trust_domain: Some(partner_td.clone()),
+        ca_pem: rogue_mesh.root_pem().to_owned(),
+    }];
+    mesh.trust.update(&cfg).unwrap();
+    let chain = |ca: &Ca, who: &str| {
+        let cred = issue(
+            ca,
+            &who.parse().unwrap(),
+            Validity::for_ttl(Duration::from_secs(600)),
+        );
+        capmesh_certs::inspect::certs_from_pem(cred.chain_pem()).unwrap()
+    };
+    for forged in [
+        "spiffe://capmesh.local/ns/default/agent/weather",
+        "spiffe://capmesh.local/ns/capmesh-system/agent/admin",
+    ] {
+        let refusal = mesh
+            .trust
+            .verify_chain(&chain(&rogue_mesh, forged), PeerRole::Client)
+            .unwrap_err();
+        assert!(
+            matches!(&refusal, Refusal::TrustDomainMismatch { identity, issuer, .. }
+                if identity == forged && issuer == "entity \"acme\""),
+            "{forged}: {refusal:?}"
+        );
+        assert_eq!(refusal.reason(), "trust_domain_mismatch");
+        assert!(refusal.to_string().contains("partner.example"), "{refusal}");
+    }
+    // The partner's own identities pass; its capmesh-system namespace does not.
+    let partner_ca = Ca::generate(partner_td.clone(), false).unwrap();
+    cfg.entities[0].ca_pem = partner_ca.root_pem().to_owned();
+    mesh.trust.update(&cfg).unwrap();
+    let ok = mesh
+        .trust
+        .verify_chain(
+            &chain(
+                &partner_ca,
+                "spiffe://partner.example/ns/default/agent/deepl",
+            ),
+            PeerRole::Client,
+        )
+        .unwrap();
+    assert_eq!(ok.entity.as_deref(), Some("acme"));
+    let refusal = mesh
+        .trust
+        .verify_chain(
+            &chain(
+                &partner_ca,
+                "spiffe://partner.example/ns/capmesh-system/agent/admin",
+            ),
+            PeerRole::Client,
+        )
+        .unwrap_err();
+    assert!(refusal.to_string().contains("capmesh-system"), "{refusal}");
+    // The mesh CA speaks for the mesh only, and a revoked identity is refused by name.
+    let mesh_chain = chain(&mesh.ca, "spiffe://capmesh.local/ns/default/agent/planner");
+    assert!(
+        mesh.trust
+            .verify_chain(&mesh_chain, PeerRole::Client)
+            .is_ok()
+    );
+    cfg.revoked_identities = vec!["spiffe://capmesh.local/ns/default/agent/planner".into()];
+    mesh.trust.update(&cfg).unwrap();
+    assert_eq!(
+        mesh.trust
+            .verify_chain(&mesh_chain, PeerRole::Client)
+            .unwrap_err(),
+        Refusal::RevokedIdentity("spiffe://capmesh.local/ns/default/agent/planner".into())
+    );
+}
+
+/// A connection's watcher resolves when its peer is revoked, and when its certificate expires.
+#[tokio::test]
+async fn until_refused_fires_on_revocation_and_on_expiry() {
+    let mesh = Mesh::new();
+    let cred = issue(
+        &mesh.ca,
+        &id("planner"),
+        Validity::for_ttl(Duration::from_secs(600)),
+    );
+    let chain = capmesh_certs::inspect::certs_from_pem(cred.chain_pem()).unwrap();
+    let trust = mesh.trust.clone();
+    let watcher = tokio::spawn({
+        let chain = chain.clone();
+        async move { trust.until_refused(&chain, PeerRole::Client).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!watcher.is_finished(), "a trusted peer is left alone");
+    let mut cfg = trust_for(&mesh.ca);
+    cfg.revoked_serials = vec![cred.serial().to_owned()];
+    mesh.trust.update(&cfg).unwrap();
+    let refusal = tokio::time::timeout(Duration::from_secs(2), watcher)
+        .await
+        .expect("the watcher fired")
+        .unwrap();
+    assert_eq!(refusal, Refusal::RevokedSerial);
+
+    // A certificate that expires in two seconds ends its connection then, with no trust change.
+    let now = OffsetDateTime::now_utc();
+    let short = issue(
+        &mesh.ca,
+        &id("brief"),
+        Validity {
+            not_before: now - Duration::from_secs(60),
+            not_after: now + Duration::from_secs(2),
+        },
+    );
+    let chain = capmesh_certs::inspect::certs_from_pem(short.chain_pem()).unwrap();
+    let refusal = tokio::time::timeout(
+        Duration::from_secs(6),
+        mesh.trust.until_refused(&chain, PeerRole::Client),
+    )
+    .await
+    .expect("expiry ends the connection");
+    assert_eq!(refusal, Refusal::Expired);
 }
 
 #[tokio::test]

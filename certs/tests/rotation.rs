@@ -69,6 +69,7 @@ async fn renews_before_expiry_and_keeps_serving_through_failures() {
             entities: vec![],
             revoked_entities: vec![],
             revoked_serials: vec![],
+            revoked_identities: vec![],
         })
         .unwrap(),
     );

@@ -1,9 +1,10 @@
-//! `capmesh entity register|list|revoke`: extra CAs the mesh trusts (registration trust).
+//! `capmesh entity register|list|revoke`: other SPIFFE trust domains the mesh trusts, each with
+//! the CA that speaks for it (registration trust, SPIFFE federation).
 
 use std::path::PathBuf;
 
 use anyhow::Context;
-use capmesh_api::{Entity, EntityRequest};
+use capmesh_api::{Entity, EntityRequest, TrustDomain};
 use serde_json::Value;
 
 use crate::api::Api;
@@ -12,10 +13,11 @@ use crate::output::{self, Output, Table};
 /// `capmesh entity …`.
 #[derive(Debug, Clone, clap::Subcommand)]
 pub enum EntityCommand {
-    /// Trust another CA: its certificates become mesh identities.
+    /// Trust another trust domain: certificates its CA issues for identities in that domain
+    /// (and only those) are accepted; what they may call and provide is policy.
     #[command(after_help = "Examples:\n  \
-        capmesh entity register partner-a --ca ./partner-a-ca.pem\n  \
-        capmesh entity register partner-a --ca ./partner-a-ca.pem --output json")]
+        capmesh entity register partner-a --trust-domain partner.example --ca ./partner-a-ca.pem\n  \
+        capmesh entity register partner-a --trust-domain partner.example --ca ./partner-a-ca.pem --output json")]
     Register(RegisterArgs),
     /// List registered entities, revoked ones too.
     #[command(after_help = "Examples:\n  \
@@ -34,6 +36,10 @@ pub enum EntityCommand {
 pub struct RegisterArgs {
     /// The entity's name: a DNS label (lowercase letters, digits and '-').
     pub name: String,
+    /// The entity's SPIFFE trust domain (`partner.example`): its CA may issue identities
+    /// `spiffe://<trust-domain>/ns/<namespace>/agent/<name>` and no others.
+    #[arg(long, value_name = "DOMAIN")]
+    pub trust_domain: TrustDomain,
     /// The entity's CA certificate (PEM).
     #[arg(long, value_name = "PEM-FILE")]
     pub ca: PathBuf,
@@ -59,6 +65,7 @@ pub async fn run(api: &Api, output: Output, command: EntityCommand) -> anyhow::R
 pub fn registration(args: &RegisterArgs) -> anyhow::Result<EntityRequest> {
     let request = EntityRequest {
         name: args.name.clone(),
+        trust_domain: args.trust_domain.clone(),
         ca_pem: String::new(),
     };
     request
@@ -85,6 +92,7 @@ pub fn registration(args: &RegisterArgs) -> anyhow::Result<EntityRequest> {
     }
     Ok(EntityRequest {
         name: args.name.clone(),
+        trust_domain: args.trust_domain.clone(),
         ca_pem,
     })
 }
@@ -107,8 +115,8 @@ async fn register(api: &Api, output: Output, args: RegisterArgs) -> anyhow::Resu
     }
     let entity: Entity = serde_json::from_value(created)?;
     output::print(&format!(
-        "registered entity {} (CA SHA-256 {}): certificates it issues are now trusted across the mesh\n",
-        entity.name, entity.fingerprint_sha256
+        "registered entity {} for trust domain {} (CA SHA-256 {}): its certificates for spiffe://{}/… are now trusted across the mesh, as far as the policy allows\n",
+        entity.name, args.trust_domain, entity.fingerprint_sha256, args.trust_domain
     ))?;
     Ok(())
 }
@@ -120,14 +128,19 @@ async fn list(api: &Api, output: Output) -> anyhow::Result<()> {
     }
     let mut entities: Vec<Entity> = serde_json::from_value(raw)?;
     entities.sort_by(|a, b| a.name.cmp(&b.name));
-    let mut table = Table::new(&["NAME", "STATUS", "REGISTERED", "CA SHA-256"]);
+    let mut table = Table::new(&["NAME", "TRUST DOMAIN", "STATUS", "REGISTERED", "CA SHA-256"]);
     for e in &entities {
         let status = match e.revoked_unix {
             Some(at) => format!("revoked {}", output::ago(at)),
             None => "trusted".to_owned(),
         };
+        let domain = e
+            .trust_domain
+            .as_ref()
+            .map_or("(none: register again)".to_owned(), |t| t.to_string());
         table.row(vec![
             e.name.clone(),
+            domain,
             status,
             output::ago(e.created_unix),
             e.fingerprint_sha256.clone(),
@@ -136,7 +149,7 @@ async fn list(api: &Api, output: Output) -> anyhow::Result<()> {
     output::print(&table.render())?;
     if table.is_empty() {
         eprintln!(
-            "(no entities are registered: `capmesh entity register <name> --ca <pem-file>` adds one)"
+            "(no entities are registered: `capmesh entity register <name> --trust-domain <domain> --ca <pem-file>` adds one)"
         );
     }
     Ok(())

@@ -26,11 +26,13 @@ pub mod mesh_settings;
 pub mod multicall;
 pub mod output;
 pub mod policy;
+pub mod revoke;
 pub mod settings;
 pub mod status;
 // `supervise`, `demo` and `up` are written by the lead.
 pub mod supervise;
 pub mod token;
+pub mod trace;
 pub mod up;
 
 pub use api::{Api, ApiError};

@@ -31,6 +31,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
         capmesh list capabilities\n  \
         capmesh status                      # control plane and every proxy\n  \
         capmesh call get_weather --args '{\"city\":\"Paris\"}' --tags +fast\n  \
+        capmesh trace --last 10              # recent traces; capmesh trace <id> draws one\n  \
         capmesh token create --agent weather > weather.token\n  \
         capmesh inject -f deployment.yaml | kubectl apply -f -\n  \
         capmesh settings set --request-timeout 30s --propagate-headers x-tenant-id\n  \
@@ -86,11 +87,23 @@ enum Command {
         capmesh call echo --args '{\"text\":\"hi\"}' --output json | jq -r '.result.content[0].text'")]
     Call(CallArgs),
 
-    /// Register, list or revoke entities: extra CAs the mesh trusts.
+    /// Show one trace's call tree (hops, timings, identities) from the spans the sidecars
+    /// sent the control plane, or list the most recent traces.
+    #[command(after_help = "Examples:\n  \
+        capmesh call get_weather --args '{\"city\":\"Paris\"}' --trace   # prints the trace id\n  \
+        capmesh trace 4bf92f3577b34da6a3ce929d0e0e4736\n  \
+        capmesh trace --last 10\n  \
+        capmesh trace 4bf92f3577b34da6a3ce929d0e0e4736 --output json | jq '.spans[].name'\n\n\
+        Sidecars record every call that carries a sampled W3C traceparent and a share of the\n\
+        others (capmesh-proxy --trace-sampling). The control plane keeps the latest 2,000 traces\n\
+        in memory (per replica).")]
+    Trace(capmesh::trace::TraceArgs),
+
+    /// Register, list or revoke entities: other trust domains and the CAs that speak for them.
     #[command(
         subcommand,
         after_help = "Examples:\n  \
-        capmesh entity register partner-a --ca ./partner-a-ca.pem\n  \
+        capmesh entity register partner-a --trust-domain partner.example --ca ./partner-a-ca.pem\n  \
         capmesh entity list\n  \
         capmesh entity revoke partner-a"
     )]
@@ -144,10 +157,18 @@ enum Command {
     #[command(disable_help_flag = true)]
     Proxy(PassThrough),
 
-    /// Run an example MCP agent: llm, flights, weather, planner or all (the demo's agents; see
-    /// `capmesh agent --help`). It prints the MCP URL it serves.
-    #[command(disable_help_flag = true)]
-    Agent(PassThrough),
+    /// Revoke a workload (or one certificate), lift a revocation, list revocations; or run
+    /// an example MCP agent: llm, flights, weather, planner or all (the demo's agents; see
+    /// `capmesh agent --help`), which prints the MCP URL it serves.
+    #[command(
+        subcommand,
+        after_help = "Examples:\n  \
+        capmesh agent revoke default/weather --reason 'key leaked'\n  \
+        capmesh agent revocations\n  \
+        capmesh agent lift default/weather\n  \
+        capmesh agent weather --port 8081        # an example agent"
+    )]
+    Agent(capmesh::revoke::AgentCommand),
 }
 
 /// The arguments of a program run in-process, passed on untouched.
@@ -213,13 +234,15 @@ async fn dispatch(cli: Cli, sources: ArgSources) -> anyhow::Result<ExitCode> {
         Command::List(args) => capmesh::list::run(&api()?, output, args).await?,
         Command::Status(args) => capmesh::status::run(&api()?, output, args).await?,
         Command::Call(args) => return capmesh::call::run(&api()?, output, args).await,
+        Command::Trace(args) => capmesh::trace::run(&api()?, output, args).await?,
         Command::Entity(cmd) => capmesh::entity::run(&api()?, output, cmd).await?,
         Command::Token(cmd) => capmesh::token::run(&api()?, output, cmd).await?,
         Command::Policy(cmd) => capmesh::policy::run(&api()?, output, cmd).await?,
         Command::Settings(cmd) => capmesh::mesh_settings::run(&api()?, output, cmd).await?,
         Command::Cert(cmd) => capmesh::cert::run(output, cmd)?,
         Command::Inject(args) => capmesh::inject::run(args, output)?,
-        Command::ControlPlane(_) | Command::Proxy(_) | Command::Agent(_) => {
+        Command::Agent(cmd) => capmesh::revoke::run(&api()?, output, cmd).await?,
+        Command::ControlPlane(_) | Command::Proxy(_) => {
             anyhow::bail!(
                 "run `capmesh control-plane …` and `capmesh proxy …` without other flags before them"
             )

@@ -59,6 +59,16 @@ pub fn select(args: &[OsString]) -> Option<(Program, Vec<OsString>)> {
     }
     let first = args.get(1).and_then(|a| a.to_str())?;
     let program = Program::ALL.into_iter().find(|p| p.subcommand() == first)?;
+    // `capmesh agent revoke|lift|revocations` manage workloads; other `capmesh agent …` runs
+    // an example agent (whose `--help` names the management subcommands too).
+    if program == Program::Agent
+        && args
+            .get(2)
+            .and_then(|a| a.to_str())
+            .is_some_and(|a| ["revoke", "lift", "revocations"].contains(&a))
+    {
+        return None;
+    }
     Some((program, args.iter().skip(2).cloned().collect()))
 }
 
@@ -84,7 +94,10 @@ pub fn run(program: Program, args: Vec<OsString>) -> ExitCode {
 #[derive(Debug, Parser)]
 #[command(
     name = "capmesh agent",
-    about = "Run an example MCP agent (llm, flights, weather, planner, all)"
+    about = "Run an example MCP agent (llm, flights, weather, planner, all)",
+    after_help = "Examples:\n  \
+        capmesh agent weather --port 8081\n  \
+        capmesh agent revoke default/weather   # revoke a workload (also: lift, revocations)"
 )]
 struct AgentCli {
     #[command(flatten)]
@@ -107,6 +120,11 @@ mod tests {
         assert_eq!(p, Program::ControlPlane);
         assert_eq!(rest, os(&["--grace", "1s"]));
         assert!(select(&os(&["capmesh", "list", "proxy"])).is_none());
+        assert!(select(&os(&["capmesh", "agent", "revoke", "default/x"])).is_none());
+        assert_eq!(
+            select(&os(&["capmesh", "agent", "llm"])).unwrap().0,
+            Program::Agent
+        );
         assert!(select(&os(&["capmesh"])).is_none());
     }
 }

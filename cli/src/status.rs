@@ -52,6 +52,7 @@ pub async fn run(api: &Api, output: Output, _args: StatusArgs) -> anyhow::Result
                     "current_version": current,
                     "certificate_not_after_unix": i.certificate_not_after_unix,
                     "healthy": i.healthy,
+                    "refused": i.refused,
                     "health_detail": i.health_detail,
                 })
             })
@@ -145,6 +146,15 @@ pub async fn run(api: &Api, output: Output, _args: StatusArgs) -> anyhow::Result
             if let (false, Some(why)) = (inst.healthy, &inst.health_detail) {
                 text.push_str(&format!("{} unhealthy: {why}\n", inst.proxy_id));
             }
+        }
+    }
+    // Capabilities the control plane would not publish (the policy's provide rules).
+    for (agent, inst) in &rows {
+        for r in &inst.refused {
+            text.push_str(&format!(
+                "refused: {}/{} ({}) may not provide {}: {}\n",
+                agent.namespace, agent.name, inst.proxy_id, r.capability, r.error
+            ));
         }
     }
     output::print(&text)?;

@@ -21,6 +21,7 @@ pub enum TokenCommand {
     #[command(after_help = "Examples:\n  \
         capmesh token create --agent weather > weather.token\n  \
         capmesh token create --namespace prod --agent 'weather-*' --ttl 1h --description 'weather pods'\n  \
+        capmesh token create --agent weather --uses 3     # three replicas, one token\n  \
         capmesh-proxy --agent-name weather --bootstrap-token-file weather.token ...")]
     Create(CreateArgs),
     /// List bootstrap tokens (never their secrets). The one-shot tokens `capmesh call` made
@@ -50,6 +51,14 @@ pub struct CreateArgs {
     /// How long the token is valid.
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = parse_ttl)]
     pub ttl: Duration,
+    /// How many certificates it may get. Default: 1 when --agent names one exact agent
+    /// (a token stolen after use is worthless), unlimited for a pattern with '*'.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub uses: Option<u32>,
+    /// Allow a token for the capmesh-system namespace (the control plane's, the admin's and
+    /// the CLI's identities). Without it such a token is refused.
+    #[arg(long)]
+    pub system: bool,
     /// A note for people (`capmesh token list` shows it).
     #[arg(long)]
     pub description: Option<String>,
@@ -116,6 +125,8 @@ async fn create(api: &Api, output: Output, args: CreateArgs) -> anyhow::Result<(
         namespace: args.namespace,
         agent_pattern: args.agent_pattern,
         ttl_secs: args.ttl.as_secs().max(1),
+        uses: args.uses,
+        system: args.system,
         description: args.description,
     };
     let raw: Value = api.post("/v1/tokens", &request).await?;
@@ -130,8 +141,13 @@ async fn create(api: &Api, output: Output, args: CreateArgs) -> anyhow::Result<(
     } else {
         info.agent_pattern.as_str()
     };
+    let uses = match info.uses {
+        Some(1) => "one certificate".to_owned(),
+        Some(n) => format!("{n} certificates"),
+        None => "any number of certificates".to_owned(),
+    };
     eprintln!(
-        "Created bootstrap token {} for agents {:?} in namespace {}, valid until {} ({}).\n\
+        "Created bootstrap token {} for agents {:?} in namespace {}, good for {uses}, valid until {} ({}).\n\
          The secret above is shown only this once. Give it to the agent's sidecar, in a file:\n  \
          capmesh-proxy --agent-name {example_agent} --namespace {} --bootstrap-token-file ./token ...\n\
          or in the environment: CAPMESH_BOOTSTRAP_TOKEN=<secret>",
@@ -170,22 +186,31 @@ async fn list(api: &Api, output: Output, args: ListArgs) -> anyhow::Result<()> {
         "ID",
         "NAMESPACE",
         "AGENTS",
+        "USES",
         "STATUS",
         "EXPIRES",
         "DESCRIPTION",
     ]);
     for t in &tokens {
+        let used_up = t.uses.is_some_and(|u| t.used >= u);
         let status = if t.revoked {
             "revoked"
         } else if t.expires_unix <= now {
             "expired"
+        } else if used_up {
+            "used up"
         } else {
             "active"
+        };
+        let uses = match t.uses {
+            Some(u) => format!("{}/{u}", t.used),
+            None => format!("{}/unlimited", t.used),
         };
         table.row(vec![
             t.id.clone(),
             t.namespace.to_string(),
             t.agent_pattern.clone(),
+            uses,
             status.to_owned(),
             output::expires(t.expires_unix),
             t.description.clone().unwrap_or_default(),

@@ -394,6 +394,8 @@ async fn up(
                     namespace: a.namespace().parse()?,
                     agent_pattern: a.name.to_string(),
                     ttl_secs: 3600,
+                    uses: None,
+                    system: false,
                     description: Some("capmesh up".into()),
                 },
                 Some(&token),

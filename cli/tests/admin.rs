@@ -16,13 +16,81 @@ fn write(dir: &std::path::Path, name: &str, text: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_revoke_lift_and_token_uses_and_system() {
+    let mesh = Mesh::start(&[]).await;
+    let out = mesh.capmesh(&[
+        "agent",
+        "revoke",
+        "default/weather",
+        "--reason",
+        "key leaked",
+    ]);
+    assert!(
+        out.ok()
+            .contains("revoked spiffe://capmesh.local/ns/default/agent/weather"),
+        "{out}"
+    );
+    let listed = mesh.capmesh(&["agent", "revocations"]);
+    assert!(
+        listed.ok().contains("agent/weather") && listed.stdout.contains("key leaked"),
+        "{listed}"
+    );
+    mesh.capmesh(&["agent", "revoke", "default/weather"])
+        .fails(1, &["revoked already"]);
+    mesh.capmesh(&["agent", "revoke", "--serial", "zz"])
+        .fails(1, &["zz", "hexadecimal"]);
+    let out = mesh.capmesh(&["agent", "lift", "default/weather"]);
+    assert!(out.ok().contains("lifted the revocation"), "{out}");
+    mesh.capmesh(&["agent", "lift", "default/weather"])
+        .fails(1, &["not revoked", "capmesh agent revocations"]);
+
+    mesh.capmesh(&[
+        "token",
+        "create",
+        "--agent",
+        "admin",
+        "--namespace",
+        "capmesh-system",
+    ])
+    .fails(1, &["capmesh-system", "--system"]);
+    mesh.capmesh(&[
+        "token",
+        "create",
+        "--agent",
+        "admin",
+        "--namespace",
+        "capmesh-system",
+        "--system",
+    ])
+    .ok();
+    mesh.capmesh(&["token", "create", "--agent", "w", "--uses", "3"])
+        .ok();
+    let listed = mesh.capmesh(&["token", "list"]);
+    assert!(
+        listed
+            .ok()
+            .lines()
+            .any(|l| l.contains(" w ") && l.contains("0/3")),
+        "{listed}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entity_register_list_revoke() {
     let mesh = Mesh::start(&[]).await;
     let dir = mesh.home.path();
     let partner = Ca::generate(TrustDomain::new("partner.example").unwrap(), false).unwrap();
     let ca = write(dir, "partner-ca.pem", partner.root_pem());
 
-    let out = mesh.capmesh(&["entity", "register", "partner-a", "--ca", &ca]);
+    let out = mesh.capmesh(&[
+        "entity",
+        "register",
+        "partner-a",
+        "--trust-domain",
+        "partner.example",
+        "--ca",
+        &ca,
+    ]);
     assert!(out.ok().contains("registered entity partner-a"), "{out}");
     let listed = mesh.capmesh(&["entity", "list"]);
     let line = listed
@@ -37,26 +105,66 @@ async fn entity_register_list_revoke() {
 
     // Bad input: the same name again, a bad name, a missing file, a file that is no PEM, a
     // certificate that is not a CA, an unknown name to revoke.
-    mesh.capmesh(&["entity", "register", "partner-a", "--ca", &ca])
-        .fails(
-            1,
-            &["partner-a", "already registered", "capmesh entity revoke"],
-        );
-    mesh.capmesh(&["entity", "register", "Partner A", "--ca", &ca])
-        .fails(1, &["\"Partner A\"", "DNS label"]);
+    mesh.capmesh(&[
+        "entity",
+        "register",
+        "partner-a",
+        "--trust-domain",
+        "partner.example",
+        "--ca",
+        &ca,
+    ])
+    .fails(
+        1,
+        &["partner-a", "already registered", "capmesh entity revoke"],
+    );
+    mesh.capmesh(&[
+        "entity",
+        "register",
+        "Partner A",
+        "--trust-domain",
+        "partner.example",
+        "--ca",
+        &ca,
+    ])
+    .fails(1, &["\"Partner A\"", "DNS label"]);
     let missing = dir.join("nope.pem").display().to_string();
-    mesh.capmesh(&["entity", "register", "partner-b", "--ca", &missing])
-        .fails(1, &["--ca", "nope.pem", "cannot read"]);
+    mesh.capmesh(&[
+        "entity",
+        "register",
+        "partner-b",
+        "--trust-domain",
+        "b.example",
+        "--ca",
+        &missing,
+    ])
+    .fails(1, &["--ca", "nope.pem", "cannot read"]);
     let garbage = write(dir, "garbage.pem", "this is not a certificate\n");
-    mesh.capmesh(&["entity", "register", "partner-b", "--ca", &garbage])
-        .fails(
-            1,
-            &["garbage.pem", "not a PEM certificate", "BEGIN CERTIFICATE"],
-        );
+    mesh.capmesh(&[
+        "entity",
+        "register",
+        "partner-b",
+        "--trust-domain",
+        "b.example",
+        "--ca",
+        &garbage,
+    ])
+    .fails(
+        1,
+        &["garbage.pem", "not a PEM certificate", "BEGIN CERTIFICATE"],
+    );
     let leaf = mesh.cp.credential("default", "leafy").await.unwrap();
     let leaf_pem = write(dir, "leaf.pem", leaf.chain_pem());
-    mesh.capmesh(&["entity", "register", "partner-b", "--ca", &leaf_pem])
-        .fails(1, &["leaf.pem", "not a CA certificate"]);
+    mesh.capmesh(&[
+        "entity",
+        "register",
+        "partner-b",
+        "--trust-domain",
+        "b.example",
+        "--ca",
+        &leaf_pem,
+    ])
+    .fails(1, &["leaf.pem", "not a CA certificate"]);
     mesh.capmesh(&["entity", "revoke", "partner-z"])
         .fails(1, &["partner-z", "capmesh entity list"]);
 

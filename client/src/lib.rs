@@ -4,7 +4,8 @@
 //! SPIFFE ID from a proxy, or by host name from the CLI), HTTP/2 with keepalive, the full-duplex
 //! topology stream as typed frames, and JSON REST calls with the API's errors surfaced as they
 //! were sent. It also holds the pieces the control plane's server shares for the stream's
-//! bodies ([`ChannelBody`], [`LineDecoder`], [`FrameReader`]). It does not decide what to do
+//! bodies ([`ChannelBody`], [`LineDecoder`], [`FrameReader`]) and the limits every HTTP
+//! listener of the mesh applies ([`listen`]). It does not decide what to do
 //! with a frame, when to reconnect, or what to retry: that is the proxy's and the CLI's job.
 #![forbid(unsafe_code)]
 // Tests may unwrap: a panic there is a failed assertion. The library build is still linted.
@@ -14,6 +15,7 @@ pub mod addr;
 pub mod body;
 pub mod connect;
 pub mod frames;
+pub mod listen;
 pub mod process;
 pub mod rest;
 pub mod stream;

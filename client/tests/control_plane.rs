@@ -64,6 +64,7 @@ impl Mesh {
                 entities: vec![],
                 revoked_entities: vec![],
                 revoked_serials: vec![],
+                revoked_identities: vec![],
             })
             .unwrap(),
         );

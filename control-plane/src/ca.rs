@@ -9,7 +9,7 @@ use capmesh_api::rest::{
 };
 use capmesh_api::{TrustDomain, glob_match};
 use capmesh_certs::ca::requested_identity;
-use capmesh_certs::{Ca, CertError, SpiffeId, Validity};
+use capmesh_certs::{Ca, CertError, SYSTEM_NAMESPACE, SpiffeId, Validity, VerifiedPeer};
 use ring::rand::SecureRandom;
 
 use anyhow::{Context, bail};
@@ -131,14 +131,17 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// Longest bootstrap token lifetime: a year.
-const MAX_TOKEN_TTL: u64 = 365 * 24 * 3600;
-
 /// Creates a bootstrap token. The secret is shown once, here; only its hash is stored.
-pub async fn create_token(store: &impl Store, req: TokenRequest) -> Result<TokenCreated, ApiError> {
-    if req.ttl_secs == 0 || req.ttl_secs > MAX_TOKEN_TTL {
+/// `max_ttl` is the control plane's `--max-token-ttl`.
+pub async fn create_token(
+    store: &impl Store,
+    req: TokenRequest,
+    max_ttl: Duration,
+) -> Result<TokenCreated, ApiError> {
+    let max = max_ttl.as_secs();
+    if req.ttl_secs == 0 || req.ttl_secs > max {
         return Err(ApiError::bad_request(format!(
-            "ttl_secs {} is out of range: use 1 to {MAX_TOKEN_TTL} seconds",
+            "ttl_secs {} is out of range: use 1 to {max} seconds (the control plane's --max-token-ttl)",
             req.ttl_secs
         )));
     }
@@ -153,6 +156,22 @@ pub async fn create_token(store: &impl Store, req: TokenRequest) -> Result<Token
             req.agent_pattern
         )));
     }
+    // capmesh-system holds the control plane's and the admin's identities: a token for it is
+    // a way to become admin, so it is made only when asked for in so many words.
+    if req.namespace.as_str() == SYSTEM_NAMESPACE && !req.system {
+        return Err(ApiError::forbidden(format!(
+            "a token for namespace {SYSTEM_NAMESPACE} (the control plane's and the admin's identities) needs \"system\": true (`capmesh token create --system`)"
+        )));
+    }
+    if req.uses == Some(0) {
+        return Err(ApiError::bad_request(
+            "uses 0 would make a token that can never be used: give 1 or more, or leave it out",
+        ));
+    }
+    // One exact agent: one certificate, unless more are asked for.
+    let uses = req
+        .uses
+        .or_else(|| (!req.agent_pattern.contains('*')).then_some(1));
     let id = random_hex(6)?;
     let secret = random_hex(24)?;
     let info = TokenInfo {
@@ -161,6 +180,8 @@ pub async fn create_token(store: &impl Store, req: TokenRequest) -> Result<Token
         agent_pattern: req.agent_pattern,
         expires_unix: unix_now() + req.ttl_secs as i64,
         revoked: false,
+        uses,
+        used: 0,
         description: req.description,
     };
     store
@@ -169,7 +190,7 @@ pub async fn create_token(store: &impl Store, req: TokenRequest) -> Result<Token
             secret_sha256: sha256_hex(secret.as_bytes()),
         })
         .await?;
-    tracing::info!(id = %id, namespace = %info.namespace, pattern = %info.agent_pattern, "bootstrap token created");
+    tracing::info!(id = %id, namespace = %info.namespace, pattern = %info.agent_pattern, uses = %info.uses.map_or_else(|| "unlimited".to_owned(), |u| u.to_string()), "bootstrap token created");
     Ok(TokenCreated {
         info,
         token: format!("cmt_{id}_{secret}"),
@@ -210,26 +231,50 @@ async fn check_token(store: &impl Store, token: &str, identity: &SpiffeId) -> Re
             stored.info.namespace, stored.info.agent_pattern
         )));
     }
+    store.use_token(id).await.map_err(|e| match e {
+        StoreError::Exhausted { uses, .. } => denied(&format!(
+            "it has been used {uses} time(s), all it may be: create a new one (`capmesh token create --uses N` for more)"
+        )),
+        other => other.into(),
+    })?;
     Ok(())
 }
 
 /// `POST /v1/certificates`: first certificates against a bootstrap token, renewals against the
-/// caller's current mesh certificate (the identity must stay the same).
+/// caller's current certificate, which the mesh CA must have issued (an entity's certificate is
+/// never laundered into a mesh one) for the same identity. A revoked identity gets neither.
 pub async fn issue(
-    ca: &Ca,
-    store: &impl Store,
-    ttl: Duration,
-    peer: Option<&SpiffeId>,
+    app: &crate::App,
+    peer: Option<&VerifiedPeer>,
     req: &CertificateRequest,
 ) -> Result<CertificateResponse, ApiError> {
     let requested =
         requested_identity(&req.csr_pem).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if requested.trust_domain() != &app.trust_domain {
+        return Err(ApiError::forbidden(format!(
+            "the CSR asks for {requested}, outside the mesh's trust domain {}: the mesh CA issues only its own identities",
+            app.trust_domain
+        )));
+    }
+    if crate::revocations::is_revoked(app, &requested).await? {
+        return Err(ApiError::forbidden(format!(
+            "{requested} is revoked: no certificate is issued for it until the revocation is lifted (`capmesh agent lift`)"
+        )));
+    }
     match (&req.token, peer) {
-        (Some(token), _) => check_token(store, token, &requested).await?,
-        (None, Some(peer)) if *peer == requested => {}
+        (Some(token), _) => check_token(app.store.as_ref(), token, &requested).await?,
+        (None, Some(peer)) if peer.entity.is_some() => {
+            return Err(ApiError::forbidden(format!(
+                "renewal refused: your certificate {} was issued by entity {:?}, not the mesh CA; the mesh renews only its own certificates",
+                peer.identity,
+                peer.entity.as_deref().unwrap_or_default()
+            )));
+        }
+        (None, Some(peer)) if peer.identity == requested => {}
         (None, Some(peer)) => {
             return Err(ApiError::forbidden(format!(
-                "renewal refused: the CSR asks for {requested}, but your certificate is {peer}"
+                "renewal refused: the CSR asks for {requested}, but your certificate is {}",
+                peer.identity
             )));
         }
         (None, None) => {
@@ -238,8 +283,9 @@ pub async fn issue(
             ));
         }
     }
+    let ca = &app.ca;
     let issued = ca
-        .issue(&req.csr_pem, &requested, Validity::for_ttl(ttl))
+        .issue(&req.csr_pem, &requested, Validity::for_ttl(app.cert_ttl))
         .map_err(|e| match e {
             CertError::NotEntitled { .. } | CertError::WrongTrustDomain { .. } => {
                 ApiError::forbidden(e.to_string())
@@ -267,6 +313,7 @@ impl From<StoreError> for ApiError {
                     "{e}: nothing was changed; retry once it is back (proxies keep routing meanwhile)"
                 ))
             }
+            StoreError::Exhausted { .. } => ApiError::forbidden(e.to_string()),
             other => {
                 tracing::error!(error = %other, "store failure");
                 ApiError::internal(other.to_string())

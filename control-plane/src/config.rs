@@ -61,6 +61,25 @@ pub struct Config {
     #[arg(long, env = "CAPMESH_RESTART_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub restart_grace: Duration,
 
+    /// Longest lifetime a bootstrap token may be given (`POST /v1/tokens` refuses longer).
+    #[arg(long, env = "CAPMESH_MAX_TOKEN_TTL", default_value = "168h", value_parser = parse_duration)]
+    pub max_token_ttl: Duration,
+
+    /// Open connections each listener (API, admin, webhook) accepts at once; more are closed
+    /// at accept and counted in capmesh_cp_connections_refused_total{listener}.
+    #[arg(long, env = "CAPMESH_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+
+    /// Time a client has to send a request's headers, and a new connection (or TLS
+    /// handshake) its first request, on every listener; slower clients are disconnected.
+    #[arg(long, env = "CAPMESH_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+
+    /// A connection with no request in flight for this long is closed (HTTP/1 keep-alive and
+    /// HTTP/2 alike; an open topology stream is a request in flight).
+    #[arg(long, env = "CAPMESH_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
+
     /// Lifetime of the workload certificates the CA issues.
     #[arg(long, env = "CAPMESH_CERT_TTL", default_value = "24h", value_parser = parse_duration)]
     pub cert_ttl: Duration,
@@ -110,6 +129,18 @@ pub struct Config {
     /// Log format: `text` or `json`. The level comes from RUST_LOG (default `info`).
     #[arg(long, env = "CAPMESH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+impl Config {
+    /// The limits every listener applies.
+    pub fn limits(&self) -> capmesh_client::listen::Limits {
+        capmesh_client::listen::Limits {
+            max_connections: self.max_connections,
+            header_read_timeout: self.header_read_timeout,
+            idle_timeout: self.idle_timeout,
+            ..Default::default()
+        }
+    }
 }
 
 #[cfg(test)]

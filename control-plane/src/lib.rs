@@ -10,13 +10,16 @@
 
 pub mod ca;
 pub mod config;
+pub mod dashboard;
 pub mod entities;
 pub mod inject;
 pub mod metrics;
 pub mod registry;
 pub mod replicas;
 pub mod rest;
+pub mod revocations;
 pub mod server;
+pub mod spans;
 pub mod store;
 pub mod stream;
 pub mod subscribers;
@@ -32,8 +35,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use capmesh_api::{AgentName, MeshSettings, Namespace, TrustDomain};
 use capmesh_certs::{
-    Ca, Credential, CredentialCell, MeshAcceptor, Renew, RenewPolicy, SpiffeId, TlsMode,
-    TrustStore, Validity, WorkloadKey,
+    Ca, Credential, CredentialCell, MeshAcceptor, Renew, RenewPolicy, SpiffeId, TrustStore,
+    Validity, WorkloadKey,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -58,6 +61,8 @@ pub struct App {
     pub trust_domain: TrustDomain,
     /// Lifetime of issued workload certificates.
     pub cert_ttl: Duration,
+    /// Longest bootstrap token lifetime.
+    pub max_token_ttl: Duration,
     /// How long a dropped stream's endpoints stay.
     pub grace: Duration,
     /// The admin token.
@@ -72,6 +77,8 @@ pub struct App {
     pub writer: replicas::Writer,
     /// The replicas with a current lease (this one alone on SQLite).
     live: std::sync::Mutex<BTreeSet<String>>,
+    /// Sampled spans and traffic reports from the proxies (this replica's streams only).
+    pub observed: spans::Observed,
 }
 
 impl App {
@@ -130,22 +137,32 @@ pub fn control_plane_identity(trust_domain: &TrustDomain) -> anyhow::Result<Spif
     ))
 }
 
+/// The shortest admin token accepted: anything shorter can be guessed.
+const MIN_ADMIN_TOKEN: usize = 16;
+
+/// Reads an admin token file, refusing an empty or short token (an empty token would make an
+/// empty bearer an admin).
+fn read_admin_token(path: &Path, source: &str) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("{source} {}: cannot read it", path.display()))?;
+    let token = token.trim().to_owned();
+    if token.len() < MIN_ADMIN_TOKEN {
+        bail!(
+            "{source} {}: the admin token is {} characters, shorter than {MIN_ADMIN_TOKEN}: put a long random string in it (e.g. `openssl rand -hex 32`), or delete the data dir's file to have one generated",
+            path.display(),
+            token.len()
+        );
+    }
+    Ok(token)
+}
+
 fn admin_token(config: &Config) -> anyhow::Result<String> {
     if let Some(path) = &config.admin_token_file {
-        let token = std::fs::read_to_string(path)
-            .with_context(|| format!("--admin-token-file {}: cannot read it", path.display()))?;
-        let token = token.trim().to_owned();
-        if token.len() < 16 {
-            bail!(
-                "--admin-token-file {}: the token is shorter than 16 characters; use a long random string",
-                path.display()
-            );
-        }
-        return Ok(token);
+        return read_admin_token(path, "--admin-token-file");
     }
     let path = config.data_dir.join("admin-token");
     if path.exists() {
-        return Ok(std::fs::read_to_string(&path)?.trim().to_owned());
+        return read_admin_token(&path, "the data dir's admin token");
     }
     let token = ca::random_hex(32).map_err(|e| anyhow::anyhow!(e.detail))?;
     capmesh_certs::ca::write_file(&path, &format!("{token}\n"), 0o600)?;
@@ -315,6 +332,7 @@ pub async fn run(
         ca.root_pem(),
         &config.trust_domain,
         &store.entities().await?,
+        &store.revocations().await?,
     );
     let trust = Arc::new(TrustStore::new(&trust_config)?);
     let policy = store.policy().await?.unwrap_or_default();
@@ -347,12 +365,10 @@ pub async fn run(
         ttl: config.cert_ttl,
     };
     let cell = Arc::new(CredentialCell::new(serving.issue()?));
-    let acceptor = MeshAcceptor::new(
-        TlsMode::Permissive,
-        cell.clone(),
-        trust.clone(),
-        &[b"h2", b"http/1.1"],
-    )?;
+    // Client certificates are judged per request (a refusal is a 403 naming the rule).
+    let acceptor = MeshAcceptor::deferred(cell.clone(), trust.clone(), &[b"h2", b"http/1.1"])?
+        .with_handshake_timeout(config.header_read_timeout);
+    let limits = config.limits();
 
     let app = Arc::new(App {
         store,
@@ -361,6 +377,7 @@ pub async fn run(
         trust,
         trust_domain: config.trust_domain.clone(),
         cert_ttl: config.cert_ttl,
+        max_token_ttl: config.max_token_ttl,
         grace: config.grace,
         admin_token,
         metrics: Metrics::new(),
@@ -368,6 +385,7 @@ pub async fn run(
         replica: replica.clone(),
         writer: replicas::Writer::default(),
         live: std::sync::Mutex::new(live.into_iter().collect()),
+        observed: spans::Observed::default(),
     });
     app.metrics
         .replica_info
@@ -455,11 +473,19 @@ pub async fn run(
         app.clone(),
         api,
         acceptor,
+        limits,
         stop_rx.clone(),
     ));
     let webhook_task = webhook.map(|(listener, tls)| {
         let inject = Arc::new(config.inject.config(&config.trust_domain));
-        tokio::spawn(webhook::serve(listener, tls, inject, stop_rx.clone()))
+        tokio::spawn(webhook::serve(
+            app.clone(),
+            listener,
+            tls,
+            inject,
+            limits,
+            stop_rx.clone(),
+        ))
     });
     let mut background = vec![tokio::spawn(replicas::write(app.clone(), stop_rx.clone()))];
     if let Some(events) = followed {
@@ -473,7 +499,7 @@ pub async fn run(
             stop_rx.clone(),
         )));
     }
-    let admin_task = tokio::spawn(server::serve_admin(app.clone(), admin, stop_rx));
+    let admin_task = tokio::spawn(server::serve_admin(app.clone(), admin, limits, stop_rx));
     app.ready.store(true, Ordering::Release);
 
     shutdown.await;

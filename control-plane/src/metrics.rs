@@ -33,6 +33,18 @@ pub struct Metrics {
     pub replicas: IntGauge,
     /// This replica's id, as a label of a constant 1.
     pub replica_info: IntGaugeVec,
+    /// Spans the proxies sent that were kept in the window.
+    pub spans_received: IntCounter,
+    /// Spans refused as malformed (each one named in a debug log).
+    pub spans_refused: IntCounter,
+    /// Spans the proxies report they dropped before sending (their queue was full).
+    pub spans_dropped_by_proxies: IntCounter,
+    /// Spans held in the in-memory window.
+    pub spans_held: IntGauge,
+    /// Connections closed at accept because a listener was at its `--max-connections`.
+    pub connections_refused: IntCounterVec,
+    /// Register and health frames refused by a stream's rate limit.
+    pub frames_rate_limited: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -111,7 +123,45 @@ impl Metrics {
             &["replica"],
         ));
         must(registry.register(Box::new(replica_info.clone())));
+        let spans_received = counter(
+            "capmesh_cp_spans_received_total",
+            "Spans received from proxies and kept in the in-memory window",
+        );
+        let spans_refused = counter(
+            "capmesh_cp_spans_refused_total",
+            "Spans refused as malformed",
+        );
+        let spans_dropped_by_proxies = counter(
+            "capmesh_cp_spans_dropped_by_proxies_total",
+            "Spans proxies dropped before sending them (reported in their spans frames)",
+        );
+        let spans_held = gauge(
+            "capmesh_cp_spans_held",
+            "Spans held in the in-memory window (this replica)",
+        );
+        let connections_refused = must(IntCounterVec::new(
+            Opts::new(
+                "capmesh_cp_connections_refused_total",
+                "Connections closed at accept because the listener was at --max-connections",
+            ),
+            &["listener"],
+        ));
+        must(registry.register(Box::new(connections_refused.clone())));
+        let frames_rate_limited = must(IntCounterVec::new(
+            Opts::new(
+                "capmesh_cp_frames_rate_limited_total",
+                "Register and health frames refused by a stream's rate limit",
+            ),
+            &["frame"],
+        ));
+        must(registry.register(Box::new(frames_rate_limited.clone())));
         Self {
+            spans_received,
+            spans_refused,
+            spans_dropped_by_proxies,
+            spans_held,
+            connections_refused,
+            frames_rate_limited,
             registry,
             streams_connected,
             agents,

@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
+use capmesh_api::rest::RefusedCapability;
 use capmesh_api::{
     Capability, Delta, Dependency, DependencyTarget, Endpoint, EndpointId, MeshSettings, Node,
     Policy, Registration, Snapshot, SnapshotVersion, TrustBundle,
@@ -55,6 +56,7 @@ struct Instance {
     since: i64,
     close: Option<oneshot::Sender<String>>,
     endpoint_ids: Vec<(Capability, EndpointId)>,
+    refused: Vec<RefusedCapability>,
 }
 
 #[derive(Debug)]
@@ -72,6 +74,7 @@ struct Inner {
     changed_caps: BTreeSet<Capability>,
     /// Whether something every subscriber sees changed since then.
     changed_for_all: bool,
+    mesh_trust_domain: String,
 }
 
 /// What is persisted of an instance so a restarted control plane can keep serving it until its
@@ -181,9 +184,54 @@ fn covers_all(deps: &[Dependency]) -> bool {
     deps.iter().any(|d| d.capability == DependencyTarget::All)
 }
 
-fn endpoints_of(node: &Node, identity: &str, reg: &Registration, healthy: bool) -> Vec<Endpoint> {
+/// The capabilities of `reg` that `identity` may not provide under `policy`'s `provide` rules
+/// (by default: only identities of the mesh's trust domain `mesh`), with why.
+pub fn refused_capabilities(
+    policy: &Policy,
+    mesh: &str,
+    identity: &str,
+    reg: &Registration,
+) -> Vec<RefusedCapability> {
+    let mut refused: Vec<RefusedCapability> = Vec::new();
+    for tool in &reg.tools {
+        let cap = tool.capability.as_str();
+        if policy.may_provide(identity, cap, mesh)
+            || refused.iter().any(|r| r.capability == tool.capability)
+        {
+            continue;
+        }
+        let named = policy.provide.iter().any(|r| {
+            r.capabilities
+                .iter()
+                .any(|p| capmesh_api::glob_match(p, cap))
+        });
+        let why = if named {
+            format!(
+                "{identity} may not provide capability {cap:?}: the policy's provide rules for it do not list this identity (`capmesh policy get`)"
+            )
+        } else {
+            format!(
+                "{identity} may not provide capability {cap:?}: only identities of the mesh's trust domain {mesh} may, unless a provide rule names it"
+            )
+        };
+        refused.push(RefusedCapability {
+            capability: tool.capability.clone(),
+            error: why,
+        });
+    }
+    refused
+}
+
+fn endpoints_of(
+    node: &Node,
+    identity: &str,
+    reg: &Registration,
+    healthy: bool,
+    refused: &[RefusedCapability],
+) -> Vec<Endpoint> {
     reg.tools
         .iter()
+        .filter(|tool| !refused.iter().any(|r| r.capability == tool.capability))
         .map(|tool| {
             let mut tags = reg.tags.clone();
             for t in &tool.tags {
@@ -301,7 +349,22 @@ impl Inner {
         let Some(inst) = self.instances.get(proxy_id) else {
             return false;
         };
-        let fresh = endpoints_of(&inst.node, &inst.identity, &inst.registration, inst.healthy);
+        let refused = refused_capabilities(
+            &self.policy.1,
+            &self.mesh_trust_domain,
+            &inst.identity,
+            &inst.registration,
+        );
+        let fresh = endpoints_of(
+            &inst.node,
+            &inst.identity,
+            &inst.registration,
+            inst.healthy,
+            &refused,
+        );
+        if let Some(inst) = self.instances.get_mut(proxy_id) {
+            inst.refused = refused;
+        }
         self.publish(proxy_id, fresh)
     }
 
@@ -334,6 +397,7 @@ impl Registry {
         Self {
             replica: replica.into(),
             inner: Mutex::new(Inner {
+                mesh_trust_domain: trust.trust_domain.to_string(),
                 generation: 1,
                 next_epoch: 1,
                 instances: HashMap::new(),
@@ -374,7 +438,9 @@ impl Registry {
 
     /// Registers a proxy's stream. A newer connection of the same proxy id replaces the older
     /// one (whose stream is told to close) and keeps its health, so a reconnect does not flap
-    /// the proxy's endpoints.
+    /// the proxy's endpoints. A proxy id belongs to the identity that registered it while that
+    /// instance lives: a stream from another identity claiming it is refused (the message says
+    /// whose it is), and the owner keeps serving.
     pub fn connect(
         &self,
         node: Node,
@@ -382,8 +448,16 @@ impl Registry {
         entity: Option<String>,
         cert_not_after: Option<i64>,
         registration: Registration,
-    ) -> Lease {
+    ) -> Result<Lease, String> {
         let mut inner = self.lock();
+        if let Some(owner) = inner.instances.get(&node.proxy_id)
+            && owner.identity != identity
+        {
+            return Err(format!(
+                "proxy id {:?} belongs to {}, which registered it and is still live: each proxy needs its own id (leave --proxy-id unset to get a random one)",
+                node.proxy_id, owner.identity
+            ));
+        }
         let epoch = inner.next_epoch;
         inner.next_epoch += 1;
         let (close_tx, closed) = oneshot::channel();
@@ -425,17 +499,27 @@ impl Registry {
                 since: crate::ca::unix_now(),
                 close: Some(close_tx),
                 endpoint_ids,
+                refused: Vec::new(),
             },
         );
         inner.republish(&proxy_id);
         inner.bump();
         self.notify(&mut inner);
-        Lease {
+        Ok(Lease {
             proxy_id,
             epoch,
             started_ms,
             closed,
-        }
+        })
+    }
+
+    /// The capabilities of an instance's registration that were refused, with why.
+    pub fn refused(&self, proxy_id: &str) -> Vec<RefusedCapability> {
+        self.lock()
+            .instances
+            .get(proxy_id)
+            .map(|i| i.refused.clone())
+            .unwrap_or_default()
     }
 
     fn with_instance(&self, lease_id: &str, epoch: u64, f: impl FnOnce(&mut Instance) -> bool) {
@@ -540,8 +624,9 @@ impl Registry {
         self.notify(&mut inner);
     }
 
-    /// Replaces the authorization policy pushed to every proxy. An unchanged policy is not
-    /// pushed again.
+    /// Replaces the authorization policy pushed to every proxy, and applies its `provide`
+    /// rules to every registration at once (a capability refused now is withdrawn; one
+    /// allowed now is published).
     pub fn set_policy(&self, policy: Policy) {
         let mut inner = self.lock();
         if inner.policy.1 == policy {
@@ -549,6 +634,10 @@ impl Registry {
         }
         let generation = inner.bump();
         inner.policy = (generation, policy);
+        let ids: Vec<String> = inner.instances.keys().cloned().collect();
+        for id in ids {
+            inner.republish(&id);
+        }
         inner.changed_for_all = true;
         self.notify(&mut inner);
     }

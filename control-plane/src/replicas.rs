@@ -8,8 +8,8 @@
 //!   write). A row is claimed only if no newer stream holds it; a lost claim closes our stream.
 //!   Writes that fail (store down) stay dirty and are retried when it answers again.
 //! - [`follow`] (PostgreSQL): the other replicas' changes, pushed by LISTEN/NOTIFY, applied to the
-//!   registry (their instances are served here as "remote"), the policy, the mesh settings and
-//!   the trust bundle.
+//!   registry (their instances are served here as "remote"), the policy (with its `provide`
+//!   rules), the mesh settings, and the trust (entities, revocations).
 //!   After every (re)connection everything is reloaded, because notifications sent meanwhile
 //!   are lost.
 //! - [`heartbeat`] (PostgreSQL): each replica renews a lease every [`HEARTBEAT`]; the instances
@@ -263,8 +263,8 @@ pub async fn reload_settings(app: &App) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Reloads the entities: trust bundle applied here and pushed; streams of revoked entities
-/// closed.
+/// Reloads the entities and revocations: trust applied here (streams of revoked peers are
+/// closed) and pushed.
 pub async fn reload_entities(app: &App) -> Result<(), crate::rest::ApiError> {
     crate::entities::apply_trust(app).await?;
     Ok(())
@@ -333,7 +333,8 @@ pub async fn follow(
                 }
                 Followed::Change(Change::Policy) => policy = true,
                 Followed::Change(Change::Settings) => settings = true,
-                Followed::Change(Change::Entities) => entities = true,
+                // Both feed the trust in force: reloaded together.
+                Followed::Change(Change::Entities | Change::Revocations) => entities = true,
                 Followed::Change(Change::Instance(id)) => {
                     ids.insert(id);
                 }

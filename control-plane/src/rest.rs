@@ -6,9 +6,11 @@ use std::convert::Infallible;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use capmesh_api::rest::{CertificateRequest, EntityRequest, ErrorBody, TokenRequest};
+use capmesh_api::rest::{
+    CertificateRequest, EntityRequest, ErrorBody, RevocationRequest, TokenRequest,
+};
 use capmesh_api::{Dependency, DependencyTarget, MeshSettings, Policy, Selector};
-use capmesh_certs::SpiffeId;
+use capmesh_certs::VerifiedPeer;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full, Limited};
@@ -87,8 +89,8 @@ pub fn json<T: Serialize>(status: StatusCode, value: &T) -> Response<Body> {
 /// Who is calling, as proven by TLS and the `Authorization` header.
 #[derive(Debug, Clone)]
 pub struct Caller {
-    /// The client certificate's identity, if one was presented.
-    pub peer: Option<SpiffeId>,
+    /// The client certificate's identity and issuer, if one was presented and is trusted now.
+    pub peer: Option<VerifiedPeer>,
     /// Whether the caller holds the admin token or an admin certificate.
     pub admin: bool,
 }
@@ -186,6 +188,38 @@ async fn route(
                 })?;
             ok(&agent)
         }
+        (&Method::GET, ["v1", "traces"]) => {
+            caller.read()?;
+            let last = match query_param(query.as_deref(), "last") {
+                None => 20,
+                Some(n) => n
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "last={n:?}: give a number of traces from 1 to 1000"
+                        ))
+                    })?,
+            };
+            ok(&app.observed.recent(last))
+        }
+        (&Method::GET, ["v1", "traces", trace_id]) => {
+            caller.read()?;
+            let id = trace_id.to_ascii_lowercase();
+            if !capmesh_api::trace::is_hex_id(&id, 32) {
+                return Err(ApiError::bad_request(format!(
+                    "{trace_id:?} is not a trace id: give the 32 hex digits `capmesh call --trace` or `capmesh trace --last` printed"
+                )));
+            }
+            let trace = app.observed.trace(&id).ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "no span of trace {id} is held: it was not sampled, its spans have not arrived yet (they are sent once a second), or it left the window of the last {} traces (this replica's only)",
+                    crate::spans::MAX_TRACES
+                ))
+            })?;
+            ok(&trace)
+        }
         (&Method::GET, ["v1", "capabilities"]) => {
             caller.read()?;
             ok(&app.registry.capabilities())
@@ -219,14 +253,7 @@ async fn route(
         }
         (&Method::POST, ["v1", "certificates"]) => {
             let body: CertificateRequest = read_json(req.into_body()).await?;
-            let resp = crate::ca::issue(
-                &app.ca,
-                app.store.as_ref(),
-                app.cert_ttl,
-                caller.peer.as_ref(),
-                &body,
-            )
-            .await?;
+            let resp = crate::ca::issue(app, caller.peer.as_ref(), &body).await?;
             app.metrics.certificates_issued.inc();
             ok(&resp)
         }
@@ -258,7 +285,8 @@ async fn route(
         (&Method::POST, ["v1", "tokens"]) => {
             caller.write()?;
             let body: TokenRequest = read_json(req.into_body()).await?;
-            let created = crate::ca::create_token(app.store.as_ref(), body).await?;
+            let created =
+                crate::ca::create_token(app.store.as_ref(), body, app.max_token_ttl).await?;
             Ok(json(StatusCode::CREATED, &created))
         }
         (&Method::DELETE, ["v1", "tokens", id]) => {
@@ -266,6 +294,20 @@ async fn route(
             let info = app.store.revoke_token(id).await?;
             tracing::info!(id = %id, "bootstrap token revoked");
             ok(&info)
+        }
+        (&Method::GET, ["v1", "revocations"]) => {
+            caller.read()?;
+            ok(&app.store.revocations().await?)
+        }
+        (&Method::POST, ["v1", "revocations"]) => {
+            caller.write()?;
+            let body: RevocationRequest = read_json(req.into_body()).await?;
+            let revocation = crate::revocations::revoke(app, body).await?;
+            Ok(json(StatusCode::CREATED, &revocation))
+        }
+        (&Method::DELETE, ["v1", "revocations", id]) => {
+            caller.write()?;
+            ok(&crate::revocations::lift(app, id).await?)
         }
         (&Method::GET, ["v1", "policies"]) => {
             caller.read()?;
@@ -279,7 +321,11 @@ async fn route(
                 .map_err(|e| ApiError::bad_request(e.to_string()))?;
             app.store.set_policy(&policy).await?;
             app.registry.set_policy(policy.clone());
-            tracing::info!(rules = policy.rules.len(), "policy replaced");
+            tracing::info!(
+                rules = policy.rules.len(),
+                provide = policy.provide.len(),
+                "policy replaced"
+            );
             ok(&policy)
         }
         (&Method::GET, ["v1", "settings"]) => {
@@ -301,7 +347,7 @@ async fn route(
             [
                 "v1",
                 "agents" | "capabilities" | "topology" | "certificates" | "entities" | "tokens"
-                | "policies" | "settings",
+                | "policies" | "revocations" | "settings",
                 ..,
             ],
         ) => Err(ApiError::method_not_allowed(format!(

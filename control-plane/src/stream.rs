@@ -7,13 +7,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use capmesh_api::rest::RefusedCapability;
 use capmesh_api::{ControlFrame, ProxyFrame, SnapshotVersion, encode_frame};
-use capmesh_certs::VerifiedPeer;
+use capmesh_certs::{PeerRole, VerifiedPeer};
 use capmesh_client::body::channel;
 use capmesh_client::frames::{FrameReader, ReadError};
 use http::{Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
+use rustls::pki_types::CertificateDer;
 use tokio::sync::mpsc;
 
 use crate::App;
@@ -26,6 +28,54 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest proxy id: it is a key in the store and travels in change notifications (PostgreSQL
 /// caps those at 8,000 bytes).
 const MAX_PROXY_ID: usize = 256;
+
+/// Register and health frames a stream may send in a burst, and per second after it. A proxy
+/// sends them when its agent's tools or health change, far below this; more is a broken or
+/// hostile proxy making the control plane republish in a loop.
+const FRAME_BURST: f64 = 20.0;
+const FRAMES_PER_SEC: f64 = 5.0;
+
+/// A token bucket for one stream's register and health frames.
+#[derive(Debug)]
+struct FrameBudget {
+    tokens: f64,
+    at: Instant,
+}
+
+impl FrameBudget {
+    fn new() -> Self {
+        Self {
+            tokens: FRAME_BURST,
+            at: Instant::now(),
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.at).as_secs_f64() * FRAMES_PER_SEC)
+            .min(FRAME_BURST);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+fn provide_nack(of: &str, refused: Vec<RefusedCapability>) -> ControlFrame {
+    let names: Vec<&str> = refused.iter().map(|r| r.capability.as_str()).collect();
+    ControlFrame::Nack {
+        of: of.to_owned(),
+        code: "not_allowed_to_provide".into(),
+        message: format!(
+            "not published: {} (the policy's provide rules; `capmesh status` lists them); the rest of the registration is",
+            names.join(", ")
+        ),
+        refused,
+    }
+}
 
 fn frame_response(status: StatusCode, code: &str, message: String) -> Response<Body> {
     let frame = ControlFrame::Error {
@@ -53,6 +103,7 @@ fn read_error_code(e: &ReadError) -> &'static str {
 pub async fn handle(
     app: Arc<App>,
     peer: Option<VerifiedPeer>,
+    chain: Vec<CertificateDer<'static>>,
     cert_not_after: Option<i64>,
     body: Incoming,
 ) -> Response<Body> {
@@ -134,16 +185,24 @@ pub async fn handle(
             .map_or_else(|| "none".to_owned(), |v| v.to_string()),
         "stream opened"
     );
-    let lease = app.registry.connect(
+    let lease = match app.registry.connect(
         hello.node.clone(),
         peer.identity.to_string(),
         peer.entity.clone(),
         cert_not_after,
         hello.registration,
-    );
+    ) {
+        Ok(lease) => lease,
+        Err(why) => {
+            tracing::warn!(proxy_id = %hello.node.proxy_id, identity = %peer.identity, "stream refused: the proxy id belongs to another identity");
+            app.metrics.refuse("proxy_id_taken");
+            return frame_response(StatusCode::FORBIDDEN, "proxy_id_taken", why);
+        }
+    };
     app.persist(&lease.proxy_id);
     let (tx, body) = channel(64);
-    tokio::spawn(run(app, lease, reader, tx));
+    let agent = hello.node.agent.to_string();
+    tokio::spawn(run(app, lease, agent, chain, reader, tx));
     let mut resp = Response::new(body.boxed());
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -160,6 +219,8 @@ async fn send(tx: &mpsc::Sender<Bytes>, frame: &ControlFrame) -> bool {
 async fn run(
     app: Arc<App>,
     lease: Lease,
+    agent: String,
+    chain: Vec<CertificateDer<'static>>,
     mut reader: FrameReader<ProxyFrame>,
     tx: mpsc::Sender<Bytes>,
 ) {
@@ -169,6 +230,11 @@ async fn run(
         started_ms,
         mut closed,
     } = lease;
+    // Ends the stream when its certificate is revoked (identity, serial, entity) or expires.
+    let trust = app.trust.clone();
+    let untrusted = trust.until_refused(&chain, PeerRole::Client);
+    tokio::pin!(untrusted);
+    let mut budget = FrameBudget::new();
     app.metrics.streams_connected.inc();
     // Subscribed before the snapshot is taken, so no change falls in between.
     let deps = app.registry.dependencies(&proxy_id);
@@ -180,8 +246,23 @@ async fn run(
     if send(&tx, &ControlFrame::Snapshot(snapshot)).await {
         app.metrics.snapshots_sent.inc();
         in_flight.push_back((view.version, Instant::now()));
+        let refused = app.registry.refused(&proxy_id);
+        if !refused.is_empty() {
+            app.metrics.refuse("not_allowed_to_provide");
+            send(&tx, &provide_nack("hello", refused)).await;
+        }
         loop {
             tokio::select! {
+                refusal = &mut untrusted => {
+                    tracing::info!(proxy_id = %proxy_id, reason = %refusal, "closing stream: its certificate is no longer trusted");
+                    app.metrics.refuse(refusal.reason());
+                    send(&tx, &ControlFrame::Error {
+                        code: refusal.reason().into(),
+                        message: format!("your certificate is no longer trusted: {refusal}"),
+                    }).await;
+                    graceful = true;
+                    break;
+                }
                 reason = &mut closed => {
                     let message = reason.unwrap_or_else(|_| "closed by the control plane".into());
                     tracing::info!(proxy_id = %proxy_id, reason = %message, "closing stream");
@@ -249,6 +330,17 @@ async fn run(
                                 in_flight.push_back((view.version, Instant::now()));
                             }
                         }
+                        ProxyFrame::Health { .. } | ProxyFrame::Register(_) if !budget.take() => {
+                            let of = if matches!(frame, ProxyFrame::Health { .. }) { "health" } else { "register" };
+                            app.metrics.frames_rate_limited.with_label_values(&[of]).inc();
+                            tracing::debug!(proxy_id = %proxy_id, frame = of, "frame over the rate limit: refused");
+                            send(&tx, &ControlFrame::Nack {
+                                of: of.into(),
+                                code: "rate_limited".into(),
+                                message: format!("more than {FRAMES_PER_SEC} register/health frames a second (bursts of {FRAME_BURST}): this one was not applied; send it again later"),
+                                refused: vec![],
+                            }).await;
+                        }
                         ProxyFrame::Health { healthy, detail } => {
                             tracing::debug!(proxy_id = %proxy_id, healthy, detail = ?detail, "health");
                             app.registry.set_health(&proxy_id, epoch, healthy, detail);
@@ -261,6 +353,17 @@ async fn run(
                             // New dependencies may mean new endpoints for this proxy itself.
                             subscription.set_dependencies(&app.registry.dependencies(&proxy_id));
                             subscription.poke();
+                            let refused = app.registry.refused(&proxy_id);
+                            if !refused.is_empty() {
+                                app.metrics.refuse("not_allowed_to_provide");
+                                send(&tx, &provide_nack("register", refused)).await;
+                            }
+                        }
+                        ProxyFrame::Spans { spans, dropped } => {
+                            app.observed.accept(&app.metrics, &agent, &proxy_id, spans, dropped);
+                        }
+                        ProxyFrame::Traffic(traffic) => {
+                            app.observed.traffic(&agent, &proxy_id, traffic);
                         }
                         ProxyFrame::Goodbye => {
                             tracing::info!(proxy_id = %proxy_id, "goodbye: withdrawing now");

@@ -7,18 +7,15 @@
 //! MutatingWebhookConfiguration), separate from the mesh API and its mesh certificates. It
 //! mutates pods only; any other request is allowed unchanged.
 
-use std::convert::Infallible;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use anyhow::Context;
 use base64::Engine;
+use capmesh_client::listen::Limits;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls::ServerConfig;
 use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;
@@ -153,51 +150,41 @@ fn certified_key(
     Ok(Arc::new(certified))
 }
 
-/// Serves `POST /inject` over TLS until `shutdown` flips to true.
+/// Serves `POST /inject` over TLS until `shutdown` flips to true, with the same limits as the
+/// other listeners.
 pub async fn serve(
+    app: Arc<crate::App>,
     listener: TcpListener,
     tls: Arc<ServerConfig>,
     config: Arc<InjectConfig>,
-    mut shutdown: watch::Receiver<bool>,
+    limits: Limits,
+    shutdown: watch::Receiver<bool>,
 ) {
     let acceptor = TlsAcceptor::from(tls);
-    loop {
-        let tcp = tokio::select! {
-            _ = shutdown.changed() => return,
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
-                Err(e) => {
-                    tracing::warn!(error = %e, "webhook accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-        };
+    crate::server::accept_loop(app, "webhook", listener, limits, shutdown, move |tcp| {
         let (acceptor, config) = (acceptor.clone(), config.clone());
-        tokio::spawn(async move {
-            let stream =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(e)) => {
-                        tracing::debug!(error = %e, "webhook TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => return,
-                };
-            let svc = service_fn(move |req| {
+        async move {
+            let stream = match tokio::time::timeout(
+                limits.header_read_timeout,
+                acceptor.accept(tcp),
+            )
+            .await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => {
+                    tracing::debug!(error = %e, "webhook TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            capmesh_client::listen::serve(stream, limits, move |req| {
                 let config = config.clone();
-                async move { Ok::<_, Infallible>(handle(req, &config).await) }
-            });
-            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            builder
-                .http1()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(10));
-            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
-                tracing::debug!(error = %e, "webhook connection ended with an error");
-            }
-        });
-    }
+                async move { handle(req, &config).await }
+            })
+            .await;
+        }
+    })
+    .await;
 }
 
 async fn handle(req: Request<Incoming>, config: &InjectConfig) -> Response<Body> {
@@ -381,6 +368,7 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use capmesh_api::TrustDomain;
+    use std::time::Duration;
 
     fn config() -> InjectConfig {
         InjectConfig::new(TrustDomain::new("capmesh.local").unwrap())

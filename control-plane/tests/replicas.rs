@@ -13,7 +13,7 @@ use capmesh_api::{Capability, Namespace, Policy, ProxyFrame, Registration, Snaps
 use capmesh_certs::{Ca, Credential, Validity, WorkloadKey};
 use capmesh_client::ClientError;
 use capmesh_tests::postgres::Postgres;
-use capmesh_tests::{ControlPlane, SharedSecrets, TestProxy, spiffe};
+use capmesh_tests::{ControlPlane, SharedSecrets, TestProxy};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -186,7 +186,8 @@ async fn a_change_made_through_either_replica_reaches_streams_on_the_other() {
     let policy: Policy = serde_json::from_value(serde_json::json!({
         "default": "deny",
         "rules": [{"from": ["spiffe://capmesh.local/ns/default/agent/planner"],
-                   "capabilities": ["weather"], "action": "allow"}]
+                   "capabilities": ["weather"], "action": "allow"}],
+        "provide": [{"capabilities": ["quotes"], "from": ["spiffe://acme.example/*"]}]
     }))
     .unwrap();
     let token = b.admin_token().unwrap();
@@ -238,7 +239,7 @@ async fn a_change_made_through_either_replica_reaches_streams_on_the_other() {
 
     // An entity registered through B is trusted by A; its agent connects to A; revoked through
     // B, its stream on A is closed and every proxy is told.
-    let acme = Ca::generate("capmesh.local".parse().unwrap(), false).unwrap();
+    let acme = Ca::generate("acme.example".parse().unwrap(), false).unwrap();
     let _: Entity = b
         .rest()
         .unwrap()
@@ -246,6 +247,7 @@ async fn a_change_made_through_either_replica_reaches_streams_on_the_other() {
             "/v1/entities",
             &EntityRequest {
                 name: "acme".into(),
+                trust_domain: "acme.example".parse().unwrap(),
                 ca_pem: acme.root_pem().into(),
             },
             Some(&token),
@@ -258,7 +260,9 @@ async fn a_change_made_through_either_replica_reaches_streams_on_the_other() {
         })
         .await
         .unwrap();
-    let who = spiffe("default", "partner").unwrap();
+    let who: capmesh_certs::SpiffeId = "spiffe://acme.example/ns/default/agent/partner"
+        .parse()
+        .unwrap();
     let key = WorkloadKey::generate().unwrap();
     let issued = acme
         .issue(
@@ -283,6 +287,24 @@ async fn a_change_made_through_either_replica_reaches_streams_on_the_other() {
         .until(WAIT, "partner's snapshot", |_| true)
         .await
         .unwrap();
+    // B serves the partner's capability (its provide rule allows it) from A's stream.
+    let quotes_on_b = || async {
+        b.rest()
+            .unwrap()
+            .get::<Vec<capmesh_api::rest::CapabilityInfo>>("/v1/capabilities", Some(&token))
+            .await
+            .unwrap()
+            .iter()
+            .any(|c| c.capability.as_str() == "quotes")
+    };
+    let deadline = Instant::now() + WAIT;
+    while !quotes_on_b().await {
+        assert!(
+            Instant::now() < deadline,
+            "B never served the partner's capability"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let _: Entity = b
         .rest()
         .unwrap()
@@ -293,7 +315,8 @@ async fn a_change_made_through_either_replica_reaches_streams_on_the_other() {
     assert!(
         errors
             .iter()
-            .any(|(code, msg)| code == "closed" && msg.contains("acme")),
+            .any(|(code, msg)| (code == "closed" || code == "revoked_entity")
+                && msg.contains("acme")),
         "the partner's stream on A was closed and told why: {errors:?}"
     );
     planner
@@ -302,6 +325,14 @@ async fn a_change_made_through_either_replica_reaches_streams_on_the_other() {
         })
         .await
         .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while quotes_on_b().await {
+        assert!(
+            Instant::now() < deadline,
+            "B still serves the revoked partner's capability"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     // The provider's proxy reconnects to A while B still holds its old stream: the newer stream
     // wins, B closes the old one, and the instance is listed once, as A's.
@@ -331,11 +362,30 @@ async fn a_change_made_through_either_replica_reaches_streams_on_the_other() {
         ["weather-1"]
     );
 
-    // The moved proxy vanishes without goodbye: withdrawn everywhere after the grace period.
-    drop(_moved);
+    // The identity is revoked through B: its stream on A is closed, every proxy is told, and
+    // its instance is withdrawn everywhere.
+    let mut moved = _moved;
+    let _: capmesh_api::rest::Revocation = b
+        .rest()
+        .unwrap()
+        .post(
+            "/v1/revocations",
+            &serde_json::json!({"identity": "default/weather", "reason": "test"}),
+            Some(&token),
+        )
+        .await
+        .unwrap();
+    assert!(
+        moved.until_end(WAIT).await.is_ok(),
+        "the revoked stream on A was closed"
+    );
     planner
-        .until(WAIT, "withdrawn after the grace period", |s| {
-            instances_of(s, "weather").is_empty()
+        .until(WAIT, "the workload revocation", |s| {
+            s.trust
+                .revoked_identities
+                .iter()
+                .any(|i| i.ends_with("/ns/default/agent/weather"))
+                && instances_of(s, "weather").is_empty()
         })
         .await
         .unwrap();
@@ -479,6 +529,8 @@ async fn while_postgres_is_down_changes_are_refused_and_streams_go_on() {
                 namespace: Namespace::new("default").unwrap(),
                 agent_pattern: "x".into(),
                 ttl_secs: 60,
+                uses: None,
+                system: false,
                 description: None,
             },
             Some(&token),

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use capmesh_api::rest::{Entity, TokenInfo};
+use capmesh_api::rest::{Entity, Revocation, TokenInfo};
 use capmesh_api::{MeshSettings, Namespace, Policy};
 use capmesh_control_plane::store::follow::Followed;
 use capmesh_control_plane::store::{
@@ -68,6 +68,7 @@ fn entity(name: &str, created: i64) -> Entity {
         fingerprint_sha256: format!("fp-{name}"),
         created_unix: created,
         revoked_unix: None,
+        trust_domain: Some(format!("{name}.example").parse().unwrap()),
     }
 }
 
@@ -79,6 +80,8 @@ fn token(id: &str) -> StoredToken {
             agent_pattern: "weather-*".into(),
             expires_unix: 2_000_000_000,
             revoked: false,
+            uses: Some(2),
+            used: 0,
             description: Some(format!("token {id}")),
         },
         secret_sha256: format!("sha-{id}"),
@@ -139,6 +142,11 @@ async fn conformance(subject: Subject) {
         .collect();
     assert_eq!(names, ["a-partner", "b-partner"]);
     assert_eq!(
+        s.entities().await.unwrap()[0].trust_domain,
+        Some("a-partner.example".parse().unwrap()),
+        "an entity keeps its trust domain"
+    );
+    assert_eq!(
         s.revoke_entity("a-partner", 100)
             .await
             .unwrap()
@@ -183,6 +191,54 @@ async fn conformance(subject: Subject) {
     assert!(matches!(
         s.insert_token(&token("t2")).await.unwrap_err(),
         StoreError::Conflict { .. }
+    ));
+    // Uses are counted one at a time and stop at the limit.
+    assert_eq!(s.use_token("t2").await.unwrap().used, 1);
+    assert_eq!(s.use_token("t2").await.unwrap().used, 2);
+    let spent = s.use_token("t2").await.unwrap_err();
+    assert!(
+        matches!(spent, StoreError::Exhausted { uses: 2, .. }),
+        "{spent}"
+    );
+    assert_eq!(s.token("t2").await.unwrap().unwrap().info.used, 2);
+    assert!(matches!(
+        s.use_token("nope").await.unwrap_err(),
+        StoreError::NotFound { .. }
+    ));
+
+    // Revocations: one per identity or serial, lifted by id.
+    let weather = Revocation {
+        id: "r1".into(),
+        identity: Some("spiffe://capmesh.local/ns/default/agent/weather".into()),
+        serial: None,
+        reason: Some("leaked key".into()),
+        created_unix: 10,
+    };
+    let serial = Revocation {
+        id: "r2".into(),
+        identity: None,
+        serial: Some("0a1b".into()),
+        reason: None,
+        created_unix: 20,
+    };
+    s.insert_revocation(&weather).await.unwrap();
+    s.insert_revocation(&serial).await.unwrap();
+    let again = s
+        .insert_revocation(&Revocation {
+            id: "r3".into(),
+            ..weather.clone()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(again, StoreError::Conflict { .. }), "{again}");
+    assert_eq!(
+        s.revocations().await.unwrap(),
+        vec![weather.clone(), serial.clone()]
+    );
+    assert_eq!(s.remove_revocation("r2").await.unwrap(), serial);
+    assert!(matches!(
+        s.remove_revocation("r2").await.unwrap_err(),
+        StoreError::NotFound { .. }
     ));
 
     // The policy: none, then replaced whole.
@@ -300,6 +356,8 @@ async fn conformance(subject: Subject) {
     assert_eq!(s.ca().await.unwrap(), Some(ca));
     assert_eq!(s.entities().await.unwrap().len(), 2);
     assert_eq!(s.tokens().await.unwrap().len(), 2);
+    assert_eq!(s.token("t2").await.unwrap().unwrap().info.used, 2);
+    assert_eq!(s.revocations().await.unwrap(), vec![weather]);
     assert_eq!(s.policy().await.unwrap(), Some(policy));
     assert_eq!(
         s.session_key_or_insert(&[3; 32]).await.unwrap(),
@@ -417,6 +475,15 @@ async fn postgres_tells_the_other_replicas_and_only_them() {
     r2.set_settings(&MeshSettings::default()).await.unwrap();
     r2.insert_entity(&entity("partner", 1)).await.unwrap();
     r2.revoke_entity("partner", 2).await.unwrap();
+    r2.insert_revocation(&Revocation {
+        id: "rv".into(),
+        identity: Some("spiffe://capmesh.local/ns/default/agent/x".into()),
+        serial: None,
+        reason: None,
+        created_unix: 1,
+    })
+    .await
+    .unwrap();
     r2.write_instances(&[
         InstanceWrite::Claim(instance("proxy with spaces", "r2", 5)),
         InstanceWrite::Remove {
@@ -442,6 +509,10 @@ async fn postgres_tells_the_other_replicas_and_only_them() {
     assert_eq!(
         next_change(&mut heard_by_r1).await,
         Followed::Change(Change::Entities)
+    );
+    assert_eq!(
+        next_change(&mut heard_by_r1).await,
+        Followed::Change(Change::Revocations)
     );
     assert_eq!(
         next_change(&mut heard_by_r1).await,

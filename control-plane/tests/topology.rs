@@ -274,13 +274,15 @@ async fn revoking_an_entity_closes_its_streams_and_tells_everyone() {
     let token = cp.admin_token().unwrap();
     let rest = cp.rest().unwrap();
 
-    // An outside organisation's CA, registered as an entity.
-    let acme = Ca::generate("capmesh.local".parse().unwrap(), false).unwrap();
+    // An outside organisation's trust domain and CA, registered as an entity, and allowed by
+    // a provide rule to offer "quotes".
+    let acme = Ca::generate("acme.example".parse().unwrap(), false).unwrap();
     let entity: Entity = rest
         .post(
             "/v1/entities",
             &EntityRequest {
                 name: "acme".into(),
+                trust_domain: "acme.example".parse().unwrap(),
                 ca_pem: acme.root_pem().into(),
             },
             Some(&token),
@@ -288,6 +290,14 @@ async fn revoking_an_entity_closes_its_streams_and_tells_everyone() {
         .await
         .unwrap();
     assert_eq!(entity.name, "acme");
+    let policy: Policy = serde_json::from_value(serde_json::json!({
+        "provide": [{"capabilities": ["quotes"], "from": ["spiffe://acme.example/*"]}]
+    }))
+    .unwrap();
+    let _: Policy = rest
+        .put("/v1/policies", &policy, Some(&token))
+        .await
+        .unwrap();
 
     let watcher_client = cp
         .stream_client(cp.credential("default", "planner").await.unwrap())
@@ -309,7 +319,9 @@ async fn revoking_an_entity_closes_its_streams_and_tells_everyone() {
         .unwrap();
 
     // A partner agent whose certificate comes from acme's CA joins the mesh.
-    let who = spiffe("default", "partner").unwrap();
+    let who: capmesh_certs::SpiffeId = "spiffe://acme.example/ns/default/agent/partner"
+        .parse()
+        .unwrap();
     let key = WorkloadKey::generate().unwrap();
     let issued = acme
         .issue(
@@ -350,9 +362,10 @@ async fn revoking_an_entity_closes_its_streams_and_tells_everyone() {
 
     let errors = partner.until_end(WAIT).await.unwrap();
     assert!(
-        errors
-            .iter()
-            .any(|(code, msg)| code == "closed" && msg.contains("acme")),
+        errors.iter().any(
+            |(code, msg)| ["closed", "revoked_entity"].contains(&code.as_str())
+                && msg.contains("acme")
+        ),
         "partner told why: {errors:?}"
     );
     watcher
@@ -476,6 +489,7 @@ async fn rest_errors_are_json_with_the_right_status() {
             "/v1/entities",
             &EntityRequest {
                 name: "Bad Name".into(),
+                trust_domain: "bad.example".parse().unwrap(),
                 ca_pem: "x".into(),
             },
             Some(&token),
@@ -515,7 +529,7 @@ async fn rest_errors_are_json_with_the_right_status() {
 async fn restart_keeps_ca_entities_tokens_and_policies() {
     let mut cp = control_plane().await;
     let token = cp.admin_token().unwrap();
-    let acme = Ca::generate("capmesh.local".parse().unwrap(), false).unwrap();
+    let acme = Ca::generate("acme.example".parse().unwrap(), false).unwrap();
     let _: Entity = cp
         .rest()
         .unwrap()
@@ -523,6 +537,7 @@ async fn restart_keeps_ca_entities_tokens_and_policies() {
             "/v1/entities",
             &EntityRequest {
                 name: "acme".into(),
+                trust_domain: "acme.example".parse().unwrap(),
                 ca_pem: acme.root_pem().into(),
             },
             Some(&token),

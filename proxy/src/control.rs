@@ -98,8 +98,27 @@ pub async fn run(
         let h = *healthy.borrow_and_update();
         let _ = tx.send(&health_frame(h, &readiness)).await;
         let mut stopping = false;
+        // Sampled spans go up once a second and a traffic report every five: a bounded number
+        // of frames whatever the call rate (spans beyond a frame's worth wait, then drop).
+        let mut spans_due = tokio::time::interval(crate::trace::SPANS_EVERY);
+        let mut traffic_due = tokio::time::interval(crate::trace::TRAFFIC_EVERY);
         loop {
             tokio::select! {
+                _ = spans_due.tick() => {
+                    if let Some((frame, n)) = proxy.tracer.spans_frame() {
+                        if tx.send(&frame).await.is_err() {
+                            proxy.tracer.lost_to_stream(n);
+                            break;
+                        }
+                        proxy.tracer.sent_to_control_plane(n);
+                    }
+                }
+                _ = traffic_due.tick() => {
+                    let frame = proxy.tracer.traffic_frame(&proxy.metrics, &proxy.routing.load());
+                    if let Some(frame) = frame && tx.send(&frame).await.is_err() {
+                        break;
+                    }
+                }
                 _ = stop.changed() => { stopping = true; break; }
                 changed = registration.changed() => {
                     if changed.is_err() { continue; }
@@ -122,6 +141,10 @@ pub async fn run(
                     Some(Err(e)) => { tracing::warn!(error = %e, "topology stream failed; reconnecting"); break; }
                     Some(Ok(ControlFrame::Error { code, message })) => {
                         tracing::warn!(code = %code, message = %message, "the control plane sent an error");
+                    }
+                    Some(Ok(ControlFrame::Nack { of, code, message, refused })) => {
+                        let capabilities: Vec<&str> = refused.iter().map(|r| r.capability.as_str()).collect();
+                        tracing::warn!(frame = %of, code = %code, message = %message, refused = %capabilities.join(", "), "the control plane refused part of what this proxy sent");
                     }
                     Some(Ok(frame)) => {
                         let reply = match proxy.apply(frame) {
@@ -174,6 +197,6 @@ pub fn frame_version(frame: &ControlFrame) -> SnapshotVersion {
     match frame {
         ControlFrame::Snapshot(s) => s.version,
         ControlFrame::Delta(d) => d.version,
-        ControlFrame::Error { .. } => SnapshotVersion(0),
+        ControlFrame::Error { .. } | ControlFrame::Nack { .. } => SnapshotVersion(0),
     }
 }

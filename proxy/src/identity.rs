@@ -97,26 +97,28 @@ pub async fn obtain(config: &Config, readiness: &Readiness) -> anyhow::Result<Id
         .or(config.control_plane_ca.as_ref())
         .context("--control-plane-ca is required: pass the control plane's <data-dir>/ca.pem")?;
     let ca_pem = read(ca_path, "--control-plane-ca")?;
-    let trust = Arc::new(TrustStore::new(&TrustConfig {
-        trust_domain: config.trust_domain.clone(),
-        mesh_ca_pem: ca_pem,
-        entities: vec![],
-        revoked_entities: vec![],
-        revoked_serials: vec![],
-    })?);
+    let trust = Arc::new(TrustStore::new(&TrustConfig::mesh_only(
+        config.trust_domain.clone(),
+        ca_pem,
+    ))?);
 
     if let (Some(cert), Some(key)) = (&config.tls_cert, &config.tls_key) {
         let credential =
             Credential::from_pem(&read(cert, "--tls-cert")?, &read(key, "--tls-key")?)?;
-        if credential.identity() != &id {
+        let own = credential.identity().clone();
+        if own.namespace() != id.namespace() || own.agent() != id.agent() {
             bail!(
-                "--tls-cert {} is for {}, but this proxy is {id}: fix --agent-name/--namespace or the certificate",
+                "--tls-cert {} is for {own}, but this proxy is {id}: fix --agent-name/--namespace or the certificate",
                 cert.display(),
-                credential.identity()
             );
         }
+        // An entity's workload: its identity is in the entity's own trust domain, while
+        // --trust-domain stays the mesh's (the control plane's identity and the peers').
+        if own.trust_domain() != id.trust_domain() {
+            tracing::info!(identity = %own, mesh = %id.trust_domain(), "an entity's workload: its identity is in its own trust domain");
+        }
         return Ok(Identity {
-            id,
+            id: own,
             cell: Arc::new(CredentialCell::new(credential)),
             trust,
             source: Source::Files {
@@ -243,6 +245,28 @@ pub async fn watch_files(
             Err(e) => {
                 tracing::warn!(error = %e, "certificate files changed but cannot be loaded yet; keeping the current one")
             }
+        }
+    }
+}
+
+/// Runs `connection` (one peer's connection, served or dialled) while the peer's certificate
+/// chain stays trusted: when a trust change refuses it (its identity, serial or entity revoked)
+/// or its certificate expires, the connection is dropped, which closes it, and `None` is
+/// returned. A plaintext peer (empty chain) is never cut off here.
+///
+/// The peer pool runs each connection it opens inside this (`PeerRole::Server`); inbound
+/// connections race `TrustStore::until_refused` the same way (`inbound::Peer::distrusted`).
+pub async fn while_trusted<F: std::future::Future>(
+    trust: &TrustStore,
+    chain: &[rustls::pki_types::CertificateDer<'static>],
+    role: capmesh_certs::PeerRole,
+    connection: F,
+) -> Option<F::Output> {
+    tokio::select! {
+        out = connection => Some(out),
+        refusal = trust.until_refused(chain, role) => {
+            tracing::info!(reason = %refusal, "closing a connection: the peer's certificate is no longer trusted");
+            None
         }
     }
 }

@@ -245,6 +245,12 @@ impl PeerPool {
                         .map(|r| r.to_string())
                         .unwrap_or_else(|| e.to_string()),
                 })?;
+            let server_chain: Vec<_> = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(|c| c.to_vec())
+                .unwrap_or_default();
             let heard = Arc::new(AtomicBool::new(false));
             let tls = Heard {
                 io: tls,
@@ -263,8 +269,16 @@ impl PeerPool {
                     source,
                 })?;
             let peer = addr.to_owned();
+            let (trust, chain) = (self.trust.clone(), server_chain);
+            // Boxed as a plain `Send` future: rustc cannot prove hyper's connection `Send`
+            // through the generic select otherwise.
+            let conn: std::pin::Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>> =
+                Box::pin(conn);
             tokio::spawn(async move {
-                if let Err(e) = conn.await {
+                // A provider revoked (or expired) while pooled: its connection closes.
+                let role = capmesh_certs::PeerRole::Server;
+                let ended = crate::identity::while_trusted(&trust, &chain, role, conn).await;
+                if let Some(Err(e)) = ended {
                     tracing::debug!(peer = %peer, error = %e, "peer connection ended");
                 }
             });

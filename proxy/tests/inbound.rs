@@ -153,38 +153,63 @@ async fn strict_mode_refuses_plaintext_foreign_cas_and_revoked_entities() {
         "{ok:?}"
     );
 
-    // An entity's certificates work once registered, and stop within 1 s of its revocation.
+    // An entity's certificates work once registered (for its own trust domain only), and stop
+    // within 1 s of its revocation.
     let token = mesh.cp.admin_token().unwrap();
     let rest = mesh.cp.rest().unwrap();
-    let acme = Ca::generate("capmesh.local".parse().unwrap(), false).unwrap();
+    let acme = Ca::generate("acme.example".parse().unwrap(), false).unwrap();
     let _: Entity = rest
         .post(
             "/v1/entities",
             &EntityRequest {
                 name: "acme".into(),
+                trust_domain: "acme.example".parse().unwrap(),
                 ca_pem: acme.root_pem().into(),
             },
             Some(&token),
         )
         .await
         .unwrap();
+    let partner = || {
+        let id: capmesh_certs::SpiffeId = "spiffe://acme.example/ns/default/agent/partner"
+            .parse()
+            .unwrap();
+        let key = WorkloadKey::generate().unwrap();
+        let issued = acme
+            .issue(
+                &key.csr_pem(&id).unwrap(),
+                &id,
+                Validity::for_ttl(Duration::from_secs(600)),
+            )
+            .unwrap();
+        Credential::with_key(&issued.chain_pem, &key).unwrap()
+    };
     eventually(
         Duration::from_secs(10),
         "acme's certificate accepted",
         || async {
-            tls_request(provider.inbound, trust.clone(), issue(&acme, "partner"))
+            tls_request(provider.inbound, trust.clone(), partner())
                 .await
                 .is_ok_and(|r| r.contains("200 OK"))
         },
     )
     .await;
+    // The same CA minting an identity in the mesh's trust domain is refused: an entity speaks
+    // only for its own domain.
+    let (cert, key, _) = acme.export_pem();
+    let forger = Ca::from_pem("capmesh.local".parse().unwrap(), &cert, &key, None).unwrap();
+    let forged = tls_request(provider.inbound, trust.clone(), issue(&forger, "planner")).await;
+    assert!(
+        forged.is_err(),
+        "an entity-minted mesh identity got an answer: {forged:?}"
+    );
     let _: Entity = rest
         .delete("/v1/entities/acme", Some(&token))
         .await
         .unwrap();
     let revoked_at = Instant::now();
     loop {
-        let r = tls_request(provider.inbound, trust.clone(), issue(&acme, "partner")).await;
+        let r = tls_request(provider.inbound, trust.clone(), partner()).await;
         if r.is_err() {
             break;
         }
@@ -200,7 +225,12 @@ async fn strict_mode_refuses_plaintext_foreign_cas_and_revoked_entities() {
         revoked_at.elapsed()
     );
     let (_, metrics) = provider.admin_get("/metrics").await.unwrap();
-    for reason in ["plaintext", "unknown_ca", "revoked_entity"] {
+    for reason in [
+        "plaintext",
+        "unknown_ca",
+        "revoked_entity",
+        "trust_domain_mismatch",
+    ] {
         assert!(
             metrics.contains(&format!(
                 "capmesh_proxy_tls_refusals_total{{reason=\"{reason}\"}}"
@@ -228,12 +258,13 @@ async fn a_revoked_entity_is_refused_on_the_pooled_connection_it_already_holds()
     // A partner whose sidecar's certificate comes from its own CA, registered as an entity.
     let token = mesh.cp.admin_token().unwrap();
     let rest = mesh.cp.rest().unwrap();
-    let acme = Ca::generate("capmesh.local".parse().unwrap(), false).unwrap();
+    let acme = Ca::generate("acme.example".parse().unwrap(), false).unwrap();
     let _: Entity = rest
         .post(
             "/v1/entities",
             &EntityRequest {
                 name: "acme".into(),
+                trust_domain: "acme.example".parse().unwrap(),
                 ca_pem: acme.root_pem().into(),
             },
             Some(&token),
@@ -241,7 +272,10 @@ async fn a_revoked_entity_is_refused_on_the_pooled_connection_it_already_holds()
         .await
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let id = spiffe("default", "partner").unwrap();
+    // The partner's identity is in its own trust domain (its CA may issue no other).
+    let id: capmesh_certs::SpiffeId = "spiffe://acme.example/ns/default/agent/partner"
+        .parse()
+        .unwrap();
     let key = WorkloadKey::generate().unwrap();
     let issued = acme
         .issue(

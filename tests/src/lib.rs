@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod node;
+pub mod openssl;
 pub mod postgres;
 pub mod python;
 
@@ -368,8 +369,20 @@ impl ControlPlane {
         )?)
     }
 
-    /// Creates a bootstrap token for `namespace` / `pattern`.
+    /// Creates a bootstrap token for `namespace` / `pattern`, with the control plane's
+    /// default use count (one for an exact agent name, unlimited for a pattern).
     pub async fn token(&self, namespace: &str, pattern: &str) -> Result<String> {
+        self.token_with(namespace, pattern, None).await
+    }
+
+    /// Creates a bootstrap token for `namespace` / `pattern` good for `uses` certificates
+    /// (`capmesh-system` tokens are made with the explicit flag they need).
+    pub async fn token_with(
+        &self,
+        namespace: &str,
+        pattern: &str,
+        uses: Option<u32>,
+    ) -> Result<String> {
         let created: TokenCreated = self
             .rest()?
             .post(
@@ -378,6 +391,8 @@ impl ControlPlane {
                     namespace: Namespace::new(namespace)?,
                     agent_pattern: pattern.to_owned(),
                     ttl_secs: 3600,
+                    uses,
+                    system: namespace == capmesh_certs::SYSTEM_NAMESPACE,
                     description: Some("test".into()),
                 },
                 Some(&self.admin_token()?),
@@ -412,6 +427,7 @@ impl ControlPlane {
             entities: vec![],
             revoked_entities: vec![],
             revoked_serials: vec![],
+            revoked_identities: vec![],
         })?))
     }
 
@@ -491,6 +507,8 @@ pub struct TestProxy {
     pub snapshot: Option<Snapshot>,
     /// Error frames received.
     pub errors: Vec<(String, String)>,
+    /// Nack frames received (the control plane refused part of a frame): (of, code, message).
+    pub nacks: Vec<(String, String, String)>,
     /// Whether the control plane ended the stream.
     pub ended: bool,
 }
@@ -525,6 +543,7 @@ impl TestProxy {
             rx,
             snapshot: None,
             errors: Vec::new(),
+            nacks: Vec::new(),
             ended: false,
         })
     }
@@ -561,6 +580,9 @@ impl TestProxy {
                 let _ = self.tx.send(&ProxyFrame::Ack { version: d.version }).await;
             }
             ControlFrame::Error { code, message } => self.errors.push((code, message)),
+            ControlFrame::Nack {
+                of, code, message, ..
+            } => self.nacks.push((of, code, message)),
         }
         Ok(true)
     }

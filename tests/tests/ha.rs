@@ -26,7 +26,7 @@ use capmesh_api::Policy;
 use capmesh_api::rest::{AgentInfo, Entity, EntityRequest};
 use capmesh_certs::{Ca, Validity, WorkloadKey};
 use capmesh_tests::postgres::Postgres;
-use capmesh_tests::{ControlPlane, ProxyProcess, SharedSecrets, spiffe, workspace_bin};
+use capmesh_tests::{ControlPlane, ProxyProcess, SharedSecrets, workspace_bin};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -521,19 +521,32 @@ async fn two_replicas_on_postgres_survive_a_killed_replica_and_a_database_outage
 
     // An entity revoked through replica 2: its agent's endpoint leaves the consumer that was
     // on replica 1 within 1 s, and no call reaches it after that.
-    let acme = Ca::generate("capmesh.local".parse().unwrap(), false).unwrap();
+    // Its agent may provide get_weather beside the mesh's own (a provide rule names both).
+    let with_partner: Policy = serde_json::from_value(serde_json::json!({
+        "provide": [{"capabilities": ["get_weather"],
+                     "from": ["spiffe://capmesh.local/*", "spiffe://acme.example/*"]}]
+    }))
+    .unwrap();
+    let _: Policy = rest2
+        .put("/v1/policies", &with_partner, Some(&token))
+        .await
+        .unwrap();
+    let acme = Ca::generate("acme.example".parse().unwrap(), false).unwrap();
     let _: Entity = rest2
         .post(
             "/v1/entities",
             &EntityRequest {
                 name: "acme".into(),
+                trust_domain: "acme.example".parse().unwrap(),
                 ca_pem: acme.root_pem().into(),
             },
             Some(&token),
         )
         .await
         .unwrap();
-    let who = spiffe("default", "partner").unwrap();
+    let who: capmesh_certs::SpiffeId = "spiffe://acme.example/ns/default/agent/partner"
+        .parse()
+        .unwrap();
     let key = WorkloadKey::generate().unwrap();
     let issued = acme
         .issue(
@@ -594,6 +607,37 @@ async fn two_replicas_on_postgres_survive_a_killed_replica_and_a_database_outage
         );
     }
     assert!(revoked_at.elapsed() < WAIT);
+
+    // A workload revocation made through replica 2 (weather-eu, whose sidecar was on replica 1):
+    // within 1 s no call reaches weather-eu and none fails; lifted, it serves again.
+    let asked = Instant::now();
+    let revocation: capmesh_api::rest::Revocation = rest2
+        .post(
+            "/v1/revocations",
+            &serde_json::json!({"identity": "default/weather-eu", "reason": "chaos test"}),
+            Some(&token),
+        )
+        .await
+        .unwrap();
+    let enforced = consecutive(
+        &client,
+        out,
+        20,
+        "weather-eu no longer served",
+        asked,
+        |r| r.as_ref().is_ok_and(|n| *n != "weather-eu"),
+    )
+    .await;
+    println!("workload revocation through replica 2 enforced {enforced:?} after it was sent");
+    assert!(enforced <= DEADLINE, "enforced after {enforced:?}");
+    let _: capmesh_api::rest::Revocation = rest2
+        .delete(&format!("/v1/revocations/{}", revocation.id), Some(&token))
+        .await
+        .unwrap();
+    probe(&client, out, "weather-eu served again", |r| {
+        r.as_deref() == Ok("weather-eu")
+    })
+    .await;
 
     // ---- Replica 1 restarts: no registration duplicated or lost. ----
     r1.start_again().await.unwrap();

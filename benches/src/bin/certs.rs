@@ -137,6 +137,7 @@ fn main() -> Result<()> {
         entities: vec![],
         revoked_entities: vec![],
         revoked_serials: vec![],
+        revoked_identities: vec![],
     })?);
 
     let issued = issuance(&ca, seconds)?;

@@ -122,7 +122,7 @@ async fn register(
                     let version = match frame {
                         ControlFrame::Snapshot(s) => s.version,
                         ControlFrame::Delta(d) => d.version,
-                        ControlFrame::Error { .. } => continue,
+                        ControlFrame::Error { .. } | ControlFrame::Nack { .. } => continue,
                     };
                     if tx.send(&ProxyFrame::Ack { version }).await.is_err() {
                         return;
@@ -225,6 +225,7 @@ async fn main() -> Result<()> {
                         }
                         tx.send(&ProxyFrame::Ack { version: d.version }).await?;
                     }
+                    ControlFrame::Nack { .. } => {}
                     ControlFrame::Error { code, message } => bail!("{code}: {message}"),
                 }
             }

@@ -129,6 +129,7 @@ impl Registry {
                 since: crate::ca::unix_now(),
                 close: None,
                 endpoint_ids,
+                refused: Vec::new(),
             },
         );
         inner.republish(&proxy_id);
@@ -222,6 +223,7 @@ mod tests {
             entities: vec![],
             revoked_entities: vec![],
             revoked_serials: vec![],
+            revoked_identities: vec![],
         };
         std::sync::Arc::new(Registry::new(
             "r1",
@@ -258,13 +260,15 @@ mod tests {
     async fn the_newest_stream_of_a_proxy_wins_and_a_gone_replica_is_orphaned_once() {
         let reg = registry();
         let r = record("p1");
-        let mut lease = reg.connect(
-            r.node.clone(),
-            r.identity.clone(),
-            None,
-            None,
-            r.registration.clone(),
-        );
+        let mut lease = reg
+            .connect(
+                r.node.clone(),
+                r.identity.clone(),
+                None,
+                None,
+                r.registration.clone(),
+            )
+            .unwrap();
         assert!(reg.local("p1").is_some());
 
         // An older stream held elsewhere does not take it from us.

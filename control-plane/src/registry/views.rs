@@ -33,6 +33,7 @@ impl Registry {
                 certificate_not_after_unix: inst.cert_not_after,
                 since_unix: Some(inst.since),
                 tools: inst.registration.tools.clone(),
+                refused: inst.refused.clone(),
             });
         }
         let mut out: Vec<AgentInfo> = agents.into_values().collect();

@@ -116,6 +116,7 @@ fn parse_payload(payload: &str, me: &str) -> Option<Change> {
         ("policy", _) => Some(Change::Policy),
         ("settings", _) => Some(Change::Settings),
         ("entities", _) => Some(Change::Entities),
+        ("revocations", _) => Some(Change::Revocations),
         _ => {
             tracing::debug!(payload, "ignoring an unknown change notification");
             None
@@ -137,6 +138,10 @@ mod tests {
         );
         assert_eq!(parse_payload("entities r2", "r1"), Some(Change::Entities));
         assert_eq!(parse_payload("settings r2", "r1"), Some(Change::Settings));
+        assert_eq!(
+            parse_payload("revocations r2", "r1"),
+            Some(Change::Revocations)
+        );
         assert_eq!(parse_payload("instance r2", "r1"), None);
         assert_eq!(parse_payload("future r2 x", "r1"), None);
         assert_eq!(parse_payload("", "r1"), None);

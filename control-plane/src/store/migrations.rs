@@ -15,6 +15,10 @@ pub struct Migration {
     pub name: &'static str,
     /// The statements.
     pub sql: &'static str,
+    /// Columns added after the statements, each only when the table lacks it (SQLite cannot say
+    /// `ADD COLUMN IF NOT EXISTS`, and stores made before migrations may have some already):
+    /// (table, column, declaration).
+    pub add_columns: &'static [(&'static str, &'static str, &'static str)],
 }
 
 /// The table that records applied versions (same shape on both backends).
@@ -28,7 +32,7 @@ pub const VERSIONS_TABLE: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (
 pub const SQLITE: &[Migration] = &[
     Migration {
         version: 1,
-        name: "ca, entities, tokens, instances, session key, policy, settings",
+        name: "ca, entities, tokens, instances, session key, policy, settings, revocations",
         sql: "
 CREATE TABLE IF NOT EXISTS ca (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -65,24 +69,33 @@ CREATE TABLE IF NOT EXISTS settings (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     settings_json TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS revocations (
+    id TEXT PRIMARY KEY,
+    identity TEXT UNIQUE,
+    serial TEXT UNIQUE,
+    reason TEXT,
+    created_unix INTEGER NOT NULL
+);
 ",
+        add_columns: &[("entities", "trust_domain", "TEXT")],
     },
     Migration {
         version: 2,
         name: "instance owners; sealed CA key",
-        sql: "
-ALTER TABLE instances ADD COLUMN owner TEXT NOT NULL DEFAULT '';
-ALTER TABLE instances ADD COLUMN connected INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE instances ADD COLUMN started_ms INTEGER NOT NULL DEFAULT 0;
-ALTER TABLE ca ADD COLUMN key_sealed BLOB;
-",
+        sql: "",
+        add_columns: &[
+            ("instances", "owner", "TEXT NOT NULL DEFAULT ''"),
+            ("instances", "connected", "INTEGER NOT NULL DEFAULT 0"),
+            ("instances", "started_ms", "INTEGER NOT NULL DEFAULT 0"),
+            ("ca", "key_sealed", "BLOB"),
+        ],
     },
 ];
 
 /// PostgreSQL. Secrets are `bytea` and sealed; the CA key has no plaintext column at all.
 pub const POSTGRES: &[Migration] = &[Migration {
     version: 1,
-    name: "ca (sealed key), entities, tokens, instances with owners, replicas, session key, policy, settings",
+    name: "ca (sealed key), entities, tokens, revocations, instances with owners, replicas, session key, policy, settings",
     sql: "
 CREATE TABLE ca (
     id INTEGER PRIMARY KEY CHECK (id = 1),
@@ -95,7 +108,15 @@ CREATE TABLE entities (
     ca_pem TEXT NOT NULL,
     fingerprint_sha256 TEXT NOT NULL,
     created_unix BIGINT NOT NULL,
-    revoked_unix BIGINT
+    revoked_unix BIGINT,
+    trust_domain TEXT
+);
+CREATE TABLE revocations (
+    id TEXT PRIMARY KEY,
+    identity TEXT UNIQUE,
+    serial TEXT UNIQUE,
+    reason TEXT,
+    created_unix BIGINT NOT NULL
 );
 CREATE TABLE tokens (
     id TEXT PRIMARY KEY,
@@ -128,6 +149,7 @@ CREATE TABLE settings (
     settings_json TEXT NOT NULL
 );
 ",
+    add_columns: &[],
 }];
 
 /// The versions in `list` that `applied` lacks, in order; an error when the store is ahead of

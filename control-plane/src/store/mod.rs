@@ -1,5 +1,6 @@
-//! Durable state: the CA (its key sealed with `--store-key-file`), entities, bootstrap tokens,
-//! the policy, the mesh settings, the session key, and every proxy instance's registration with
+//! Durable state: the CA (its key sealed with `--store-key-file`), entities, bootstrap tokens
+//! (with their use counts), revocations, the policy (with its `provide` rules), the mesh
+//! settings, the session key, and every proxy instance's registration with
 //! the replica that owns it. Live connection state (streams, views) is in memory, in `registry`.
 //!
 //! One backend-neutral [`Store`] trait with two backends that pass the same tests
@@ -18,7 +19,7 @@ pub mod sqlite;
 use std::future::Future;
 use std::time::Duration;
 
-use capmesh_api::rest::{Entity, TokenInfo};
+use capmesh_api::rest::{Entity, Revocation, TokenInfo};
 use capmesh_api::{MeshSettings, Policy};
 
 pub use postgres::PgStore;
@@ -51,6 +52,14 @@ pub enum StoreError {
         store: String,
         /// What the connection said.
         detail: String,
+    },
+    /// A bootstrap token has been used as often as it may be.
+    #[error("bootstrap token {id:?} has been used {uses} time(s), all it may be")]
+    Exhausted {
+        /// The token's id.
+        id: String,
+        /// Its use limit.
+        uses: u32,
     },
     /// SQLite failed.
     #[error("store: {0}")]
@@ -181,6 +190,8 @@ pub enum Change {
     Settings,
     /// An entity was registered or revoked.
     Entities,
+    /// A workload revocation was made or lifted.
+    Revocations,
 }
 
 /// Durable control-plane state. Every method is one transaction: nothing is half-applied.
@@ -216,6 +227,21 @@ pub trait Store: Send + Sync + std::fmt::Debug {
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
     /// Revokes a token; returns it as it is now.
     fn revoke_token(&self, id: &str) -> impl Future<Output = Result<TokenInfo, StoreError>> + Send;
+    /// Counts one use of a token, atomically (two replicas cannot both spend its last use):
+    /// refused with [`StoreError::Exhausted`] when it has none left. Returns it as it is now.
+    fn use_token(&self, id: &str) -> impl Future<Output = Result<TokenInfo, StoreError>> + Send;
+    /// Every revocation in force, oldest first.
+    fn revocations(&self) -> impl Future<Output = Result<Vec<Revocation>, StoreError>> + Send;
+    /// Saves a revocation; refuses one for an identity or serial already revoked.
+    fn insert_revocation(
+        &self,
+        revocation: &Revocation,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Lifts (deletes) a revocation; returns what it was.
+    fn remove_revocation(
+        &self,
+        id: &str,
+    ) -> impl Future<Output = Result<Revocation, StoreError>> + Send;
     /// The authorization policy, if one was ever set.
     fn policy(&self) -> impl Future<Output = Result<Option<Policy>, StoreError>> + Send;
     /// Replaces the authorization policy.
@@ -320,6 +346,18 @@ impl Store for Backend {
     async fn revoke_token(&self, id: &str) -> Result<TokenInfo, StoreError> {
         delegate!(self, s => s.revoke_token(id))
     }
+    async fn use_token(&self, id: &str) -> Result<TokenInfo, StoreError> {
+        delegate!(self, s => s.use_token(id))
+    }
+    async fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        delegate!(self, s => s.revocations())
+    }
+    async fn insert_revocation(&self, revocation: &Revocation) -> Result<(), StoreError> {
+        delegate!(self, s => s.insert_revocation(revocation))
+    }
+    async fn remove_revocation(&self, id: &str) -> Result<Revocation, StoreError> {
+        delegate!(self, s => s.remove_revocation(id))
+    }
     async fn policy(&self) -> Result<Option<Policy>, StoreError> {
         delegate!(self, s => s.policy())
     }
@@ -383,4 +421,18 @@ pub(crate) fn stored_settings(settings: &MeshSettings) -> Result<String, StoreEr
             ..settings.clone()
         },
     )
+}
+
+/// A token with one more use counted, or [`StoreError::Exhausted`].
+pub(crate) fn spend(mut token: StoredToken, id: &str) -> Result<StoredToken, StoreError> {
+    if let Some(uses) = token.info.uses
+        && token.info.used >= uses
+    {
+        return Err(StoreError::Exhausted {
+            id: id.to_owned(),
+            uses,
+        });
+    }
+    token.info.used = token.info.used.saturating_add(1);
+    Ok(token)
 }

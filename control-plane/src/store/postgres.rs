@@ -5,14 +5,14 @@
 //! statement waits at most [`STATEMENT_TIMEOUT`]), and one that only LISTENs. Every change to
 //! shared state NOTIFYs channel [`CHANNEL`] inside its own transaction, so the other replicas
 //! hear of it exactly when it commits: `<kind> <replica> [<key>]`, with kind `instance`,
-//! `policy`, `settings` or `entities`. [`PgStore::follow`] turns those into events ([`super::follow`]).
+//! `policy`, `settings`, `entities` or `revocations`. [`PgStore::follow`] turns those into events ([`super::follow`]).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use capmesh_api::rest::{Entity, TokenInfo};
-use capmesh_api::{MeshSettings, Policy};
+use capmesh_api::rest::{Entity, Revocation, TokenInfo};
+use capmesh_api::{MeshSettings, Policy, TrustDomain};
 use tokio::sync::{Mutex, MutexGuard, mpsc};
 
 use super::follow::Followed;
@@ -23,7 +23,7 @@ use tokio_postgres::{Client, Config, GenericClient, NoTls, Row, Statement};
 use super::migrations::{self, Migration};
 use super::{
     InstanceWrite, Store, StoreError, StoredCa, StoredInstance, StoredKey, StoredToken,
-    WriteOutcome, from_json, stored_settings, to_json,
+    WriteOutcome, from_json, spend, stored_settings, to_json,
 };
 
 /// The LISTEN/NOTIFY channel every replica of one store shares.
@@ -331,16 +331,32 @@ pub fn redact(url: &str) -> String {
 }
 
 fn entity_row(r: &Row) -> Result<Entity, tokio_postgres::Error> {
+    let trust_domain: Option<String> = r.try_get(5)?;
     Ok(Entity {
         name: r.try_get(0)?,
         ca_pem: r.try_get(1)?,
         fingerprint_sha256: r.try_get(2)?,
         created_unix: r.try_get(3)?,
         revoked_unix: r.try_get(4)?,
+        // An unreadable trust domain trusts nothing, like a missing one (fail closed).
+        trust_domain: trust_domain.and_then(|td| TrustDomain::new(td).ok()),
     })
 }
 
-const ENTITY_COLUMNS: &str = "name, ca_pem, fingerprint_sha256, created_unix, revoked_unix";
+const ENTITY_COLUMNS: &str =
+    "name, ca_pem, fingerprint_sha256, created_unix, revoked_unix, trust_domain";
+
+fn revocation_row(r: &Row) -> Result<Revocation, tokio_postgres::Error> {
+    Ok(Revocation {
+        id: r.try_get(0)?,
+        identity: r.try_get(1)?,
+        serial: r.try_get(2)?,
+        reason: r.try_get(3)?,
+        created_unix: r.try_get(4)?,
+    })
+}
+
+const REVOCATION_COLUMNS: &str = "id, identity, serial, reason, created_unix";
 
 fn instance_row(r: &Row) -> Result<StoredInstance, tokio_postgres::Error> {
     Ok(StoredInstance {
@@ -525,13 +541,14 @@ impl Store for PgStore {
         let result = with_client!(self, |c| async {
             let tx = c.transaction().await?;
             tx.execute(
-                &format!("INSERT INTO entities ({ENTITY_COLUMNS}) VALUES ($1, $2, $3, $4, $5)"),
+                &format!("INSERT INTO entities ({ENTITY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"),
                 &[
                     &e.name,
                     &e.ca_pem,
                     &e.fingerprint_sha256,
                     &e.created_unix,
                     &e.revoked_unix,
+                    &e.trust_domain.as_ref().map(|td| td.as_str()),
                 ],
             )
             .await?;
@@ -640,6 +657,106 @@ impl Store for PgStore {
         done.ok_or_else(|| StoreError::NotFound {
             what: "token",
             name: id.to_owned(),
+        })
+    }
+
+    async fn use_token(&self, id: &str) -> Result<TokenInfo, StoreError> {
+        // The row is locked while its use is counted: two replicas cannot both spend the last.
+        let done = with_client!(self, |c| async {
+            let tx = c.transaction().await?;
+            let row = tx
+                .query_opt(
+                    "SELECT info_json, secret_sha256 FROM tokens WHERE id = $1 FOR UPDATE",
+                    &[&id],
+                )
+                .await?;
+            let Some(row) = row else {
+                return Ok(Ok(None));
+            };
+            let token = match token_from_row(&row).and_then(|t| spend(t, id)) {
+                Ok(t) => t,
+                Err(e) => return Ok(Err(e)),
+            };
+            let info_json = match to_json("token", &token.info) {
+                Ok(j) => j,
+                Err(e) => return Ok(Err(e)),
+            };
+            tx.execute(
+                "UPDATE tokens SET info_json = $2 WHERE id = $1",
+                &[&id, &info_json],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(Ok(Some(token.info)))
+        })??;
+        done.ok_or_else(|| StoreError::NotFound {
+            what: "token",
+            name: id.to_owned(),
+        })
+    }
+
+    async fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        let rows = with_client!(self, |c| c.query(
+            &format!("SELECT {REVOCATION_COLUMNS} FROM revocations ORDER BY created_unix, id"),
+            &[]
+        ))?;
+        rows.iter()
+            .map(revocation_row)
+            .collect::<Result<_, _>>()
+            .map_err(|e| StoreError::Corrupt {
+                what: "revocation",
+                detail: e.to_string(),
+            })
+    }
+
+    async fn insert_revocation(&self, r: &Revocation) -> Result<(), StoreError> {
+        let payload = self.payload("revocations", None);
+        let result = with_client!(self, |c| async {
+            let tx = c.transaction().await?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO revocations ({REVOCATION_COLUMNS}) VALUES ($1, $2, $3, $4, $5)"
+                ),
+                &[&r.id, &r.identity, &r.serial, &r.reason, &r.created_unix],
+            )
+            .await?;
+            notify(&tx, &payload).await?;
+            tx.commit().await
+        });
+        match result {
+            Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict {
+                what: "revocation of",
+                name: r.identity.clone().or(r.serial.clone()).unwrap_or_default(),
+            }),
+            other => other,
+        }
+    }
+
+    async fn remove_revocation(&self, id: &str) -> Result<Revocation, StoreError> {
+        let payload = self.payload("revocations", None);
+        let row = with_client!(self, |c| async {
+            let tx = c.transaction().await?;
+            let row = tx
+                .query_opt(
+                    &format!(
+                        "DELETE FROM revocations WHERE id = $1 RETURNING {REVOCATION_COLUMNS}"
+                    ),
+                    &[&id],
+                )
+                .await?;
+            if row.is_some() {
+                notify(&tx, &payload).await?;
+            }
+            tx.commit().await?;
+            Ok(row)
+        })?;
+        let row = row.ok_or_else(|| StoreError::NotFound {
+            what: "revocation",
+            name: id.to_owned(),
+        })?;
+        revocation_row(&row).map_err(|e| StoreError::Corrupt {
+            what: "revocation",
+            detail: e.to_string(),
         })
     }
 

@@ -7,14 +7,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use capmesh_api::rest::{Entity, TokenInfo};
-use capmesh_api::{MeshSettings, Policy};
+use capmesh_api::rest::{Entity, Revocation, TokenInfo};
+use capmesh_api::{MeshSettings, Policy, TrustDomain};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::migrations::{self, Migration};
 use super::{
     InstanceWrite, Store, StoreError, StoredCa, StoredInstance, StoredKey, StoredToken,
-    WriteOutcome, from_json, stored_settings, to_json,
+    WriteOutcome, from_json, spend, stored_settings, to_json,
 };
 
 /// SQLite in the data dir.
@@ -60,9 +60,22 @@ fn migrate(conn: &mut Connection, list: &[Migration]) -> Result<(), StoreError> 
         .query_map([], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
     for m in migrations::pending(list, &applied).map_err(StoreError::Schema)? {
-        tx.execute_batch(m.sql).map_err(|e| {
+        let failed = |e: rusqlite::Error| {
             StoreError::Schema(format!("migration {} ({}) failed: {e}", m.version, m.name))
-        })?;
+        };
+        tx.execute_batch(m.sql).map_err(failed)?;
+        for (table, column, decl) in m.add_columns {
+            let present = tx
+                .prepare(&format!(
+                    "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+                ))
+                .and_then(|mut q| q.exists(params![column]))
+                .map_err(failed)?;
+            if !present {
+                tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))
+                    .map_err(failed)?;
+            }
+        }
         tx.execute(
             "INSERT INTO schema_migrations (version, name, applied_unix) VALUES (?1, ?2, ?3)",
             params![m.version, m.name, crate::ca::unix_now()],
@@ -74,16 +87,32 @@ fn migrate(conn: &mut Connection, list: &[Migration]) -> Result<(), StoreError> 
 }
 
 fn entity_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Entity> {
+    let trust_domain: Option<String> = row.get(5)?;
     Ok(Entity {
         name: row.get(0)?,
         ca_pem: row.get(1)?,
         fingerprint_sha256: row.get(2)?,
         created_unix: row.get(3)?,
         revoked_unix: row.get(4)?,
+        // An unreadable trust domain trusts nothing, like a missing one (fail closed).
+        trust_domain: trust_domain.and_then(|td| TrustDomain::new(td).ok()),
     })
 }
 
-const ENTITY_COLUMNS: &str = "name, ca_pem, fingerprint_sha256, created_unix, revoked_unix";
+const ENTITY_COLUMNS: &str =
+    "name, ca_pem, fingerprint_sha256, created_unix, revoked_unix, trust_domain";
+
+const REVOCATION_COLUMNS: &str = "id, identity, serial, reason, created_unix";
+
+fn revocation_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Revocation> {
+    Ok(Revocation {
+        id: row.get(0)?,
+        identity: row.get(1)?,
+        serial: row.get(2)?,
+        reason: row.get(3)?,
+        created_unix: row.get(4)?,
+    })
+}
 
 fn token_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String)> {
     Ok((row.get(0)?, row.get(1)?))
@@ -229,13 +258,14 @@ impl Store for SqliteStore {
     async fn insert_entity(&self, e: &Entity) -> Result<(), StoreError> {
         self.with(|c| {
             c.execute(
-                &format!("INSERT INTO entities ({ENTITY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"),
+                &format!("INSERT INTO entities ({ENTITY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
                 params![
                     e.name,
                     e.ca_pem,
                     e.fingerprint_sha256,
                     e.created_unix,
-                    e.revoked_unix
+                    e.revoked_unix,
+                    e.trust_domain.as_ref().map(|td| td.as_str())
                 ],
             )
             .map_err(|err| {
@@ -344,6 +374,85 @@ impl Store for SqliteStore {
             )?;
             tx.commit()?;
             Ok(token.info)
+        })
+    }
+
+    async fn use_token(&self, id: &str) -> Result<TokenInfo, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let row = tx
+                .query_row(
+                    "SELECT info_json, secret_sha256 FROM tokens WHERE id = ?1",
+                    params![id],
+                    token_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound {
+                    what: "token",
+                    name: id.to_owned(),
+                })?;
+            let token = spend(parse_token(row)?, id)?;
+            let info_json = to_json("token", &token.info)?;
+            tx.execute(
+                "UPDATE tokens SET info_json = ?2 WHERE id = ?1",
+                params![id, info_json],
+            )?;
+            tx.commit()?;
+            Ok(token.info)
+        })
+    }
+
+    async fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {REVOCATION_COLUMNS} FROM revocations ORDER BY created_unix, id"
+            ))?;
+            let rows = stmt
+                .query_map([], revocation_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    async fn insert_revocation(&self, r: &Revocation) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                &format!(
+                    "INSERT INTO revocations ({REVOCATION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"
+                ),
+                params![r.id, r.identity, r.serial, r.reason, r.created_unix],
+            )
+            .map_err(|err| {
+                if is_unique_violation(&err) {
+                    StoreError::Conflict {
+                        what: "revocation of",
+                        name: r.identity.clone().or(r.serial.clone()).unwrap_or_default(),
+                    }
+                } else {
+                    err.into()
+                }
+            })?;
+            Ok(())
+        })
+    }
+
+    async fn remove_revocation(&self, id: &str) -> Result<Revocation, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let found = tx
+                .query_row(
+                    &format!("SELECT {REVOCATION_COLUMNS} FROM revocations WHERE id = ?1"),
+                    params![id],
+                    revocation_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound {
+                    what: "revocation",
+                    name: id.to_owned(),
+                })?;
+            tx.execute("DELETE FROM revocations WHERE id = ?1", params![id])?;
+            tx.commit()?;
+            Ok(found)
         })
     }
 

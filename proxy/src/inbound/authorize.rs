@@ -283,6 +283,7 @@ mod tests {
                 capabilities: vec!["get_weather".into()],
                 action: PolicyAction::Allow,
             }],
+            provide: vec![],
         };
         Authz::new(
             policy,

@@ -14,7 +14,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use capmesh_certs::{AcceptError, Accepted, MeshAcceptor, Refusal};
@@ -99,37 +99,23 @@ impl Peer {
     }
 
     /// Resolves when the peer is no longer trusted (revoked, its CA removed) or its
-    /// certificate expires: the connection is then closed, whatever it carries.
+    /// certificate expires: the connection is then closed, whatever it carries. Woken by the
+    /// trust store on every trust change and at the certificate's expiry (no polling).
     async fn distrusted(&self, proxy: &Proxy) {
         if self.identity.is_none() {
             return std::future::pending().await;
         }
-        let expires = self
-            .chain
-            .first()
-            .and_then(|c| capmesh_certs::inspect_der(c).ok())
-            .map(|info| info.not_after);
-        loop {
-            if let Err(r) = self.still_trusted(proxy) {
-                proxy
-                    .metrics
-                    .tls_refusals
-                    .with_label_values(&[r.reason()])
-                    .inc();
-                return;
-            }
-            if expires.is_some_and(|at| at <= SystemTime::now()) {
-                proxy
-                    .metrics
-                    .tls_refusals
-                    .with_label_values(&["expired"])
-                    .inc();
-                return;
-            }
-            // Trust changes arrive with snapshots; checking this often keeps a revocation's
-            // effect on open connections well within a second.
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let refusal = proxy
+            .identity
+            .trust
+            .until_refused(&self.chain, capmesh_certs::PeerRole::Client)
+            .await;
+        tracing::info!(reason = %refusal, "closing an inbound connection: the peer is no longer trusted");
+        proxy
+            .metrics
+            .tls_refusals
+            .with_label_values(&[refusal.reason()])
+            .inc();
     }
 }
 
@@ -188,6 +174,9 @@ pub fn stack(proxy: &Arc<Proxy>) -> impl Next<Request<Incoming>, Response<BoxBod
         }))
         // Bounded: every message is read to be authorized.
         .layer(Stage(ReadBody { limit: MAX_REQUEST }))
+        // The hop's server span when sampled (a refusal below is recorded too); the agent
+        // sees this span's id in traceparent.
+        .layer(Stage(crate::trace::ServerSpan::new(proxy.clone())))
         // One decision for every message on every path; fails closed.
         .layer(Stage(authorize::Authorize::new(
             proxy.authz.clone(),
