@@ -229,8 +229,11 @@ async fn planner_plans_a_trip_through_one_endpoint() -> anyhow::Result<()> {
     assert!(printed.contains("planner: search_flights(Berlin, Lisbon, 2026-06-12) → "));
     assert!(printed.contains("planner: chat(\"Plan a 3-day trip to Lisbon"));
 
-    // Deterministic end to end.
-    assert_eq!(plan_trip(&agent.url, "Lisbon").await?, plan);
+    // Deterministic end to end (but for the trace each plan starts).
+    let mut again = plan_trip(&agent.url, "Lisbon").await?;
+    assert_ne!(again.trace_id, plan.trace_id, "each plan is its own trace");
+    again.trace_id.clone_from(&plan.trace_id);
+    assert_eq!(again, plan);
     agent.stop().await
 }
 
@@ -399,7 +402,7 @@ async fn the_binary_prints_ready_plans_and_stops_on_sigterm() -> anyhow::Result<
         "{printed}"
     );
     assert!(
-        printed.ends_with("planner: trip to Paris planned\n"),
+        printed.contains("planner: trip to Paris planned (trace "),
         "{printed}"
     );
 
