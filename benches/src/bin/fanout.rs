@@ -1,7 +1,7 @@
 //! Control-plane fan-out: N proxy streams over TLS (HTTP/2, mutual TLS) depend on one
 //! capability, spread over R replicas of the control plane (R ≥ 2: on a PostgreSQL the bench
 //! starts); A agent instances are registered beside them. A provider on the first replica flips
-//! its health again and again, and for every flip we time how long until the *last* of the N
+//! its health every 250 ms, and for every flip we time how long until the *last* of the N
 //! proxies has the delta (on every replica: across PostgreSQL for all but the first). Also
 //! reports each replica's RSS.
 //!
@@ -30,6 +30,10 @@ use tokio::sync::mpsc;
 /// Instances of one agent identity, on one HTTP/2 connection (the server allows 200 streams
 /// per connection).
 const PER_AGENT: usize = 100;
+
+/// Between two health flips of the provider: under the control plane's per-stream limit of 5
+/// health frames a second.
+const CHANGE_EVERY: Duration = Duration::from_millis(250);
 
 fn registration(deps: &[&str], tools: &[&str]) -> Result<Registration> {
     Ok(Registration {
@@ -272,7 +276,8 @@ async fn main() -> Result<()> {
         .collect::<Result<_, _>>()?;
     let mut healthy = true;
     for _ in 0..changes {
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // A stream may send 5 health frames a second (bursts of 20); more are refused.
+        tokio::time::sleep(CHANGE_EVERY).await;
         healthy = !healthy;
         let t0 = Instant::now();
         provider
