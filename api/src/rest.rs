@@ -21,6 +21,9 @@ pub struct ErrorBody {
 pub struct InstanceInfo {
     /// The instance's proxy id.
     pub proxy_id: String,
+    /// The control-plane replica that holds (or last held) its stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
     /// The `host:port` other proxies dial.
     pub address: String,
     /// The instance's zone, when known.

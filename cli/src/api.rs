@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use capmesh_client::{ClientError, ControlPlaneClient, ControlPlaneUrl, ServerCheck};
+use capmesh_client::{ClientError, ControlPlaneAddrs, ControlPlaneClient, ServerCheck};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -128,14 +128,15 @@ impl Api {
     /// admin token. Nothing is sent yet.
     pub fn connect(settings: &Settings) -> Result<Self, ApiError> {
         let (raw_url, url_origin) = &settings.control_plane;
-        let url: ControlPlaneUrl =
+        // One URL, or the replicas' URLs separated by commas.
+        let url: ControlPlaneAddrs =
             raw_url
                 .parse()
                 .map_err(|e: capmesh_client::UrlError| ApiError::BadUrl {
                     detail: e.to_string(),
                     origin: url_origin.clone(),
                 })?;
-        let shown = format!("https://{}", url.authority());
+        let shown = url.to_string();
         let Some((ca_path, ca_origin)) = &settings.control_plane_ca else {
             return Err(ApiError::NoTrustBundle { url: shown });
         };

@@ -264,7 +264,7 @@ async fn demo(
     let token_file = data.join("admin-token");
     let token = std::fs::read_to_string(&token_file)?.trim().to_owned();
     let rest = ControlPlaneClient::new(
-        format!("https://localhost:{api}").parse()?,
+        format!("https://localhost:{api}").parse::<capmesh_client::ControlPlaneUrl>()?,
         ServerCheck::Hostname {
             ca_pem: std::fs::read_to_string(&ca)?,
         },

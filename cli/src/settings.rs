@@ -22,7 +22,8 @@ pub const DEFAULT_ADMIN_TOKEN_FILE: &str = "./capmesh-data/admin-token";
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "Global options")]
 pub struct GlobalArgs {
-    /// The control plane's URL [default: https://127.0.0.1:8000].
+    /// The control plane's URL, or its replicas' URLs separated by commas (the next is tried
+    /// when one is down) [default: https://127.0.0.1:8000].
     #[arg(long, global = true, env = "CAPMESH_CONTROL_PLANE", value_name = "URL")]
     pub control_plane: Option<String>,
 

@@ -346,7 +346,7 @@ async fn up(
         .to_owned();
     let control_plane = format!("https://127.0.0.1:{api_port}");
     let rest = ControlPlaneClient::new(
-        control_plane.parse()?,
+        control_plane.parse::<capmesh_client::ControlPlaneUrl>()?,
         ServerCheck::Hostname {
             ca_pem: std::fs::read_to_string(&ca)
                 .with_context(|| format!("cannot read the control plane's {}", ca.display()))?,

@@ -1,4 +1,5 @@
-//! The control plane's address, as given with `--control-plane`.
+//! The control plane's addresses, as given with `--control-plane`: one URL, or several
+//! separated by commas (the replicas of a highly available control plane).
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -41,7 +42,7 @@ pub struct ControlPlaneUrl {
 /// Why a `--control-plane` value is not a usable URL.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "--control-plane {input:?}: {problem}: use https://host:port, such as https://127.0.0.1:8000"
+    "--control-plane {input:?}: {problem}: use https://host:port, such as https://127.0.0.1:8000, or several separated by commas"
 )]
 pub struct UrlError {
     /// The value as given.
@@ -138,6 +139,68 @@ impl FromStr for ControlPlaneUrl {
             },
         };
         Ok(Self { host, port })
+    }
+}
+
+/// The control plane's replicas: one URL or more, tried in the order given (a name that resolves
+/// to several addresses counts once, its addresses tried in a random order).
+///
+/// `https://cp-0:8000,https://cp-1:8000` parses as two; each must be a valid
+/// [`ControlPlaneUrl`], and duplicates are dropped.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ControlPlaneAddrs {
+    urls: Vec<ControlPlaneUrl>,
+}
+
+impl ControlPlaneAddrs {
+    /// The URLs, in the order to try them.
+    pub fn urls(&self) -> &[ControlPlaneUrl] {
+        &self.urls
+    }
+
+    /// The first URL.
+    pub fn first(&self) -> &ControlPlaneUrl {
+        // Never empty: built from at least one URL.
+        &self.urls[0]
+    }
+}
+
+impl From<ControlPlaneUrl> for ControlPlaneAddrs {
+    fn from(url: ControlPlaneUrl) -> Self {
+        Self { urls: vec![url] }
+    }
+}
+
+impl fmt::Display for ControlPlaneAddrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, url) in self.urls.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{url}")?;
+        }
+        Ok(())
+    }
+}
+
+impl FromStr for ControlPlaneAddrs {
+    type Err = UrlError;
+
+    fn from_str(input: &str) -> Result<Self, UrlError> {
+        let mut urls: Vec<ControlPlaneUrl> = Vec::new();
+        for part in input.split(',') {
+            if part.trim().is_empty() {
+                return Err(UrlError {
+                    input: input.to_owned(),
+                    problem: "an address in the list is empty".to_owned(),
+                });
+            }
+            let url: ControlPlaneUrl = part.parse()?;
+            if !urls.contains(&url) {
+                urls.push(url);
+            }
+        }
+        Ok(Self { urls })
     }
 }
 
@@ -245,7 +308,8 @@ mod tests {
         assert_eq!(
             err("ftp://x"),
             "--control-plane \"ftp://x\": the scheme is \"ftp\", but the control plane speaks \
-             only https: use https://host:port, such as https://127.0.0.1:8000"
+             only https: use https://host:port, such as https://127.0.0.1:8000, or several \
+             separated by commas"
         );
         assert!(err("http://127.0.0.1:8000").contains("speaks only https"));
         assert!(err("127.0.0.1:8000").contains("the scheme is missing"));
@@ -264,7 +328,35 @@ mod tests {
         assert!(err("https://300.1.1.1").contains("neither a host name nor an IP"));
         for e in [err("ftp://x"), err("https://h:x")] {
             assert!(e.starts_with("--control-plane "), "{e}");
-            assert!(e.ends_with("such as https://127.0.0.1:8000"), "{e}");
+            assert!(e.ends_with("or several separated by commas"), "{e}");
         }
+    }
+
+    #[test]
+    fn several_addresses_parse_in_order_without_duplicates() {
+        let addrs: ControlPlaneAddrs = " https://cp-0:8000, https://cp-1:8001,https://cp-0:8000"
+            .parse()
+            .unwrap();
+        let shown: Vec<String> = addrs.urls().iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["https://cp-0:8000", "https://cp-1:8001"]);
+        assert_eq!(addrs.to_string(), "https://cp-0:8000,https://cp-1:8001");
+        assert_eq!(addrs.first(), &url("https://cp-0:8000"));
+        let one: ControlPlaneAddrs = "https://cp:1".parse().unwrap();
+        assert_eq!(one, ControlPlaneAddrs::from(url("https://cp:1")));
+
+        let err = "https://cp-0:8000,http://cp-1:8000"
+            .parse::<ControlPlaneAddrs>()
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("--control-plane \"http://cp-1:8000\": the scheme is \"http\""),
+            "{err}"
+        );
+        let err = "https://cp-0:8000,,https://x"
+            .parse::<ControlPlaneAddrs>()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("an address in the list is empty"), "{err}");
+        assert!("".parse::<ControlPlaneAddrs>().is_err());
     }
 }

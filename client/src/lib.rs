@@ -22,11 +22,11 @@ pub mod stream;
 
 use std::time::Duration;
 
-pub use addr::{ControlPlaneUrl, Host, UrlError};
+pub use addr::{ControlPlaneAddrs, ControlPlaneUrl, Host, UrlError};
 pub use body::{ChannelBody, channel};
 pub use connect::{ControlPlaneClient, ServerCheck};
 pub use frames::{FrameReader, LineDecoder, ReadError};
-pub use stream::{StreamReceiver, StreamSender};
+pub use stream::{StreamConnection, StreamReceiver, StreamSender};
 
 /// Everything that can go wrong talking to the control plane. Each message says what to check.
 #[derive(Debug, thiserror::Error)]

@@ -102,7 +102,6 @@ impl ControlPlaneClient {
         body: Option<&B>,
         bearer: Option<&str>,
     ) -> Result<Bytes, ClientError> {
-        let url = self.url().to_string();
         let invalid = |detail: String| ClientError::InvalidPath {
             path: path.to_owned(),
             detail,
@@ -121,9 +120,10 @@ impl ControlPlaneClient {
             None => None,
         };
 
-        let tls = self.connect().await?;
+        let (tls, target) = self.connect().await?;
+        let url = target.to_string();
         let h2 = negotiated_h2(&tls);
-        let authority = self.url().authority();
+        let authority = target.authority();
         // HTTP/2 carries scheme and authority as pseudo-headers, taken from an absolute URI;
         // HTTP/1.1 takes the origin form and a Host header.
         let uri = if h2 {

@@ -16,7 +16,7 @@ use crate::body::{ChannelBody, channel};
 use crate::connect::{ConnTask, drive, negotiated_h2};
 use crate::frames::FrameReader;
 use crate::rest::{BoundedError, MAX_ERROR_BYTES, api_error, read_bounded};
-use crate::{ClientError, ControlPlaneClient};
+use crate::{ClientError, ControlPlaneClient, ControlPlaneUrl};
 
 /// The stream's path on the control plane.
 pub const STREAM_PATH: &str = "/v1/stream";
@@ -48,29 +48,65 @@ impl ControlPlaneClient {
         &self,
         first: &ProxyFrame,
     ) -> Result<(StreamSender, StreamReceiver), ClientError> {
-        let url = self.url().to_string();
-        let http = |source| ClientError::Http {
-            url: url.clone(),
-            source,
-        };
-        let tls = self.connect().await?;
+        self.stream_connection().await?.open(first).await
+    }
+
+    /// A fresh HTTP/2 connection for topology streams. A proxy opens one stream per
+    /// connection ([`ControlPlaneClient::open_stream`]); tools and benches that play many
+    /// instances of one agent (one certificate) may open many streams on one connection.
+    pub async fn stream_connection(&self) -> Result<StreamConnection, ClientError> {
+        let (tls, target) = self.connect().await?;
+        let url = target.to_string();
         if !negotiated_h2(&tls) {
             return Err(ClientError::NoHttp2 { url });
         }
-        let (mut send, conn) = http2::Builder::new(TokioExecutor::new())
+        let (send, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(KEEPALIVE_INTERVAL)
             .keep_alive_timeout(KEEPALIVE_TIMEOUT)
             .keep_alive_while_idle(true)
             .handshake(TokioIo::new(tls))
             .await
-            .map_err(http)?;
-        let conn = Arc::new(ConnTask(tokio::spawn(drive("topology stream", conn))));
+            .map_err(|source| ClientError::Http { url, source })?;
+        Ok(StreamConnection {
+            send,
+            conn: Arc::new(ConnTask(tokio::spawn(drive("topology stream", conn)))),
+            target,
+        })
+    }
+}
 
+/// An HTTP/2 connection to one control-plane replica, for topology streams. Streams opened on
+/// it keep it alive; so does this value.
+#[derive(Debug)]
+pub struct StreamConnection {
+    send: http2::SendRequest<ChannelBody>,
+    conn: Arc<ConnTask>,
+    target: ControlPlaneUrl,
+}
+
+impl StreamConnection {
+    /// The replica this connection reached.
+    pub fn url(&self) -> &ControlPlaneUrl {
+        &self.target
+    }
+
+    /// Opens a topology stream on this connection with `first` (a `hello`); see
+    /// [`ControlPlaneClient::open_stream`].
+    pub async fn open(
+        &self,
+        first: &ProxyFrame,
+    ) -> Result<(StreamSender, StreamReceiver), ClientError> {
+        let url = self.target.to_string();
+        let http = |source| ClientError::Http {
+            url: url.clone(),
+            source,
+        };
+        let mut send = self.send.clone();
         let (tx, body) = channel(SEND_BUFFER);
         let sender = StreamSender {
             tx,
-            _conn: conn.clone(),
+            _conn: self.conn.clone(),
         };
         sender.send(first).await?;
 
@@ -80,7 +116,7 @@ impl ControlPlaneClient {
         };
         let uri = Uri::builder()
             .scheme("https")
-            .authority(self.url().authority().as_str())
+            .authority(self.target.authority().as_str())
             .path_and_query(STREAM_PATH)
             .build()
             .map_err(invalid)?;
@@ -91,6 +127,7 @@ impl ControlPlaneClient {
             .map_err(invalid)?;
 
         let answer = async {
+            send.ready().await.map_err(http)?;
             let response = send.send_request(request).await.map_err(http)?;
             let status = response.status();
             if status == StatusCode::OK {
@@ -120,7 +157,7 @@ impl ControlPlaneClient {
         let receiver = StreamReceiver {
             frames: FrameReader::new(body),
             _send: send,
-            _conn: conn,
+            _conn: self.conn.clone(),
         };
         Ok((sender, receiver))
     }

@@ -12,57 +12,94 @@ use capmesh_certs::ca::requested_identity;
 use capmesh_certs::{Ca, CertError, SYSTEM_NAMESPACE, SpiffeId, Validity, VerifiedPeer};
 use ring::rand::SecureRandom;
 
-use crate::rest::ApiError;
-use crate::store::{Store, StoreError, StoredCa, StoredToken};
+use anyhow::{Context, bail};
 
-/// Loads the CA from the store, or creates one (from `byo` files when given) and saves it.
-/// Writes the root to `<data-dir>/ca.pem` for clients either way.
-pub fn load_or_create(
-    store: &dyn Store,
+use crate::rest::ApiError;
+use crate::store::{Purpose, Store, StoreError, StoreKey, StoredCa, StoredKey, StoredToken};
+
+/// Loads the CA from the store, or creates one (from `byo` files when given) and saves it,
+/// its key sealed with `key` when there is one. Replicas starting together on an empty store
+/// race to save theirs: the first wins and the others load it. Writes the root to
+/// `<data-dir>/ca.pem` for clients either way.
+pub async fn load_or_create(
+    store: &impl Store,
+    key: Option<&StoreKey>,
     trust_domain: &TrustDomain,
     data_dir: &Path,
     byo: Option<(String, String)>,
 ) -> anyhow::Result<Ca> {
-    let ca = match store.ca()? {
-        Some(s) => Ca::from_pem(
-            trust_domain.clone(),
-            &s.cert_pem,
-            &s.key_pem,
-            s.root_pem.as_deref(),
-        )?,
+    let ca = match store.ca().await? {
+        Some(stored) => from_stored(store, key, trust_domain, stored).await?,
         None => {
-            let (ca, stored) = match byo {
+            let (ca, cert_pem, key_pem, root_pem) = match byo {
                 Some((cert, key)) => {
                     let ca = Ca::from_pem(trust_domain.clone(), &cert, &key, None)?;
-                    (
-                        ca,
-                        StoredCa {
-                            cert_pem: cert,
-                            key_pem: key,
-                            root_pem: None,
-                        },
-                    )
+                    (ca, cert, key, None)
                 }
                 None => {
                     let ca = Ca::generate(trust_domain.clone(), false)?;
                     let (cert_pem, key_pem, root_pem) = ca.export_pem();
-                    (
-                        ca,
-                        StoredCa {
-                            cert_pem,
-                            key_pem,
-                            root_pem,
-                        },
-                    )
+                    (ca, cert_pem, key_pem, root_pem)
                 }
             };
-            store.insert_ca(&stored)?;
-            tracing::info!(trust_domain = %trust_domain, "created the mesh CA");
-            ca
+            let stored = StoredCa {
+                cert_pem,
+                key: match key {
+                    Some(k) => StoredKey::Sealed(k.seal(Purpose::CaKey, key_pem.as_bytes())?),
+                    None => StoredKey::Plain(key_pem),
+                },
+                root_pem,
+            };
+            match store.insert_ca(&stored).await {
+                Ok(()) => {
+                    tracing::info!(trust_domain = %trust_domain, sealed = key.is_some(), "created the mesh CA");
+                    ca
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    let stored = store
+                        .ca()
+                        .await?
+                        .context("the store reported a CA, then had none")?;
+                    tracing::info!("another replica created the mesh CA first; using it");
+                    from_stored(store, key, trust_domain, stored).await?
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
     };
     capmesh_certs::ca::write_file(&data_dir.join("ca.pem"), ca.root_pem(), 0o644)?;
     Ok(ca)
+}
+
+/// The CA from its stored form: the key unsealed (or, when a store key is given for a store
+/// that has the key in plaintext, sealed in place from now on).
+async fn from_stored(
+    store: &impl Store,
+    key: Option<&StoreKey>,
+    trust_domain: &TrustDomain,
+    stored: StoredCa,
+) -> anyhow::Result<Ca> {
+    let key_pem = match (&stored.key, key) {
+        (StoredKey::Sealed(sealed), Some(k)) => String::from_utf8(k.open(Purpose::CaKey, sealed)?)
+            .context("the unsealed CA key is not text")?,
+        (StoredKey::Sealed(_), None) => bail!(
+            "the CA key in the store is sealed: pass --store-key-file with the key the store was first started with"
+        ),
+        (StoredKey::Plain(pem), Some(k)) => {
+            store
+                .seal_ca_key(&k.seal(Purpose::CaKey, pem.as_bytes())?)
+                .await?;
+            tracing::info!("sealed the CA key in the store with --store-key-file");
+            pem.clone()
+        }
+        (StoredKey::Plain(pem), None) => pem.clone(),
+    };
+    Ok(Ca::from_pem(
+        trust_domain.clone(),
+        &stored.cert_pem,
+        &key_pem,
+        stored.root_pem.as_deref(),
+    )?)
 }
 
 pub(crate) fn unix_now() -> i64 {
@@ -96,8 +133,8 @@ pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 /// Creates a bootstrap token. The secret is shown once, here; only its hash is stored.
 /// `max_ttl` is the control plane's `--max-token-ttl`.
-pub fn create_token(
-    store: &dyn Store,
+pub async fn create_token(
+    store: &impl Store,
     req: TokenRequest,
     max_ttl: Duration,
 ) -> Result<TokenCreated, ApiError> {
@@ -147,10 +184,12 @@ pub fn create_token(
         used: 0,
         description: req.description,
     };
-    store.insert_token(&StoredToken {
-        info: info.clone(),
-        secret_sha256: sha256_hex(secret.as_bytes()),
-    })?;
+    store
+        .insert_token(&StoredToken {
+            info: info.clone(),
+            secret_sha256: sha256_hex(secret.as_bytes()),
+        })
+        .await?;
     tracing::info!(id = %id, namespace = %info.namespace, pattern = %info.agent_pattern, uses = %info.uses.map_or_else(|| "unlimited".to_owned(), |u| u.to_string()), "bootstrap token created");
     Ok(TokenCreated {
         info,
@@ -160,7 +199,7 @@ pub fn create_token(
 
 /// Checks a bootstrap token for `identity`: it must exist, match, be unexpired and unrevoked,
 /// and cover the identity's namespace and agent name.
-fn check_token(store: &dyn Store, token: &str, identity: &SpiffeId) -> Result<(), ApiError> {
+async fn check_token(store: &impl Store, token: &str, identity: &SpiffeId) -> Result<(), ApiError> {
     let denied = |why: &str| ApiError::forbidden(format!("bootstrap token refused: {why}"));
     let rest = token
         .strip_prefix("cmt_")
@@ -168,7 +207,10 @@ fn check_token(store: &dyn Store, token: &str, identity: &SpiffeId) -> Result<()
     let (id, secret) = rest
         .split_once('_')
         .ok_or_else(|| denied("it is malformed"))?;
-    let stored = store.token(id)?.ok_or_else(|| denied("unknown token"))?;
+    let stored = store
+        .token(id)
+        .await?
+        .ok_or_else(|| denied("unknown token"))?;
     let given = sha256_hex(secret.as_bytes());
     if !constant_time_eq(given.as_bytes(), stored.secret_sha256.as_bytes()) {
         return Err(denied("unknown token"));
@@ -189,7 +231,7 @@ fn check_token(store: &dyn Store, token: &str, identity: &SpiffeId) -> Result<()
             stored.info.namespace, stored.info.agent_pattern
         )));
     }
-    store.use_token(id).map_err(|e| match e {
+    store.use_token(id).await.map_err(|e| match e {
         StoreError::Exhausted { uses, .. } => denied(&format!(
             "it has been used {uses} time(s), all it may be: create a new one (`capmesh token create --uses N` for more)"
         )),
@@ -201,7 +243,7 @@ fn check_token(store: &dyn Store, token: &str, identity: &SpiffeId) -> Result<()
 /// `POST /v1/certificates`: first certificates against a bootstrap token, renewals against the
 /// caller's current certificate, which the mesh CA must have issued (an entity's certificate is
 /// never laundered into a mesh one) for the same identity. A revoked identity gets neither.
-pub fn issue(
+pub async fn issue(
     app: &crate::App,
     peer: Option<&VerifiedPeer>,
     req: &CertificateRequest,
@@ -214,13 +256,13 @@ pub fn issue(
             app.trust_domain
         )));
     }
-    if crate::revocations::is_revoked(app, &requested)? {
+    if crate::revocations::is_revoked(app, &requested).await? {
         return Err(ApiError::forbidden(format!(
             "{requested} is revoked: no certificate is issued for it until the revocation is lifted (`capmesh agent lift`)"
         )));
     }
     match (&req.token, peer) {
-        (Some(token), _) => check_token(app.store.as_ref(), token, &requested)?,
+        (Some(token), _) => check_token(app.store.as_ref(), token, &requested).await?,
         (None, Some(peer)) if peer.entity.is_some() => {
             return Err(ApiError::forbidden(format!(
                 "renewal refused: your certificate {} was issued by entity {:?}, not the mesh CA; the mesh renews only its own certificates",
@@ -265,6 +307,12 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::NotFound { .. } => ApiError::not_found(e.to_string()),
             StoreError::Conflict { .. } => ApiError::conflict(e.to_string()),
+            StoreError::Unavailable { .. } => {
+                tracing::warn!(error = %e, "request refused: the store is unreachable");
+                ApiError::unavailable(format!(
+                    "{e}: nothing was changed; retry once it is back (proxies keep routing meanwhile)"
+                ))
+            }
             StoreError::Exhausted { .. } => ApiError::forbidden(e.to_string()),
             other => {
                 tracing::error!(error = %other, "store failure");

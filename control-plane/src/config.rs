@@ -30,9 +30,17 @@ pub struct Config {
     #[arg(long, env = "CAPMESH_DATA_DIR", default_value = "./capmesh-data")]
     pub data_dir: PathBuf,
 
-    /// Store URL. Default: the SQLite file `capmesh.db` in the data dir.
+    /// Store URL. Default: the SQLite file `capmesh.db` in the data dir; also
+    /// `sqlite:///path/to/file.db`. `postgres://user:password@host:5432/db` for several
+    /// replicas sharing one database (needs --store-key-file and --admin-token-file).
     #[arg(long, env = "CAPMESH_STORE")]
     pub store: Option<String>,
+
+    /// File with the key that seals the CA key (and the session key) in the store: 32 random
+    /// bytes as 64 hex characters or base64 (`openssl rand -hex 32`). Required with PostgreSQL;
+    /// optional with SQLite. Every replica needs the same key.
+    #[arg(long, env = "CAPMESH_STORE_KEY_FILE")]
+    pub store_key_file: Option<PathBuf>,
 
     /// SPIFFE trust domain of the mesh.
     #[arg(long, env = "CAPMESH_TRUST_DOMAIN", default_value = "capmesh.local")]
@@ -48,7 +56,8 @@ pub struct Config {
     pub grace: Duration,
 
     /// After a restart, how long the instances the last run knew keep being served before they
-    /// are withdrawn, if their proxies have not reconnected (proxies reconnect within 15 s).
+    /// are withdrawn, if their proxies have not reconnected (proxies retry at least every
+    /// 500 ms).
     #[arg(long, env = "CAPMESH_RESTART_GRACE", default_value = "30s", value_parser = parse_duration)]
     pub restart_grace: Duration,
 

@@ -12,6 +12,7 @@ use capmesh_certs::{EntityAnchor, TrustConfig};
 use crate::App;
 use crate::ca::unix_now;
 use crate::rest::ApiError;
+use crate::store::Store;
 
 /// The trust bundle for proxies and the trust config for this process, from the store.
 pub fn trust_from_store(
@@ -53,10 +54,11 @@ pub fn trust_from_store(
 }
 
 /// Re-reads the entities and revocations and applies the resulting trust everywhere: this
-/// process's listener at once, every proxy in its next delta.
-pub fn apply_trust(app: &App) -> Result<(), ApiError> {
-    let entities = app.store.entities()?;
-    let revocations = app.store.revocations()?;
+/// process's listener at once, every proxy in its next delta, and the streams of revoked
+/// entities (closed). Also how a change made on another replica is applied here.
+pub async fn apply_trust(app: &App) -> Result<(), ApiError> {
+    let entities = app.store.entities().await?;
+    let revocations = app.store.revocations().await?;
     let (bundle, config) = trust_from_store(
         app.ca.root_pem(),
         &app.trust_domain,
@@ -67,11 +69,17 @@ pub fn apply_trust(app: &App) -> Result<(), ApiError> {
         .update(&config)
         .map_err(|e| ApiError::internal(format!("cannot apply the trust bundle: {e}")))?;
     app.registry.set_trust(bundle);
+    for revoked in entities.iter().filter(|e| e.revoked_unix.is_some()) {
+        let closed = app.registry.close_entity_streams(&revoked.name);
+        if closed > 0 {
+            tracing::info!(entity = %revoked.name, streams_closed = closed, "closed the streams of a revoked entity");
+        }
+    }
     Ok(())
 }
 
 /// `POST /v1/entities`.
-pub fn register(app: &App, req: EntityRequest) -> Result<Entity, ApiError> {
+pub async fn register(app: &App, req: EntityRequest) -> Result<Entity, ApiError> {
     req.validate()
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     if req.trust_domain == app.trust_domain {
@@ -81,7 +89,7 @@ pub fn register(app: &App, req: EntityRequest) -> Result<Entity, ApiError> {
         )));
     }
     if let Some(other) =
-        app.store.entities()?.into_iter().find(|e| {
+        app.store.entities().await?.into_iter().find(|e| {
             e.revoked_unix.is_none() && e.trust_domain.as_ref() == Some(&req.trust_domain)
         })
     {
@@ -132,17 +140,16 @@ pub fn register(app: &App, req: EntityRequest) -> Result<Entity, ApiError> {
         created_unix: unix_now(),
         revoked_unix: None,
     };
-    app.store.insert_entity(&entity)?;
-    apply_trust(app)?;
+    app.store.insert_entity(&entity).await?;
+    apply_trust(app).await?;
     tracing::info!(entity = %entity.name, trust_domain = entity.trust_domain.as_ref().map_or("-", |t| t.as_str()), fingerprint = %entity.fingerprint_sha256, "entity registered");
     Ok(entity)
 }
 
 /// `DELETE /v1/entities/{name}`: revoke, push, and close the entity's open streams.
-pub fn revoke(app: &App, name: &str) -> Result<Entity, ApiError> {
-    let entity = app.store.revoke_entity(name, unix_now())?;
-    apply_trust(app)?;
-    let closed = app.registry.close_entity_streams(name);
-    tracing::info!(entity = %name, streams_closed = closed, "entity revoked");
+pub async fn revoke(app: &App, name: &str) -> Result<Entity, ApiError> {
+    let entity = app.store.revoke_entity(name, unix_now()).await?;
+    apply_trust(app).await?;
+    tracing::info!(entity = %name, "entity revoked");
     Ok(entity)
 }

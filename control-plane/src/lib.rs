@@ -15,14 +15,17 @@ pub mod entities;
 pub mod inject;
 pub mod metrics;
 pub mod registry;
+pub mod replicas;
 pub mod rest;
 pub mod revocations;
 pub mod server;
 pub mod spans;
 pub mod store;
 pub mod stream;
+pub mod subscribers;
 pub mod webhook;
 
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -41,13 +44,13 @@ use tokio::sync::watch;
 pub use config::Config;
 use metrics::Metrics;
 use registry::Registry;
-use store::{SqliteStore, Store};
+use store::{Backend, PgStore, Purpose, SqliteStore, Store, StoreKey};
 
 /// Everything a request handler needs. One per process.
 #[derive(Debug)]
 pub struct App {
     /// Durable state.
-    pub store: Arc<dyn Store>,
+    pub store: Arc<Backend>,
     /// Live state.
     pub registry: Arc<Registry>,
     /// The mesh CA.
@@ -68,62 +71,60 @@ pub struct App {
     pub metrics: Metrics,
     /// True once the API listener is serving.
     pub ready: AtomicBool,
+    /// This replica's id (host name and a random suffix), the owner of its instances' rows.
+    pub replica: String,
+    /// This replica's pending instance writes.
+    pub writer: replicas::Writer,
+    /// The replicas with a current lease (this one alone on SQLite).
+    live: std::sync::Mutex<BTreeSet<String>>,
     /// Sampled spans and traffic reports from the proxies (this replica's streams only).
     pub observed: spans::Observed,
 }
 
 impl App {
-    /// Saves an instance's current record (after it connected, re-registered or changed
-    /// health), so a restarted control plane keeps serving it until it reconnects.
+    /// Saves an instance this replica holds (after it connected, re-registered, changed health
+    /// or disconnected), so other replicas serve it and a restart keeps serving it until its
+    /// proxy reconnects. Written by the writer task, never on the caller's path.
     pub fn persist(&self, proxy_id: &str) {
-        let Some(record) = self.registry.record(proxy_id) else {
+        self.writer.mark(proxy_id);
+    }
+
+    /// Whether `replica` holds a current lease.
+    pub fn is_live(&self, replica: &str) -> bool {
+        replica == self.replica
+            || self
+                .live
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(replica)
+    }
+
+    /// Records the replicas with a current lease.
+    pub fn set_live(&self, replicas: Vec<String>) {
+        *self.live.lock().unwrap_or_else(|p| p.into_inner()) = replicas.into_iter().collect();
+    }
+
+    /// After the grace period of a stream that ended without goodbye: withdraws its instance
+    /// unless its proxy reconnected (here, or to another replica, which then owns the row).
+    pub async fn expire_local(self: Arc<Self>, proxy_id: String, epoch: u64, started_ms: i64) {
+        if !self.registry.is_disconnected(&proxy_id, epoch) {
             return;
-        };
-        let result = serde_json::to_string(&record)
-            .map_err(|e| e.to_string())
-            .and_then(|json| {
-                self.store
-                    .upsert_instance(proxy_id, &json)
-                    .map_err(|e| e.to_string())
-            });
-        if let Err(e) = result {
-            tracing::warn!(proxy_id, error = %e, "cannot persist the instance; a restart would forget it");
         }
-    }
-
-    /// Forgets a withdrawn instance.
-    pub fn forget(&self, proxy_id: &str) {
-        if let Err(e) = self.store.remove_instance(proxy_id) {
-            tracing::warn!(proxy_id, error = %e, "cannot remove the withdrawn instance from the store");
+        if let Ok(rows) = self
+            .store
+            .instances_by_id(std::slice::from_ref(&proxy_id))
+            .await
+            && rows
+                .first()
+                .is_some_and(|r| r.owner != self.replica && r.started_ms > started_ms)
+        {
+            // Moved: the follower swaps in the other replica's instance.
+            return;
         }
-    }
-
-    /// Brings back the instances a previous run knew; each is withdrawn after `restart_grace`
-    /// unless its proxy reconnects first.
-    fn restore_instances(self: &Arc<Self>, restart_grace: Duration) -> anyhow::Result<usize> {
-        let stored = self.store.instances()?;
-        let mut restored = 0;
-        for (proxy_id, json) in stored {
-            let record: registry::InstanceRecord = match serde_json::from_str(&json) {
-                Ok(r) => r,
-                Err(e) => {
-                    tracing::warn!(proxy_id = %proxy_id, error = %e, "dropping an unreadable stored instance");
-                    self.forget(&proxy_id);
-                    continue;
-                }
-            };
-            let epoch = self.registry.restore(record);
-            restored += 1;
-            let app = self.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(restart_grace).await;
-                if app.registry.expire(&proxy_id, epoch) {
-                    tracing::info!(proxy_id = %proxy_id, "did not reconnect after the restart; endpoints withdrawn");
-                    app.forget(&proxy_id);
-                }
-            });
+        if self.registry.expire(&proxy_id, epoch) {
+            tracing::info!(proxy_id = %proxy_id, "endpoints withdrawn");
+            self.writer.mark_gone(&proxy_id, started_ms);
         }
-        Ok(restored)
     }
 }
 
@@ -211,35 +212,69 @@ impl Renew for ServingCert {
     }
 }
 
-/// The mesh's passthrough session key as hex: created once (32 random bytes), then read back.
-fn session_key(store: &dyn Store) -> anyhow::Result<String> {
+/// The mesh's passthrough session key as hex: created once (32 random bytes, sealed with the
+/// store key when there is one), then read back.
+async fn session_key(store: &Backend, key: Option<&StoreKey>) -> anyhow::Result<String> {
     use ring::rand::SecureRandom;
     let mut fresh = [0u8; 32];
     ring::rand::SystemRandom::new()
         .fill(&mut fresh)
         .map_err(|_| anyhow::anyhow!("no system randomness for the session key"))?;
-    let key = store.session_key_or_insert(&fresh)?;
-    if key.len() != 32 {
-        bail!("the stored session key has {} bytes, not 32", key.len());
+    let offered = match key {
+        Some(k) => k.seal(Purpose::SessionKey, &fresh)?,
+        None => fresh.to_vec(),
+    };
+    let stored = store.session_key_or_insert(&offered).await?;
+    let plain = match (store::seal::is_sealed(&stored), key) {
+        (true, Some(k)) => k.open(Purpose::SessionKey, &stored)?,
+        (true, None) => bail!(
+            "the session key in the store is sealed: pass --store-key-file with the key the store was first started with"
+        ),
+        (false, _) => stored,
+    };
+    if plain.len() != 32 {
+        bail!("the stored session key has {} bytes, not 32", plain.len());
     }
-    Ok(key.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(plain.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-fn open_store(config: &Config) -> anyhow::Result<Arc<dyn Store>> {
-    match config.store.as_deref() {
-        None => Ok(Arc::new(SqliteStore::open(
-            &config.data_dir.join("capmesh.db"),
-        )?)),
-        Some(url) if url.starts_with("sqlite://") => Ok(Arc::new(SqliteStore::open(Path::new(
-            url.trim_start_matches("sqlite://"),
-        ))?)),
-        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => bail!(
-            "--store {url:?}: the PostgreSQL store is not built yet; leave --store unset for the SQLite store in the data dir"
-        ),
+async fn open_store(config: &Config, replica: &str) -> anyhow::Result<(Backend, Option<StoreKey>)> {
+    let key = config
+        .store_key_file
+        .as_deref()
+        .map(StoreKey::from_file)
+        .transpose()?;
+    let backend = match config.store.as_deref() {
+        None => Backend::Sqlite(SqliteStore::open(&config.data_dir.join("capmesh.db"))?),
+        Some(url) if url.starts_with("sqlite://") => Backend::Sqlite(SqliteStore::open(
+            Path::new(url.trim_start_matches("sqlite://")),
+        )?),
+        Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+            let shown = store::postgres::redact(url);
+            if key.is_none() {
+                bail!(
+                    "--store {shown}: the CA key is kept in PostgreSQL only sealed: pass --store-key-file with 32 random bytes (`openssl rand -hex 32 > store.key`), the same file for every replica"
+                );
+            }
+            if config.admin_token_file.is_none() {
+                bail!(
+                    "--store {shown}: every replica must accept the same admin token: pass --admin-token-file (the same file for every replica)"
+                );
+            }
+            let store = PgStore::open(url, replica).await.map_err(|e| match e {
+                store::StoreError::Unavailable { .. } => anyhow::anyhow!(
+                    "{e}: check --store {shown} and that PostgreSQL is up and reachable from here"
+                ),
+                other => other.into(),
+            })?;
+            Backend::Postgres(Box::new(store))
+        }
         Some(url) => bail!(
-            "--store {url:?}: use sqlite:///path/to/file.db (or leave it unset for <data-dir>/capmesh.db)"
+            "--store {:?}: use sqlite:///path/to/file.db, postgres://user:password@host:5432/database, or leave it unset for <data-dir>/capmesh.db",
+            store::postgres::redact(url)
         ),
-    }
+    };
+    Ok((backend, key))
 }
 
 /// The `capmesh-control-plane` program: parses `args` (the first is the program name), then
@@ -274,7 +309,8 @@ pub async fn run(
                 )
             })?;
     }
-    let store = open_store(&config)?;
+    let replica = replicas::new_replica_id();
+    let (store, store_key) = open_store(&config, &replica).await?;
     let byo = match (&config.ca_cert, &config.ca_key) {
         (Some(cert), Some(key)) => Some((
             std::fs::read_to_string(cert)
@@ -283,21 +319,31 @@ pub async fn run(
         )),
         _ => None,
     };
-    let ca = ca::load_or_create(store.as_ref(), &config.trust_domain, &config.data_dir, byo)?;
+    let ca = ca::load_or_create(
+        &store,
+        store_key.as_ref(),
+        &config.trust_domain,
+        &config.data_dir,
+        byo,
+    )
+    .await?;
     let admin_token = admin_token(&config)?;
     let (bundle, trust_config) = entities::trust_from_store(
         ca.root_pem(),
         &config.trust_domain,
-        &store.entities()?,
-        &store.revocations()?,
+        &store.entities().await?,
+        &store.revocations().await?,
     );
     let trust = Arc::new(TrustStore::new(&trust_config)?);
-    let policy = store.policy()?.unwrap_or_default();
+    let policy = store.policy().await?.unwrap_or_default();
     let settings = MeshSettings {
-        session_key: session_key(store.as_ref())?,
-        ..store.settings()?.unwrap_or_default()
+        session_key: session_key(&store, store_key.as_ref()).await?,
+        ..store.settings().await?.unwrap_or_default()
     };
-    let registry = Arc::new(Registry::new(bundle, policy, settings));
+    let registry = Arc::new(Registry::new(replica.clone(), bundle, policy, settings));
+    // A replica sharing the store learns who else is alive before it serves their instances.
+    let live = store.heartbeat(&replica, replicas::LEASE).await?;
+    let store = Arc::new(store);
 
     let (cert_pem, key_pem, root) = ca.export_pem();
     let serving = ServingCert {
@@ -336,15 +382,28 @@ pub async fn run(
         admin_token,
         metrics: Metrics::new(),
         ready: AtomicBool::new(false),
+        replica: replica.clone(),
+        writer: replicas::Writer::default(),
+        live: std::sync::Mutex::new(live.into_iter().collect()),
         observed: spans::Observed::default(),
     });
+    app.metrics
+        .replica_info
+        .with_label_values(&[replica.as_str()])
+        .set(1);
+    tracing::info!(replica = %replica, store = %app.store.describe(), "store open");
+    // Follow the other replicas from before the restore, so nothing changed in between is missed.
+    let followed = match app.store.as_ref() {
+        Backend::Postgres(pg) => Some(pg.follow()),
+        Backend::Sqlite(_) => None,
+    };
 
-    let restored = app.restore_instances(config.restart_grace)?;
+    let restored = replicas::restore(&app, config.restart_grace).await?;
     if restored > 0 {
         tracing::info!(
             restored,
             grace_ms = config.restart_grace.as_millis() as u64,
-            "serving the last known instances until their proxies reconnect"
+            "serving the stored instances (those of gone replicas until their proxies reconnect)"
         );
     }
 
@@ -428,6 +487,18 @@ pub async fn run(
             stop_rx.clone(),
         ))
     });
+    let mut background = vec![tokio::spawn(replicas::write(app.clone(), stop_rx.clone()))];
+    if let Some(events) = followed {
+        background.push(tokio::spawn(replicas::follow(
+            app.clone(),
+            events,
+            stop_rx.clone(),
+        )));
+        background.push(tokio::spawn(replicas::heartbeat(
+            app.clone(),
+            stop_rx.clone(),
+        )));
+    }
     let admin_task = tokio::spawn(server::serve_admin(app.clone(), admin, limits, stop_rx));
     app.ready.store(true, Ordering::Release);
 
@@ -442,6 +513,9 @@ pub async fn run(
         let _ = admin_task.await;
         let _ = rotation.await;
         if let Some(task) = webhook_task {
+            let _ = task.await;
+        }
+        for task in background {
             let _ = task.await;
         }
     })

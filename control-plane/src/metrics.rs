@@ -1,8 +1,8 @@
 //! Prometheus metrics of the control plane (`capmesh_cp_*`), served on the admin address.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 /// Every metric the control plane exports.
@@ -27,6 +27,12 @@ pub struct Metrics {
     pub certificates_issued: IntCounter,
     /// Refused connections, streams and requests, by reason.
     pub refusals: IntCounterVec,
+    /// 1 while the store answers, 0 while it does not.
+    pub store_up: IntGauge,
+    /// Replicas with a current lease on the shared store (1 on SQLite).
+    pub replicas: IntGauge,
+    /// This replica's id, as a label of a constant 1.
+    pub replica_info: IntGaugeVec,
     /// Spans the proxies sent that were kept in the window.
     pub spans_received: IntCounter,
     /// Spans refused as malformed (each one named in a debug log).
@@ -102,6 +108,21 @@ impl Metrics {
             &["reason"],
         ));
         must(registry.register(Box::new(refusals.clone())));
+        let store_up = gauge(
+            "capmesh_cp_store_up",
+            "1 while the store answers, 0 while it does not",
+        );
+        store_up.set(1);
+        let replicas = gauge(
+            "capmesh_cp_replicas",
+            "Control-plane replicas with a current lease on the shared store",
+        );
+        replicas.set(1);
+        let replica_info = must(IntGaugeVec::new(
+            Opts::new("capmesh_cp_replica_info", "This control-plane replica's id"),
+            &["replica"],
+        ));
+        must(registry.register(Box::new(replica_info.clone())));
         let spans_received = counter(
             "capmesh_cp_spans_received_total",
             "Spans received from proxies and kept in the in-memory window",
@@ -151,6 +172,9 @@ impl Metrics {
             ack_latency,
             certificates_issued,
             refusals,
+            store_up,
+            replicas,
+            replica_info,
         }
     }
 

@@ -11,12 +11,19 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use capmesh_api::rest::{AgentInfo, CapabilityInfo, InstanceInfo, RefusedCapability};
+use capmesh_api::rest::RefusedCapability;
 use capmesh_api::{
     Capability, Delta, Dependency, DependencyTarget, Endpoint, EndpointId, MeshSettings, Node,
     Policy, Registration, Snapshot, SnapshotVersion, TrustBundle,
 };
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{Notify, oneshot};
+
+use crate::subscribers::Subscribers;
+
+mod ownership;
+mod views;
+
+pub use ownership::{LocalInstance, RemoteUpsert};
 
 type EndpointMap = Arc<BTreeMap<EndpointId, Arc<Endpoint>>>;
 
@@ -29,6 +36,12 @@ struct CapEntry {
 /// One connected (or recently disconnected) proxy and its agent.
 #[derive(Debug)]
 struct Instance {
+    /// `None` when this replica holds its stream; else the replica that does (or did).
+    owner: Option<String>,
+    /// Its owner is gone and its grace timer runs.
+    orphaned: bool,
+    /// When its current stream opened (Unix ms): the later of two streams owns the instance.
+    started_ms: i64,
     node: Node,
     identity: String,
     entity: Option<String>,
@@ -56,6 +69,11 @@ struct Inner {
     trust: (u64, TrustBundle),
     policy: (u64, Policy),
     settings: (u64, MeshSettings),
+    subscribers: Subscribers,
+    /// Capabilities whose endpoints changed since subscribers were last woken.
+    changed_caps: BTreeSet<Capability>,
+    /// Whether something every subscriber sees changed since then.
+    changed_for_all: bool,
     mesh_trust_domain: String,
 }
 
@@ -74,6 +92,9 @@ pub struct InstanceRecord {
     pub registration: Registration,
     /// Its agent's health as last reported.
     pub healthy: bool,
+    /// Why its agent is unhealthy, as the proxy said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_detail: Option<String>,
     /// Its certificate's expiry as last seen.
     #[serde(default)]
     pub cert_not_after: Option<i64>,
@@ -86,6 +107,8 @@ pub struct Lease {
     pub proxy_id: String,
     /// Distinguishes this connection from earlier and later ones of the same proxy.
     pub epoch: u64,
+    /// When this stream opened (Unix ms), as written to the store.
+    pub started_ms: i64,
     /// Fires with a reason when the control plane wants this stream closed (replaced by a newer
     /// connection of the same proxy, or its entity revoked).
     pub closed: oneshot::Receiver<String>,
@@ -104,11 +127,57 @@ pub struct View {
     settings_generation: u64,
 }
 
-/// The live registry. Cheap to share (`Arc<Registry>`); every mutation wakes all subscribers.
+/// The live registry. Cheap to share (`Arc<Registry>`); a mutation wakes the subscribers it
+/// concerns ([`crate::subscribers`]).
+///
+/// It holds this replica's instances (their streams are here) and, with a shared store, the
+/// other replicas' instances as they published them ("remote"): every replica serves every
+/// endpoint.
 #[derive(Debug)]
 pub struct Registry {
     inner: Mutex<Inner>,
-    changed: watch::Sender<u64>,
+    replica: String,
+}
+
+/// A stream's subscription: woken when something it depends on changed. Dropping it
+/// unsubscribes.
+#[derive(Debug)]
+pub struct Subscription {
+    registry: Arc<Registry>,
+    id: u64,
+    wake: Arc<Notify>,
+}
+
+impl Subscription {
+    /// Resolves once something this subscriber depends on changed since the last time (cancel
+    /// safe: a wake-up that arrives meanwhile is kept).
+    pub async fn changed(&self) {
+        self.wake.notified().await;
+    }
+
+    /// Follows new dependencies (the agent re-registered).
+    pub fn set_dependencies(&self, deps: &[Dependency]) {
+        self.registry.lock().subscribers.set(self.id, deps);
+    }
+
+    /// Wakes this subscriber itself (to look at the registry again now).
+    pub fn poke(&self) {
+        self.wake.notify_one();
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.registry.lock().subscribers.remove(self.id);
+    }
+}
+
+/// The wall clock in Unix milliseconds.
+pub fn unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 fn covers_all(deps: &[Dependency]) -> bool {
@@ -253,6 +322,7 @@ impl Inner {
                 continue;
             }
             changed = true;
+            self.changed_caps.insert(cap.clone());
             let generation = self.bump();
             if map.is_empty() {
                 self.caps.remove(&cap);
@@ -270,6 +340,7 @@ impl Inner {
         }
         if known_changed {
             self.known_generation = self.bump();
+            self.changed_for_all = true;
         }
         changed
     }
@@ -315,10 +386,16 @@ impl Inner {
 }
 
 impl Registry {
-    /// A registry with the given trust bundle, policy and settings, and no agents.
-    pub fn new(trust: TrustBundle, policy: Policy, settings: MeshSettings) -> Self {
-        let (changed, _) = watch::channel(1);
+    /// A registry for replica `replica` with the given trust bundle, policy and settings, and
+    /// no agents.
+    pub fn new(
+        replica: impl Into<String>,
+        trust: TrustBundle,
+        policy: Policy,
+        settings: MeshSettings,
+    ) -> Self {
         Self {
+            replica: replica.into(),
             inner: Mutex::new(Inner {
                 mesh_trust_domain: trust.trust_domain.to_string(),
                 generation: 1,
@@ -329,8 +406,10 @@ impl Registry {
                 trust: (1, trust),
                 policy: (1, policy),
                 settings: (1, settings),
+                subscribers: Subscribers::default(),
+                changed_caps: BTreeSet::new(),
+                changed_for_all: false,
             }),
-            changed,
         }
     }
 
@@ -340,13 +419,21 @@ impl Registry {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn notify(&self, inner: &Inner) {
-        self.changed.send_replace(inner.generation);
+    /// Wakes the subscribers of whatever changed since the last call.
+    fn notify(&self, inner: &mut Inner) {
+        let caps = std::mem::take(&mut inner.changed_caps);
+        let all = std::mem::take(&mut inner.changed_for_all);
+        inner.subscribers.wake(&caps, all);
     }
 
-    /// Wakes whenever anything in the registry changes.
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.changed.subscribe()
+    /// Subscribes a stream whose agent depends on `deps`.
+    pub fn subscribe(self: &Arc<Self>, deps: &[Dependency]) -> Subscription {
+        let (id, wake) = self.lock().subscribers.add(deps);
+        Subscription {
+            registry: self.clone(),
+            id,
+            wake,
+        }
     }
 
     /// Registers a proxy's stream. A newer connection of the same proxy id replaces the older
@@ -375,6 +462,14 @@ impl Registry {
         inner.next_epoch += 1;
         let (close_tx, closed) = oneshot::channel();
         let proxy_id = node.proxy_id.clone();
+        // Never earlier than a stream of this proxy already known (a clock step back, or
+        // another replica's clock ahead), so the newest stream always wins in the store.
+        let started_ms = unix_ms().max(
+            inner
+                .instances
+                .get(&proxy_id)
+                .map_or(0, |i| i.started_ms + 1),
+        );
         let previous = inner.instances.remove(&proxy_id);
         let (healthy, endpoint_ids) = match previous {
             Some(mut prev) => {
@@ -388,6 +483,9 @@ impl Registry {
         inner.instances.insert(
             proxy_id.clone(),
             Instance {
+                owner: None,
+                orphaned: false,
+                started_ms,
                 node,
                 identity,
                 entity,
@@ -406,10 +504,11 @@ impl Registry {
         );
         inner.republish(&proxy_id);
         inner.bump();
-        self.notify(&inner);
+        self.notify(&mut inner);
         Ok(Lease {
             proxy_id,
             epoch,
+            started_ms,
             closed,
         })
     }
@@ -426,11 +525,11 @@ impl Registry {
     fn with_instance(&self, lease_id: &str, epoch: u64, f: impl FnOnce(&mut Instance) -> bool) {
         let mut inner = self.lock();
         let republish = match inner.instances.get_mut(lease_id) {
-            Some(inst) if inst.epoch == epoch => f(inst),
+            Some(inst) if inst.epoch == epoch && inst.owner.is_none() => f(inst),
             _ => return,
         };
         if republish && inner.republish(lease_id) {
-            self.notify(&inner);
+            self.notify(&mut inner);
         }
     }
 
@@ -462,69 +561,25 @@ impl Registry {
     }
 
     /// A stream ended. Graceful: withdraw now. Otherwise the endpoints stay until
-    /// [`Registry::expire`] runs after the grace period.
-    pub fn disconnect(&self, proxy_id: &str, epoch: u64, graceful: bool) {
+    /// [`Registry::expire`] runs after the grace period. False when the stream was no longer
+    /// the instance's current one (replaced, or moved to another replica).
+    pub fn disconnect(&self, proxy_id: &str, epoch: u64, graceful: bool) -> bool {
         let mut inner = self.lock();
         match inner.instances.get_mut(proxy_id) {
-            Some(inst) if inst.epoch == epoch => {
+            Some(inst) if inst.epoch == epoch && inst.owner.is_none() => {
                 inst.connected = false;
                 inst.since = crate::ca::unix_now();
                 inst.close = None;
             }
-            _ => return,
+            _ => return false,
         }
         if graceful {
             inner.publish(proxy_id, Vec::new());
             inner.instances.remove(proxy_id);
         }
         inner.bump();
-        self.notify(&inner);
-    }
-
-    /// What to persist of an instance (`None` once it is withdrawn).
-    pub fn record(&self, proxy_id: &str) -> Option<InstanceRecord> {
-        let inner = self.lock();
-        inner.instances.get(proxy_id).map(|i| InstanceRecord {
-            node: i.node.clone(),
-            identity: i.identity.clone(),
-            entity: i.entity.clone(),
-            registration: i.registration.clone(),
-            healthy: i.healthy,
-            cert_not_after: i.cert_not_after,
-        })
-    }
-
-    /// Brings back an instance a previous run of the control plane knew, as disconnected: its
-    /// endpoints keep being served until it reconnects or [`Registry::expire`] withdraws it.
-    /// Returns the epoch to expire.
-    pub fn restore(&self, rec: InstanceRecord) -> u64 {
-        let mut inner = self.lock();
-        let epoch = inner.next_epoch;
-        inner.next_epoch += 1;
-        let proxy_id = rec.node.proxy_id.clone();
-        inner.instances.insert(
-            proxy_id.clone(),
-            Instance {
-                node: rec.node,
-                identity: rec.identity,
-                entity: rec.entity,
-                registration: rec.registration,
-                healthy: rec.healthy,
-                health_detail: None,
-                connected: false,
-                epoch,
-                held: None,
-                cert_not_after: rec.cert_not_after,
-                since: crate::ca::unix_now(),
-                close: None,
-                endpoint_ids: Vec::new(),
-                refused: Vec::new(),
-            },
-        );
-        inner.republish(&proxy_id);
-        inner.bump();
-        self.notify(&inner);
-        epoch
+        self.notify(&mut inner);
+        true
     }
 
     /// Withdraws a disconnected instance if it has not reconnected since `epoch`.
@@ -537,7 +592,7 @@ impl Registry {
         inner.publish(proxy_id, Vec::new());
         inner.instances.remove(proxy_id);
         inner.bump();
-        self.notify(&inner);
+        self.notify(&mut inner);
         true
     }
 
@@ -557,11 +612,16 @@ impl Registry {
     }
 
     /// Replaces the trust bundle pushed to every proxy.
+    /// Unchanged trust is not pushed again.
     pub fn set_trust(&self, trust: TrustBundle) {
         let mut inner = self.lock();
+        if inner.trust.1 == trust {
+            return;
+        }
         let generation = inner.bump();
         inner.trust = (generation, trust);
-        self.notify(&inner);
+        inner.changed_for_all = true;
+        self.notify(&mut inner);
     }
 
     /// Replaces the authorization policy pushed to every proxy, and applies its `provide`
@@ -569,22 +629,31 @@ impl Registry {
     /// allowed now is published).
     pub fn set_policy(&self, policy: Policy) {
         let mut inner = self.lock();
+        if inner.policy.1 == policy {
+            return;
+        }
         let generation = inner.bump();
         inner.policy = (generation, policy);
         let ids: Vec<String> = inner.instances.keys().cloned().collect();
         for id in ids {
             inner.republish(&id);
         }
-        self.notify(&inner);
+        inner.changed_for_all = true;
+        self.notify(&mut inner);
     }
 
     /// Replaces the mesh settings pushed to every proxy; the mesh's session key is kept.
+    /// Unchanged settings are not pushed again.
     pub fn set_settings(&self, mut settings: MeshSettings) {
         let mut inner = self.lock();
         settings.session_key = inner.settings.1.session_key.clone();
+        if inner.settings.1 == settings {
+            return;
+        }
         let generation = inner.bump();
         inner.settings = (generation, settings);
-        self.notify(&inner);
+        inner.changed_for_all = true;
+        self.notify(&mut inner);
     }
 
     /// The mesh settings in force, without the session key.
@@ -716,65 +785,6 @@ impl Registry {
             .get(proxy_id)
             .map(|i| i.registration.dependencies.clone())
             .unwrap_or_default()
-    }
-
-    /// Every agent with its instances, for `GET /v1/agents`.
-    pub fn agents(&self) -> Vec<AgentInfo> {
-        let inner = self.lock();
-        let mut agents: BTreeMap<(String, String), AgentInfo> = BTreeMap::new();
-        for inst in inner.instances.values() {
-            let key = (inst.node.namespace.to_string(), inst.node.agent.to_string());
-            let agent = agents.entry(key).or_insert_with(|| AgentInfo {
-                name: inst.node.agent.clone(),
-                namespace: inst.node.namespace.clone(),
-                identity: inst.identity.clone(),
-                instances: Vec::new(),
-            });
-            agent.instances.push(InstanceInfo {
-                proxy_id: inst.node.proxy_id.clone(),
-                address: inst.registration.endpoint.clone(),
-                zone: inst.node.zone.clone(),
-                healthy: inst.healthy,
-                health_detail: inst.health_detail.clone(),
-                connected: inst.connected,
-                tags: inst.registration.tags.clone(),
-                version: inst.registration.version.clone(),
-                snapshot_version: inst.held,
-                certificate_not_after_unix: inst.cert_not_after,
-                since_unix: Some(inst.since),
-                tools: inst.registration.tools.clone(),
-                refused: inst.refused.clone(),
-            });
-        }
-        let mut out: Vec<AgentInfo> = agents.into_values().collect();
-        for a in &mut out {
-            a.instances.sort_by(|x, y| x.proxy_id.cmp(&y.proxy_id));
-        }
-        out
-    }
-
-    /// Every capability with its endpoints, for `GET /v1/capabilities`.
-    pub fn capabilities(&self) -> Vec<CapabilityInfo> {
-        self.lock()
-            .caps
-            .iter()
-            .map(|(cap, entry)| CapabilityInfo {
-                capability: cap.clone(),
-                endpoints: entry.endpoints.values().map(|e| (**e).clone()).collect(),
-            })
-            .collect()
-    }
-
-    /// Counts for metrics: (connected streams, agents, capabilities).
-    pub fn counts(&self) -> (usize, usize, usize) {
-        let inner = self.lock();
-        let connected = inner.instances.values().filter(|i| i.connected).count();
-        let agents: BTreeSet<(&str, &str)> = inner
-            .instances
-            .values()
-            .map(|i| (i.node.namespace.as_str(), i.node.agent.as_str()))
-            .collect();
-        (connected, agents.len(), inner.caps.len())
     }
 }
 

@@ -19,6 +19,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::App;
+use crate::store::Store;
 
 /// Largest accepted REST request body.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -59,6 +60,7 @@ impl ApiError {
     constructor!(too_large, PAYLOAD_TOO_LARGE, "payload_too_large");
     constructor!(internal, INTERNAL_SERVER_ERROR, "internal");
     constructor!(method_not_allowed, METHOD_NOT_ALLOWED, "method_not_allowed");
+    constructor!(unavailable, SERVICE_UNAVAILABLE, "store_unavailable");
 
     /// The HTTP response.
     pub fn into_response(self) -> Response<Body> {
@@ -251,58 +253,65 @@ async fn route(
         }
         (&Method::POST, ["v1", "certificates"]) => {
             let body: CertificateRequest = read_json(req.into_body()).await?;
-            let resp = crate::ca::issue(app, caller.peer.as_ref(), &body)?;
+            let resp = crate::ca::issue(app, caller.peer.as_ref(), &body).await?;
             app.metrics.certificates_issued.inc();
             ok(&resp)
         }
         (&Method::GET, ["v1", "entities"]) => {
             caller.read()?;
-            ok(&app.store.entities()?)
+            ok(&app.store.entities().await?)
         }
         (&Method::POST, ["v1", "entities"]) => {
             caller.write()?;
             let body: EntityRequest = read_json(req.into_body()).await?;
-            let entity = crate::entities::register(app, body)?;
+            let entity = crate::entities::register(app, body).await?;
             Ok(json(StatusCode::CREATED, &entity))
         }
         (&Method::DELETE, ["v1", "entities", name]) => {
             caller.write()?;
-            ok(&crate::entities::revoke(app, name)?)
+            ok(&crate::entities::revoke(app, name).await?)
         }
         (&Method::GET, ["v1", "tokens"]) => {
             caller.write()?;
-            let infos: Vec<_> = app.store.tokens()?.into_iter().map(|t| t.info).collect();
+            let infos: Vec<_> = app
+                .store
+                .tokens()
+                .await?
+                .into_iter()
+                .map(|t| t.info)
+                .collect();
             ok(&infos)
         }
         (&Method::POST, ["v1", "tokens"]) => {
             caller.write()?;
             let body: TokenRequest = read_json(req.into_body()).await?;
-            let created = crate::ca::create_token(app.store.as_ref(), body, app.max_token_ttl)?;
+            let created =
+                crate::ca::create_token(app.store.as_ref(), body, app.max_token_ttl).await?;
             Ok(json(StatusCode::CREATED, &created))
         }
         (&Method::DELETE, ["v1", "tokens", id]) => {
             caller.write()?;
-            let info = app.store.revoke_token(id)?;
+            let info = app.store.revoke_token(id).await?;
             tracing::info!(id = %id, "bootstrap token revoked");
             ok(&info)
         }
         (&Method::GET, ["v1", "revocations"]) => {
             caller.read()?;
-            ok(&app.store.revocations()?)
+            ok(&app.store.revocations().await?)
         }
         (&Method::POST, ["v1", "revocations"]) => {
             caller.write()?;
             let body: RevocationRequest = read_json(req.into_body()).await?;
-            let revocation = crate::revocations::revoke(app, body)?;
+            let revocation = crate::revocations::revoke(app, body).await?;
             Ok(json(StatusCode::CREATED, &revocation))
         }
         (&Method::DELETE, ["v1", "revocations", id]) => {
             caller.write()?;
-            ok(&crate::revocations::lift(app, id)?)
+            ok(&crate::revocations::lift(app, id).await?)
         }
         (&Method::GET, ["v1", "policies"]) => {
             caller.read()?;
-            ok(&app.store.policy()?.unwrap_or_default())
+            ok(&app.store.policy().await?.unwrap_or_default())
         }
         (&Method::PUT, ["v1", "policies"]) => {
             caller.write()?;
@@ -310,7 +319,7 @@ async fn route(
             policy
                 .validate()
                 .map_err(|e| ApiError::bad_request(e.to_string()))?;
-            app.store.set_policy(&policy)?;
+            app.store.set_policy(&policy).await?;
             app.registry.set_policy(policy.clone());
             tracing::info!(
                 rules = policy.rules.len(),
@@ -328,7 +337,7 @@ async fn route(
             let body: serde_json::Value = read_json(req.into_body()).await?;
             let settings = MeshSettings::from_request(&body)
                 .map_err(|e| ApiError::bad_request(e.to_string()))?;
-            app.store.set_settings(&settings)?;
+            app.store.set_settings(&settings).await?;
             app.registry.set_settings(settings);
             tracing::info!("mesh settings replaced");
             ok(&app.registry.settings())

@@ -12,6 +12,7 @@ use crate::App;
 use crate::ca::{random_hex, unix_now};
 use crate::entities::apply_trust;
 use crate::rest::ApiError;
+use crate::store::Store;
 
 /// Reads an identity as `<namespace>/<agent>` (in the mesh's trust domain) or a SPIFFE ID.
 pub fn parse_identity(app: &App, input: &str) -> Result<SpiffeId, ApiError> {
@@ -59,17 +60,18 @@ pub fn parse_serial(input: &str) -> Result<String, ApiError> {
 }
 
 /// Whether `identity` is revoked now.
-pub fn is_revoked(app: &App, identity: &SpiffeId) -> Result<bool, ApiError> {
+pub async fn is_revoked(app: &App, identity: &SpiffeId) -> Result<bool, ApiError> {
     let id = identity.to_string();
     Ok(app
         .store
-        .revocations()?
+        .revocations()
+        .await?
         .iter()
         .any(|r| r.identity.as_deref() == Some(id.as_str())))
 }
 
 /// `POST /v1/revocations`.
-pub fn revoke(app: &App, req: RevocationRequest) -> Result<Revocation, ApiError> {
+pub async fn revoke(app: &App, req: RevocationRequest) -> Result<Revocation, ApiError> {
     let (identity, serial) = match (&req.identity, &req.serial) {
         (Some(id), None) => (Some(parse_identity(app, id)?.to_string()), None),
         (None, Some(serial)) => (None, Some(parse_serial(serial)?)),
@@ -93,8 +95,8 @@ pub fn revoke(app: &App, req: RevocationRequest) -> Result<Revocation, ApiError>
         reason: req.reason,
         created_unix: unix_now(),
     };
-    app.store.insert_revocation(&revocation)?;
-    apply_trust(app)?;
+    app.store.insert_revocation(&revocation).await?;
+    apply_trust(app).await?;
     tracing::info!(
         id = %revocation.id,
         identity = revocation.identity.as_deref().unwrap_or("-"),
@@ -105,9 +107,9 @@ pub fn revoke(app: &App, req: RevocationRequest) -> Result<Revocation, ApiError>
 }
 
 /// `DELETE /v1/revocations/{id}`.
-pub fn lift(app: &App, id: &str) -> Result<Revocation, ApiError> {
-    let lifted = app.store.remove_revocation(id)?;
-    apply_trust(app)?;
+pub async fn lift(app: &App, id: &str) -> Result<Revocation, ApiError> {
+    let lifted = app.store.remove_revocation(id).await?;
+    apply_trust(app).await?;
     tracing::info!(id = %id, identity = lifted.identity.as_deref().unwrap_or("-"), serial = lifted.serial.as_deref().unwrap_or("-"), "revocation lifted");
     Ok(lifted)
 }

@@ -25,6 +25,10 @@ use crate::rest::Body;
 /// How long a new stream may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Longest proxy id: it is a key in the store and travels in change notifications (PostgreSQL
+/// caps those at 8,000 bytes).
+const MAX_PROXY_ID: usize = 256;
+
 /// Register and health frames a stream may send in a burst, and per second after it. A proxy
 /// sends them when its agent's tools or health change, far below this; more is a broken or
 /// hostile proxy making the control plane republish in a loop.
@@ -141,6 +145,20 @@ pub async fn handle(
         }
     };
     let node = &hello.node;
+    if node.proxy_id.is_empty()
+        || node.proxy_id.len() > MAX_PROXY_ID
+        || node.proxy_id.chars().any(char::is_control)
+    {
+        app.metrics.refuse("malformed_frame");
+        return frame_response(
+            StatusCode::BAD_REQUEST,
+            "malformed_frame",
+            format!(
+                "hello: proxy_id must be 1 to {MAX_PROXY_ID} bytes without control characters (got {} bytes): use the default (host name and a random suffix) or a short name",
+                node.proxy_id.len()
+            ),
+        );
+    }
     if node.agent != *peer.identity.agent() || node.namespace != *peer.identity.namespace() {
         tracing::warn!(
             claimed = %format!("{}/{}", node.namespace, node.agent),
@@ -209,6 +227,7 @@ async fn run(
     let Lease {
         proxy_id,
         epoch,
+        started_ms,
         mut closed,
     } = lease;
     // Ends the stream when its certificate is revoked (identity, serial, entity) or expires.
@@ -217,9 +236,10 @@ async fn run(
     tokio::pin!(untrusted);
     let mut budget = FrameBudget::new();
     app.metrics.streams_connected.inc();
-    let mut changes = app.registry.subscribe();
-    changes.borrow_and_update();
-    let (snapshot, mut view) = app.registry.snapshot(&app.registry.dependencies(&proxy_id));
+    // Subscribed before the snapshot is taken, so no change falls in between.
+    let deps = app.registry.dependencies(&proxy_id);
+    let subscription = app.registry.subscribe(&deps);
+    let (snapshot, mut view) = app.registry.snapshot(&deps);
     let mut in_flight: VecDeque<(SnapshotVersion, Instant)> = VecDeque::new();
     let mut graceful = false;
     let mut last_snapshot = view.version;
@@ -252,10 +272,7 @@ async fn run(
                     graceful = true;
                     break;
                 }
-                changed = changes.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
+                () = subscription.changed() => {
                     let deps = app.registry.dependencies(&proxy_id);
                     if let Some(delta) = app.registry.delta(&mut view, &deps) {
                         let version = delta.version;
@@ -333,6 +350,9 @@ async fn run(
                             tracing::info!(proxy_id = %proxy_id, tools = registration.tools.len(), "re-registered");
                             app.registry.register(&proxy_id, epoch, registration);
                             app.persist(&proxy_id);
+                            // New dependencies may mean new endpoints for this proxy itself.
+                            subscription.set_dependencies(&app.registry.dependencies(&proxy_id));
+                            subscription.poke();
                             let refused = app.registry.refused(&proxy_id);
                             if !refused.is_empty() {
                                 app.metrics.refuse("not_allowed_to_provide");
@@ -364,19 +384,18 @@ async fn run(
         }
     }
     app.metrics.streams_connected.dec();
-    app.registry.disconnect(&proxy_id, epoch, graceful);
-    if graceful && app.registry.record(&proxy_id).is_none() {
-        app.forget(&proxy_id);
+    if !app.registry.disconnect(&proxy_id, epoch, graceful) {
+        // Replaced by a newer stream (here or on another replica), which owns the instance now.
+        return;
     }
-    if !graceful {
-        tracing::info!(proxy_id = %proxy_id, grace_ms = app.grace.as_millis() as u64, "stream ended; endpoints withdrawn after the grace period unless it reconnects");
-        let app = app.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(app.grace).await;
-            if app.registry.expire(&proxy_id, epoch) {
-                tracing::info!(proxy_id = %proxy_id, "endpoints withdrawn");
-                app.forget(&proxy_id);
-            }
-        });
+    if graceful {
+        app.writer.mark_gone(&proxy_id, started_ms);
+        return;
     }
+    app.persist(&proxy_id);
+    tracing::info!(proxy_id = %proxy_id, grace_ms = app.grace.as_millis() as u64, "stream ended; endpoints withdrawn after the grace period unless it reconnects");
+    tokio::spawn(async move {
+        tokio::time::sleep(app.grace).await;
+        app.expire_local(proxy_id, epoch, started_ms).await;
+    });
 }

@@ -26,7 +26,9 @@ Subcommands:\n  \
   init    write the iptables rules of transparent mode (capmesh-proxy init --help)"
 )]
 pub struct Config {
-    /// The control plane's URL.
+    /// The control plane's URL; for several replicas, their URLs separated by commas (tried in
+    /// that order, moving on at once when one is down) or one name that resolves to all of
+    /// them.
     #[arg(
         long,
         env = "CAPMESH_CONTROL_PLANE",

@@ -11,7 +11,7 @@ use capmesh_api::rest::{CertificateRequest, CertificateResponse};
 use capmesh_certs::{
     Credential, CredentialCell, Renew, SpiffeId, TrustConfig, TrustStore, WorkloadKey,
 };
-use capmesh_client::{ControlPlaneClient, ControlPlaneUrl, ServerCheck};
+use capmesh_client::{ControlPlaneAddrs, ControlPlaneClient, ServerCheck};
 
 use crate::backoff::ExponentialBackoff;
 use crate::config::Config;
@@ -58,8 +58,8 @@ fn read(path: &Path, flag: &str) -> anyhow::Result<String> {
         .with_context(|| format!("{flag} {}: cannot read it", path.display()))
 }
 
-/// Parses `--control-plane`.
-pub fn control_plane_url(config: &Config) -> anyhow::Result<ControlPlaneUrl> {
+/// Parses `--control-plane` (one URL or several).
+pub fn control_plane_url(config: &Config) -> anyhow::Result<ControlPlaneAddrs> {
     Ok(config.control_plane.parse()?)
 }
 

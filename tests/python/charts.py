@@ -162,9 +162,18 @@ CASES: list[dict[str, Any]] = [
     case(CP, "postgres-replicas", values={
         "replicaCount": 3,
         "persistence": {"enabled": False},
-        "store": {"postgres": {"host": "db.example", "passwordSecret": "db", "params": "sslmode=require"}},
+        "store": {"postgres": {"host": "db.example", "passwordSecret": "db", "params": "connect_timeout=5"}},
         "podDisruptionBudget": {"enabled": True, "maxUnavailable": 1},
-    }, about="3 replicas on PostgreSQL, with a PodDisruptionBudget"),
+    }, about="3 replicas on PostgreSQL: a generated store key, a PodDisruptionBudget, soft anti-affinity"),
+    case(CP, "postgres-own-store-key", values={
+        "replicaCount": 2,
+        "persistence": {"enabled": False},
+        "store": {"postgres": {"existingSecret": "db-url"},
+                  "key": {"existingSecret": "ops-store-key", "existingSecretKey": "key"}},
+        "affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+            {"labelSelector": {"matchLabels": {"app.kubernetes.io/component": "control-plane"}},
+             "topologyKey": "kubernetes.io/hostname"}]}},
+    }, about="your own store key Secret and required anti-affinity"),
     case(CP, "byo-ca-and-token", values={
         "ca": {"existingSecret": "capmesh-ca-keypair"},
         "adminToken": {"existingSecret": "ops-admin-token", "existingSecretKey": "token"},

@@ -5,6 +5,8 @@
 //!   dir, its admin client, bootstrap tokens and certificates for test workloads.
 //! - [`TestProxy`]: a topology-stream client that keeps a local snapshot the way a proxy does
 //!   (apply, ack) so tests can wait for "the consumer now sees X".
+//! - [`postgres::Postgres`]: a throwaway PostgreSQL server, and [`SharedSecrets`]: what the
+//!   replicas of one control plane on it share (admin token, store key).
 //!
 //! Ports are never guessed: every child binds port 0 and reports what it got (`--ports-file`,
 //! `READY <port>`); a port that must stay the same across a restart, or one that must stay
@@ -14,6 +16,7 @@
 
 pub mod node;
 pub mod openssl;
+pub mod postgres;
 pub mod python;
 
 use std::collections::BTreeMap;
@@ -321,11 +324,36 @@ impl ControlPlane {
         Ok(std::fs::read_to_string(self.data_dir.join("ca.pem"))?)
     }
 
-    /// The admin token the control plane generated.
+    /// The admin token: from `--admin-token-file` when it was given, else the one the control
+    /// plane generated in its data dir.
     pub fn admin_token(&self) -> Result<String> {
-        Ok(std::fs::read_to_string(self.data_dir.join("admin-token"))?
-            .trim()
-            .to_owned())
+        let file = self
+            .extra
+            .iter()
+            .position(|a| a == "--admin-token-file")
+            .and_then(|i| self.extra.get(i + 1))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.data_dir.join("admin-token"));
+        Ok(std::fs::read_to_string(file)?.trim().to_owned())
+    }
+
+    /// The API address as `https://127.0.0.1:<port>`.
+    pub fn address(&self) -> String {
+        format!("https://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL: the process vanishes without a word (the data dir stays for a restart).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts again after [`ControlPlane::kill`] or [`ControlPlane::stop`], same data dir and
+    /// ports.
+    pub async fn start_again(&mut self) -> Result<()> {
+        self.spawn().await
     }
 
     /// A REST client that checks the server by host name against `ca.pem` (as the CLI does).
@@ -420,6 +448,51 @@ impl Drop for ControlPlane {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// What the replicas of one control plane on a shared store have in common: the admin token
+/// file and the store key file (fresh random values in a temporary directory).
+#[derive(Debug)]
+pub struct SharedSecrets {
+    _dir: tempfile::TempDir,
+    /// `--admin-token-file`.
+    pub admin_token_file: PathBuf,
+    /// `--store-key-file`.
+    pub store_key_file: PathBuf,
+}
+
+impl SharedSecrets {
+    /// New random secrets.
+    pub fn new() -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let admin_token_file = dir.path().join("admin-token");
+        let store_key_file = dir.path().join("store.key");
+        let random = |n: usize| -> Result<String> {
+            use std::io::Read;
+            let mut buf = vec![0u8; n];
+            std::fs::File::open("/dev/urandom")?.read_exact(&mut buf)?;
+            Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
+        };
+        std::fs::write(&admin_token_file, random(24)?)?;
+        std::fs::write(&store_key_file, random(32)?)?;
+        Ok(Self {
+            _dir: dir,
+            admin_token_file,
+            store_key_file,
+        })
+    }
+
+    /// The flags of a replica on the store at `url`.
+    pub fn flags(&self, url: &str) -> Vec<String> {
+        vec![
+            "--store".into(),
+            url.into(),
+            "--store-key-file".into(),
+            self.store_key_file.display().to_string(),
+            "--admin-token-file".into(),
+            self.admin_token_file.display().to_string(),
+        ]
     }
 }
 
@@ -595,12 +668,42 @@ impl ProxyProcess {
         agent_url: Option<&str>,
         extra: &[&str],
     ) -> Result<Self> {
+        let mut args = vec!["--control-plane".to_owned(), cp.address()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::spawn_at(
+            bin,
+            &cp.data_dir.join("ca.pem"),
+            Some(token),
+            agent,
+            agent_url,
+            &args,
+        )
+        .await
+    }
+
+    /// Starts `capmesh-proxy` trusting `ca` (the mesh trust bundle), with `token` when given,
+    /// and `extra` flags, which name the control plane (`--control-plane`, one address or
+    /// several) or certificates from files. Returns once its listeners are bound, without
+    /// waiting for readiness.
+    pub async fn spawn_at(
+        bin: &Path,
+        ca: &Path,
+        token: Option<&str>,
+        agent: &str,
+        agent_url: Option<&str>,
+        extra: &[&str],
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let log = dir.path().join("proxy.log");
         let ports_file = dir.path().join("ports.json");
         let file = std::fs::File::create(&log)?;
-        let mut child = scrub_env(&mut Command::new(bin))
-            .env("CAPMESH_BOOTSTRAP_TOKEN", token)
+        let mut command = Command::new(bin);
+        scrub_env(&mut command);
+        if let Some(token) = token {
+            command.env("CAPMESH_BOOTSTRAP_TOKEN", token);
+        }
+        let mut child = command
             .env("RUST_LOG", "info")
             .args([
                 "--agent-name",
@@ -608,10 +711,8 @@ impl ProxyProcess {
                 "--agent-url",
                 agent_url.unwrap_or("none"),
             ])
-            .arg("--control-plane")
-            .arg(format!("https://127.0.0.1:{}", cp.port))
             .arg("--control-plane-ca")
-            .arg(cp.data_dir.join("ca.pem"))
+            .arg(ca)
             .args(["--outbound", "127.0.0.1:0"])
             .args(["--inbound", "127.0.0.1:0"])
             .args(["--admin", "127.0.0.1:0"])

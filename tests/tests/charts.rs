@@ -813,6 +813,67 @@ fn control_plane_chart_shape() {
             .any(|e| e["name"] == "PGPASSWORD" && e["valueFrom"]["secretKeyRef"]["name"] == "db")
     );
     assert_eq!(of_kind(c, "PodDisruptionBudget").len(), 1);
+    // The key that seals the CA in the database: generated once, kept, mounted as a file.
+    let args = args_of(cp);
+    assert_eq!(
+        flag_value(&args, "--store-key-file"),
+        "/etc/capmesh/store/store.key"
+    );
+    let key = find(c, "Secret", "capmesh-capmesh-control-plane-store-key");
+    assert_eq!(
+        key["metadata"]["annotations"]["helm.sh/resource-policy"],
+        "keep"
+    );
+    let generated = s(&key["data"]["store-key"]);
+    assert!(!generated.is_empty(), "a generated key");
+    let volume = arr(&pod_spec(dep)["volumes"])
+        .iter()
+        .find(|v| v["name"] == "store-key")
+        .expect("a store-key volume");
+    assert_eq!(
+        volume["secret"]["secretName"],
+        "capmesh-capmesh-control-plane-store-key"
+    );
+    // Replicas prefer different nodes unless told otherwise.
+    let soft = &pod_spec(dep)["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+        [0]["podAffinityTerm"];
+    assert_eq!(soft["topologyKey"], "kubernetes.io/hostname");
+    assert_eq!(
+        soft["labelSelector"]["matchLabels"]["app.kubernetes.io/component"],
+        "control-plane"
+    );
+
+    // Your own store key Secret and your own affinity.
+    let c = case(CP, "postgres-own-store-key");
+    let dep = find(c, "Deployment", "capmesh-capmesh-control-plane");
+    assert!(
+        !of_kind(c, "Secret")
+            .iter()
+            .any(|o| s(&o["metadata"]["name"]).ends_with("-store-key")),
+        "no generated key beside yours"
+    );
+    let volume = arr(&pod_spec(dep)["volumes"])
+        .iter()
+        .find(|v| v["name"] == "store-key")
+        .expect("a store-key volume");
+    assert_eq!(volume["secret"]["secretName"], "ops-store-key");
+    assert_eq!(volume["secret"]["items"][0]["key"], "key");
+    assert!(
+        pod_spec(dep)["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]
+            .is_array()
+    );
+    assert!(
+        pod_spec(dep)["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+            .is_null()
+    );
+
+    // One replica on SQLite: no store key (the CA key stays in the 0700 data dir), no budget.
+    let c = case(CP, "defaults");
+    let sts = find(c, "StatefulSet", "capmesh-capmesh-control-plane");
+    let args = args_of(container(pod_spec(sts), "containers", "control-plane"));
+    assert!(flag_values(&args, "--store-key-file").is_empty());
+    assert!(of_kind(c, "PodDisruptionBudget").is_empty());
+    assert!(pod_spec(sts)["affinity"].is_null());
 
     // Bring your own CA and token.
     let c = case(CP, "byo-ca-and-token");
@@ -832,8 +893,11 @@ fn control_plane_chart_shape() {
         .collect();
     assert_eq!(
         secrets,
-        ["capmesh-capmesh-control-plane-webhook-tls"],
-        "no generated token with an existing Secret"
+        [
+            "capmesh-capmesh-control-plane-store-key",
+            "capmesh-capmesh-control-plane-webhook-tls"
+        ],
+        "no generated token with an existing Secret (the store URL Secret means PostgreSQL, so a store key)"
     );
     // global.imageRegistry/imageTag reach the injected proxy image too.
     assert_eq!(
@@ -1249,6 +1313,24 @@ fn platform_chart_shape() {
         .find(|e| e["name"] == "CAPMESH_STORE")
         .expect("a PostgreSQL store");
     assert!(s(&store["value"]).contains("@capmesh-postgresql:5432/"));
+    // As written: three replicas, a budget of one, never two on a node, the CA sealed with a
+    // generated store key.
+    let cp_pod = pod_spec(cp);
+    let args = args_of(container(cp_pod, "containers", "control-plane"));
+    assert_eq!(
+        flag_value(&args, "--store-key-file"),
+        "/etc/capmesh/store/store.key"
+    );
+    find(c, "Secret", "capmesh-control-plane-store-key");
+    let pdb = find(c, "PodDisruptionBudget", "capmesh-control-plane");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"],
+        "control-plane"
+    );
+    let required =
+        &cp_pod["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
+    assert_eq!(required["topologyKey"], "kubernetes.io/hostname");
     find(c, "StatefulSet", "capmesh-postgresql");
     find(c, "Service", "capmesh-postgresql");
     find(c, "Secret", "capmesh-postgresql");

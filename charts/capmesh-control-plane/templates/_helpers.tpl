@@ -125,6 +125,19 @@ imagePullSecrets:
 {{- if or $pg.existingSecret $pg.host }}true{{ end }}
 {{- end }}
 
+{{/* The Secret holding the store key (--store-key-file); empty when there is none. */}}
+{{- define "capmesh-control-plane.storeKeySecret" -}}
+{{- if .Values.store.key.existingSecret }}
+{{- .Values.store.key.existingSecret }}
+{{- else if include "capmesh-control-plane.postgres" . }}
+{{- printf "%s-store-key" (include "capmesh-control-plane.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{- define "capmesh-control-plane.storeKeyKey" -}}
+{{- if .Values.store.key.existingSecret }}{{ .Values.store.key.existingSecretKey }}{{ else }}store-key{{ end }}
+{{- end }}
+
 {{- define "capmesh-control-plane.adminTokenSecret" -}}
 {{- .Values.adminToken.existingSecret | default (printf "%s-admin-token" (include "capmesh-control-plane.fullname" .)) }}
 {{- end }}

@@ -1,0 +1,569 @@
+//! The SQLite store: one file in the data dir, embedded, zero set-up, one process.
+//!
+//! Calls are short local transactions made while holding the connection's lock; they never wait
+//! on the network, so they run inline on the async caller.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use capmesh_api::rest::{Entity, Revocation, TokenInfo};
+use capmesh_api::{MeshSettings, Policy, TrustDomain};
+use rusqlite::{Connection, OptionalExtension, Transaction, params};
+
+use super::migrations::{self, Migration};
+use super::{
+    InstanceWrite, Store, StoreError, StoredCa, StoredInstance, StoredKey, StoredToken,
+    WriteOutcome, from_json, spend, stored_settings, to_json,
+};
+
+/// SQLite in the data dir.
+#[derive(Debug)]
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+    path: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path` and brings its schema up to date.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let mut conn = Connection::open(path)?;
+        conn.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")?;
+        migrate(&mut conn, migrations::SQLITE)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+            path: path.to_owned(),
+        })
+    }
+
+    /// `SQLite at <path>`.
+    pub fn describe(&self) -> String {
+        format!("SQLite at {}", self.path.display())
+    }
+
+    fn with<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        // A poisoned lock only means another thread panicked mid-call; SQLite's own
+        // transactions keep the data consistent, so carry on.
+        let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut conn)
+    }
+}
+
+fn migrate(conn: &mut Connection, list: &[Migration]) -> Result<(), StoreError> {
+    let tx = conn.transaction()?;
+    tx.execute_batch(migrations::VERSIONS_TABLE)?;
+    let applied: Vec<i64> = tx
+        .prepare("SELECT version FROM schema_migrations")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for m in migrations::pending(list, &applied).map_err(StoreError::Schema)? {
+        let failed = |e: rusqlite::Error| {
+            StoreError::Schema(format!("migration {} ({}) failed: {e}", m.version, m.name))
+        };
+        tx.execute_batch(m.sql).map_err(failed)?;
+        for (table, column, decl) in m.add_columns {
+            let present = tx
+                .prepare(&format!(
+                    "SELECT 1 FROM pragma_table_info('{table}') WHERE name = ?1"
+                ))
+                .and_then(|mut q| q.exists(params![column]))
+                .map_err(failed)?;
+            if !present {
+                tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))
+                    .map_err(failed)?;
+            }
+        }
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, applied_unix) VALUES (?1, ?2, ?3)",
+            params![m.version, m.name, crate::ca::unix_now()],
+        )?;
+        tracing::info!(version = m.version, name = m.name, "store migrated");
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn entity_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Entity> {
+    let trust_domain: Option<String> = row.get(5)?;
+    Ok(Entity {
+        name: row.get(0)?,
+        ca_pem: row.get(1)?,
+        fingerprint_sha256: row.get(2)?,
+        created_unix: row.get(3)?,
+        revoked_unix: row.get(4)?,
+        // An unreadable trust domain trusts nothing, like a missing one (fail closed).
+        trust_domain: trust_domain.and_then(|td| TrustDomain::new(td).ok()),
+    })
+}
+
+const ENTITY_COLUMNS: &str =
+    "name, ca_pem, fingerprint_sha256, created_unix, revoked_unix, trust_domain";
+
+const REVOCATION_COLUMNS: &str = "id, identity, serial, reason, created_unix";
+
+fn revocation_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Revocation> {
+    Ok(Revocation {
+        id: row.get(0)?,
+        identity: row.get(1)?,
+        serial: row.get(2)?,
+        reason: row.get(3)?,
+        created_unix: row.get(4)?,
+    })
+}
+
+fn token_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String)> {
+    Ok((row.get(0)?, row.get(1)?))
+}
+
+fn parse_token((info_json, secret_sha256): (String, String)) -> Result<StoredToken, StoreError> {
+    Ok(StoredToken {
+        info: from_json("token", &info_json)?,
+        secret_sha256,
+    })
+}
+
+fn instance_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredInstance> {
+    Ok(StoredInstance {
+        proxy_id: row.get(0)?,
+        record_json: row.get(1)?,
+        owner: row.get(2)?,
+        connected: row.get(3)?,
+        started_ms: row.get(4)?,
+    })
+}
+
+const INSTANCE_COLUMNS: &str = "proxy_id, record_json, owner, connected, started_ms";
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(
+        e,
+        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation
+    )
+}
+
+/// Applied when a row changed; otherwise whether the row exists (owned by someone else) or not.
+fn outcome(tx: &Transaction<'_>, changed: usize, proxy_id: &str) -> rusqlite::Result<WriteOutcome> {
+    if changed > 0 {
+        return Ok(WriteOutcome::Applied);
+    }
+    let exists = tx
+        .query_row(
+            "SELECT 1 FROM instances WHERE proxy_id = ?1",
+            params![proxy_id],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some();
+    Ok(if exists {
+        WriteOutcome::NotOurs
+    } else {
+        WriteOutcome::Missing
+    })
+}
+
+impl Store for SqliteStore {
+    async fn session_key_or_insert(&self, fresh: &[u8]) -> Result<Vec<u8>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "INSERT OR IGNORE INTO mesh_secret (id, session_key) VALUES (1, ?1)",
+                params![fresh],
+            )?;
+            let key: Vec<u8> = tx.query_row(
+                "SELECT session_key FROM mesh_secret WHERE id = 1",
+                [],
+                |r| r.get(0),
+            )?;
+            tx.commit()?;
+            Ok(key)
+        })
+    }
+
+    async fn ca(&self) -> Result<Option<StoredCa>, StoreError> {
+        self.with(|c| {
+            Ok(c.query_row(
+                "SELECT cert_pem, key_pem, key_sealed, root_pem FROM ca WHERE id = 1",
+                [],
+                |r| {
+                    let sealed: Option<Vec<u8>> = r.get(2)?;
+                    Ok(StoredCa {
+                        cert_pem: r.get(0)?,
+                        key: match sealed {
+                            Some(s) => StoredKey::Sealed(s),
+                            None => StoredKey::Plain(r.get(1)?),
+                        },
+                        root_pem: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?)
+        })
+    }
+
+    async fn insert_ca(&self, ca: &StoredCa) -> Result<(), StoreError> {
+        let (plain, sealed) = match &ca.key {
+            StoredKey::Plain(pem) => (pem.as_str(), None),
+            StoredKey::Sealed(bytes) => ("", Some(bytes.as_slice())),
+        };
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO ca (id, cert_pem, key_pem, key_sealed, root_pem) VALUES (1, ?1, ?2, ?3, ?4)",
+                params![ca.cert_pem, plain, sealed, ca.root_pem],
+            )
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::Conflict {
+                        what: "CA",
+                        name: "mesh CA".into(),
+                    }
+                } else {
+                    e.into()
+                }
+            })?;
+            Ok(())
+        })
+    }
+
+    async fn seal_ca_key(&self, sealed: &[u8]) -> Result<(), StoreError> {
+        self.with(|c| {
+            let changed = c.execute(
+                "UPDATE ca SET key_pem = '', key_sealed = ?1 WHERE id = 1",
+                params![sealed],
+            )?;
+            if changed == 0 {
+                return Err(StoreError::NotFound {
+                    what: "CA",
+                    name: "mesh CA".into(),
+                });
+            }
+            Ok(())
+        })
+    }
+
+    async fn entities(&self) -> Result<Vec<Entity>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {ENTITY_COLUMNS} FROM entities ORDER BY created_unix, name"
+            ))?;
+            let rows = stmt
+                .query_map([], entity_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    async fn insert_entity(&self, e: &Entity) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                &format!("INSERT INTO entities ({ENTITY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
+                params![
+                    e.name,
+                    e.ca_pem,
+                    e.fingerprint_sha256,
+                    e.created_unix,
+                    e.revoked_unix,
+                    e.trust_domain.as_ref().map(|td| td.as_str())
+                ],
+            )
+            .map_err(|err| {
+                if is_unique_violation(&err) {
+                    StoreError::Conflict {
+                        what: "entity",
+                        name: e.name.clone(),
+                    }
+                } else {
+                    err.into()
+                }
+            })?;
+            Ok(())
+        })
+    }
+
+    async fn revoke_entity(&self, name: &str, when_unix: i64) -> Result<Entity, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            tx.execute(
+                "UPDATE entities SET revoked_unix = COALESCE(revoked_unix, ?2) WHERE name = ?1",
+                params![name, when_unix],
+            )?;
+            let entity = tx
+                .query_row(
+                    &format!("SELECT {ENTITY_COLUMNS} FROM entities WHERE name = ?1"),
+                    params![name],
+                    entity_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound {
+                    what: "entity",
+                    name: name.to_owned(),
+                })?;
+            tx.commit()?;
+            Ok(entity)
+        })
+    }
+
+    async fn tokens(&self) -> Result<Vec<StoredToken>, StoreError> {
+        self.with(|c| {
+            let mut stmt =
+                c.prepare("SELECT info_json, secret_sha256 FROM tokens ORDER BY created_seq DESC")?;
+            let rows = stmt
+                .query_map([], token_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter().map(parse_token).collect()
+        })
+    }
+
+    async fn token(&self, id: &str) -> Result<Option<StoredToken>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT info_json, secret_sha256 FROM tokens WHERE id = ?1",
+                params![id],
+                token_row,
+            )
+            .optional()?
+            .map(parse_token)
+            .transpose()
+        })
+    }
+
+    async fn insert_token(&self, t: &StoredToken) -> Result<(), StoreError> {
+        let info_json = to_json("token", &t.info)?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO tokens (id, info_json, secret_sha256, created_seq)
+                 VALUES (?1, ?2, ?3, (SELECT COALESCE(MAX(created_seq), 0) + 1 FROM tokens))",
+                params![t.info.id, info_json, t.secret_sha256],
+            )
+            .map_err(|err| {
+                if is_unique_violation(&err) {
+                    StoreError::Conflict {
+                        what: "token",
+                        name: t.info.id.clone(),
+                    }
+                } else {
+                    err.into()
+                }
+            })?;
+            Ok(())
+        })
+    }
+
+    async fn revoke_token(&self, id: &str) -> Result<TokenInfo, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let row = tx
+                .query_row(
+                    "SELECT info_json, secret_sha256 FROM tokens WHERE id = ?1",
+                    params![id],
+                    token_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound {
+                    what: "token",
+                    name: id.to_owned(),
+                })?;
+            let mut token = parse_token(row)?;
+            token.info.revoked = true;
+            let info_json = to_json("token", &token.info)?;
+            tx.execute(
+                "UPDATE tokens SET info_json = ?2 WHERE id = ?1",
+                params![id, info_json],
+            )?;
+            tx.commit()?;
+            Ok(token.info)
+        })
+    }
+
+    async fn use_token(&self, id: &str) -> Result<TokenInfo, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let row = tx
+                .query_row(
+                    "SELECT info_json, secret_sha256 FROM tokens WHERE id = ?1",
+                    params![id],
+                    token_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound {
+                    what: "token",
+                    name: id.to_owned(),
+                })?;
+            let token = spend(parse_token(row)?, id)?;
+            let info_json = to_json("token", &token.info)?;
+            tx.execute(
+                "UPDATE tokens SET info_json = ?2 WHERE id = ?1",
+                params![id, info_json],
+            )?;
+            tx.commit()?;
+            Ok(token.info)
+        })
+    }
+
+    async fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {REVOCATION_COLUMNS} FROM revocations ORDER BY created_unix, id"
+            ))?;
+            let rows = stmt
+                .query_map([], revocation_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    async fn insert_revocation(&self, r: &Revocation) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                &format!(
+                    "INSERT INTO revocations ({REVOCATION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"
+                ),
+                params![r.id, r.identity, r.serial, r.reason, r.created_unix],
+            )
+            .map_err(|err| {
+                if is_unique_violation(&err) {
+                    StoreError::Conflict {
+                        what: "revocation of",
+                        name: r.identity.clone().or(r.serial.clone()).unwrap_or_default(),
+                    }
+                } else {
+                    err.into()
+                }
+            })?;
+            Ok(())
+        })
+    }
+
+    async fn remove_revocation(&self, id: &str) -> Result<Revocation, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let found = tx
+                .query_row(
+                    &format!("SELECT {REVOCATION_COLUMNS} FROM revocations WHERE id = ?1"),
+                    params![id],
+                    revocation_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound {
+                    what: "revocation",
+                    name: id.to_owned(),
+                })?;
+            tx.execute("DELETE FROM revocations WHERE id = ?1", params![id])?;
+            tx.commit()?;
+            Ok(found)
+        })
+    }
+
+    async fn policy(&self) -> Result<Option<Policy>, StoreError> {
+        self.with(|c| {
+            let json: Option<String> = c
+                .query_row("SELECT policy_json FROM policy WHERE id = 1", [], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            json.map(|j| from_json("policy", &j)).transpose()
+        })
+    }
+
+    async fn set_policy(&self, policy: &Policy) -> Result<(), StoreError> {
+        let json = to_json("policy", policy)?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO policy (id, policy_json) VALUES (1, ?1)
+                 ON CONFLICT(id) DO UPDATE SET policy_json = excluded.policy_json",
+                params![json],
+            )?;
+            Ok(())
+        })
+    }
+
+    async fn settings(&self) -> Result<Option<MeshSettings>, StoreError> {
+        self.with(|c| {
+            let json: Option<String> = c
+                .query_row("SELECT settings_json FROM settings WHERE id = 1", [], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            json.map(|j| from_json("settings", &j)).transpose()
+        })
+    }
+
+    async fn set_settings(&self, settings: &MeshSettings) -> Result<(), StoreError> {
+        let json = stored_settings(settings)?;
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO settings (id, settings_json) VALUES (1, ?1)
+                 ON CONFLICT(id) DO UPDATE SET settings_json = excluded.settings_json",
+                params![json],
+            )?;
+            Ok(())
+        })
+    }
+
+    async fn instances(&self) -> Result<Vec<StoredInstance>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {INSTANCE_COLUMNS} FROM instances ORDER BY proxy_id"
+            ))?;
+            let rows = stmt
+                .query_map([], instance_row)?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+    }
+
+    async fn instances_by_id(&self, ids: &[String]) -> Result<Vec<StoredInstance>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!(
+                "SELECT {INSTANCE_COLUMNS} FROM instances WHERE proxy_id = ?1"
+            ))?;
+            let mut out = Vec::new();
+            for id in ids {
+                if let Some(row) = stmt.query_row(params![id], instance_row).optional()? {
+                    out.push(row);
+                }
+            }
+            Ok(out)
+        })
+    }
+
+    async fn write_instances(
+        &self,
+        writes: &[InstanceWrite],
+    ) -> Result<Vec<WriteOutcome>, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let mut outcomes = Vec::with_capacity(writes.len());
+            for w in writes {
+                let changed = match w {
+                    InstanceWrite::Claim(i) => tx.execute(
+                        "INSERT INTO instances (proxy_id, record_json, owner, connected, started_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5)
+                         ON CONFLICT(proxy_id) DO UPDATE SET record_json = excluded.record_json,
+                             owner = excluded.owner, connected = excluded.connected,
+                             started_ms = excluded.started_ms
+                         WHERE instances.started_ms <= excluded.started_ms",
+                        params![i.proxy_id, i.record_json, i.owner, i.connected, i.started_ms],
+                    )?,
+                    InstanceWrite::Remove {
+                        proxy_id,
+                        owner,
+                        started_ms,
+                    } => tx.execute(
+                        "DELETE FROM instances WHERE proxy_id = ?1 AND owner = ?2 AND started_ms = ?3",
+                        params![proxy_id, owner, started_ms],
+                    )?,
+                };
+                outcomes.push(outcome(&tx, changed, w.proxy_id())?);
+            }
+            tx.commit()?;
+            Ok(outcomes)
+        })
+    }
+
+    async fn heartbeat(&self, replica: &str, _lease: Duration) -> Result<Vec<String>, StoreError> {
+        Ok(vec![replica.to_owned()])
+    }
+}
