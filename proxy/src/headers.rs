@@ -83,16 +83,6 @@ pub fn is_hop_by_hop(name: &str) -> bool {
     )
 }
 
-fn random_hex(bytes: usize) -> String {
-    use ring::rand::SecureRandom;
-    let mut buf = vec![0u8; bytes];
-    if ring::rand::SystemRandom::new().fill(&mut buf).is_err() {
-        // Never fails on Linux; a fixed non-zero id still keeps the header valid.
-        buf.iter_mut().for_each(|b| *b = 1);
-    }
-    buf.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// Continues the trace in `headers` with a new span id, or starts one. Returns the trace id.
 pub fn continue_trace(from: &HeaderMap, to: &mut HeaderMap) -> String {
     let parsed = from
@@ -114,8 +104,8 @@ pub fn continue_trace(from: &HeaderMap, to: &mut HeaderMap) -> String {
                 _ => None,
             }
         });
-    let (trace, flags) = parsed.unwrap_or_else(|| (random_hex(16), "01".to_owned()));
-    let value = format!("00-{trace}-{}-{flags}", random_hex(8));
+    let (trace, flags) = parsed.unwrap_or_else(|| (crate::ids::random_hex(16), "01".to_owned()));
+    let value = format!("00-{trace}-{}-{flags}", crate::ids::random_hex(8));
     if let Ok(v) = HeaderValue::from_str(&value) {
         to.insert(HeaderName::from_static("traceparent"), v);
     }
