@@ -2,7 +2,10 @@
 //! every request to it, and the peer's SPIFFE ID checked against the snapshot's.
 
 use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use capmesh_certs::{CredentialCell, Refusal, SpiffeId, TrustStore};
@@ -10,6 +13,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::BoxBody;
@@ -53,8 +57,9 @@ pub enum PeerError {
         /// Why.
         source: hyper::Error,
     },
-    /// The peer refused the stream without processing it (HTTP/2 `REFUSED_STREAM`, or a
-    /// graceful `GOAWAY` that did not cover it).
+    /// The peer refused the request without processing it (HTTP/2 `REFUSED_STREAM`, a graceful
+    /// `GOAWAY` that did not cover it), or the connection failed before the peer ever spoke on
+    /// it (it refused our certificate).
     #[error("{addr} refused the request unprocessed: {source}")]
     Refused {
         /// The peer.
@@ -81,24 +86,12 @@ impl PeerError {
 
     /// Sorts a failed send: unsent (the request came back), refused by the peer unprocessed,
     /// or reset after it was sent.
-    fn from_send(addr: &str, unsent: bool, source: hyper::Error) -> Self {
+    fn from_send(addr: &str, unsent: bool, heard: bool, source: hyper::Error) -> Self {
         let addr = addr.to_owned();
         if unsent {
             return PeerError::NotSent { addr, source };
         }
-        let refused = {
-            let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&source);
-            let mut found = false;
-            while let Some(e) = cause {
-                if let Some(h2) = e.downcast_ref::<h2::Error>() {
-                    found = h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                        || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR));
-                    break;
-                }
-                cause = e.source();
-            }
-            found
-        };
+        let refused = !heard || refused_stream(&source);
         if refused {
             PeerError::Refused { addr, source }
         } else {
@@ -107,7 +100,83 @@ impl PeerError {
     }
 }
 
-type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<BoxBody>>>>;
+/// Whether a failure after the request was written proves the peer did not process it: it
+/// refused the stream (HTTP/2 `REFUSED_STREAM`, or a graceful `GOAWAY` that did not cover it).
+fn refused_stream(source: &hyper::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
+    while let Some(e) = cause {
+        if let Some(h2) = e.downcast_ref::<h2::Error>() {
+            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
+                || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR));
+        }
+        cause = e.source();
+    }
+    false
+}
+
+/// The TLS stream to a peer, noting whether the peer has sent it anything. An HTTP/2 server
+/// sends its SETTINGS before it serves a stream, so a connection that failed before a single
+/// byte came back was never accepted (with TLS 1.3 a server that refuses the client's
+/// certificate says so only after the client sent its first request): nothing on it reached
+/// an agent.
+struct Heard<T> {
+    io: T,
+    heard: Arc<AtomicBool>,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Heard<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.heard.store(true, Ordering::Release);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Heard<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// One pooled connection: its sender, and whether the peer has spoken on it.
+#[derive(Debug, Clone)]
+struct Conn {
+    sender: SendRequest<BoxBody>,
+    heard: Arc<AtomicBool>,
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Conn>>>;
 
 /// HTTP/2 connections to peer proxies, keyed by address and expected identity.
 #[derive(Debug)]
@@ -157,7 +226,7 @@ impl PeerPool {
         Ok(config)
     }
 
-    async fn connect(&self, addr: &str, identity: &str) -> Result<SendRequest<BoxBody>, PeerError> {
+    async fn connect(&self, addr: &str, identity: &str) -> Result<Conn, PeerError> {
         let config = self.config(identity)?;
         let timeout = self.connect_timeout;
         let work = async {
@@ -176,6 +245,11 @@ impl PeerPool {
                         .map(|r| r.to_string())
                         .unwrap_or_else(|| e.to_string()),
                 })?;
+            let heard = Arc::new(AtomicBool::new(false));
+            let tls = Heard {
+                io: tls,
+                heard: heard.clone(),
+            };
             let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .keep_alive_interval(Duration::from_secs(10))
@@ -194,7 +268,7 @@ impl PeerPool {
                     tracing::debug!(peer = %peer, error = %e, "peer connection ended");
                 }
             });
-            Ok(sender)
+            Ok(Conn { sender, heard })
         };
         tokio::time::timeout(timeout, work)
             .await
@@ -206,7 +280,7 @@ impl PeerPool {
             })
     }
 
-    async fn sender(&self, addr: &str, identity: &str) -> Result<SendRequest<BoxBody>, PeerError> {
+    async fn sender(&self, addr: &str, identity: &str) -> Result<Conn, PeerError> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             slots
@@ -215,14 +289,14 @@ impl PeerPool {
                 .clone()
         };
         let mut guard = slot.lock().await;
-        if let Some(sender) = guard.as_ref()
-            && !sender.is_closed()
+        if let Some(conn) = guard.as_ref()
+            && !conn.sender.is_closed()
         {
-            return Ok(sender.clone());
+            return Ok(conn.clone());
         }
-        let sender = self.connect(addr, identity).await?;
-        *guard = Some(sender.clone());
-        Ok(sender)
+        let conn = self.connect(addr, identity).await?;
+        *guard = Some(conn.clone());
+        Ok(conn)
     }
 
     /// Sends `req` to the proxy at `addr`, which must prove `identity`. The error says whether
@@ -233,14 +307,15 @@ impl PeerPool {
         identity: &str,
         req: Request<BoxBody>,
     ) -> Result<Response<Incoming>, PeerError> {
-        let mut sender = self.sender(addr, identity).await?;
+        let Conn { mut sender, heard } = self.sender(addr, identity).await?;
         sender
             .ready()
             .await
-            .map_err(|source| PeerError::from_send(addr, true, source))?;
+            .map_err(|source| PeerError::from_send(addr, true, false, source))?;
         sender.try_send_request(req).await.map_err(|mut e| {
             let unsent = e.take_message().is_some();
-            PeerError::from_send(addr, unsent, e.into_error())
+            let heard = heard.load(Ordering::Acquire);
+            PeerError::from_send(addr, unsent, heard, e.into_error())
         })
     }
 
