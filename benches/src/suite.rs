@@ -77,6 +77,10 @@ pub struct Point {
     pub cores: Vec<f64>,
     /// Per proxy instance: RSS at the end of the measured phase (KiB).
     pub rss_kib: Vec<u64>,
+    /// Per proxy instance: context switches (all threads, voluntary and not) per request
+    /// served during the measured phase.
+    #[serde(default)]
+    pub switches_per_request: Vec<f64>,
     /// Whether a clean run must have zero errors (all but the kill scenario, which must have
     /// zero errors that had not reached the killed provider).
     pub zero_errors_expected: bool,
@@ -347,10 +351,12 @@ impl Runner {
                 load.label()
             ),
         };
-        let cores = match (start, end) {
-            (Some(a), Some(b)) => t.meter.cores(&a, &b),
-            _ => vec![],
+        let (cores, switches) = match (&start, &end) {
+            (Some(a), Some(b)) => (t.meter.cores(a, b), t.meter.switches(a, b)),
+            _ => (vec![], vec![]),
         };
+        let served = report.ok.max(1) as f64;
+        let switches_per_request: Vec<f64> = switches.iter().map(|s| *s as f64 / served).collect();
         let point = Point {
             setup: self.opts.setup,
             path: t.name.clone(),
@@ -359,12 +365,13 @@ impl Runner {
             round,
             cores,
             rss_kib: rss,
+            switches_per_request,
             zero_errors_expected: !t.name.ends_with("-kill"),
             report,
         };
         let r = &point.report;
         eprintln!(
-            "  {:<16} {:<10} {:<8} r{} ok {:>7} err {:>4}  {:>8.0} req/s  p50 {:>6} µs  p99 {:>7} µs  p99.9 {:>7} µs  cores {:?}",
+            "  {:<16} {:<10} {:<8} r{} ok {:>7} err {:>4}  {:>8.0} req/s  p50 {:>6} µs  p99 {:>7} µs  p99.9 {:>7} µs  cores {:?}  switches/req {:?}",
             point.path,
             point.load,
             proto.to_string(),
@@ -377,6 +384,11 @@ impl Runner {
             r.latency.p999_us,
             point
                 .cores
+                .iter()
+                .map(|c| (c * 100.0).round() / 100.0)
+                .collect::<Vec<_>>(),
+            point
+                .switches_per_request
                 .iter()
                 .map(|c| (c * 100.0).round() / 100.0)
                 .collect::<Vec<_>>()

@@ -347,7 +347,7 @@ mod tests {
                     call_body(id, "forecast").as_bytes(),
                 );
                 assert_eq!(
-                    allowed.unwrap(),
+                    allowed.unwrap().allowed,
                     vec!["get_weather".to_owned()],
                     "{path:?} id {id}"
                 );

@@ -38,12 +38,7 @@ pub struct ToolCall {
 
 /// The mesh's session-sealing key, once the control plane sent it.
 pub fn sealer(proxy: &Proxy) -> Option<Sealer> {
-    proxy
-        .routing
-        .load()
-        .snapshot
-        .as_ref()
-        .and_then(|s| Sealer::from_hex(&s.settings.session_key))
+    proxy.routing.load().sealer.clone()
 }
 
 /// The caller's deadline: `x-capmesh-timeout`, else the mesh's default.
@@ -114,7 +109,12 @@ where
         let proxy = self.proxy.clone();
         Box::pin(async move {
             let upstream_id = json!(format!("cm-{}", crate::random_hex(12)));
-            let classified = req.classified.clone();
+            // What the relay needs of the request (not the body's tree).
+            let asked = Asked {
+                id: req.classified.id.clone(),
+                session_id: req.classified.session_id.clone(),
+                generation: req.classified.generation,
+            };
             let resp = call(
                 next,
                 ToolCall {
@@ -123,7 +123,7 @@ where
                 },
             )
             .await?;
-            relay(&proxy, resp, &classified, &upstream_id).await
+            relay(&proxy, resp, &asked, &upstream_id).await
         })
     }
 }
@@ -154,6 +154,13 @@ pub fn seal_request_state(v: &mut Value, sealer: Option<&Sealer>, route: &Route)
     true
 }
 
+/// What relaying a call's response needs of its request.
+struct Asked {
+    id: Option<Id>,
+    session_id: Option<String>,
+    generation: Generation,
+}
+
 /// The call's id at the provider and the client's, as raw JSON text.
 struct Ids {
     upstream: Bytes,
@@ -174,7 +181,7 @@ fn needs_tree(data: &[u8]) -> bool {
 async fn relay(
     proxy: &Arc<Proxy>,
     resp: Response<Incoming>,
-    classified: &Classified,
+    classified: &Asked,
     upstream_id: &Value,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let Some(Served(ep)) = resp.extensions().get::<Served>().cloned() else {
