@@ -17,6 +17,7 @@ pub mod selector;
 pub mod settings;
 pub mod snapshot;
 pub mod stream;
+pub mod trace;
 pub mod version;
 
 pub use dependency::{Dependency, DependencyTarget};
@@ -38,5 +39,8 @@ pub use snapshot::{
 };
 pub use stream::{
     ControlFrame, FrameError, Hello, MAX_FRAME_BYTES, Node, ProxyFrame, decode_frame, encode_frame,
+};
+pub use trace::{
+    AttributeValue, EdgeTraffic, SpanKind, SpanRecord, StoredSpan, Trace, TraceSummary, Traffic,
 };
 pub use version::{VersionError, parse_version, parse_version_req};

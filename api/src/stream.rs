@@ -70,6 +70,21 @@ pub enum ProxyFrame {
     Register(Registration),
     /// Graceful shutdown: withdraw this proxy's endpoints now, without a grace period.
     Goodbye,
+    /// Finished spans the proxy sampled (at most [`crate::trace::MAX_SPANS_PER_FRAME`]), for
+    /// `capmesh trace` and the dashboard.
+    Spans {
+        /// The spans, in the order they ended.
+        spans: Vec<crate::trace::SpanRecord>,
+        /// Spans this proxy dropped since its previous `spans` frame (its queue was full).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        dropped: u64,
+    },
+    /// What the proxy sent to each capability since its previous report.
+    Traffic(crate::trace::Traffic),
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A frame from the control plane to a proxy.

@@ -776,6 +776,56 @@ pub async fn run(opts: Options) -> Result<Vec<String>> {
         r.point(&t, Load::Rate(rate), Proto::Http1, 1, Some((after, victim)))
             .await?;
     }
+    // Tracing's cost: the same path with no hop recorded (`--trace-sampling 0`) and with every
+    // hop recorded (`--trace-sampling 1`: a client and a server span per call, sent to the
+    // control plane), interleaved, at the first rate. A capability of their own keeps the other
+    // providers out of it.
+    eprintln!(
+        "== tracing off / every call sampled, {} req/s",
+        r.d.rates[0]
+    );
+    let traced_provider = ProxyProcess::start(
+        &proxy_bin,
+        &cp,
+        "echo-traced",
+        Some(&echo_url),
+        &["--capability", "echo=traced_echo", "--trace-sampling", "0"],
+    )
+    .await?;
+    let mut pair = vec![];
+    for (name, ratio) in [("capmesh-trace-off", "0"), ("capmesh-trace-all", "1")] {
+        let c = ProxyProcess::start(
+            &proxy_bin,
+            &cp,
+            name,
+            None,
+            &[
+                "--dependency",
+                "echo=traced_echo",
+                "--trace-sampling",
+                ratio,
+            ],
+        )
+        .await?;
+        let t = Target {
+            name: name.into(),
+            h1: uri(c.outbound, "/mcp")?,
+            h2: uri(c.outbound, "/mcp")?,
+            meter: CpuMeter::new(vec![pid(&c)?, pid(&traced_provider)?]),
+        };
+        until_serving(&t.h1, 1, name).await?;
+        pair.push((t, c));
+    }
+    for round in 1..=rounds {
+        let mut order: Vec<&Target> = pair.iter().map(|(t, _)| t).collect();
+        order.rotate_left((round - 1) % 2);
+        for t in order {
+            r.point(t, Load::Rate(r.d.rates[0]), Proto::Http1, round, None)
+                .await?;
+        }
+    }
+    drop(pair);
+    drop(traced_provider);
     drop(peers);
     drop(providers);
     drop(consumer);

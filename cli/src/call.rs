@@ -61,6 +61,11 @@ pub struct CallArgs {
     /// How long to wait for the tool's answer.
     #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = capmesh_api::duration::parse_duration)]
     pub timeout: Duration,
+
+    /// Record this call's trace (a sampled W3C traceparent) and print its id on stderr; then
+    /// `capmesh trace <id>` draws it.
+    #[arg(long)]
+    pub trace: bool,
 }
 
 fn parse_arguments(input: &str) -> Result<Map<String, Value>, String> {
@@ -229,6 +234,11 @@ pub async fn run(
         CONNECT_TIMEOUT,
     );
 
+    // The CLI's own span is not recorded: the provider's server span is the first one held.
+    let trace_id = args.trace.then(|| capmesh_proxy::random_hex(16));
+    let traceparent = trace_id
+        .as_ref()
+        .map(|t| format!("00-{t}-{}-01", capmesh_proxy::random_hex(8)));
     let deadline = Instant::now() + args.timeout;
     let mut tried: Vec<EndpointId> = Vec::new();
     let mut last = String::new();
@@ -238,7 +248,11 @@ pub async fn run(
         let provider = format!("{} ({})", endpoint.identity, endpoint.instance);
         let started = Instant::now();
         let left = deadline.saturating_duration_since(started);
-        let attempt = tokio::time::timeout(left, send(&pool, endpoint, arguments.clone())).await;
+        let attempt = tokio::time::timeout(
+            left,
+            send(&pool, endpoint, arguments.clone(), traceparent.as_deref()),
+        )
+        .await;
         let answer = match attempt {
             Err(_) => {
                 return Err(CallError::Timeout {
@@ -267,6 +281,9 @@ pub async fn run(
             endpoint,
             elapsed: started.elapsed(),
         };
+        if let Some(id) = &trace_id {
+            eprintln!("trace: {id}  (capmesh trace {id})");
+        }
         return finish(output_format, &capability, &me, served, answer);
     }
     Err(CallError::AllFailed {
@@ -404,7 +421,12 @@ enum Attempt {
 }
 
 /// Sends one `tools/call` to one provider and reads the whole answer.
-async fn send(pool: &PeerPool, endpoint: &Endpoint, arguments: Value) -> Result<Answer, Attempt> {
+async fn send(
+    pool: &PeerPool,
+    endpoint: &Endpoint,
+    arguments: Value,
+    traceparent: Option<&str>,
+) -> Result<Answer, Attempt> {
     let body = json!({
         "jsonrpc": "2.0",
         "id": 1,
@@ -412,11 +434,15 @@ async fn send(pool: &PeerPool, endpoint: &Endpoint, arguments: Value) -> Result<
         "params": {"name": endpoint.function, "arguments": arguments},
     });
     let uri = format!("https://{}{CALL_PATH}", endpoint.address);
-    let request = Request::builder()
+    let mut request = Request::builder()
         .method(Method::POST)
         .uri(uri)
         .header(header::CONTENT_TYPE, "application/json")
-        .header(header::ACCEPT, "application/json, text/event-stream")
+        .header(header::ACCEPT, "application/json, text/event-stream");
+    if let Some(tp) = traceparent {
+        request = request.header("traceparent", tp);
+    }
+    let request = request
         .body(capmesh_proxy::boxed(Full::new(Bytes::from(
             body.to_string(),
         ))))

@@ -272,6 +272,9 @@ async fn demo(
         None,
     )?;
     say!("   https://127.0.0.1:{api}  (CA and admin token in a temporary data dir)");
+    say!(
+        "   dashboard: http://127.0.0.1:{admin}/dashboard  (read-only: the mesh, live traffic, traces)"
+    );
 
     step(2, "Agents, each behind its own capmesh-proxy sidecar")?;
     let control_plane = format!("https://127.0.0.1:{api}");
@@ -437,6 +440,11 @@ async fn demo(
         let (_, served) = mcp_call(planner.outbound, tool, arguments).await?;
         say!("   {tool:<15} → {served}");
     }
+    // Collected now, while every provider that served the trip still runs (a sidecar sends
+    // its spans once a second; llm-claude is killed next). Shown at the end.
+    // Three calls, each a client span at the planner's sidecar and a server span at the
+    // provider's.
+    let trip = trip_trace(&rest, &token, &plan.trace_id, 6).await?;
 
     step(
         5,
@@ -550,6 +558,16 @@ async fn demo(
     }) {
         say!("   {l}");
     }
+    step(
+        7,
+        &format!(
+            "The trip's trace: each hop the planner's calls took (capmesh trace {})",
+            plan.trace_id
+        ),
+    )?;
+    for text in crate::trace::render(&trip).lines() {
+        say!("   {text}");
+    }
     if lost > 0 {
         bail!("{lost} calls that never reached the killed provider failed during the failover");
     }
@@ -577,6 +595,29 @@ async fn demo(
         drop(recorded);
     }
     Ok(())
+}
+
+/// The trip's trace once `spans` spans arrived (or what arrived within 10 s).
+async fn trip_trace(
+    rest: &ControlPlaneClient,
+    token: &str,
+    trace_id: &str,
+    spans: usize,
+) -> anyhow::Result<capmesh_api::Trace> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let path = format!("/v1/traces/{trace_id}");
+    loop {
+        let got: Result<capmesh_api::Trace, _> = rest.get(&path, Some(token)).await;
+        match got {
+            Ok(t) if t.spans.len() >= spans || Instant::now() >= deadline => return Ok(t),
+            Err(e) if Instant::now() >= deadline => {
+                return Err(anyhow::anyhow!(
+                    "the trip's trace {trace_id} did not reach the control plane within 10 s: {e}"
+                ));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(300)).await,
+        }
+    }
 }
 
 /// `llm-openai` from `spiffe://capmesh.local/ns/default/agent/llm-openai#instance`.

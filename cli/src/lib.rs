@@ -31,6 +31,7 @@ pub mod status;
 // `supervise`, `demo` and `up` are written by the lead.
 pub mod supervise;
 pub mod token;
+pub mod trace;
 pub mod up;
 
 pub use api::{Api, ApiError};

@@ -31,6 +31,7 @@ use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand};
         capmesh list capabilities\n  \
         capmesh status                      # control plane and every proxy\n  \
         capmesh call get_weather --args '{\"city\":\"Paris\"}' --tags +fast\n  \
+        capmesh trace --last 10              # recent traces; capmesh trace <id> draws one\n  \
         capmesh token create --agent weather > weather.token\n  \
         capmesh inject -f deployment.yaml | kubectl apply -f -\n  \
         capmesh settings set --request-timeout 30s --propagate-headers x-tenant-id\n  \
@@ -85,6 +86,18 @@ enum Command {
         capmesh call llm --args @prompt.json --tags +claude,-beta --version '>=1.2' --timeout 2m\n  \
         capmesh call echo --args '{\"text\":\"hi\"}' --output json | jq -r '.result.content[0].text'")]
     Call(CallArgs),
+
+    /// Show one trace's call tree (hops, timings, identities) from the spans the sidecars
+    /// sent the control plane, or list the most recent traces.
+    #[command(after_help = "Examples:\n  \
+        capmesh call get_weather --args '{\"city\":\"Paris\"}' --trace   # prints the trace id\n  \
+        capmesh trace 4bf92f3577b34da6a3ce929d0e0e4736\n  \
+        capmesh trace --last 10\n  \
+        capmesh trace 4bf92f3577b34da6a3ce929d0e0e4736 --output json | jq '.spans[].name'\n\n\
+        Sidecars record every call that carries a sampled W3C traceparent and a share of the\n\
+        others (capmesh-proxy --trace-sampling). The control plane keeps the latest 2,000 traces\n\
+        in memory (per replica).")]
+    Trace(capmesh::trace::TraceArgs),
 
     /// Register, list or revoke entities: extra CAs the mesh trusts.
     #[command(
@@ -213,6 +226,7 @@ async fn dispatch(cli: Cli, sources: ArgSources) -> anyhow::Result<ExitCode> {
         Command::List(args) => capmesh::list::run(&api()?, output, args).await?,
         Command::Status(args) => capmesh::status::run(&api()?, output, args).await?,
         Command::Call(args) => return capmesh::call::run(&api()?, output, args).await,
+        Command::Trace(args) => capmesh::trace::run(&api()?, output, args).await?,
         Command::Entity(cmd) => capmesh::entity::run(&api()?, output, cmd).await?,
         Command::Token(cmd) => capmesh::token::run(&api()?, output, cmd).await?,
         Command::Policy(cmd) => capmesh::policy::run(&api()?, output, cmd).await?,

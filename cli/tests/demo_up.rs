@@ -80,6 +80,30 @@ fn demo_shows_routing_identities_and_a_failover_without_failed_calls() {
         "{stdout}"
     );
     assert!(stdout.contains("traffic moved to llm-openai"), "{stdout}");
+    // It ends with the trip's trace: each of the planner's three calls is a client span at the
+    // planner's sidecar with the provider's server span under it.
+    let tree = stdout
+        .split("The trip's trace")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no trace tree:\n{stdout}"));
+    assert!(tree.contains(" · 6 spans · "), "{tree}");
+    for (tool, provider) in [
+        ("get_weather", "weather-eu"),
+        ("search_flights", "flights"),
+        ("chat", "llm-claude"),
+    ] {
+        let client = format!("tools/call {tool}");
+        let at = tree
+            .find(&client)
+            .unwrap_or_else(|| panic!("{tool} missing:\n{tree}"));
+        let after = &tree[at..];
+        assert!(after.contains("client span at planner"), "{tree}");
+        assert!(
+            after.contains(&format!("└─ {client}"))
+                && after.contains(&format!("server span at {provider}")),
+            "no server span at {provider} under {tool}:\n{tree}"
+        );
+    }
     assert!(stdout.contains("Temporary files removed"), "{stdout}");
     assert!(
         !stdout.contains("{\"") && !stdout.contains("Some("),

@@ -196,5 +196,7 @@ fn frame_kind(frame: &ProxyFrame) -> &'static str {
         ProxyFrame::Health { .. } => "health",
         ProxyFrame::Register(_) => "register",
         ProxyFrame::Goodbye => "goodbye",
+        ProxyFrame::Spans { .. } => "spans",
+        ProxyFrame::Traffic(_) => "traffic",
     }
 }

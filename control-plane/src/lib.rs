@@ -10,12 +10,14 @@
 
 pub mod ca;
 pub mod config;
+pub mod dashboard;
 pub mod entities;
 pub mod inject;
 pub mod metrics;
 pub mod registry;
 pub mod rest;
 pub mod server;
+pub mod spans;
 pub mod store;
 pub mod stream;
 pub mod webhook;
@@ -63,6 +65,8 @@ pub struct App {
     pub metrics: Metrics,
     /// True once the API listener is serving.
     pub ready: AtomicBool,
+    /// Sampled spans and traffic reports from the proxies (this replica's streams only).
+    pub observed: spans::Observed,
 }
 
 impl App {
@@ -316,6 +320,7 @@ pub async fn run(
         admin_token,
         metrics: Metrics::new(),
         ready: AtomicBool::new(false),
+        observed: spans::Observed::default(),
     });
 
     let restored = app.restore_instances(config.restart_grace)?;

@@ -27,6 +27,14 @@ pub struct Metrics {
     pub certificates_issued: IntCounter,
     /// Refused connections, streams and requests, by reason.
     pub refusals: IntCounterVec,
+    /// Spans the proxies sent that were kept in the window.
+    pub spans_received: IntCounter,
+    /// Spans refused as malformed (each one named in a debug log).
+    pub spans_refused: IntCounter,
+    /// Spans the proxies report they dropped before sending (their queue was full).
+    pub spans_dropped_by_proxies: IntCounter,
+    /// Spans held in the in-memory window.
+    pub spans_held: IntGauge,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -90,7 +98,27 @@ impl Metrics {
             &["reason"],
         ));
         must(registry.register(Box::new(refusals.clone())));
+        let spans_received = counter(
+            "capmesh_cp_spans_received_total",
+            "Spans received from proxies and kept in the in-memory window",
+        );
+        let spans_refused = counter(
+            "capmesh_cp_spans_refused_total",
+            "Spans refused as malformed",
+        );
+        let spans_dropped_by_proxies = counter(
+            "capmesh_cp_spans_dropped_by_proxies_total",
+            "Spans proxies dropped before sending them (reported in their spans frames)",
+        );
+        let spans_held = gauge(
+            "capmesh_cp_spans_held",
+            "Spans held in the in-memory window (this replica)",
+        );
         Self {
+            spans_received,
+            spans_refused,
+            spans_dropped_by_proxies,
+            spans_held,
             registry,
             streams_connected,
             agents,

@@ -184,6 +184,38 @@ async fn route(
                 })?;
             ok(&agent)
         }
+        (&Method::GET, ["v1", "traces"]) => {
+            caller.read()?;
+            let last = match query_param(query.as_deref(), "last") {
+                None => 20,
+                Some(n) => n
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| (1..=1000).contains(n))
+                    .ok_or_else(|| {
+                        ApiError::bad_request(format!(
+                            "last={n:?}: give a number of traces from 1 to 1000"
+                        ))
+                    })?,
+            };
+            ok(&app.observed.recent(last))
+        }
+        (&Method::GET, ["v1", "traces", trace_id]) => {
+            caller.read()?;
+            let id = trace_id.to_ascii_lowercase();
+            if !capmesh_api::trace::is_hex_id(&id, 32) {
+                return Err(ApiError::bad_request(format!(
+                    "{trace_id:?} is not a trace id: give the 32 hex digits `capmesh call --trace` or `capmesh trace --last` printed"
+                )));
+            }
+            let trace = app.observed.trace(&id).ok_or_else(|| {
+                ApiError::not_found(format!(
+                    "no span of trace {id} is held: it was not sampled, its spans have not arrived yet (they are sent once a second), or it left the window of the last {} traces (this replica's only)",
+                    crate::spans::MAX_TRACES
+                ))
+            })?;
+            ok(&trace)
+        }
         (&Method::GET, ["v1", "capabilities"]) => {
             caller.read()?;
             ok(&app.registry.capabilities())

@@ -148,7 +148,8 @@ fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     resp
 }
 
-/// Serves `/live`, `/ready` and `/metrics` over plain HTTP until `shutdown` flips.
+/// Serves `/live`, `/ready`, `/metrics` and the read-only dashboard (`/dashboard`) over plain
+/// HTTP until `shutdown` flips.
 pub async fn serve_admin(
     app: Arc<App>,
     listener: TcpListener,
@@ -167,6 +168,9 @@ pub async fn serve_admin(
             let svc = service_fn(move |req: Request<Incoming>| {
                 let app = app.clone();
                 async move {
+                    if let Some(page) = crate::dashboard::serve(&app, req.uri().path()) {
+                        return Ok::<_, Infallible>(page);
+                    }
                     let resp = match req.uri().path() {
                         "/live" => text(StatusCode::OK, "ok\n".into()),
                         "/ready" if app.ready.load(Ordering::Acquire) => {
@@ -182,7 +186,7 @@ pub async fn serve_admin(
                         }
                         _ => text(
                             StatusCode::NOT_FOUND,
-                            "try /live, /ready or /metrics\n".into(),
+                            "try /live, /ready, /metrics or /dashboard\n".into(),
                         ),
                     };
                     Ok::<_, Infallible>(resp)

@@ -125,7 +125,8 @@ pub async fn handle(
     );
     app.persist(&lease.proxy_id);
     let (tx, body) = channel(64);
-    tokio::spawn(run(app, lease, reader, tx));
+    let agent = hello.node.agent.to_string();
+    tokio::spawn(run(app, lease, agent, reader, tx));
     let mut resp = Response::new(body.boxed());
     resp.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -142,6 +143,7 @@ async fn send(tx: &mpsc::Sender<Bytes>, frame: &ControlFrame) -> bool {
 async fn run(
     app: Arc<App>,
     lease: Lease,
+    agent: String,
     mut reader: FrameReader<ProxyFrame>,
     tx: mpsc::Sender<Bytes>,
 ) {
@@ -241,6 +243,12 @@ async fn run(
                             tracing::info!(proxy_id = %proxy_id, tools = registration.tools.len(), "re-registered");
                             app.registry.register(&proxy_id, epoch, registration);
                             app.persist(&proxy_id);
+                        }
+                        ProxyFrame::Spans { spans, dropped } => {
+                            app.observed.accept(&app.metrics, &agent, &proxy_id, spans, dropped);
+                        }
+                        ProxyFrame::Traffic(traffic) => {
+                            app.observed.traffic(&agent, &proxy_id, traffic);
                         }
                         ProxyFrame::Goodbye => {
                             tracing::info!(proxy_id = %proxy_id, "goodbye: withdrawing now");

@@ -97,6 +97,45 @@ type Failure = StreamableHttpError<HttpClientError>;
 pub struct HyperClient {
     http: Client<HttpConnector, Full<Bytes>>,
     served_by: Arc<Mutex<Option<String>>>,
+    traceparent: Option<HeaderValue>,
+}
+
+/// A W3C trace context a client starts: every request it sends carries it as `traceparent`.
+#[derive(Debug, Clone)]
+pub struct TraceContext {
+    /// 32 lowercase hex digits.
+    pub trace_id: String,
+    /// The client's own span id: 16 lowercase hex digits.
+    pub span_id: String,
+}
+
+impl TraceContext {
+    /// A new trace, marked sampled (every hop under it is recorded).
+    pub fn new_sampled() -> Self {
+        // Ids need to be unique, not secret: the standard library's per-process random hash
+        // keys, mixed with the clock, are enough.
+        use std::hash::{BuildHasher, Hasher};
+        let random = |salt: u64| {
+            let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+            h.write_u64(salt);
+            h.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos())
+                    .unwrap_or(0),
+            );
+            h.finish() | 1
+        };
+        Self {
+            trace_id: format!("{:016x}{:016x}", random(1), random(2)),
+            span_id: format!("{:016x}", random(3)),
+        }
+    }
+
+    /// The `traceparent` header value.
+    pub fn traceparent(&self) -> String {
+        format!("00-{}-{}-01", self.trace_id, self.span_id)
+    }
 }
 
 impl Default for HyperClient {
@@ -114,7 +153,14 @@ impl HyperClient {
         Self {
             http: Client::builder(TokioExecutor::new()).build(connector),
             served_by: Arc::default(),
+            traceparent: None,
         }
+    }
+
+    /// Every request carries `trace` as its `traceparent`.
+    pub fn with_trace(mut self, trace: &TraceContext) -> Self {
+        self.traceparent = HeaderValue::from_str(&trace.traceparent()).ok();
+        self
     }
 
     /// Takes the `x-capmesh-served-by` value of the latest `tools/call` response, if it had one.
@@ -151,6 +197,9 @@ impl HyperClient {
         let mut req = Request::builder().method(method).uri(uri);
         for (name, value) in headers {
             req = req.header(name, value);
+        }
+        if let Some(tp) = &self.traceparent {
+            req = req.header("traceparent", tp.clone());
         }
         let req = req.body(Full::new(body))?;
         self.http

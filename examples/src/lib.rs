@@ -21,6 +21,6 @@ mod server;
 mod tools;
 
 pub use args::{AgentArgs, AgentKind, DEFAULT_CITY, DEFAULT_MESH_URL, Flavor, run};
-pub use client::{HttpClientError, HyperClient, SERVED_BY_HEADER};
+pub use client::{HttpClientError, HyperClient, SERVED_BY_HEADER, TraceContext};
 pub use planner::{ORIGIN, PlanStep, TRAVEL_DATE, TripPlan, plan_trip};
 pub use server::{AgentServer, MCP_PATH, ServeOptions, serve};

@@ -52,6 +52,9 @@ pub struct TripPlan {
     pub tools: Vec<String>,
     /// The calls made, in order: `get_weather`, `search_flights`, `chat`.
     pub steps: Vec<PlanStep>,
+    /// The W3C trace id every request of the trip carried (sampled), so that each sidecar on
+    /// the way records its hop: `capmesh trace <id>` draws the trip.
+    pub trace_id: String,
 }
 
 impl TripPlan {
@@ -87,7 +90,11 @@ impl fmt::Display for TripPlan {
                 None => writeln!(f)?,
             }
         }
-        writeln!(f, "planner: trip to {} planned", self.city)
+        writeln!(
+            f,
+            "planner: trip to {} planned (trace {})",
+            self.city, self.trace_id
+        )
     }
 }
 
@@ -110,7 +117,9 @@ pub async fn plan_trip(mesh_url: &str, city: &str) -> anyhow::Result<TripPlan> {
     if city.is_empty() {
         bail!("the city to plan for is empty: pass one, e.g. --city Lisbon");
     }
-    let http = HyperClient::new();
+    // The planner starts the trip's trace (sampled): the mesh records every hop under it.
+    let trace = crate::client::TraceContext::new_sampled();
+    let http = HyperClient::new().with_trace(&trace);
     let transport = StreamableHttpClientTransport::with_client(
         http.clone(),
         StreamableHttpClientTransportConfig::with_uri(mesh_url),
@@ -124,7 +133,12 @@ pub async fn plan_trip(mesh_url: &str, city: &str) -> anyhow::Result<TripPlan> {
         info.serve(transport),
     )
     .await?;
-    let plan = plan_with(&session, &http, mesh_url, city).await;
+    let plan = plan_with(&session, &http, mesh_url, city)
+        .await
+        .map(|plan| TripPlan {
+            trace_id: trace.trace_id.clone(),
+            ..plan
+        });
     // Ending the session is a courtesy (it frees server state); the plan stands either way.
     if let Err(error) = step("closing the MCP session", session.cancel()).await {
         tracing::debug!(error = %format!("{error:#}"), "could not close the MCP session");
@@ -197,5 +211,6 @@ async fn plan_with(
         city: city.to_owned(),
         tools,
         steps: vec![weather, flights, llm],
+        trace_id: String::new(),
     })
 }

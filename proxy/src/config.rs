@@ -156,6 +156,18 @@ pub struct Config {
     #[arg(long, env = "CAPMESH_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_positive_duration)]
     pub header_read_timeout: std::time::Duration,
 
+    /// The share of new traces whose hops are recorded as spans, from 0 to 1. A request that
+    /// carries a sampled W3C trace context is always recorded and an unsampled one never
+    /// (parent-based sampling).
+    #[arg(long, env = "CAPMESH_TRACE_SAMPLING", default_value = "0.01", value_name = "RATIO", value_parser = parse_ratio)]
+    pub trace_sampling: f64,
+
+    /// Export spans over OTLP (HTTP/protobuf) to this collector, e.g. http://127.0.0.1:4318
+    /// (`/v1/traces` is appended). Off by default; OTEL_EXPORTER_OTLP_ENDPOINT and
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT turn it on too.
+    #[arg(long, env = "CAPMESH_OTLP_ENDPOINT", value_name = "URL")]
+    pub otlp_endpoint: Option<String>,
+
     /// A connection with no request in flight for this long is closed gracefully, e.g. 5m.
     #[arg(long, env = "CAPMESH_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_positive_duration)]
     pub idle_timeout: std::time::Duration,
@@ -169,6 +181,15 @@ fn parse_positive_duration(s: &str) -> Result<std::time::Duration, String> {
         )),
         Err(e) => Err(format!(
             "{s:?}: {e} (use a duration such as 500ms, 10s or 5m)"
+        )),
+    }
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!(
+            "{s:?} is not a ratio from 0 to 1: use 0 (only sampled callers), 0.01 (one new trace in a hundred) or 1 (every call)"
         )),
     }
 }

@@ -98,8 +98,27 @@ pub async fn run(
         let h = *healthy.borrow_and_update();
         let _ = tx.send(&health_frame(h, &readiness)).await;
         let mut stopping = false;
+        // Sampled spans go up once a second and a traffic report every five: a bounded number
+        // of frames whatever the call rate (spans beyond a frame's worth wait, then drop).
+        let mut spans_due = tokio::time::interval(crate::trace::SPANS_EVERY);
+        let mut traffic_due = tokio::time::interval(crate::trace::TRAFFIC_EVERY);
         loop {
             tokio::select! {
+                _ = spans_due.tick() => {
+                    if let Some((frame, n)) = proxy.tracer.spans_frame() {
+                        if tx.send(&frame).await.is_err() {
+                            proxy.tracer.lost_to_stream(n);
+                            break;
+                        }
+                        proxy.tracer.sent_to_control_plane(n);
+                    }
+                }
+                _ = traffic_due.tick() => {
+                    let frame = proxy.tracer.traffic_frame(&proxy.metrics, &proxy.routing.load());
+                    if let Some(frame) = frame && tx.send(&frame).await.is_err() {
+                        break;
+                    }
+                }
                 _ = stop.changed() => { stopping = true; break; }
                 changed = registration.changed() => {
                     if changed.is_err() { continue; }

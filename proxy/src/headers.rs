@@ -2,9 +2,11 @@
 //!
 //! The mesh carries allow-listed headers (`--propagate-headers` plus the mesh settings) over
 //! every proxy hop unchanged; everything else from the client stays behind. `traceparent` is
-//! created when absent and continued on every hop: same trace id, a new span id.
+//! carried as the hop's span layer ([`crate::trace`]) left it: naming the span it recorded, or
+//! as it came when the hop was not sampled. A request no span layer saw starts a new,
+//! unsampled trace.
 
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName};
 
 /// Allow-list of propagated headers: exact names and `prefix*` patterns, lowercase.
 #[derive(Debug, Clone, Default)]
@@ -83,40 +85,39 @@ pub fn is_hop_by_hop(name: &str) -> bool {
     )
 }
 
-/// Continues the trace in `headers` with a new span id, or starts one. Returns the trace id.
+/// Carries the trace context of `from` to `to` (`traceparent` as the span layer left it, and
+/// `tracestate`), or starts a new unsampled trace when `from` has none that is valid. Returns
+/// the trace id.
 pub fn continue_trace(from: &HeaderMap, to: &mut HeaderMap) -> String {
-    let parsed = from
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            let parts: Vec<&str> = v.trim().split('-').collect();
-            match parts.as_slice() {
-                [version, trace, parent, flags]
-                    if version.len() == 2
-                        && trace.len() == 32
-                        && parent.len() == 16
-                        && flags.len() == 2
-                        && trace.bytes().all(|b| b.is_ascii_hexdigit())
-                        && *trace != "00000000000000000000000000000000" =>
-                {
-                    Some((trace.to_ascii_lowercase(), flags.to_string()))
-                }
-                _ => None,
+    use crate::trace::{TRACEPARENT, context};
+    use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
+    let trace_id = match context::parent(from) {
+        Some(parent) => {
+            if let Some(v) = from.get(TRACEPARENT) {
+                to.insert(HeaderName::from_static(TRACEPARENT), v.clone());
             }
-        });
-    let (trace, flags) = parsed.unwrap_or_else(|| (crate::ids::random_hex(16), "01".to_owned()));
-    let value = format!("00-{trace}-{}-{flags}", crate::ids::random_hex(8));
-    if let Ok(v) = HeaderValue::from_str(&value) {
-        to.insert(HeaderName::from_static("traceparent"), v);
-    }
+            parent.trace_id
+        }
+        None => {
+            let ids = RandomIdGenerator::default();
+            let trace_id = ids.new_trace_id();
+            to.insert(
+                HeaderName::from_static(TRACEPARENT),
+                context::value(trace_id, ids.new_span_id(), false),
+            );
+            trace_id
+        }
+    };
     if let Some(state) = from.get("tracestate") {
         to.insert(HeaderName::from_static("tracestate"), state.clone());
     }
-    trace
+    trace_id.to_string()
 }
 
 #[cfg(test)]
 mod tests {
+    use http::HeaderValue;
+
     use super::*;
 
     #[test]
@@ -135,22 +136,30 @@ mod tests {
     }
 
     #[test]
-    fn trace_context_is_continued_or_started() {
+    fn trace_context_is_carried_as_the_span_layer_left_it_or_started() {
         let mut from = HeaderMap::new();
+        // What a span layer leaves: its own span id in the parent-id field.
         from.insert(
             "traceparent",
             HeaderValue::from_static("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
         );
+        from.insert("tracestate", HeaderValue::from_static("vendor=1"));
         let mut to = HeaderMap::new();
         let trace = continue_trace(&from, &mut to);
         assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
-        let out = to["traceparent"].to_str().unwrap();
-        assert!(out.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
-        assert!(!out.contains("00f067aa0ba902b7"), "a new span id per hop");
+        assert_eq!(
+            to["traceparent"], "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "the next hop's parent is the recorded span"
+        );
+        assert_eq!(to["tracestate"], "vendor=1");
 
         let mut to = HeaderMap::new();
         let fresh = continue_trace(&HeaderMap::new(), &mut to);
         assert_eq!(fresh.len(), 32);
+        assert!(
+            to["traceparent"].to_str().unwrap().ends_with("-00"),
+            "a trace no span layer saw is not sampled"
+        );
         let mut bad = HeaderMap::new();
         bad.insert("traceparent", HeaderValue::from_static("garbage"));
         let mut to2 = HeaderMap::new();

@@ -33,6 +33,7 @@ pub mod routing;
 pub mod seal;
 pub mod serve;
 pub mod stack;
+pub mod trace;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -105,6 +106,8 @@ pub struct Proxy {
     pub metrics: metrics::Metrics,
     /// Connections intercepted in transparent mode.
     pub transparent: outbound::transparent::Transparent,
+    /// Which hops are recorded; their spans' way out.
+    pub tracer: trace::Tracer,
 }
 
 impl Proxy {
@@ -340,6 +343,30 @@ pub async fn run(
         namespace: config.namespace.clone(),
         zone: config.zone.clone(),
     };
+    let metrics = metrics::Metrics::new();
+    // OTLP export only when a collector is named; a setting it cannot honour stops start-up.
+    let otlp = match trace::export::resolve(config.otlp_endpoint.as_deref(), |k| {
+        std::env::var(k).ok()
+    })
+    .map_err(anyhow::Error::msg)?
+    {
+        Some(target) => {
+            let origin = trace::export::Origin {
+                service: std::env::var("OTEL_SERVICE_NAME")
+                    .ok()
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| config.agent_name.to_string()),
+                namespace: config.namespace.to_string(),
+                instance: node.proxy_id.clone(),
+            };
+            let (sink, task) = trace::export::start(&target, &origin, metrics.spans())?;
+            tracing::info!(collector = %target.url, from = target.from, "exporting spans over OTLP (HTTP/protobuf)");
+            tasks.push(task);
+            Some(sink)
+        }
+        None => None,
+    };
+    let tracer = trace::Tracer::new(config.trace_sampling, otlp, metrics.spans());
     let proxy = Arc::new(Proxy {
         node: node.clone(),
         routing: ArcSwap::from_pointee(routing::Routing::default()),
@@ -357,8 +384,9 @@ pub async fn run(
         tools_changed: watch::channel(0).0,
         propagation: ArcSwap::from_pointee(headers::Propagation::new(&config.propagate_headers)),
         retry_budget: Arc::new(balance::RetryBudget::new(20, 10)),
-        metrics: metrics::Metrics::new(),
+        metrics,
         transparent: outbound::transparent::Transparent::default(),
+        tracer,
         identity,
         config,
     });

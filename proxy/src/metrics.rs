@@ -42,6 +42,12 @@ pub struct Metrics {
     pub transparent: IntCounterVec,
     /// Connections closed on accept because a listener was at its cap, by listener.
     pub connections_refused: IntCounterVec,
+    /// Spans recorded, by kind (`client`, `server`).
+    pub spans: IntCounterVec,
+    /// Spans lost on their way out, by sink (`otlp`, `control_plane`) and reason.
+    pub spans_dropped: IntCounterVec,
+    /// Spans delivered, by sink.
+    pub spans_exported: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -145,7 +151,31 @@ impl Metrics {
                 "Connections closed on accept because the listener held --max-connections",
                 &["listener"]
             )),
+            spans: reg!(counter(
+                "capmesh_proxy_spans_total",
+                "Spans recorded (sampled hops), by kind",
+                &["kind"]
+            )),
+            spans_dropped: reg!(counter(
+                "capmesh_proxy_spans_dropped_total",
+                "Spans lost before delivery: a full queue, an export that failed, the stream down",
+                &["sink", "reason"]
+            )),
+            spans_exported: reg!(counter(
+                "capmesh_proxy_spans_exported_total",
+                "Spans delivered, by sink (otlp, control_plane)",
+                &["sink"]
+            )),
             registry,
+        }
+    }
+
+    /// The span counters, for the tracer and its exporters.
+    pub fn spans(&self) -> crate::trace::SpanMetrics {
+        crate::trace::SpanMetrics {
+            recorded: self.spans.clone(),
+            dropped: self.spans_dropped.clone(),
+            exported: self.spans_exported.clone(),
         }
     }
 

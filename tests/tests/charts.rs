@@ -1147,6 +1147,10 @@ fn platform_chart_shape() {
         "capmesh_cp_streams_connected",
         "capmesh_cp_deltas_sent_total",
         "capmesh_cp_ack_latency_seconds_bucket",
+        "capmesh_proxy_spans_total",
+        "capmesh_proxy_spans_dropped_total",
+        "capmesh_proxy_spans_exported_total",
+        "capmesh_cp_spans_held",
     ] {
         assert!(all.contains(metric), "no panel queries {metric}");
     }

@@ -3,7 +3,7 @@
 //! the peer client, which sends it over mutual TLS to the chosen provider's proxy.
 //!
 //! ```text
-//! Deadline → Retry(RetryPolicy) → Balance → Observe → PeerClient
+//! RecordAttempts → Deadline → Retry(RetryPolicy) → Balance → Observe → PeerClient
 //! ```
 //!
 //! The listeners (federated `/mcp`, passthrough, transparent) differ above this: each resolves
@@ -160,6 +160,8 @@ impl std::ops::Deref for Call {
 /// The lower half of every outbound stack (see the module docs).
 pub fn stack(proxy: &Arc<Proxy>) -> impl Next<Call, Response<Incoming>> {
     ServiceBuilder::new()
+        // The endpoint that served and the attempts it took, onto the hop's span (if sampled).
+        .layer(Stage(crate::trace::RecordAttempts))
         // The caller's deadline covers every attempt, up to response headers.
         .layer(Stage(Deadline))
         // One policy decides every retry: only what cannot have reached an agent, or a safe

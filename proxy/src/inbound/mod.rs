@@ -188,6 +188,9 @@ pub fn stack(proxy: &Arc<Proxy>) -> impl Next<Request<Incoming>, Response<BoxBod
         }))
         // Bounded: every message is read to be authorized.
         .layer(Stage(ReadBody { limit: MAX_REQUEST }))
+        // The hop's server span when sampled (a refusal below is recorded too); the agent
+        // sees this span's id in traceparent.
+        .layer(Stage(crate::trace::ServerSpan::new(proxy.clone())))
         // One decision for every message on every path; fails closed.
         .layer(Stage(authorize::Authorize::new(
             proxy.authz.clone(),

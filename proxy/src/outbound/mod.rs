@@ -37,7 +37,7 @@ use crate::error::ProxyError;
 use crate::forward;
 use crate::serve::Limits;
 use crate::stack::{BoxFuture, Next, ReadBody, RespondLayer, Stage, call};
-use crate::{BoxBody, Proxy};
+use crate::{BoxBody, Proxy, trace};
 
 /// The outbound listener's stack, top to bottom.
 pub fn stack(
@@ -73,6 +73,8 @@ fn federated_stack(proxy: &Arc<Proxy>) -> impl Next<Request<Incoming>, Response<
         .layer(Stage(federated::LocalAnswers::new(proxy.clone())))
         .service(federated::Dispatch {
             tool_call: ServiceBuilder::new()
+                // The hop's client span when sampled: to the response's last byte.
+                .layer(Stage(trace::ClientSpan::new(proxy.clone())))
                 // The mesh's own id at the provider; the response mapped back to the client.
                 .layer(Stage(tool_call::Relay::new(proxy.clone())))
                 // Capability → ranked endpoints (or the instance a requestState names).
@@ -90,6 +92,8 @@ fn passthrough_stack(proxy: &Arc<Proxy>) -> impl Next<Request<Incoming>, Respons
     ServiceBuilder::new()
         // Bounded, so that it can be authorized on the other side and sent again.
         .layer(Stage(ReadBody { limit: MAX_REQUEST }))
+        // The hop's client span when sampled: to the response's last byte.
+        .layer(Stage(trace::ClientSpan::new(proxy.clone())))
         // Sealed sessions and requestStates → the instance; else the capability's endpoints.
         .layer(Stage(passthrough::Passthrough::new(proxy.clone())))
         .service(forward::stack(proxy))

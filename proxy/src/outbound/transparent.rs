@@ -113,6 +113,8 @@ pub async fn serve(
         .layer(Stage(ReadBody {
             limit: crate::contract::MAX_REQUEST,
         }))
+        // The hop's client span when sampled: to the response's last byte.
+        .layer(Stage(crate::trace::ClientSpan::new(proxy.clone())))
         // The instances behind the address (or Host) the agent dialled.
         .layer(Stage(ToMesh {
             proxy: proxy.clone(),

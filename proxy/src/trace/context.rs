@@ -1,0 +1,128 @@
+//! W3C trace context (`traceparent`): read what a request carries, write what the next hop
+//! sees.
+
+use http::{HeaderMap, HeaderValue};
+use opentelemetry::trace::{SpanId, TraceId};
+
+/// The trace context header.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// What a request's `traceparent` says: the trace, the span that sent it and whether that
+/// side sampled it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parent {
+    /// The trace.
+    pub trace_id: TraceId,
+    /// The sending side's span.
+    pub span_id: SpanId,
+    /// The `sampled` flag.
+    pub sampled: bool,
+}
+
+/// Reads `traceparent` (version `00`, or a later version's first four fields, as the W3C
+/// specification asks). `None` when absent or malformed, or when an id is all zeros.
+pub fn parent(headers: &HeaderMap) -> Option<Parent> {
+    let value = headers.get(TRACEPARENT)?.to_str().ok()?.trim();
+    let mut parts = value.split('-');
+    let (version, trace, span, flags) =
+        (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
+    let hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+    if !hex(version, 2) || version.eq_ignore_ascii_case("ff") || !hex(flags, 2) {
+        return None;
+    }
+    // Version 00 has exactly four fields; later versions may append more.
+    if version == "00" && parts.next().is_some() {
+        return None;
+    }
+    if !hex(trace, 32) || !hex(span, 16) {
+        return None;
+    }
+    let trace_id = TraceId::from_hex(trace).ok()?;
+    let span_id = SpanId::from_hex(span).ok()?;
+    if trace_id == TraceId::INVALID || span_id == SpanId::INVALID {
+        return None;
+    }
+    let flags = u8::from_str_radix(flags, 16).ok()?;
+    Some(Parent {
+        trace_id,
+        span_id,
+        sampled: flags & 1 == 1,
+    })
+}
+
+/// The `traceparent` value naming `span_id` of `trace_id` as the parent of the next hop.
+pub fn value(trace_id: TraceId, span_id: SpanId, sampled: bool) -> HeaderValue {
+    let flags = if sampled { "01" } else { "00" };
+    let text = format!("00-{trace_id}-{span_id}-{flags}");
+    // Hex digits and dashes only: always a valid header value.
+    HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static(
+        "00-00000000000000000000000000000001-0000000000000001-00",
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn headers(tp: &'static str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(TRACEPARENT, HeaderValue::from_static(tp));
+        h
+    }
+
+    #[test]
+    fn reads_valid_contexts_and_refuses_malformed_ones() {
+        let p = parent(&headers(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ))
+        .unwrap();
+        assert_eq!(p.trace_id.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(p.span_id.to_string(), "00f067aa0ba902b7");
+        assert!(p.sampled);
+        let unsampled = parent(&headers(
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+        ))
+        .unwrap();
+        assert!(!unsampled.sampled);
+        // A later version may carry more fields.
+        assert!(
+            parent(&headers(
+                "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"
+            ))
+            .is_some()
+        );
+        for bad in [
+            "garbage",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00-4bf92f3577b34da6a3ce929d0e0e47zz-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(parent(&headers(bad)), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn writes_what_it_reads() {
+        let trace = TraceId::from_hex("4bf92f3577b34da6a3ce929d0e0e4736").unwrap();
+        let span = SpanId::from_hex("00f067aa0ba902b7").unwrap();
+        let v = value(trace, span, true);
+        assert_eq!(
+            v.to_str().unwrap(),
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+        );
+        let mut h = HeaderMap::new();
+        h.insert(TRACEPARENT, value(trace, span, false));
+        assert_eq!(
+            parent(&h),
+            Some(Parent {
+                trace_id: trace,
+                span_id: span,
+                sampled: false
+            })
+        );
+    }
+}
