@@ -67,7 +67,9 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
-/// Context switches (voluntary and not) of every thread of `pid` so far.
+/// Voluntary context switches (a thread blocked: waiting for I/O or another thread) of every
+/// thread of `pid` so far. Involuntary ones (preemption) depend on what else runs and are left
+/// out.
 pub fn switches(pid: u32) -> u64 {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return 0;
@@ -78,7 +80,7 @@ pub fn switches(pid: u32) -> u64 {
         .map(|status| {
             status
                 .lines()
-                .filter(|l| l.contains("ctxt_switches:"))
+                .filter(|l| l.starts_with("voluntary_ctxt_switches:"))
                 .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
                 .sum::<u64>()
         })
