@@ -7,8 +7,8 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::flag::FlagError;
 use crate::names::{Capability, NameError};
-use crate::registration::FlagError;
 use crate::selector::Selector;
 
 /// The right form of `--dependency`, shown in its errors.

@@ -8,6 +8,7 @@
 
 pub mod dependency;
 pub mod duration;
+pub mod flag;
 pub mod names;
 pub mod policy;
 pub mod registration;
@@ -20,12 +21,13 @@ pub mod trace;
 pub mod version;
 
 pub use dependency::{Dependency, DependencyTarget};
+pub use flag::FlagError;
 pub use names::{AgentName, Capability, NameError, Namespace, Tag, TrustDomain};
 pub use policy::{
     Policy, PolicyAction, PolicyDefault, PolicyError, PolicyRule, ProvideRule, UNAUTHENTICATED,
     glob_match,
 };
-pub use registration::{CapabilityOverride, FlagError, Registration, ToolSpec};
+pub use registration::{CapabilityOverride, Registration, ToolSpec};
 pub use rest::{
     AgentInfo, CapabilityInfo, CertificateRequest, CertificateResponse, Entity, EntityRequest,
     ErrorBody, InstanceInfo, RefusedCapability, Revocation, RevocationRequest, TokenCreated,

@@ -12,25 +12,12 @@ use semver::Version;
 use serde::{Deserialize, Serialize};
 
 use crate::dependency::Dependency;
+use crate::flag::FlagError;
 use crate::names::{Capability, Tag};
 use crate::version::parse_version;
 
 /// The right form of `--capability`, shown in its errors.
 pub const CAPABILITY_FORM: &str = "tool=capability@1.2.0#tag1,tag2";
-
-/// A flag value that could not be read: names the flag, the input, what is wrong and the right form.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{flag} {input:?}: {problem} (use {form})")]
-pub struct FlagError {
-    /// The flag (`--capability`).
-    pub flag: &'static str,
-    /// The value as given.
-    pub input: String,
-    /// What is wrong with it, naming the bad part.
-    pub problem: String,
-    /// The right form.
-    pub form: &'static str,
-}
 
 /// One tool of an agent, as the mesh sees it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

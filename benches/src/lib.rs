@@ -6,7 +6,8 @@
 //! - `capmesh-bench`: routing latency of the mesh path beside direct, nginx and HAProxy
 //!   ([`echo`] upstream, [`load`] generator, [`suite`] of scenarios, [`report`] tables;
 //!   [`peers`] sets up nginx and HAProxy, [`procstat`] meters CPU and RSS). Driven by
-//!   `benches/run.sh`.
+//!   `benches/run.sh`; `capmesh-bench soak` (`benches/soak.sh`) holds a rate for a long time
+//!   while providers restart ([`soak`]).
 //! - `cargo bench -p capmesh-bench`: criterion micro benches of route resolution, snapshot
 //!   swaps under readers and JSON-RPC classification (`benches/benches/routing.rs`).
 #![forbid(unsafe_code)]
@@ -16,4 +17,5 @@ pub mod load;
 pub mod peers;
 pub mod procstat;
 pub mod report;
+pub mod soak;
 pub mod suite;

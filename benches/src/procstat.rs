@@ -67,11 +67,32 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .ok()
 }
 
+/// Voluntary context switches (a thread blocked: waiting for I/O or another thread) of every
+/// thread of `pid` so far. Involuntary ones (preemption) depend on what else runs and are left
+/// out.
+pub fn switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("status")).ok())
+        .map(|status| {
+            status
+                .lines()
+                .filter(|l| l.starts_with("voluntary_ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum::<u64>()
+        })
+        .sum()
+}
+
 /// A CPU-time reading of some process trees.
 #[derive(Debug, Clone)]
 pub struct CpuSample {
     at: Instant,
     ticks: Vec<u64>,
+    switches: Vec<u64>,
 }
 
 /// Watches the CPU time of a set of process trees (one per proxy instance).
@@ -97,19 +118,31 @@ impl CpuMeter {
 
     /// Reads every tree's CPU time now.
     pub fn sample(&self) -> CpuSample {
+        let trees: Vec<Vec<u32>> = self.roots.iter().map(|r| tree(*r)).collect();
         CpuSample {
             at: Instant::now(),
-            ticks: self
-                .roots
+            ticks: trees
                 .iter()
-                .map(|r| {
-                    tree(*r)
-                        .iter()
+                .map(|t| {
+                    t.iter()
                         .filter_map(|p| stat_fields(*p).map(|s| s.ticks))
                         .sum()
                 })
                 .collect(),
+            switches: trees
+                .iter()
+                .map(|t| t.iter().map(|p| switches(*p)).sum())
+                .collect(),
         }
+    }
+
+    /// Per tree: context switches between `a` and `b`.
+    pub fn switches(&self, a: &CpuSample, b: &CpuSample) -> Vec<u64> {
+        a.switches
+            .iter()
+            .zip(&b.switches)
+            .map(|(x, y)| y.saturating_sub(*x))
+            .collect()
     }
 
     /// Per tree: the share of one core used between `a` and `b` (1.0 = a whole core).

@@ -77,6 +77,10 @@ pub struct Point {
     pub cores: Vec<f64>,
     /// Per proxy instance: RSS at the end of the measured phase (KiB).
     pub rss_kib: Vec<u64>,
+    /// Per proxy instance: voluntary context switches (all threads) per request served during
+    /// the measured phase.
+    #[serde(default)]
+    pub switches_per_request: Vec<f64>,
     /// Whether a clean run must have zero errors (all but the kill scenario, which must have
     /// zero errors that had not reached the killed provider).
     pub zero_errors_expected: bool,
@@ -141,9 +145,16 @@ impl Durations {
     fn new(quick: bool) -> Self {
         let s = Duration::from_secs_f64;
         if quick {
+            // A longer look at the open-loop points when iterating on speed:
+            // CAPMESH_BENCH_QUICK_MEASURE=6 (seconds).
+            let measure = std::env::var("CAPMESH_BENCH_QUICK_MEASURE")
+                .ok()
+                .and_then(|v| v.parse::<f64>().ok())
+                .filter(|v| (0.1..=60.0).contains(v))
+                .unwrap_or(0.7);
             Self {
                 warmup: s(0.3),
-                measure: s(0.7),
+                measure: s(measure),
                 sat_warmup: s(0.3),
                 sat_measure: s(1.0),
                 step_warmup: s(0.3),
@@ -347,10 +358,12 @@ impl Runner {
                 load.label()
             ),
         };
-        let cores = match (start, end) {
-            (Some(a), Some(b)) => t.meter.cores(&a, &b),
-            _ => vec![],
+        let (cores, switches) = match (&start, &end) {
+            (Some(a), Some(b)) => (t.meter.cores(a, b), t.meter.switches(a, b)),
+            _ => (vec![], vec![]),
         };
+        let served = report.ok.max(1) as f64;
+        let switches_per_request: Vec<f64> = switches.iter().map(|s| *s as f64 / served).collect();
         let point = Point {
             setup: self.opts.setup,
             path: t.name.clone(),
@@ -359,12 +372,13 @@ impl Runner {
             round,
             cores,
             rss_kib: rss,
+            switches_per_request,
             zero_errors_expected: !t.name.ends_with("-kill"),
             report,
         };
         let r = &point.report;
         eprintln!(
-            "  {:<16} {:<10} {:<8} r{} ok {:>7} err {:>4}  {:>8.0} req/s  p50 {:>6} µs  p99 {:>7} µs  p99.9 {:>7} µs  cores {:?}",
+            "  {:<16} {:<10} {:<8} r{} ok {:>7} err {:>4}  {:>8.0} req/s  p50 {:>6} µs  p99 {:>7} µs  p99.9 {:>7} µs  cores {:?}  switches/req {:?}",
             point.path,
             point.load,
             proto.to_string(),
@@ -377,6 +391,11 @@ impl Runner {
             r.latency.p999_us,
             point
                 .cores
+                .iter()
+                .map(|c| (c * 100.0).round() / 100.0)
+                .collect::<Vec<_>>(),
+            point
+                .switches_per_request
                 .iter()
                 .map(|c| (c * 100.0).round() / 100.0)
                 .collect::<Vec<_>>()
@@ -429,8 +448,10 @@ fn start_perf(
     secs: Duration,
 ) -> Result<tokio::process::Child> {
     let pids: Vec<String> = t.meter.roots().iter().map(u32::to_string).collect();
+    // More samples for a short (--quick) look: CAPMESH_BENCH_PERF_HZ=9999.
+    let hz = std::env::var("CAPMESH_BENCH_PERF_HZ").unwrap_or_else(|_| "999".into());
     tokio::process::Command::new("perf")
-        .args(["record", "-q", "-F", "999", "--call-graph", "dwarf,16384"])
+        .args(["record", "-q", "-F", &hz, "--call-graph", "dwarf,16384"])
         .args(["-p", &pids.join(","), "-o"])
         .arg(dir.join(format!("{}-{label}.perf.data", t.name)))
         .args(["--", "sleep", &secs.as_secs_f64().to_string()])
@@ -564,7 +585,7 @@ fn own_cpus() -> String {
 
 /// Starts the echo upstream as its own process (so it can be metered and pinned like the
 /// proxies); returns it, its port and the port's reservation (hold it while the echo runs).
-async fn start_echo(
+pub(crate) async fn start_echo(
     exe: &Path,
 ) -> Result<(tokio::process::Child, u16, capmesh_tests::ReservedPort)> {
     let reserved = capmesh_tests::reserve_port()?;
@@ -824,7 +845,7 @@ pub async fn run(opts: Options) -> Result<Vec<String>> {
 
 /// The pid of the process with a listening socket on 127.0.0.1:`port` (from /proc/net/tcp
 /// and the fd links of each process).
-fn pid_listening(port: u16) -> Option<u32> {
+pub(crate) fn pid_listening(port: u16) -> Option<u32> {
     let want = format!(":{port:04X}");
     let tcp = std::fs::read_to_string("/proc/net/tcp").ok()?;
     let inode = tcp.lines().skip(1).find_map(|l| {

@@ -21,6 +21,7 @@ pub mod error;
 pub mod forward;
 pub mod headers;
 pub mod identity;
+pub mod ids;
 pub mod inbound;
 pub mod init;
 pub mod mcp;
@@ -66,10 +67,7 @@ where
 
 /// `bytes` random bytes as lowercase hex.
 pub fn random_hex(bytes: usize) -> String {
-    use ring::rand::SecureRandom;
-    let mut buf = vec![0u8; bytes];
-    let _ = ring::rand::SystemRandom::new().fill(&mut buf);
-    buf.iter().map(|b| format!("{b:02x}")).collect()
+    ids::random_hex(bytes)
 }
 
 /// Everything the proxy's tasks share.

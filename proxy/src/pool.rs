@@ -184,7 +184,8 @@ pub struct PeerPool {
     cell: Arc<CredentialCell>,
     trust: Arc<TrustStore>,
     connect_timeout: Duration,
-    slots: Mutex<HashMap<(String, String), Slot>>,
+    /// address → expected identity → connection (looked up without allocating).
+    slots: Mutex<HashMap<String, HashMap<String, Slot>>>,
     configs: Mutex<HashMap<String, Arc<rustls::ClientConfig>>>,
 }
 
@@ -297,10 +298,15 @@ impl PeerPool {
     async fn sender(&self, addr: &str, identity: &str) -> Result<Conn, PeerError> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            slots
-                .entry((addr.to_owned(), identity.to_owned()))
-                .or_default()
-                .clone()
+            match slots.get(addr).and_then(|ids| ids.get(identity)) {
+                Some(slot) => slot.clone(),
+                None => slots
+                    .entry(addr.to_owned())
+                    .or_default()
+                    .entry(identity.to_owned())
+                    .or_default()
+                    .clone(),
+            }
         };
         let mut guard = slot.lock().await;
         if let Some(conn) = guard.as_ref()
@@ -336,6 +342,9 @@ impl PeerPool {
     /// Drops pooled connections to peers that are no longer in the snapshot.
     pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        slots.retain(|(addr, id), _| keep(addr, id));
+        for (addr, ids) in slots.iter_mut() {
+            ids.retain(|id, _| keep(addr, id));
+        }
+        slots.retain(|_, ids| !ids.is_empty());
     }
 }

@@ -64,6 +64,9 @@ pub struct Routing {
     stats: HashMap<EndpointId, Arc<EndpointStats>>,
     /// The federated endpoint's tools, sorted by name.
     pub tools: Arc<Vec<ToolEntry>>,
+    /// The mesh's sealing key from the snapshot's settings, ready to use (its key schedule is
+    /// computed once per snapshot, not per call).
+    pub sealer: Option<crate::seal::Sealer>,
 }
 
 impl Routing {
@@ -136,7 +139,9 @@ impl Routing {
             }
         }
         tools.sort_by(|a, b| a.name.cmp(&b.name));
+        let sealer = crate::seal::Sealer::from_hex(&snapshot.settings.session_key);
         Self {
+            sealer,
             snapshot: Some(Arc::new(snapshot)),
             endpoints,
             stats,

@@ -95,6 +95,22 @@ enum Cmd {
         #[arg(long)]
         perf_dir: Option<PathBuf>,
     },
+    /// Hold a rate through the mesh path for a long time while the two providers take turns
+    /// restarting; prints the failed calls and the consumer sidecar's RSS growth.
+    Soak {
+        /// Minutes of load.
+        #[arg(long, default_value_t = 30.0)]
+        minutes: f64,
+        /// Requests per second.
+        #[arg(long, default_value_t = 1000.0)]
+        rate: f64,
+        /// Minutes between provider restarts.
+        #[arg(long, default_value_t = 5.0)]
+        restart_every: f64,
+        /// `taskset -c` CPU list for the load generator; empty for unpinned.
+        #[arg(long, default_value = "0")]
+        gen_cpus: String,
+    },
     /// Print the Markdown results section from suite outputs.
     Report {
         /// Files written by `suite --out`.
@@ -145,6 +161,40 @@ fn main() -> ExitCode {
 
 fn run(cmd: Cmd) -> Result<ExitCode> {
     match cmd {
+        Cmd::Soak {
+            minutes,
+            rate,
+            restart_every,
+            gen_cpus,
+        } => {
+            let opts = capmesh_bench::soak::SoakOptions {
+                duration: secs("--minutes", minutes * 60.0)?,
+                rate,
+                restart_every: secs("--restart-every", restart_every * 60.0)?,
+                gen_cpus: (!gen_cpus.is_empty()).then_some(gen_cpus),
+            };
+            let report = runtime(2)?.block_on(capmesh_bench::soak::run(opts))?;
+            let l = &report.load;
+            println!("{}", serde_json::to_string(&report)?);
+            eprintln!(
+                "soak: {} sent, {} ok, {} failed; p50 {} µs p99 {} µs p99.9 {} µs; {} restarts; consumer RSS {} KiB after 1 min → {} KiB at the end ({:+.1} %)",
+                l.sent,
+                l.ok,
+                l.errors,
+                l.latency.p50_us,
+                l.latency.p99_us,
+                l.latency.p999_us,
+                report.restarts,
+                report.rss_after_first_minute_kib,
+                report.rss_at_end_kib,
+                report.growth_percent()
+            );
+            Ok(if l.errors == 0 && report.growth_percent() < 5.0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Cmd::Echo { listen, threads } => {
             runtime(threads)?.block_on(capmesh_bench::echo::serve(listen))?;
             Ok(ExitCode::SUCCESS)

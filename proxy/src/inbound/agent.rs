@@ -17,12 +17,14 @@ use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use serde_json::Value;
 
+use super::authorize::Inspection;
 use super::{Caller, Path};
 use crate::agent::{Agent, AgentSession};
 use crate::contract::{CALLER_HEADER, MESH_HEADER_PREFIX};
 use crate::error::ProxyError;
 use crate::headers::{continue_trace, is_hop_by_hop};
 use crate::mcp::classify::MODERN;
+use crate::mcp::inspect::Inspected;
 use crate::mcp::relay::{EventFn, MapEvents};
 use crate::mcp::sse::Event;
 use crate::outbound::tool_call::sealer;
@@ -128,12 +130,17 @@ fn open_answer(
     sealer: &Sealer,
     caller: &str,
 ) -> Result<Request<Bytes>, ProxyError> {
+    // Authorization read the messages already: only a response needs the tree.
+    let response = req
+        .extensions()
+        .get::<Inspection>()
+        .is_some_and(|m| m.0.iter().any(Inspected::is_response));
+    if !response {
+        return Ok(req);
+    }
     let Ok(mut message) = serde_json::from_slice::<Value>(req.body()) else {
         return Ok(req);
     };
-    if message.get("method").is_some() {
-        return Ok(req);
-    }
     let own = message
         .get("id")
         .and_then(Value::as_str)

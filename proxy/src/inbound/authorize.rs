@@ -88,15 +88,28 @@ enum Target {
     Conversation,
 }
 
-/// The decision for one request (see the module docs). Returns the capabilities allowed, for
-/// counting.
+/// What an allowed request was found to be.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Decision {
+    /// The capabilities it uses (counted as allowed).
+    pub allowed: Vec<String>,
+    /// Its JSON-RPC messages (none for a GET or DELETE).
+    pub messages: Vec<Inspected>,
+}
+
+/// The messages of an authorized request, as the layer read them (a request extension): the
+/// layers below need not read the body again to know what it holds.
+#[derive(Debug, Clone)]
+pub struct Inspection(pub Arc<[Inspected]>);
+
+/// The decision for one request (see the module docs).
 pub fn decide(
     authz: Option<&Authz>,
     caller: Option<&str>,
     path: &Path,
     method: &Method,
     body: &[u8],
-) -> Result<Vec<String>, ProxyError> {
+) -> Result<Decision, ProxyError> {
     let Some(authz) = authz else {
         return Err(ProxyError::NotReady(
             "no snapshot from the control plane yet, so no authorization policy".into(),
@@ -143,7 +156,10 @@ pub fn decide(
         if *path == Path::Call {
             return Err(ProxyError::MethodNotAllowed("mesh calls are POSTs"));
         }
-        return Ok(allowed);
+        return Ok(Decision {
+            allowed,
+            messages: Vec::new(),
+        });
     }
     let messages = inspect(body).map_err(|e| unreadable(e.to_string()))?;
     if *path == Path::Call && messages.len() != 1 {
@@ -180,7 +196,7 @@ pub fn decide(
     }
     allowed.sort_unstable();
     allowed.dedup();
-    Ok(allowed)
+    Ok(Decision { allowed, messages })
 }
 
 fn unreadable(why: String) -> ProxyError {
@@ -224,6 +240,7 @@ where
             req.method(),
             req.body(),
         );
+        let mut req = req;
         let counted = self.counted.clone();
         Box::pin(async move {
             let count = |capability: &str, outcome: &str| {
@@ -232,10 +249,12 @@ where
                 }
             };
             match decision {
-                Ok(allowed) => {
-                    for capability in &allowed {
+                Ok(decision) => {
+                    for capability in &decision.allowed {
                         count(capability, "allowed");
                     }
+                    req.extensions_mut()
+                        .insert(Inspection(decision.messages.into()));
                     call(next, req).await
                 }
                 Err(e) => {
@@ -329,7 +348,7 @@ mod tests {
                     call_body(id, "forecast").as_bytes(),
                 );
                 assert_eq!(
-                    allowed.unwrap(),
+                    allowed.unwrap().allowed,
                     vec!["get_weather".to_owned()],
                     "{path:?} id {id}"
                 );

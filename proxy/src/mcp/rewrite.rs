@@ -269,6 +269,43 @@ fn splice_tool_call(
     Ok(Bytes::from(out))
 }
 
+/// In a JSON-RPC response (one object, no `method`), replaces the top-level `id` with `to`
+/// (raw JSON text) when its raw text is exactly `from`; every other byte is left as it is.
+/// `None` when the body is not such a response, its id is another, or a key repeats: the
+/// caller then leaves the body alone (or takes the slow path).
+///
+/// The mesh gives each call an id of its own at the provider (`"cm-<hex>"`, no escapes), and
+/// providers echo ids back as they received them, so raw equality is what "the same id" means.
+pub fn replace_response_id(body: &[u8], from: &[u8], to: &[u8]) -> Option<Bytes> {
+    let mut s = Scanner { b: body, i: 0 };
+    let mut id: Option<Span> = None;
+    let mut method = false;
+    let mut repeated = false;
+    s.object(|s, key| {
+        let v = s.value(1)?;
+        if s.str_eq(key, "id") {
+            repeated |= id.replace(v).is_some();
+        } else if s.str_eq(key, "method") {
+            method = true;
+        }
+        Ok(())
+    })
+    .ok()?;
+    s.ws();
+    if s.i != body.len() || method || repeated {
+        return None;
+    }
+    let (a, b) = id?;
+    if body.get(a..b)? != from {
+        return None;
+    }
+    let mut out = Vec::with_capacity(body.len() + to.len());
+    out.extend_from_slice(body.get(..a)?);
+    out.extend_from_slice(to);
+    out.extend_from_slice(body.get(b..)?);
+    Some(Bytes::from(out))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,6 +401,23 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!((e.code, e.id), (INVALID_REQUEST, Some(Id::from(1))));
+    }
+
+    #[test]
+    fn a_response_gets_the_client_id_back_byte_for_byte() {
+        let from = br#""cm-00ff""#;
+        let body = br#"{"jsonrpc":"2.0", "id" :"cm-00ff","result":{"content":[{"type":"text","text":"id: 1"}],"id":"cm-00ff"}}"#;
+        let out = replace_response_id(body, from, b"1.0").unwrap();
+        assert_eq!(
+            &out[..],
+            &br#"{"jsonrpc":"2.0", "id" :1.0,"result":{"content":[{"type":"text","text":"id: 1"}],"id":"cm-00ff"}}"#[..]
+        );
+        // Another id, a request, a repeated id, trailing bytes: left alone.
+        assert!(replace_response_id(br#"{"id":"cm-1","result":{}}"#, from, b"1").is_none());
+        assert!(replace_response_id(br#"{"id":"cm-00ff","method":"x"}"#, from, b"1").is_none());
+        assert!(replace_response_id(br#"{"id":"cm-00ff","id":"cm-00ff"}"#, from, b"1").is_none());
+        assert!(replace_response_id(br#"{"id":"cm-00ff"} x"#, from, b"1").is_none());
+        assert!(replace_response_id(b"[]", from, b"1").is_none());
     }
 
     #[test]

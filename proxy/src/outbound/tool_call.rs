@@ -21,6 +21,7 @@ use crate::forward::{Attempts, Call, CallSpec, Served, Target, Upstream};
 use crate::mcp::classify::{Classified, Generation};
 use crate::mcp::jsonrpc::{Id, Message};
 use crate::mcp::relay::{EventFn, MapEvents};
+use crate::mcp::rewrite::replace_response_id;
 use crate::mcp::sse::Event;
 use crate::seal::{self, Route, Sealer};
 use crate::stack::{Handled, Middleware, Next, call, read_body};
@@ -37,12 +38,7 @@ pub struct ToolCall {
 
 /// The mesh's session-sealing key, once the control plane sent it.
 pub fn sealer(proxy: &Proxy) -> Option<Sealer> {
-    proxy
-        .routing
-        .load()
-        .snapshot
-        .as_ref()
-        .and_then(|s| Sealer::from_hex(&s.settings.session_key))
+    proxy.routing.load().sealer.clone()
 }
 
 /// The caller's deadline: `x-capmesh-timeout`, else the mesh's default.
@@ -113,7 +109,12 @@ where
         let proxy = self.proxy.clone();
         Box::pin(async move {
             let upstream_id = json!(format!("cm-{}", crate::random_hex(12)));
-            let classified = req.classified.clone();
+            // What the relay needs of the request (not the body's tree).
+            let asked = Asked {
+                id: req.classified.id.clone(),
+                session_id: req.classified.session_id.clone(),
+                generation: req.classified.generation,
+            };
             let resp = call(
                 next,
                 ToolCall {
@@ -122,7 +123,7 @@ where
                 },
             )
             .await?;
-            relay(&proxy, resp, &classified, &upstream_id).await
+            relay(&proxy, resp, &asked, &upstream_id).await
         })
     }
 }
@@ -153,6 +154,26 @@ pub fn seal_request_state(v: &mut Value, sealer: Option<&Sealer>, route: &Route)
     true
 }
 
+/// What relaying a call's response needs of its request.
+struct Asked {
+    id: Option<Id>,
+    session_id: Option<String>,
+    generation: Generation,
+}
+
+/// The call's id at the provider and the client's, as raw JSON text.
+struct Ids {
+    upstream: Bytes,
+    client: Bytes,
+}
+
+/// Whether a message needs the JSON tree: a provider's request to the client (its id is
+/// sealed into a route) or an `input_required` result (its `requestState` is sealed).
+fn needs_tree(data: &[u8]) -> bool {
+    memchr::memmem::find(data, b"\"method\"").is_some()
+        || memchr::memmem::find(data, b"input_required").is_some()
+}
+
 /// Streams a provider's response back: status, content type and body, each SSE event passed
 /// on as it arrives. The call's id goes back to the client's; requests the provider sends the
 /// client on the stream get sealed ids naming the provider; a 2025 session's streaming call is
@@ -160,7 +181,7 @@ pub fn seal_request_state(v: &mut Value, sealer: Option<&Sealer>, route: &Route)
 async fn relay(
     proxy: &Arc<Proxy>,
     resp: Response<Incoming>,
-    classified: &Classified,
+    classified: &Asked,
     upstream_id: &Value,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let Some(Served(ep)) = resp.extensions().get::<Served>().cloned() else {
@@ -181,6 +202,13 @@ async fn relay(
         upstream_id: upstream_id.clone(),
     };
     let sealer = sealer(proxy);
+    // The ids as raw JSON text: the provider echoes the mesh's id byte for byte, so the
+    // response gets the client's back by a splice, without a tree (the slow path below only
+    // for what needs one: a provider's request to the client, an input_required result).
+    let ids = Ids {
+        upstream: Bytes::from(serde_json::to_vec(upstream_id).unwrap_or_default()),
+        client: Bytes::from(serde_json::to_vec(&client_id).unwrap_or_default()),
+    };
     let body = if sse {
         let guard = match (&classified.session_id, &classified.id) {
             (Some(session), Some(id)) if classified.generation == Generation::Legacy => {
@@ -191,6 +219,13 @@ async fn relay(
         let up = upstream_id.clone();
         let map: EventFn = Box::new(move |mut event: Event| {
             let _streaming = &guard;
+            let data = event.data.as_bytes();
+            if !needs_tree(data)
+                && let Some(out) = replace_response_id(data, &ids.upstream, &ids.client)
+            {
+                event.data = String::from_utf8(out.to_vec()).unwrap_or_default();
+                return event;
+            }
             let Ok(mut v) = serde_json::from_str::<Value>(&event.data) else {
                 return event;
             };
@@ -220,13 +255,19 @@ async fn relay(
         let bytes = read_body(body, MAX_RESPONSE)
             .await
             .map_err(|e| ProxyError::UpstreamBody(format!("{}: {e}", ep.identity)))?;
-        let bytes = match serde_json::from_slice::<Value>(&bytes) {
-            Ok(mut v) if v.get("id") == Some(upstream_id) => {
-                v["id"] = client_id;
-                seal_request_state(&mut v, sealer.as_ref(), &route);
-                Bytes::from(serde_json::to_vec(&v).unwrap_or_else(|_| bytes.to_vec()))
-            }
-            _ => bytes,
+        let fast = (!needs_tree(&bytes))
+            .then(|| replace_response_id(&bytes, &ids.upstream, &ids.client))
+            .flatten();
+        let bytes = match fast {
+            Some(out) => out,
+            None => match serde_json::from_slice::<Value>(&bytes) {
+                Ok(mut v) if v.get("id") == Some(upstream_id) => {
+                    v["id"] = client_id;
+                    seal_request_state(&mut v, sealer.as_ref(), &route);
+                    Bytes::from(serde_json::to_vec(&v).unwrap_or_else(|_| bytes.to_vec()))
+                }
+                _ => bytes,
+            },
         };
         boxed(Full::new(bytes))
     };

@@ -1,0 +1,91 @@
+//! Unpredictable ids without a system call per id: each thread seeds a 256-bit secret from the
+//! operating system once and derives ids as SHA-256(secret ‖ counter), a pseudo-random
+//! function in counter mode. The mesh's per-call ids (`cm-…`), session ids and trace span ids
+//! come from here; asking the kernel for each (`getrandom`) showed in the request path's
+//! profile.
+
+use std::cell::RefCell;
+
+use ring::digest::{Context, SHA256};
+use ring::rand::{SecureRandom, SystemRandom};
+
+struct Generator {
+    secret: [u8; 32],
+    counter: u64,
+}
+
+impl Generator {
+    fn new() -> Self {
+        let mut secret = [0u8; 32];
+        if SystemRandom::new().fill(&mut secret).is_err() {
+            // getrandom never fails on Linux; fall back to the clock and the thread rather than
+            // to a constant, so ids at least stay distinct.
+            let t = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            secret[..16].copy_from_slice(&t.to_le_bytes());
+        }
+        Self { secret, counter: 0 }
+    }
+
+    fn fill(&mut self, out: &mut [u8]) {
+        for chunk in out.chunks_mut(32) {
+            self.counter = self.counter.wrapping_add(1);
+            let mut ctx = Context::new(&SHA256);
+            ctx.update(&self.secret);
+            ctx.update(&self.counter.to_le_bytes());
+            let digest = ctx.finish();
+            chunk.copy_from_slice(&digest.as_ref()[..chunk.len()]);
+        }
+    }
+}
+
+thread_local! {
+    static GENERATOR: RefCell<Generator> = RefCell::new(Generator::new());
+}
+
+/// `bytes` unpredictable bytes as lowercase hex.
+pub fn random_hex(bytes: usize) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut buf = vec![0u8; bytes];
+    GENERATOR.with(|g| g.borrow_mut().fill(&mut buf));
+    let mut out = String::with_capacity(bytes * 2);
+    for b in buf {
+        out.push(char::from(HEX[usize::from(b >> 4)]));
+        out.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_hex_of_the_asked_length_and_do_not_repeat() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..10_000 {
+            let id = random_hex(12);
+            assert_eq!(id.len(), 24);
+            assert!(
+                id.bytes()
+                    .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            );
+            assert!(seen.insert(id));
+        }
+        assert_eq!(random_hex(40).len(), 80);
+        assert_eq!(random_hex(0), "");
+    }
+
+    #[test]
+    fn threads_do_not_share_a_sequence() {
+        let a = std::thread::spawn(|| random_hex(16))
+            .join()
+            .unwrap_or_default();
+        let b = std::thread::spawn(|| random_hex(16))
+            .join()
+            .unwrap_or_default();
+        assert_ne!(a, b);
+    }
+}
