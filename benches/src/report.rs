@@ -153,7 +153,7 @@ fn load(inputs: &[PathBuf]) -> Result<Data> {
                         p.proto.to_string(),
                     ))
                     .or_default()
-                    .push(p),
+                    .push(*p),
                 Line::Idle(i) => idle.push(i),
                 Line::Machine(m) => machines.push(m),
             }

@@ -56,14 +56,15 @@ impl SoakReport {
 }
 
 fn pid_of(p: &ProxyProcess) -> Result<u32> {
-    crate::suite::pid_listening(p.admin).with_context(|| format!("no process listens on {}", p.admin))
+    crate::suite::pid_listening(p.admin)
+        .with_context(|| format!("no process listens on {}", p.admin))
 }
 
 /// Runs the soak (see the module docs).
 pub async fn run(opts: SoakOptions) -> Result<SoakReport> {
     let exe = std::env::current_exe()?;
-    let cp = ControlPlane::start(&workspace_bin("capmesh-control-plane")?, &["--grace", "2s"])
-        .await?;
+    let cp =
+        ControlPlane::start(&workspace_bin("capmesh-control-plane")?, &["--grace", "2s"]).await?;
     let proxy_bin = workspace_bin("capmesh-proxy")?;
     let mut upstreams = Vec::new();
     let mut providers = Vec::new();
@@ -73,9 +74,14 @@ pub async fn run(opts: SoakOptions) -> Result<SoakReport> {
         providers.push(ProxyProcess::start(&proxy_bin, &cp, "echo", Some(&url), &[]).await?);
         upstreams.push((child, url, reserved));
     }
-    let consumer =
-        ProxyProcess::start(&proxy_bin, &cp, "soak-client", None, &["--dependency", "echo"])
-            .await?;
+    let consumer = ProxyProcess::start(
+        &proxy_bin,
+        &cp,
+        "soak-client",
+        None,
+        &["--dependency", "echo"],
+    )
+    .await?;
     let consumer_pid = pid_of(&consumer)?;
 
     let mut cmd = match &opts.gen_cpus {

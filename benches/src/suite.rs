@@ -101,7 +101,7 @@ pub struct Idle {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Line {
     /// A measured point.
-    Point(Point),
+    Point(Box<Point>),
     /// Idle memory.
     Idle(Idle),
     /// How the machine was set up.
@@ -425,7 +425,7 @@ impl Runner {
                 r.first_error.as_deref().unwrap_or("?")
             ));
         }
-        self.emit(&Line::Point(point.clone()))?;
+        self.emit(&Line::Point(Box::new(point.clone())))?;
         Ok(point)
     }
 
