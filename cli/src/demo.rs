@@ -145,7 +145,13 @@ async fn mcp_call(outbound: u16, tool: &str, args: Value) -> anyhow::Result<(Str
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let bytes = resp.into_body().collect().await?.to_bytes();
+    // A body that breaks after the headers came from the provider that served them.
+    let bytes = resp
+        .into_body()
+        .collect()
+        .await
+        .with_context(|| format!("the answer from {served} broke off"))?
+        .to_bytes();
     let rpc = capmesh_proxy::mcp::sse::find_response(
         &bytes,
         &ct,

@@ -357,7 +357,21 @@ impl ProxyError {
     pub fn into_response(self) -> Response<BoxBody> {
         let status = self.status();
         let label = self.label();
-        let body = match self.inner() {
+        let mut resp = Response::new(boxed(Full::new(self.body())));
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(ERROR_HEADER, HeaderValue::from_static(label));
+        resp
+    }
+
+    /// The JSON-RPC message that tells the client (also sent as the last event of a stream
+    /// that broke).
+    pub fn body(&self) -> Bytes {
+        match self.inner() {
             ProxyError::UnregisteredTool(_) => {
                 let result = json!({
                     "content": [{ "type": "text", "text": self.to_string() }],
@@ -371,16 +385,7 @@ impl ProxyError {
                 )
             }
             _ => jsonrpc::error_body(self.id(), self.rpc_code(), &self.to_string(), self.data()),
-        };
-        let mut resp = Response::new(boxed(Full::new(body)));
-        *resp.status_mut() = status;
-        let h = resp.headers_mut();
-        h.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        );
-        h.insert(ERROR_HEADER, HeaderValue::from_static(label));
-        resp
+        }
     }
 }
 

@@ -2,7 +2,9 @@
 //! complete event through a function (to remap JSON-RPC ids) and sending it on at once.
 //!
 //! Nothing is buffered beyond the event being decoded, and dropping the body drops the upstream
-//! one, so a client that goes away closes the upstream stream as before.
+//! one, so a client that goes away closes the upstream stream as before. When the upstream
+//! stream breaks, an optional last event (a JSON-RPC error for the request) ends the client's
+//! stream cleanly instead of cutting it.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -16,11 +18,16 @@ use super::sse::{Event, SseDecoder};
 /// An event-mapping function.
 pub type EventFn = Box<dyn FnMut(Event) -> Event + Send + Sync>;
 
+/// Called once when the upstream stream breaks: the last event to send the client, or `None`
+/// to break the client's stream too.
+pub type CutFn = Box<dyn FnOnce(&crate::BoxError) -> Option<Event> + Send + Sync>;
+
 /// Relays the SSE body `B`, applying a function to every event.
 pub struct MapEvents<B> {
     inner: B,
     decoder: SseDecoder,
     map: EventFn,
+    cut: Option<CutFn>,
     ended: bool,
 }
 
@@ -39,7 +46,31 @@ impl<B> MapEvents<B> {
             inner,
             decoder: SseDecoder::new(),
             map,
+            cut: None,
             ended: false,
+        }
+    }
+
+    /// When the upstream stream breaks, `cut` says what to send the client last.
+    pub fn on_cut(mut self, cut: CutFn) -> Self {
+        self.cut = Some(cut);
+        self
+    }
+
+    /// The upstream stream broke with `e`: the last event if [`Self::on_cut`] gave one (the
+    /// stream then ends), else the error.
+    fn broken(
+        &mut self,
+        e: crate::BoxError,
+    ) -> Poll<Option<Result<Frame<Bytes>, crate::BoxError>>> {
+        self.ended = true;
+        match self.cut.take().and_then(|cut| cut(&e)) {
+            Some(last) => {
+                let mut out = BytesMut::from(&self.drain()[..]);
+                out.extend_from_slice(&last.encode());
+                Poll::Ready(Some(Ok(Frame::data(out.freeze()))))
+            }
+            None => Poll::Ready(Some(Err(e))),
         }
     }
 
@@ -74,21 +105,21 @@ where
                 Poll::Ready(None) => {
                     this.ended = true;
                     if let Err(e) = this.decoder.finish() {
-                        return Poll::Ready(Some(Err(e.into())));
+                        return this.broken(e.into());
                     }
                     let out = this.drain();
                     if !out.is_empty() {
                         return Poll::Ready(Some(Ok(Frame::data(out))));
                     }
                 }
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(Some(Err(e))) => return this.broken(e.into()),
                 Poll::Ready(Some(Ok(frame))) => {
                     let Ok(data) = frame.into_data() else {
                         // Trailers: nothing to relay in an event stream.
                         continue;
                     };
                     if let Err(e) = this.decoder.push(&data) {
-                        return Poll::Ready(Some(Err(e.into())));
+                        return this.broken(e.into());
                     }
                     let out = this.drain();
                     if !out.is_empty() {
@@ -166,6 +197,51 @@ mod tests {
                 "id: 3\ndata: Y\n\n"
             ]
         );
+    }
+
+    /// Yields its chunks, then breaks.
+    struct Breaks(VecDeque<&'static str>);
+
+    impl Body for Breaks {
+        type Data = Bytes;
+        type Error = std::io::Error;
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            Poll::Ready(Some(match self.0.pop_front() {
+                Some(c) => Ok(Frame::data(Bytes::from(c))),
+                None => Err(std::io::Error::other("connection reset")),
+            }))
+        }
+    }
+
+    async fn relayed(body: MapEvents<Breaks>) -> (String, Option<String>) {
+        let mut body = body;
+        let mut text = String::new();
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => text.push_str(std::str::from_utf8(&f.into_data().unwrap()).unwrap()),
+                Err(e) => return (text, Some(e.to_string())),
+            }
+        }
+        (text, None)
+    }
+
+    #[tokio::test]
+    async fn a_broken_upstream_stream_ends_with_the_last_event_or_breaks_the_clients() {
+        let same: fn() -> EventFn = || Box::new(|e: Event| e);
+        let progress = "data: {\"method\":\"notifications/progress\"}\n\n";
+        // Without a last event, the client's stream breaks as the upstream one did.
+        let (text, err) = relayed(MapEvents::new(Breaks(VecDeque::from([progress])), same())).await;
+        assert_eq!(text, progress);
+        assert_eq!(err.as_deref(), Some("connection reset"));
+        // With one, the client gets what had arrived, then the last event, then a clean end.
+        let body = MapEvents::new(Breaks(VecDeque::from([progress, "data: {\"par"])), same())
+            .on_cut(Box::new(|e| Some(Event::message(format!("cut: {e}")))));
+        let (text, err) = relayed(body).await;
+        assert_eq!(text, format!("{progress}data: cut: connection reset\n\n"));
+        assert_eq!(err, None);
     }
 
     #[test]

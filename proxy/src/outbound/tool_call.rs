@@ -5,10 +5,11 @@
 //! instance.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use capmesh_api::Capability;
+use capmesh_api::{Capability, Endpoint};
 use http::{HeaderMap, HeaderValue, Method, Response, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
@@ -20,7 +21,7 @@ use crate::error::ProxyError;
 use crate::forward::{Attempts, Call, CallSpec, Served, Target, Upstream};
 use crate::mcp::classify::{Classified, Generation};
 use crate::mcp::jsonrpc::{Id, Message};
-use crate::mcp::relay::{EventFn, MapEvents};
+use crate::mcp::relay::{CutFn, EventFn, MapEvents};
 use crate::mcp::rewrite::replace_response_id;
 use crate::mcp::sse::Event;
 use crate::seal::{self, Route, Sealer};
@@ -217,12 +218,15 @@ async fn relay(
             _ => None,
         };
         let up = upstream_id.clone();
+        let answered = Arc::new(AtomicBool::new(false));
+        let cut = cut_off(&ep, classified.id.clone(), answered.clone());
         let map: EventFn = Box::new(move |mut event: Event| {
             let _streaming = &guard;
             let data = event.data.as_bytes();
             if !needs_tree(data)
                 && let Some(out) = replace_response_id(data, &ids.upstream, &ids.client)
             {
+                answered.store(true, Ordering::Relaxed);
                 event.data = String::from_utf8(out.to_vec()).unwrap_or_default();
                 return event;
             }
@@ -243,13 +247,14 @@ async fn relay(
                     event.data = v.to_string();
                 }
             } else if v.get("id") == Some(&up) {
+                answered.store(true, Ordering::Relaxed);
                 v["id"] = client_id.clone();
                 seal_request_state(&mut v, sealer.as_ref(), &route);
                 event.data = v.to_string();
             }
             event
         });
-        boxed(MapEvents::new(body, map))
+        boxed(MapEvents::new(body, map).on_cut(cut))
     } else {
         // One JSON response: read it (bounded) to give it the client's id.
         let bytes = read_body(body, MAX_RESPONSE)
@@ -285,6 +290,25 @@ async fn relay(
         out.headers_mut().insert(SERVED_BY_HEADER, v);
     }
     Ok(out)
+}
+
+/// When a provider's event stream breaks before it answered, the client's stream ends with a
+/// JSON-RPC error for its request naming the provider (the call reached it and may have run
+/// there, so it is not sent again), rather than being cut.
+fn cut_off(ep: &Endpoint, id: Option<Id>, answered: Arc<AtomicBool>) -> CutFn {
+    let provider = format!("{}#{}", ep.identity, ep.instance);
+    Box::new(move |e| {
+        if answered.load(Ordering::Relaxed) {
+            return None;
+        }
+        let error = ProxyError::UpstreamBody(format!(
+            "{provider}: its event stream broke before it answered: {e}"
+        ))
+        .for_request(id.as_ref());
+        Some(Event::message(
+            String::from_utf8_lossy(&error.body()).into_owned(),
+        ))
+    })
 }
 
 /// Resolves a `tools/call` to the [`Call`] the forward stack sends: the tool's capability and
