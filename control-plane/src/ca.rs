@@ -14,7 +14,7 @@ use ring::rand::SecureRandom;
 
 use anyhow::{Context, bail};
 
-use crate::rest::ApiError;
+use crate::error::Error;
 use crate::store::{Purpose, Store, StoreError, StoreKey, StoredCa, StoredKey, StoredToken};
 
 /// Loads the CA from the store, or creates one (from `byo` files when given) and saves it,
@@ -109,11 +109,11 @@ pub(crate) fn unix_now() -> i64 {
         .unwrap_or(0)
 }
 
-pub(crate) fn random_hex(bytes: usize) -> Result<String, ApiError> {
+pub(crate) fn random_hex(bytes: usize) -> Result<String, Error> {
     let mut buf = vec![0u8; bytes];
     ring::rand::SystemRandom::new()
         .fill(&mut buf)
-        .map_err(|_| ApiError::internal("the system random number generator failed"))?;
+        .map_err(|_| Error::internal("the system random number generator failed"))?;
     Ok(buf.iter().map(|b| format!("{b:02x}")).collect())
 }
 
@@ -137,10 +137,10 @@ pub async fn create_token(
     store: &impl Store,
     req: TokenRequest,
     max_ttl: Duration,
-) -> Result<TokenCreated, ApiError> {
+) -> Result<TokenCreated, Error> {
     let max = max_ttl.as_secs();
     if req.ttl_secs == 0 || req.ttl_secs > max {
-        return Err(ApiError::bad_request(format!(
+        return Err(Error::invalid(format!(
             "ttl_secs {} is out of range: use 1 to {max} seconds (the control plane's --max-token-ttl)",
             req.ttl_secs
         )));
@@ -151,7 +151,7 @@ pub async fn create_token(
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'*')
     {
-        return Err(ApiError::bad_request(format!(
+        return Err(Error::invalid(format!(
             "agent_pattern {:?} is not valid: use an agent name with '*' wildcards, such as weather-* or *",
             req.agent_pattern
         )));
@@ -159,12 +159,12 @@ pub async fn create_token(
     // capmesh-system holds the control plane's and the admin's identities: a token for it is
     // a way to become admin, so it is made only when asked for in so many words.
     if req.namespace.as_str() == SYSTEM_NAMESPACE && !req.system {
-        return Err(ApiError::forbidden(format!(
+        return Err(Error::denied(format!(
             "a token for namespace {SYSTEM_NAMESPACE} (the control plane's and the admin's identities) needs \"system\": true (`capmesh token create --system`)"
         )));
     }
     if req.uses == Some(0) {
-        return Err(ApiError::bad_request(
+        return Err(Error::invalid(
             "uses 0 would make a token that can never be used: give 1 or more, or leave it out",
         ));
     }
@@ -199,8 +199,8 @@ pub async fn create_token(
 
 /// Checks a bootstrap token for `identity`: it must exist, match, be unexpired and unrevoked,
 /// and cover the identity's namespace and agent name.
-async fn check_token(store: &impl Store, token: &str, identity: &SpiffeId) -> Result<(), ApiError> {
-    let denied = |why: &str| ApiError::forbidden(format!("bootstrap token refused: {why}"));
+async fn check_token(store: &impl Store, token: &str, identity: &SpiffeId) -> Result<(), Error> {
+    let denied = |why: &str| Error::denied(format!("bootstrap token refused: {why}"));
     let rest = token
         .strip_prefix("cmt_")
         .ok_or_else(|| denied("it is not a capmesh token (cmt_…)"))?;
@@ -247,24 +247,23 @@ pub async fn issue(
     app: &crate::App,
     peer: Option<&VerifiedPeer>,
     req: &CertificateRequest,
-) -> Result<CertificateResponse, ApiError> {
-    let requested =
-        requested_identity(&req.csr_pem).map_err(|e| ApiError::bad_request(e.to_string()))?;
+) -> Result<CertificateResponse, Error> {
+    let requested = requested_identity(&req.csr_pem).map_err(|e| Error::invalid(e.to_string()))?;
     if requested.trust_domain() != &app.trust_domain {
-        return Err(ApiError::forbidden(format!(
+        return Err(Error::denied(format!(
             "the CSR asks for {requested}, outside the mesh's trust domain {}: the mesh CA issues only its own identities",
             app.trust_domain
         )));
     }
     if crate::revocations::is_revoked(app, &requested).await? {
-        return Err(ApiError::forbidden(format!(
+        return Err(Error::denied(format!(
             "{requested} is revoked: no certificate is issued for it until the revocation is lifted (`capmesh agent lift`)"
         )));
     }
     match (&req.token, peer) {
         (Some(token), _) => check_token(app.store.as_ref(), token, &requested).await?,
         (None, Some(peer)) if peer.entity.is_some() => {
-            return Err(ApiError::forbidden(format!(
+            return Err(Error::denied(format!(
                 "renewal refused: your certificate {} was issued by entity {:?}, not the mesh CA; the mesh renews only its own certificates",
                 peer.identity,
                 peer.entity.as_deref().unwrap_or_default()
@@ -272,13 +271,13 @@ pub async fn issue(
         }
         (None, Some(peer)) if peer.identity == requested => {}
         (None, Some(peer)) => {
-            return Err(ApiError::forbidden(format!(
+            return Err(Error::denied(format!(
                 "renewal refused: the CSR asks for {requested}, but your certificate is {}",
                 peer.identity
             )));
         }
         (None, None) => {
-            return Err(ApiError::unauthorized(
+            return Err(Error::unauthenticated(
                 "present a bootstrap token (\"token\") or your current mesh certificate",
             ));
         }
@@ -288,10 +287,10 @@ pub async fn issue(
         .issue(&req.csr_pem, &requested, Validity::for_ttl(app.cert_ttl))
         .map_err(|e| match e {
             CertError::NotEntitled { .. } | CertError::WrongTrustDomain { .. } => {
-                ApiError::forbidden(e.to_string())
+                Error::denied(e.to_string())
             }
-            CertError::BadCsr(_) => ApiError::bad_request(e.to_string()),
-            other => ApiError::internal(other.to_string()),
+            CertError::BadCsr(_) => Error::invalid(e.to_string()),
+            other => Error::internal(other.to_string()),
         })?;
     tracing::info!(identity = %requested, serial = %issued.serial, renewal = req.token.is_none(), "certificate issued");
     Ok(CertificateResponse {
@@ -300,24 +299,4 @@ pub async fn issue(
         not_after_unix: issued.not_after.unix_timestamp(),
         identity: requested.to_string(),
     })
-}
-
-impl From<StoreError> for ApiError {
-    fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::NotFound { .. } => ApiError::not_found(e.to_string()),
-            StoreError::Conflict { .. } => ApiError::conflict(e.to_string()),
-            StoreError::Unavailable { .. } => {
-                tracing::warn!(error = %e, "request refused: the store is unreachable");
-                ApiError::unavailable(format!(
-                    "{e}: nothing was changed; retry once it is back (proxies keep routing meanwhile)"
-                ))
-            }
-            StoreError::Exhausted { .. } => ApiError::forbidden(e.to_string()),
-            other => {
-                tracing::error!(error = %other, "store failure");
-                ApiError::internal(other.to_string())
-            }
-        }
-    }
 }

@@ -11,7 +11,7 @@ use capmesh_certs::{EntityAnchor, TrustConfig};
 
 use crate::App;
 use crate::ca::unix_now;
-use crate::rest::ApiError;
+use crate::error::Error;
 use crate::store::Store;
 
 /// The trust bundle for proxies and the trust config for this process, from the store.
@@ -56,7 +56,7 @@ pub fn trust_from_store(
 /// Re-reads the entities and revocations and applies the resulting trust everywhere: this
 /// process's listener at once, every proxy in its next delta, and the streams of revoked
 /// entities (closed). Also how a change made on another replica is applied here.
-pub async fn apply_trust(app: &App) -> Result<(), ApiError> {
+pub async fn apply_trust(app: &App) -> Result<(), Error> {
     let entities = app.store.entities().await?;
     let revocations = app.store.revocations().await?;
     let (bundle, config) = trust_from_store(
@@ -67,7 +67,7 @@ pub async fn apply_trust(app: &App) -> Result<(), ApiError> {
     );
     app.trust
         .update(&config)
-        .map_err(|e| ApiError::internal(format!("cannot apply the trust bundle: {e}")))?;
+        .map_err(|e| Error::internal(format!("cannot apply the trust bundle: {e}")))?;
     app.registry.set_trust(bundle);
     for revoked in entities.iter().filter(|e| e.revoked_unix.is_some()) {
         let closed = app.registry.close_entity_streams(&revoked.name);
@@ -79,11 +79,10 @@ pub async fn apply_trust(app: &App) -> Result<(), ApiError> {
 }
 
 /// `POST /v1/entities`.
-pub async fn register(app: &App, req: EntityRequest) -> Result<Entity, ApiError> {
-    req.validate()
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+pub async fn register(app: &App, req: EntityRequest) -> Result<Entity, Error> {
+    req.validate().map_err(|e| Error::invalid(e.to_string()))?;
     if req.trust_domain == app.trust_domain {
-        return Err(ApiError::bad_request(format!(
+        return Err(Error::invalid(format!(
             "trust_domain {}: that is the mesh's own trust domain, which only the mesh CA speaks for: give the entity's own trust domain, such as partner.example",
             req.trust_domain
         )));
@@ -93,18 +92,17 @@ pub async fn register(app: &App, req: EntityRequest) -> Result<Entity, ApiError>
             e.revoked_unix.is_none() && e.trust_domain.as_ref() == Some(&req.trust_domain)
         })
     {
-        return Err(ApiError::conflict(format!(
+        return Err(Error::conflict(format!(
             "trust domain {} is already registered by entity {:?}: one CA speaks for a trust domain (revoke {:?} first)",
             req.trust_domain, other.name, other.name
         )));
     }
-    let certs =
-        certs_from_pem(&req.ca_pem).map_err(|e| ApiError::bad_request(format!("ca_pem: {e}")))?;
+    let certs = certs_from_pem(&req.ca_pem).map_err(|e| Error::invalid(format!("ca_pem: {e}")))?;
     let mut fingerprint = String::new();
     for der in &certs {
-        let info = inspect_der(der).map_err(|e| ApiError::bad_request(format!("ca_pem: {e}")))?;
+        let info = inspect_der(der).map_err(|e| Error::invalid(format!("ca_pem: {e}")))?;
         if !info.is_ca {
-            return Err(ApiError::bad_request(format!(
+            return Err(Error::invalid(format!(
                 "ca_pem: the certificate {} is not a CA certificate (basicConstraints CA:TRUE is required)",
                 info.subject
             )));
@@ -115,10 +113,10 @@ pub async fn register(app: &App, req: EntityRequest) -> Result<Entity, ApiError>
     }
     // The mesh CA registered as an entity would let it speak for another domain too.
     let mesh_ca = capmesh_certs::inspect_pem(app.ca.root_pem())
-        .map_err(|e| ApiError::internal(format!("the mesh CA does not parse: {e}")))?;
+        .map_err(|e| Error::internal(format!("the mesh CA does not parse: {e}")))?;
     for der in &certs {
         if inspect_der(der).is_ok_and(|i| i.fingerprint_sha256 == mesh_ca.fingerprint_sha256) {
-            return Err(ApiError::bad_request(
+            return Err(Error::invalid(
                 "ca_pem: this is the mesh CA itself: register the entity's own CA",
             ));
         }
@@ -130,8 +128,7 @@ pub async fn register(app: &App, req: EntityRequest) -> Result<Entity, ApiError>
         trust_domain: Some(req.trust_domain.clone()),
         ca_pem: req.ca_pem.clone(),
     }];
-    capmesh_certs::TrustStore::new(&probe)
-        .map_err(|e| ApiError::bad_request(format!("ca_pem: {e}")))?;
+    capmesh_certs::TrustStore::new(&probe).map_err(|e| Error::invalid(format!("ca_pem: {e}")))?;
     let entity = Entity {
         name: req.name,
         trust_domain: Some(req.trust_domain),
@@ -147,7 +144,7 @@ pub async fn register(app: &App, req: EntityRequest) -> Result<Entity, ApiError>
 }
 
 /// `DELETE /v1/entities/{name}`: revoke, push, and close the entity's open streams.
-pub async fn revoke(app: &App, name: &str) -> Result<Entity, ApiError> {
+pub async fn revoke(app: &App, name: &str) -> Result<Entity, Error> {
     let entity = app.store.revoke_entity(name, unix_now()).await?;
     apply_trust(app).await?;
     tracing::info!(entity = %name, "entity revoked");

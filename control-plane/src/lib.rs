@@ -12,6 +12,7 @@ pub mod ca;
 pub mod config;
 pub mod dashboard;
 pub mod entities;
+pub mod error;
 pub mod inject;
 pub mod metrics;
 pub mod registry;
@@ -164,7 +165,7 @@ fn admin_token(config: &Config) -> anyhow::Result<String> {
     if path.exists() {
         return read_admin_token(&path, "the data dir's admin token");
     }
-    let token = ca::random_hex(32).map_err(|e| anyhow::anyhow!(e.detail))?;
+    let token = ca::random_hex(32).map_err(|e| anyhow::anyhow!(e))?;
     capmesh_certs::ca::write_file(&path, &format!("{token}\n"), 0o600)?;
     tracing::info!(path = %path.display(), "generated the admin token");
     Ok(token)

@@ -265,7 +265,7 @@ pub async fn reload_settings(app: &App) -> Result<(), StoreError> {
 
 /// Reloads the entities and revocations: trust applied here (streams of revoked peers are
 /// closed) and pushed.
-pub async fn reload_entities(app: &App) -> Result<(), crate::rest::ApiError> {
+pub async fn reload_entities(app: &App) -> Result<(), crate::error::Error> {
     crate::entities::apply_trust(app).await?;
     Ok(())
 }
@@ -275,7 +275,7 @@ async fn resync(app: &App) -> Result<(), StoreError> {
     reload_policy(app).await?;
     reload_settings(app).await?;
     if let Err(e) = reload_entities(app).await {
-        tracing::warn!(error = %e.detail, "cannot reload the entities");
+        tracing::warn!(error = %e, "cannot reload the entities");
     }
     let rows = app.store.instances().await?;
     let stored: HashSet<String> = rows.iter().map(|r| r.proxy_id.clone()).collect();
@@ -362,7 +362,7 @@ pub async fn follow(
             resync_pending = true;
         }
         if entities && let Err(e) = reload_entities(&app).await {
-            tracing::warn!(error = %e.detail, "cannot reload the entities another replica changed");
+            tracing::warn!(error = %e, "cannot reload the entities another replica changed");
             resync_pending = true;
         }
         if !ids.is_empty()

@@ -19,7 +19,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::App;
-use crate::store::Store;
+use crate::error::Error;
+use crate::store::{Store, StoreError};
 
 /// Largest accepted REST request body.
 pub const MAX_BODY: usize = 1024 * 1024;
@@ -71,6 +72,31 @@ impl ApiError {
                 detail: self.detail,
             },
         )
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let (status, error) = match &e {
+            Error::Invalid(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            Error::Unauthenticated(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            Error::Denied(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            Error::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            Error::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            Error::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "store_unavailable"),
+            Error::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        Self {
+            status,
+            error,
+            detail: e.to_string(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        Error::from(e).into()
     }
 }
 

@@ -11,11 +11,11 @@ use capmesh_certs::inspect::serial_hex;
 use crate::App;
 use crate::ca::{random_hex, unix_now};
 use crate::entities::apply_trust;
-use crate::rest::ApiError;
+use crate::error::Error;
 use crate::store::Store;
 
 /// Reads an identity as `<namespace>/<agent>` (in the mesh's trust domain) or a SPIFFE ID.
-pub fn parse_identity(app: &App, input: &str) -> Result<SpiffeId, ApiError> {
+pub fn parse_identity(app: &App, input: &str) -> Result<SpiffeId, Error> {
     let full = match input.split_once('/') {
         Some((ns, name)) if !input.starts_with("spiffe://") && !name.contains('/') => {
             format!("spiffe://{}/ns/{ns}/agent/{name}", app.trust_domain)
@@ -23,7 +23,7 @@ pub fn parse_identity(app: &App, input: &str) -> Result<SpiffeId, ApiError> {
         _ => input.to_owned(),
     };
     full.parse().map_err(|e| {
-        ApiError::bad_request(format!(
+        Error::invalid(format!(
             "identity {input:?}: {e}: give <namespace>/<agent>, such as default/weather, or a whole SPIFFE ID"
         ))
     })
@@ -31,7 +31,7 @@ pub fn parse_identity(app: &App, input: &str) -> Result<SpiffeId, ApiError> {
 
 /// Reads a serial as printed by `capmesh cert inspect` or openssl (`0A:1B…`, any case, leading
 /// zeros allowed) into the form the verifiers compare.
-pub fn parse_serial(input: &str) -> Result<String, ApiError> {
+pub fn parse_serial(input: &str) -> Result<String, Error> {
     let digits: String = input
         .trim()
         .trim_start_matches("0x")
@@ -39,7 +39,7 @@ pub fn parse_serial(input: &str) -> Result<String, ApiError> {
         .filter(|c| *c != ':')
         .collect();
     let bad = || {
-        ApiError::bad_request(format!(
+        Error::invalid(format!(
             "serial {input:?} is not a hexadecimal serial number: copy it from `capmesh cert inspect` or `openssl x509 -serial`"
         ))
     };
@@ -60,7 +60,7 @@ pub fn parse_serial(input: &str) -> Result<String, ApiError> {
 }
 
 /// Whether `identity` is revoked now.
-pub async fn is_revoked(app: &App, identity: &SpiffeId) -> Result<bool, ApiError> {
+pub async fn is_revoked(app: &App, identity: &SpiffeId) -> Result<bool, Error> {
     let id = identity.to_string();
     Ok(app
         .store
@@ -71,12 +71,12 @@ pub async fn is_revoked(app: &App, identity: &SpiffeId) -> Result<bool, ApiError
 }
 
 /// `POST /v1/revocations`.
-pub async fn revoke(app: &App, req: RevocationRequest) -> Result<Revocation, ApiError> {
+pub async fn revoke(app: &App, req: RevocationRequest) -> Result<Revocation, Error> {
     let (identity, serial) = match (&req.identity, &req.serial) {
         (Some(id), None) => (Some(parse_identity(app, id)?.to_string()), None),
         (None, Some(serial)) => (None, Some(parse_serial(serial)?)),
         _ => {
-            return Err(ApiError::bad_request(
+            return Err(Error::invalid(
                 "give exactly one of \"identity\" (<namespace>/<agent> or a SPIFFE ID) and \"serial\"",
             ));
         }
@@ -84,7 +84,7 @@ pub async fn revoke(app: &App, req: RevocationRequest) -> Result<Revocation, Api
     if let Some(id) = &identity
         && id.ends_with("/ns/capmesh-system/agent/control-plane")
     {
-        return Err(ApiError::bad_request(
+        return Err(Error::invalid(
             "the control plane's own identity cannot be revoked: proxies would refuse it and stop receiving changes",
         ));
     }
@@ -107,7 +107,7 @@ pub async fn revoke(app: &App, req: RevocationRequest) -> Result<Revocation, Api
 }
 
 /// `DELETE /v1/revocations/{id}`.
-pub async fn lift(app: &App, id: &str) -> Result<Revocation, ApiError> {
+pub async fn lift(app: &App, id: &str) -> Result<Revocation, Error> {
     let lifted = app.store.remove_revocation(id).await?;
     apply_trust(app).await?;
     tracing::info!(id = %id, identity = lifted.identity.as_deref().unwrap_or("-"), serial = lifted.serial.as_deref().unwrap_or("-"), "revocation lifted");
@@ -126,11 +126,7 @@ mod tests {
         assert_eq!(parse_serial("0x8F01").unwrap(), "8f01");
         assert_eq!(parse_serial("f01").unwrap(), "0f01");
         let err = parse_serial("zz").unwrap_err();
-        assert!(
-            err.detail.contains("capmesh cert inspect"),
-            "{}",
-            err.detail
-        );
+        assert!(err.to_string().contains("capmesh cert inspect"), "{}", err);
         assert!(parse_serial("").is_err());
     }
 }
