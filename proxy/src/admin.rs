@@ -15,8 +15,6 @@ use bytes::Bytes;
 use http::{Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -184,22 +182,47 @@ async fn handle(state: Arc<AdminState>, req: Request<Incoming>) -> Response<Full
     }
 }
 
-/// Serves the admin listener until `stop` flips.
-pub async fn serve(state: Arc<AdminState>, listener: TcpListener, mut stop: watch::Receiver<bool>) {
-    loop {
-        let tcp = tokio::select! {
-            _ = stop.changed() => return,
-            a = listener.accept() => match a { Ok((tcp, _)) => tcp, Err(_) => continue },
-        };
+/// Serves the admin listener with the limits every listener has (a probe or a scraper that
+/// stalls is closed like any slow client; the connection cap holds), until `drain` flips.
+pub async fn serve(
+    state: Arc<AdminState>,
+    listener: TcpListener,
+    limits: crate::serve::Limits,
+    refused: prometheus::IntCounter,
+    drain: watch::Receiver<bool>,
+) {
+    let svc = tower::service_fn(move |req| {
         let state = state.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req| {
-                let state = state.clone();
-                async move { Ok::<_, Infallible>(handle(state, req).await) }
-            });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
-        });
+        async move { Ok::<_, Infallible>(handle(state, req).await.map(crate::boxed)) }
+    });
+    let connection = |tcp: tokio::net::TcpStream| {
+        let (svc, drain) = (svc.clone(), drain.clone());
+        crate::serve::connection(tcp, svc, limits, drain)
+    };
+    crate::serve::accept(
+        "admin",
+        listener,
+        limits,
+        refused,
+        drain.clone(),
+        ADMIN_GRACE,
+        connection,
+    )
+    .await;
+}
+
+/// How long the admin listener waits for its open connections once it stops.
+const ADMIN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What the admin listener allows: the proxy's header deadline and idle time-out, and a
+/// small cap (probes and scrapers, not traffic).
+pub fn limits(config: &crate::serve::Limits) -> crate::serve::Limits {
+    crate::serve::Limits {
+        max_connections: ADMIN_MAX_CONNECTIONS.min(config.max_connections),
+        max_streams: 16,
+        ..*config
     }
 }
+
+/// Connections the admin listener holds at once.
+const ADMIN_MAX_CONNECTIONS: usize = 64;

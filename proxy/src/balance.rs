@@ -8,7 +8,7 @@
 
 use std::borrow::Borrow;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use capmesh_api::{Endpoint, EndpointId, Selector};
@@ -439,20 +439,32 @@ const RETRY_COST: i64 = 100;
 pub struct RetryBudget {
     /// Per slot: the second it holds (high half) and its balance in units (low half, `i32`).
     slots: [AtomicU64; BUDGET_SLOTS],
-    deposit_units: i32,
-    reserve: i64,
+    /// Units a request deposits (`percent`).
+    deposit_units: AtomicI32,
+    /// Units always there (`min_per_sec` × 10 retries).
+    reserve: AtomicI64,
     origin: Instant,
 }
 
 impl RetryBudget {
     /// A budget of `percent` % of requests (up to 10 000 %) plus `min_per_sec` retries a second.
     pub fn new(percent: u32, min_per_sec: u32) -> Self {
-        RetryBudget {
+        let budget = RetryBudget {
             slots: std::array::from_fn(|_| AtomicU64::new(budget_slot(u32::MAX, 0))),
-            deposit_units: i32::try_from(percent.min(10_000)).unwrap_or(10_000),
-            reserve: i64::from(min_per_sec) * BUDGET_SLOTS as i64 * RETRY_COST,
+            deposit_units: AtomicI32::new(0),
+            reserve: AtomicI64::new(0),
             origin: Instant::now(),
-        }
+        };
+        budget.set(percent, min_per_sec);
+        budget
+    }
+
+    /// Changes the share and the floor (the mesh settings changed); what was deposited stays.
+    pub fn set(&self, percent: u32, min_per_sec: u32) {
+        let units = i32::try_from(percent.min(10_000)).unwrap_or(10_000);
+        self.deposit_units.store(units, Ordering::Relaxed);
+        let reserve = i64::from(min_per_sec) * BUDGET_SLOTS as i64 * RETRY_COST;
+        self.reserve.store(reserve, Ordering::Relaxed);
     }
 
     /// Records an original request (not a retry).
@@ -462,8 +474,9 @@ impl RetryBudget {
 
     /// [`RetryBudget::deposit`] with the clock read by the caller.
     pub fn deposit_at(&self, now: Instant) {
-        if self.deposit_units > 0 {
-            self.add(now, self.deposit_units);
+        let units = self.deposit_units.load(Ordering::Relaxed);
+        if units > 0 {
+            self.add(now, units);
         }
     }
 
@@ -482,7 +495,7 @@ impl RetryBudget {
             .filter(|(at, _)| (second.wrapping_sub(*at) as i32) < BUDGET_SLOTS as i32)
             .map(|(_, balance)| i64::from(balance))
             .sum();
-        if self.reserve + recent < RETRY_COST {
+        if self.reserve.load(Ordering::Relaxed) + recent < RETRY_COST {
             return false;
         }
         self.add(now, -(RETRY_COST as i32));
@@ -940,5 +953,20 @@ mod tests {
         }
         assert!(none.try_withdraw_at(t2));
         assert!(!none.try_withdraw_at(t2));
+    }
+
+    #[test]
+    fn the_mesh_settings_change_a_running_budget() {
+        let budget = RetryBudget::new(20, 10);
+        let t0 = Instant::now();
+        budget.set(0, 1);
+        assert_eq!((0..200).filter(|_| budget.try_withdraw_at(t0)).count(), 10);
+        for _ in 0..50 {
+            budget.deposit_at(t0);
+        }
+        assert!(!budget.try_withdraw_at(t0), "a 0 % budget earned retries");
+        budget.set(100, 1);
+        budget.deposit_at(t0);
+        assert!(budget.try_withdraw_at(t0));
     }
 }

@@ -148,8 +148,8 @@ pub struct Config {
     #[arg(long, env = "CAPMESH_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
 
-    /// Connections each listener (outbound, inbound) holds open at once; more are closed on
-    /// accept and counted in capmesh_proxy_connections_refused_total.
+    /// Connections each listener (outbound, inbound; admin at most 64) holds open at once; more
+    /// are closed on accept and counted in capmesh_proxy_connections_refused_total.
     #[arg(long, env = "CAPMESH_MAX_CONNECTIONS", default_value_t = 4096, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 

@@ -149,6 +149,12 @@ impl Proxy {
         patterns.extend(snapshot.settings.propagate_headers.iter().cloned());
         self.propagation
             .store(Arc::new(headers::Propagation::new(&patterns)));
+        self.retry_budget.set(
+            snapshot.settings.retry_budget_percent,
+            snapshot.settings.retry_min_per_sec,
+        );
+        self.peers
+            .set_connect_timeout(Duration::from_millis(snapshot.settings.connect_timeout_ms));
         let breaker = breaker::BreakerConfig {
             failures: snapshot.settings.breaker_failures.max(1),
             ..Default::default()
@@ -283,9 +289,12 @@ pub async fn run(
     let admin_state = Arc::new(admin::AdminState::new(readiness.clone(), agent.is_some()));
     // Listeners stay up during the drain, so calls already routed here still land.
     let (drain_tx, drain_rx) = watch::channel(false);
+    let metrics = metrics::Metrics::new();
     let admin_task = tokio::spawn(admin::serve(
         admin_state.clone(),
         admin_listener,
+        admin::limits(&config.limits()),
+        metrics.connections_refused.with_label_values(&["admin"]),
         drain_rx.clone(),
     ));
     tracing::info!(admin = %config.admin, "admin listener serving /live and /ready");
@@ -343,7 +352,6 @@ pub async fn run(
         namespace: config.namespace.clone(),
         zone: config.zone.clone(),
     };
-    let metrics = metrics::Metrics::new();
     // OTLP export only when a collector is named; a setting it cannot honour stops start-up.
     let otlp = match trace::export::resolve(config.otlp_endpoint.as_deref(), |k| {
         std::env::var(k).ok()

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -178,12 +178,17 @@ struct Conn {
 
 type Slot = Arc<tokio::sync::Mutex<Option<Conn>>>;
 
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
 /// HTTP/2 connections to peer proxies, keyed by address and expected identity.
 #[derive(Debug)]
 pub struct PeerPool {
     cell: Arc<CredentialCell>,
     trust: Arc<TrustStore>,
-    connect_timeout: Duration,
+    /// TCP connect and TLS handshake, in milliseconds (the mesh settings' `connect_timeout_ms`).
+    connect_timeout_ms: AtomicU64,
     /// address → expected identity → connection (looked up without allocating).
     slots: Mutex<HashMap<String, HashMap<String, Slot>>>,
     configs: Mutex<HashMap<String, Arc<rustls::ClientConfig>>>,
@@ -199,10 +204,16 @@ impl PeerPool {
         Self {
             cell,
             trust,
-            connect_timeout,
+            connect_timeout_ms: AtomicU64::new(millis(connect_timeout)),
             slots: Mutex::new(HashMap::new()),
             configs: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Changes the connect time-out for new connections (the mesh settings changed).
+    pub fn set_connect_timeout(&self, timeout: Duration) {
+        self.connect_timeout_ms
+            .store(millis(timeout), Ordering::Relaxed);
     }
 
     fn config(&self, identity: &str) -> Result<Arc<rustls::ClientConfig>, PeerError> {
@@ -229,7 +240,7 @@ impl PeerPool {
 
     async fn connect(&self, addr: &str, identity: &str) -> Result<Conn, PeerError> {
         let config = self.config(identity)?;
-        let timeout = self.connect_timeout;
+        let timeout = Duration::from_millis(self.connect_timeout_ms.load(Ordering::Relaxed));
         let work = async {
             let tcp = TcpStream::connect(addr)
                 .await

@@ -1,16 +1,17 @@
 //! Serving a listener's connections with the limits every listener enforces, whatever its
 //! stack: a cap on connections (excess ones are closed at once and counted), a deadline for
-//! each HTTP/1 request head (slow-header clients, idle keep-alive connections), HTTP/2
-//! keepalive pings (dead peers are dropped), a cap on concurrent HTTP/2 streams, and an idle
-//! timeout after which a connection with nothing in flight is closed gracefully (GOAWAY, so
-//! a request racing the close is refused unprocessed, never lost). On drain, every connection
+//! a connection's first request and for each HTTP/1 request head (silent and slow-header
+//! clients, idle keep-alive connections), HTTP/2 keepalive pings (dead peers are dropped), a
+//! cap on concurrent HTTP/2 streams, and an idle timeout after which a connection with nothing
+//! in flight is closed gracefully (GOAWAY, so a request racing the close is refused
+//! unprocessed, never lost). On drain, every connection
 //! is asked to finish gracefully and the listener waits for them, up to a bound.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -143,6 +144,8 @@ pub async fn accept<F, Fut>(
 /// Requests in flight on one connection and when the last one ended.
 #[derive(Debug)]
 struct Activity {
+    /// Whether a request has arrived (a connection that sends none in time is closed).
+    started: AtomicBool,
     open: AtomicUsize,
     /// Milliseconds since `origin` when the connection last went idle.
     idle_since: AtomicU64,
@@ -152,6 +155,7 @@ struct Activity {
 impl Activity {
     fn new() -> Self {
         Self {
+            started: AtomicBool::new(false),
             open: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             origin: Instant::now(),
@@ -204,6 +208,7 @@ where
     }
 
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        self.activity.started.store(true, Ordering::Release);
         self.activity.open.fetch_add(1, Ordering::AcqRel);
         let guard = InFlight(self.activity.clone());
         let fut = self.inner.call(req);
@@ -301,11 +306,18 @@ pub async fn connection_until<I, S>(
         conn.as_mut().graceful_shutdown();
     }
     let check = (limits.idle_timeout / 4).max(Duration::from_millis(50));
-    tokio::pin!(close);
+    // A client that opens a connection and sends nothing is closed like a slow one (HTTP/1's
+    // head deadline only starts with the first byte; HTTP/2 has none).
+    let first_request = tokio::time::sleep(limits.header_read_timeout);
+    tokio::pin!(close, first_request);
     loop {
         tokio::select! {
             () = &mut close => {
                 tracing::info!("closing a connection whose peer is no longer trusted");
+                return;
+            }
+            () = &mut first_request, if !activity.started.load(Ordering::Acquire) => {
+                tracing::debug!("closing a connection that sent no request in time");
                 return;
             }
             result = conn.as_mut() => {

@@ -2,8 +2,9 @@
 //! by the header (or TLS handshake) deadline, a normal request still succeeds meanwhile, and
 //! the connection cap holds (the excess is closed at accept and counted).
 //!
-//! Each listener is one line in `targets`: the control plane's API and admin listeners and the
-//! proxy's inbound listener, each started with a 3 s deadline and a cap of 12 connections.
+//! Each listener is one line in `targets`: the control plane's API and admin listeners, the
+//! proxy's inbound and admin listeners, each started with a 3 s deadline and a cap of 12
+//! connections.
 
 #![allow(clippy::unwrap_used)]
 
@@ -92,7 +93,11 @@ async fn normal_request(cp: &ControlPlane, target: Target<'_>) -> bool {
             .get::<serde_json::Value>("/v1/agents", Some(&cp.admin_token().unwrap()))
             .await
             .is_ok(),
-        (Owner::Proxy(proxy), _) => {
+        (Owner::Proxy(proxy), Wire::Plain) => proxy
+            .admin_get("/live")
+            .await
+            .is_ok_and(|(status, _)| status == 200),
+        (Owner::Proxy(proxy), Wire::Tls) => {
             // Mutual TLS with a mesh certificate; any HTTP answer is the listener serving.
             let cred = cp.credential("default", "caller").await.unwrap();
             let config = client_config(
@@ -130,7 +135,8 @@ async fn refused_count(cp: &ControlPlane, target: Target<'_>) -> f64 {
             "capmesh_proxy_connections_refused_total",
         ),
     };
-    let prefix = format!("{name}{{listener=\"{}\"}}", target.name);
+    let listener = target.name.trim_start_matches("proxy ");
+    let prefix = format!("{name}{{listener=\"{listener}\"}}");
     metrics
         .lines()
         .find(|l| l.starts_with(&prefix))
@@ -172,6 +178,12 @@ async fn slow_clients_are_closed_normal_ones_served_and_the_cap_holds() {
             name: "inbound",
             port: provider.inbound,
             wire: Wire::Tls,
+            owner: Owner::Proxy(&provider),
+        },
+        Target {
+            name: "proxy admin",
+            port: provider.admin,
+            wire: Wire::Plain,
             owner: Owner::Proxy(&provider),
         },
     ];
