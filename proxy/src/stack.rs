@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -57,16 +58,45 @@ pub trait Middleware<Req, S>: Clone + Send + Sync + 'static {
     fn handle(&self, req: Req, next: S) -> Handled<Self::Response>;
 }
 
-/// A [`Middleware`] in front of the service `S`.
+/// A [`Middleware`] in front of the service `S`, which it holds [`Shared`]: cloning a layer
+/// (once per request) copies its middleware and one pointer, not the whole rest of the stack.
 #[derive(Debug, Clone)]
 pub struct Layered<M, S> {
     middleware: M,
-    inner: S,
+    inner: Shared<S>,
+}
+
+/// The rest of a stack behind one pointer; cloned per call, it copies only the layer it holds.
+#[derive(Debug)]
+pub struct Shared<S>(Arc<S>);
+
+impl<S> Clone for Shared<S> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<S, Req> Service<Req> for Shared<S>
+where
+    S: Service<Req> + Clone,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        // Every service on the request path is always ready (see the module docs).
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        S::clone(&self.0).call(req)
+    }
 }
 
 impl<M, S, Req> Service<Req> for Layered<M, S>
 where
-    M: Middleware<Req, S>,
+    M: Middleware<Req, Shared<S>>,
     S: Clone,
 {
     type Response = M::Response;
@@ -91,7 +121,7 @@ impl<M: Clone, S> Layer<S> for Stage<M> {
     fn layer(&self, inner: S) -> Layered<M, S> {
         Layered {
             middleware: self.0.clone(),
-            inner,
+            inner: Shared(Arc::new(inner)),
         }
     }
 }
