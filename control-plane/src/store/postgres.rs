@@ -484,10 +484,7 @@ impl Store for PgStore {
                 root_pem: row.try_get(2)?,
             })
         };
-        read().map(Some).map_err(|e| StoreError::Corrupt {
-            what: "CA",
-            detail: e.to_string(),
-        })
+        read().map(Some).map_err(corrupt("CA"))
     }
 
     async fn insert_ca(&self, ca: &StoredCa) -> Result<(), StoreError> {
@@ -530,10 +527,7 @@ impl Store for PgStore {
         rows.iter()
             .map(entity_row)
             .collect::<Result<_, _>>()
-            .map_err(|e| StoreError::Corrupt {
-                what: "entity",
-                detail: e.to_string(),
-            })
+            .map_err(corrupt("entity"))
     }
 
     async fn insert_entity(&self, e: &Entity) -> Result<(), StoreError> {
@@ -587,10 +581,7 @@ impl Store for PgStore {
             what: "entity",
             name: name.to_owned(),
         })?;
-        entity_row(&row).map_err(|e| StoreError::Corrupt {
-            what: "entity",
-            detail: e.to_string(),
-        })
+        entity_row(&row).map_err(corrupt("entity"))
     }
 
     async fn tokens(&self) -> Result<Vec<StoredToken>, StoreError> {
@@ -703,10 +694,7 @@ impl Store for PgStore {
         rows.iter()
             .map(revocation_row)
             .collect::<Result<_, _>>()
-            .map_err(|e| StoreError::Corrupt {
-                what: "revocation",
-                detail: e.to_string(),
-            })
+            .map_err(corrupt("revocation"))
     }
 
     async fn insert_revocation(&self, r: &Revocation) -> Result<(), StoreError> {
@@ -754,10 +742,7 @@ impl Store for PgStore {
             what: "revocation",
             name: id.to_owned(),
         })?;
-        revocation_row(&row).map_err(|e| StoreError::Corrupt {
-            what: "revocation",
-            detail: e.to_string(),
-        })
+        revocation_row(&row).map_err(corrupt("revocation"))
     }
 
     async fn policy(&self) -> Result<Option<Policy>, StoreError> {
@@ -766,10 +751,7 @@ impl Store for PgStore {
         match row {
             None => Ok(None),
             Some(row) => {
-                let json: String = row.try_get(0).map_err(|e| StoreError::Corrupt {
-                    what: "policy",
-                    detail: e.to_string(),
-                })?;
+                let json: String = row.try_get(0).map_err(corrupt("policy"))?;
                 from_json("policy", &json).map(Some)
             }
         }
@@ -797,10 +779,7 @@ impl Store for PgStore {
         match row {
             None => Ok(None),
             Some(row) => {
-                let json: String = row.try_get(0).map_err(|e| StoreError::Corrupt {
-                    what: "settings",
-                    detail: e.to_string(),
-                })?;
+                let json: String = row.try_get(0).map_err(corrupt("settings"))?;
                 from_json("settings", &json).map(Some)
             }
         }
@@ -832,10 +811,7 @@ impl Store for PgStore {
             c.query_one("SELECT session_key FROM mesh_secret WHERE id = 1", &[])
                 .await
         })?;
-        row.try_get(0).map_err(|e| StoreError::Corrupt {
-            what: "session key",
-            detail: e.to_string(),
-        })
+        row.try_get(0).map_err(corrupt("session key"))
     }
 
     async fn instances(&self) -> Result<Vec<StoredInstance>, StoreError> {
@@ -910,18 +886,20 @@ impl Store for PgStore {
         rows.iter()
             .map(|r| r.try_get(0))
             .collect::<Result<_, _>>()
-            .map_err(|e| StoreError::Corrupt {
-                what: "replica",
-                detail: e.to_string(),
-            })
+            .map_err(corrupt("replica"))
+    }
+}
+
+/// A row that does not read as `what`: the database holds something this binary cannot use.
+fn corrupt(what: &'static str) -> impl Fn(tokio_postgres::Error) -> StoreError + Copy {
+    move |e| StoreError::Corrupt {
+        what,
+        detail: e.to_string(),
     }
 }
 
 fn token_from_row(row: &Row) -> Result<StoredToken, StoreError> {
-    let corrupt = |e: tokio_postgres::Error| StoreError::Corrupt {
-        what: "token",
-        detail: e.to_string(),
-    };
+    let corrupt = corrupt("token");
     let info_json: String = row.try_get(0).map_err(corrupt)?;
     Ok(StoredToken {
         info: from_json("token", &info_json)?,
@@ -933,10 +911,7 @@ fn instances_from(rows: &[Row]) -> Result<Vec<StoredInstance>, StoreError> {
     rows.iter()
         .map(instance_row)
         .collect::<Result<_, _>>()
-        .map_err(|e| StoreError::Corrupt {
-            what: "instance",
-            detail: e.to_string(),
-        })
+        .map_err(corrupt("instance"))
 }
 
 #[cfg(test)]

@@ -245,13 +245,11 @@ impl Store for SqliteStore {
 
     async fn entities(&self) -> Result<Vec<Entity>, StoreError> {
         self.with(|c| {
-            let mut stmt = c.prepare(&format!(
-                "SELECT {ENTITY_COLUMNS} FROM entities ORDER BY created_unix, name"
-            ))?;
-            let rows = stmt
-                .query_map([], entity_row)?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
+            Ok(all(
+                c,
+                &format!("SELECT {ENTITY_COLUMNS} FROM entities ORDER BY created_unix, name"),
+                entity_row,
+            )?)
         })
     }
 
@@ -404,13 +402,11 @@ impl Store for SqliteStore {
 
     async fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
         self.with(|c| {
-            let mut stmt = c.prepare(&format!(
-                "SELECT {REVOCATION_COLUMNS} FROM revocations ORDER BY created_unix, id"
-            ))?;
-            let rows = stmt
-                .query_map([], revocation_row)?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
+            Ok(all(
+                c,
+                &format!("SELECT {REVOCATION_COLUMNS} FROM revocations ORDER BY created_unix, id"),
+                revocation_row,
+            )?)
         })
     }
 
@@ -504,13 +500,11 @@ impl Store for SqliteStore {
 
     async fn instances(&self) -> Result<Vec<StoredInstance>, StoreError> {
         self.with(|c| {
-            let mut stmt = c.prepare(&format!(
-                "SELECT {INSTANCE_COLUMNS} FROM instances ORDER BY proxy_id"
-            ))?;
-            let rows = stmt
-                .query_map([], instance_row)?
-                .collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
+            Ok(all(
+                c,
+                &format!("SELECT {INSTANCE_COLUMNS} FROM instances ORDER BY proxy_id"),
+                instance_row,
+            )?)
         })
     }
 
@@ -566,4 +560,13 @@ impl Store for SqliteStore {
     async fn heartbeat(&self, replica: &str, _lease: Duration) -> Result<Vec<String>, StoreError> {
         Ok(vec![replica.to_owned()])
     }
+}
+
+/// Every row of a query without parameters, each read by `row`.
+fn all<T>(
+    c: &Connection,
+    sql: &str,
+    row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<Vec<T>> {
+    c.prepare(sql)?.query_map([], row)?.collect()
 }
