@@ -260,6 +260,23 @@ async fn a_provider_killed_while_calls_are_in_flight_fails_no_call_that_had_not_
     alpha_agent.kill();
     let killed_at = clock.elapsed();
     killed.store(true, std::sync::atomic::Ordering::Release);
+    // A burst right after the kill, before the consumer can have heard of it: these calls go
+    // to alpha's dead address and are refused there, so only a retry elsewhere saves them.
+    for b in 0..CALLERS {
+        let client = client.clone();
+        let port = consumer.outbound;
+        callers.spawn(async move {
+            let text = format!("burst-{b}");
+            let started = clock.elapsed();
+            let outcome = echo_call(&client, port, &text).await;
+            vec![Call {
+                text,
+                started,
+                ended: clock.elapsed(),
+                outcome,
+            }]
+        });
+    }
     let mut calls = Vec::new();
     while let Some(done) = callers.join_next().await {
         calls.extend(done.unwrap());
