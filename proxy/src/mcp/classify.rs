@@ -189,6 +189,11 @@ pub fn classify(headers: &HeaderMap, body: &[u8]) -> Result<Classified, Rejectio
     let message = jsonrpc::parse(body).map_err(|e| Rejection::bad_request(&e))?;
     let single = message.single();
     let id = single.and_then(Message::id).cloned();
+    // Read as strictly as the providers' inbound side reads it (a repeated key, for one): the
+    // mesh never routes a message that readers could take two ways.
+    if let Err(e) = super::inspect::inspect(body) {
+        return Err(invalid(id.as_ref(), &e.to_string()));
+    }
     let method = single.and_then(Message::method);
     let params = single.and_then(Message::params);
     let meta_version = params

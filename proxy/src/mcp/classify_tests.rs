@@ -388,3 +388,15 @@ fn rename_then_headers_agree_again() {
     let (_, code, _) = reject(&h0, std::str::from_utf8(&body).unwrap());
     assert_eq!(code, HEADER_MISMATCH);
 }
+
+#[test]
+fn a_repeated_key_is_refused_not_read_one_way() {
+    // The last "method" wins in a tree, the first in some readers: refused either way.
+    let body = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","method":"resources/read","params":{"uri":"file:///x"}}"#;
+    let r = classify(&HeaderMap::new(), body).unwrap_err();
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+    let v: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(v["error"]["code"], INVALID_REQUEST);
+    assert_eq!(v["id"], 1);
+    assert!(v["error"]["message"].as_str().unwrap().contains("\"method\""), "{v}");
+}
