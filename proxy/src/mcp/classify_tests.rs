@@ -398,5 +398,11 @@ fn a_repeated_key_is_refused_not_read_one_way() {
     let v: Value = serde_json::from_slice(&r.body).unwrap();
     assert_eq!(v["error"]["code"], INVALID_REQUEST);
     assert_eq!(v["id"], 1);
-    assert!(v["error"]["message"].as_str().unwrap().contains("\"method\""), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"method\""),
+        "{v}"
+    );
 }
