@@ -220,6 +220,8 @@ pub fn limits(config: &crate::serve::Limits) -> crate::serve::Limits {
     crate::serve::Limits {
         max_connections: ADMIN_MAX_CONNECTIONS.min(config.max_connections),
         max_streams: 16,
+        // Probes and scrapers send their request at once; a silent connection only holds a slot.
+        close_silent: true,
         ..*config
     }
 }

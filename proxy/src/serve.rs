@@ -1,11 +1,11 @@
 //! Serving a listener's connections with the limits every listener enforces, whatever its
 //! stack: a cap on connections (excess ones are closed at once and counted), a deadline for
-//! a connection's first request and for each HTTP/1 request head (silent and slow-header
-//! clients, idle keep-alive connections), HTTP/2 keepalive pings (dead peers are dropped), a
-//! cap on concurrent HTTP/2 streams, and an idle timeout after which a connection with nothing
-//! in flight is closed gracefully (GOAWAY, so a request racing the close is refused
-//! unprocessed, never lost). On drain, every connection
-//! is asked to finish gracefully and the listener waits for them, up to a bound.
+//! each HTTP/1 request head (slow-header clients, idle keep-alive connections) and, on the
+//! admin listener, for a connection's first request (silent clients), HTTP/2 keepalive pings
+//! (dead peers are dropped), a cap on concurrent HTTP/2 streams, and an idle timeout after
+//! which a connection with nothing in flight is closed gracefully (GOAWAY, so a request racing
+//! the close is refused unprocessed, never lost). On drain, every connection is asked to
+//! finish gracefully and the listener waits for them, up to a bound.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -39,6 +39,11 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// Concurrent HTTP/2 streams per connection.
     pub max_streams: u32,
+    /// Close a connection that sends no request within the head deadline. Only for listeners
+    /// whose clients never open a connection ahead of need: HTTP clients with pools (the
+    /// agents, peer proxies) open spare connections and use them later, and closing those
+    /// races the request sent on them.
+    pub close_silent: bool,
 }
 
 impl Default for Limits {
@@ -48,6 +53,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             max_streams: 512,
+            close_silent: false,
         }
     }
 }
@@ -306,8 +312,8 @@ pub async fn connection_until<I, S>(
         conn.as_mut().graceful_shutdown();
     }
     let check = (limits.idle_timeout / 4).max(Duration::from_millis(50));
-    // A client that opens a connection and sends nothing is closed like a slow one (HTTP/1's
-    // head deadline only starts with the first byte; HTTP/2 has none).
+    // Where `close_silent` is set, a client that opens a connection and sends nothing is
+    // closed like a slow one (HTTP/1's head deadline only starts with the first byte).
     let first_request = tokio::time::sleep(limits.header_read_timeout);
     tokio::pin!(close, first_request);
     loop {
@@ -316,7 +322,7 @@ pub async fn connection_until<I, S>(
                 tracing::info!("closing a connection whose peer is no longer trusted");
                 return;
             }
-            () = &mut first_request, if !activity.started.load(Ordering::Acquire) => {
+            () = &mut first_request, if limits.close_silent && !activity.started.load(Ordering::Acquire) => {
                 tracing::debug!("closing a connection that sent no request in time");
                 return;
             }
