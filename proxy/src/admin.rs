@@ -188,7 +188,7 @@ pub async fn serve(
     state: Arc<AdminState>,
     listener: TcpListener,
     limits: crate::serve::Limits,
-    refused: prometheus::IntCounter,
+    refused: prometheus::IntCounterVec,
     drain: watch::Receiver<bool>,
 ) {
     let svc = tower::service_fn(move |req| {
@@ -203,7 +203,7 @@ pub async fn serve(
         "admin",
         listener,
         limits,
-        refused,
+        &refused,
         drain.clone(),
         ADMIN_GRACE,
         connection,

@@ -294,7 +294,7 @@ pub async fn run(
         admin_state.clone(),
         admin_listener,
         admin::limits(&config.limits()),
-        metrics.connections_refused.with_label_values(&["admin"]),
+        metrics.connections_refused.clone(),
         drain_rx.clone(),
     ));
     tracing::info!(admin = %config.admin, "admin listener serving /live and /ready");

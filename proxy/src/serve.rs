@@ -19,7 +19,7 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use prometheus::IntCounter;
+use prometheus::{IntCounter, IntCounterVec};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
@@ -106,7 +106,7 @@ pub async fn accept<F, Fut>(
     name: &'static str,
     listener: TcpListener,
     limits: Limits,
-    refused: IntCounter,
+    refused: &IntCounterVec,
     mut drain: watch::Receiver<bool>,
     grace: Duration,
     serve: F,
@@ -114,7 +114,7 @@ pub async fn accept<F, Fut>(
     F: Fn(TcpStream) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let gate = Gate::new(limits.max_connections, refused);
+    let gate = Gate::new(limits.max_connections, refused.with_label_values(&[name]));
     loop {
         let tcp = tokio::select! {
             _ = drain.changed() => break,
@@ -259,16 +259,29 @@ impl http_body::Body for Guarded {
     }
 }
 
+/// What serves each connection: a whole stack, whose errors have already become responses.
+pub trait ConnService:
+    Service<Request<Incoming>, Response = Response<BoxBody>, Error = Infallible, Future: Send>
+    + Clone
+    + Send
+    + 'static
+{
+}
+
+impl<T> ConnService for T where
+    T: Service<Request<Incoming>, Response = Response<BoxBody>, Error = Infallible, Future: Send>
+        + Clone
+        + Send
+        + 'static
+{
+}
+
 /// Serves one connection with `svc` under `limits` until it closes, `drain` turns true (then
 /// gracefully), or it idles past the limit (gracefully).
 pub async fn connection<I, S>(io: I, svc: S, limits: Limits, drain: watch::Receiver<bool>)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<BoxBody>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnService,
 {
     connection_until(io, svc, limits, drain, std::future::pending()).await;
 }
@@ -283,11 +296,7 @@ pub async fn connection_until<I, S>(
     close: impl Future<Output = ()> + Send,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: Service<Request<Incoming>, Response = Response<BoxBody>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnService,
 {
     let activity = Arc::new(Activity::new());
     let svc = TowerToHyperService::new(Tracked {

@@ -15,7 +15,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, Service};
 
 use crate::BoxBody;
 use crate::error::ProxyError;
@@ -39,12 +39,14 @@ impl<T, Req, Res> Next<Req, Res> for T where
 {
 }
 
-/// Calls `next` with `req` (the inner service is always ready).
-pub async fn call<S, Req, Res>(next: S, req: Req) -> Result<Res, ProxyError>
+/// Calls `next` with `req`. Every service on the request path is always ready (see the module
+/// docs), so `poll_ready` is not awaited: a tower `Oneshot` here would add one more future to
+/// poll through, per layer, on every wake-up of every request.
+pub fn call<S, Req, Res>(mut next: S, req: Req) -> S::Future
 where
     S: Next<Req, Res>,
 {
-    next.oneshot(req).await
+    next.call(req)
 }
 
 /// What a layer's [`Middleware::handle`] returns.
@@ -112,6 +114,36 @@ where
     }
 }
 
+/// A service at the end of a stack, or where it forks, written as one async function of the
+/// request. [`Terminal`] makes it a tower service.
+pub trait Handler<Req>: Clone + Send + Sync + 'static {
+    /// What it answers.
+    type Response;
+    /// Answers `req`.
+    fn serve(&self, req: Req) -> Handled<Self::Response>;
+}
+
+/// The tower [`Service`] of an [`Handler`]: always ready (see the module docs).
+#[derive(Debug, Clone)]
+pub struct Terminal<E>(pub E);
+
+impl<E, Req> Service<Req> for Terminal<E>
+where
+    E: Handler<Req>,
+{
+    type Response = E::Response;
+    type Error = ProxyError;
+    type Future = Handled<E::Response>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Req) -> Self::Future {
+        self.0.serve(req)
+    }
+}
+
 /// The tower [`Layer`] of a [`Middleware`].
 #[derive(Debug, Clone)]
 pub struct Stage<M>(pub M);
@@ -160,7 +192,7 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let inner = self.inner.clone();
         Box::pin(async move {
-            Ok(match inner.oneshot(req).await {
+            Ok(match call(inner, req).await {
                 Ok(resp) => resp,
                 Err(e) => {
                     tracing::debug!(error = %e, label = e.label(), "request refused or failed");
@@ -220,7 +252,7 @@ where
 mod tests {
     #![allow(clippy::unwrap_used)]
     use http_body_util::Full;
-    use tower::ServiceBuilder;
+    use tower::{ServiceBuilder, ServiceExt};
 
     use super::*;
     use crate::boxed;

@@ -31,7 +31,7 @@ pub use self::observe::Observe;
 pub use self::peer::PeerClient;
 pub use self::retry::RetryPolicy;
 use crate::Proxy;
-use crate::stack::{Next, Stage};
+use crate::stack::{Next, Stage, Terminal};
 
 /// Endpoints ranked for one call: the best rank first; each rank shares the load.
 pub type Ranks = Vec<Vec<Arc<Endpoint>>>;
@@ -175,5 +175,5 @@ pub fn stack(proxy: &Arc<Proxy>) -> impl Next<Call, Response<Incoming>> {
         .layer(Stage(Balance::new(proxy.clone())))
         // Per-attempt metrics: latency to headers, status.
         .layer(Stage(Observe::new(proxy.clone())))
-        .service(PeerClient::new(proxy.clone()))
+        .service(Terminal(PeerClient::new(proxy.clone())))
 }

@@ -2,7 +2,6 @@
 //! it over the peer pool's mutual TLS.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use capmesh_api::Endpoint;
@@ -16,7 +15,7 @@ use super::{CallSpec, Upstream};
 use crate::contract::{CALL_PATH, CAPABILITY_HEADER, PASSTHROUGH_PATH};
 use crate::error::ProxyError;
 use crate::mcp::{classify, rewrite};
-use crate::stack::BoxFuture;
+use crate::stack::{Handled, Handler};
 use crate::{BoxBody, Proxy, boxed};
 
 /// See the module docs.
@@ -32,16 +31,9 @@ impl PeerClient {
     }
 }
 
-impl tower::Service<Attempt> for PeerClient {
+impl Handler<Attempt> for PeerClient {
     type Response = Response<Incoming>;
-    type Error = ProxyError;
-    type Future = BoxFuture<Result<Response<Incoming>, ProxyError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, attempt: Attempt) -> Self::Future {
+    fn serve(&self, attempt: Attempt) -> Handled<Response<Incoming>> {
         let proxy = self.proxy.clone();
         Box::pin(async move {
             let ep = &attempt.endpoint;

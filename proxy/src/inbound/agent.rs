@@ -10,7 +10,6 @@
 //!   of the headers (the verified caller, its own `Host`, the trace continued).
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
@@ -29,7 +28,7 @@ use crate::mcp::relay::{EventFn, MapEvents};
 use crate::mcp::sse::Event;
 use crate::outbound::tool_call::sealer;
 use crate::seal::{self, Sealer};
-use crate::stack::{BoxFuture, Handled, Middleware, Next, call};
+use crate::stack::{Handled, Handler, Middleware, Next, call};
 use crate::{BoxBody, Proxy, boxed};
 
 fn caller_of<B>(req: &Request<B>) -> String {
@@ -279,16 +278,9 @@ fn agent_headers(from: &HeaderMap, caller: &str, agent: &Agent) -> HeaderMap {
     out
 }
 
-impl tower::Service<Request<Bytes>> for AgentClient {
+impl Handler<Request<Bytes>> for AgentClient {
     type Response = Response<BoxBody>;
-    type Error = ProxyError;
-    type Future = BoxFuture<Result<Response<BoxBody>, ProxyError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+    fn serve(&self, req: Request<Bytes>) -> Handled<Response<BoxBody>> {
         let proxy = self.proxy.clone();
         Box::pin(async move {
             let agent = proxy.agent.clone().ok_or(ProxyError::NoAgent)?;

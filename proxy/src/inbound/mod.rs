@@ -9,11 +9,9 @@
 pub mod agent;
 pub mod authorize;
 
-use std::convert::Infallible;
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -23,12 +21,14 @@ use hyper::body::Incoming;
 use rustls::pki_types::CertificateDer;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tower::{Service, ServiceBuilder};
+use tower::ServiceBuilder;
 
 use crate::contract::{CALL_PATH, CAPABILITY_HEADER, MAX_REQUEST, PASSTHROUGH_PATH};
 use crate::error::ProxyError;
-use crate::serve::Limits;
-use crate::stack::{BoxFuture, Handled, Middleware, Next, ReadBody, RespondLayer, Stage, call};
+use crate::serve::{ConnService, Limits};
+use crate::stack::{
+    Handled, Handler, Middleware, Next, ReadBody, RespondLayer, Stage, Terminal, call,
+};
 use crate::{BoxBody, Proxy};
 
 /// Who sent a request: the verified SPIFFE ID, or `None` for a plaintext client permissive
@@ -182,17 +182,17 @@ pub fn stack(proxy: &Arc<Proxy>) -> impl Next<Request<Incoming>, Response<BoxBod
             proxy.authz.clone(),
             Some(proxy.metrics.inbound.clone()),
         )))
-        .service(Route {
+        .service(Terminal(Route {
             call: ServiceBuilder::new()
                 // The proxy's own session with the agent, shared by callers; the agent's
                 // requests to a caller sealed for that caller.
                 .layer(Stage(agent::Shared::new(proxy.clone())))
-                .service(agent::AgentClient::new(proxy.clone())),
+                .service(Terminal(agent::AgentClient::new(proxy.clone()))),
             conversation: ServiceBuilder::new()
                 // The caller's own session: the agent's session ids sealed for the caller.
                 .layer(Stage(agent::Owned::new(proxy.clone())))
-                .service(agent::AgentClient::new(proxy.clone())),
-        })
+                .service(Terminal(agent::AgentClient::new(proxy.clone()))),
+        }))
 }
 
 /// Mesh calls to the shared session; passthrough and the agent's own paths to the caller's.
@@ -202,20 +202,13 @@ struct Route<C, O> {
     conversation: O,
 }
 
-impl<C, O> Service<Request<Bytes>> for Route<C, O>
+impl<C, O> Handler<Request<Bytes>> for Route<C, O>
 where
     C: Next<Request<Bytes>, Response<BoxBody>>,
     O: Next<Request<Bytes>, Response<BoxBody>>,
 {
     type Response = Response<BoxBody>;
-    type Error = ProxyError;
-    type Future = BoxFuture<Result<Response<BoxBody>, ProxyError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Bytes>) -> Self::Future {
+    fn serve(&self, req: Request<Bytes>) -> Handled<Response<BoxBody>> {
         if req.uri().path() == CALL_PATH {
             Box::pin(call(self.call.clone(), req))
         } else {
@@ -234,10 +227,6 @@ pub async fn serve(
     drain: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let refused = proxy
-        .metrics
-        .connections_refused
-        .with_label_values(&["inbound"]);
     let svc = ServiceBuilder::new()
         // Errors become responses here, and only here.
         .layer(RespondLayer)
@@ -251,7 +240,7 @@ pub async fn serve(
         "inbound",
         listener,
         limits,
-        refused,
+        &proxy.metrics.connections_refused,
         drain.clone(),
         grace,
         serve,
@@ -267,11 +256,7 @@ async fn connection<S>(
     limits: Limits,
     drain: watch::Receiver<bool>,
 ) where
-    S: Service<Request<Incoming>, Response = Response<BoxBody>, Error = Infallible>
-        + Clone
-        + Send
-        + 'static,
-    S::Future: Send + 'static,
+    S: ConnService,
 {
     let handshakes = &proxy.metrics.tls_handshakes;
     let (io, peer) =

@@ -6,20 +6,18 @@
 //! `message`.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
-use tower::Service;
 
 use super::sessions::negotiate;
 use crate::error::ProxyError;
 use crate::mcp::classify::{self, Classified, Generation};
 use crate::mcp::jsonrpc::{self, Id, Message, Parsed};
 use crate::seal;
-use crate::stack::{BoxFuture, Handled, Middleware, Next, call};
+use crate::stack::{Handled, Handler, Middleware, Next, call};
 use crate::{BoxBody, Proxy, boxed};
 
 /// A POST to the federated endpoint that passed the transport rules.
@@ -282,20 +280,13 @@ pub struct Dispatch<C, M> {
     pub message: M,
 }
 
-impl<C, M> Service<Mcp> for Dispatch<C, M>
+impl<C, M> Handler<Mcp> for Dispatch<C, M>
 where
     C: Next<Mcp, Response<BoxBody>>,
     M: Next<Mcp, Response<BoxBody>>,
 {
     type Response = Response<BoxBody>;
-    type Error = ProxyError;
-    type Future = BoxFuture<Result<Response<BoxBody>, ProxyError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Mcp) -> Self::Future {
+    fn serve(&self, req: Mcp) -> Handled<Response<BoxBody>> {
         let c = &req.classified;
         let to_provider = match &c.message {
             Parsed::Single(Message::Request { method, .. }) if method == "tools/call" => {

@@ -3,7 +3,6 @@
 //! callable capabilities changes; `DELETE /mcp` ends the session.
 
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -13,7 +12,7 @@ use hyper::body::Incoming;
 
 use crate::error::ProxyError;
 use crate::mcp::classify;
-use crate::stack::BoxFuture;
+use crate::stack::{Handled, Handler};
 use crate::{BoxBody, Proxy, boxed};
 
 /// See the module docs.
@@ -44,16 +43,9 @@ fn session(headers: &HeaderMap) -> Result<&str, ProxyError> {
         .ok_or(ProxyError::MissingSession)
 }
 
-impl tower::Service<Request<Incoming>> for Listen {
+impl Handler<Request<Incoming>> for Listen {
     type Response = Response<BoxBody>;
-    type Error = ProxyError;
-    type Future = BoxFuture<Result<Response<BoxBody>, ProxyError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn serve(&self, req: Request<Incoming>) -> Handled<Response<BoxBody>> {
         let result = match *req.method() {
             Method::DELETE => self.end(req.headers()),
             _ => self.stream(req.headers()),

@@ -20,42 +20,35 @@ pub mod sessions;
 pub mod tool_call;
 pub mod transparent;
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use http::{Method, Request, Response};
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tower::{Service, ServiceBuilder};
+use tower::ServiceBuilder;
 
 pub use self::sessions::Sessions;
 use crate::contract::MAX_REQUEST;
 use crate::error::ProxyError;
 use crate::forward;
-use crate::serve::Limits;
-use crate::stack::{BoxFuture, Next, ReadBody, RespondLayer, Stage, call};
+use crate::serve::{ConnService, Limits};
+use crate::stack::{Handled, Handler, Next, ReadBody, RespondLayer, Stage, Terminal, call};
 use crate::{BoxBody, Proxy, trace};
 
 /// The outbound listener's stack, top to bottom.
-pub fn stack(
-    proxy: &Arc<Proxy>,
-) -> impl Service<Request<Incoming>, Response = Response<BoxBody>, Error = Infallible, Future: Send>
-+ Clone
-+ Send
-+ 'static {
+pub fn stack(proxy: &Arc<Proxy>) -> impl ConnService {
     ServiceBuilder::new()
         // Errors become JSON-RPC error responses here, and only here.
         .layer(RespondLayer)
         // A page on another site can reach a loopback port under a name of its own.
         .layer(Stage(guard::RebindingGuard))
-        .service(Router {
+        .service(Terminal(Router {
             federated: federated_stack(proxy),
-            sessions: listen::Listen::new(proxy.clone()),
+            sessions: Terminal(listen::Listen::new(proxy.clone())),
             passthrough: passthrough_stack(proxy),
-        })
+        }))
 }
 
 /// `POST /mcp`.
@@ -71,7 +64,7 @@ fn federated_stack(proxy: &Arc<Proxy>) -> impl Next<Request<Incoming>, Response<
         .layer(Stage(federated::Batch))
         // The mesh is the server: initialize, ping, the lists.
         .layer(Stage(federated::LocalAnswers::new(proxy.clone())))
-        .service(federated::Dispatch {
+        .service(Terminal(federated::Dispatch {
             tool_call: ServiceBuilder::new()
                 // The hop's client span when sampled: to the response's last byte.
                 .layer(Stage(trace::ClientSpan::new(proxy.clone())))
@@ -84,7 +77,7 @@ fn federated_stack(proxy: &Arc<Proxy>) -> impl Next<Request<Incoming>, Response<
             message: ServiceBuilder::new()
                 .layer(Stage(message::ToProvider::new(proxy.clone())))
                 .service(forward::stack(proxy)),
-        })
+        }))
 }
 
 /// `/capabilities/<capability>/mcp`.
@@ -107,21 +100,14 @@ struct Router<F, L, P> {
     passthrough: P,
 }
 
-impl<F, L, P> Service<Request<Incoming>> for Router<F, L, P>
+impl<F, L, P> Handler<Request<Incoming>> for Router<F, L, P>
 where
     F: Next<Request<Incoming>, Response<BoxBody>>,
     L: Next<Request<Incoming>, Response<BoxBody>>,
     P: Next<Request<Incoming>, Response<BoxBody>>,
 {
     type Response = Response<BoxBody>;
-    type Error = ProxyError;
-    type Future = BoxFuture<Result<Response<BoxBody>, ProxyError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn serve(&self, req: Request<Incoming>) -> Handled<Response<BoxBody>> {
         let path = req.uri().path();
         if path == "/mcp" {
             return match *req.method() {
@@ -150,10 +136,6 @@ pub async fn serve(
     drain: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let refused = proxy
-        .metrics
-        .connections_refused
-        .with_label_values(&["outbound"]);
     let svc = stack(&proxy);
     let connection = |tcp: tokio::net::TcpStream| {
         let (proxy, svc, drain) = (proxy.clone(), svc.clone(), drain.clone());
@@ -170,7 +152,7 @@ pub async fn serve(
         "outbound",
         listener,
         limits,
-        refused,
+        &proxy.metrics.connections_refused,
         drain.clone(),
         grace,
         connection,
