@@ -16,8 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use capmesh_certs::CredentialCell;
-use capmesh_certs::tls::{client_config, connect};
-use capmesh_tests::{ProxyProcess, spiffe, workspace_bin};
+use capmesh_tests::{ProxyProcess, workspace_bin};
 use common::{Mesh, set_policy};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
@@ -199,17 +198,9 @@ async fn tls_post(
     session: Option<&str>,
     body: &str,
 ) -> String {
-    let config = client_config(
-        Some(cred.clone()),
-        mesh.cp.trust().unwrap(),
-        spiffe("default", "alpha").unwrap(),
-        &[b"http/1.1"],
-    )
-    .unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    let mut tls = common::tls_to(port, mesh.cp.trust().unwrap(), cred.clone(), "alpha")
         .await
         .unwrap();
-    let mut tls = connect(config, tcp).await.unwrap();
     let session = session
         .map(|s| format!("mcp-session-id: {s}\r\n"))
         .unwrap_or_default();

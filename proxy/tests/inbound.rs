@@ -8,7 +8,7 @@ mod common;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use capmesh_api::rest::{Entity, EntityRequest};
+use capmesh_api::rest::Entity;
 use capmesh_certs::tls::{client_config, connect};
 use capmesh_certs::{Ca, Credential, CredentialCell, TrustStore, Validity, WorkloadKey};
 use capmesh_tests::python::{PyAgent, client_json, json_lines, spawn_client};
@@ -74,31 +74,32 @@ async fn the_agent_sees_the_verified_caller_and_only_allow_listed_headers() {
     }
 }
 
-/// A TLS client with `cred` against the provider's inbound port; sends one HTTP/1.1 request
-/// and returns what came back (Err when the handshake or connection was refused).
+/// The partner entity's workload identity (in the entity's own trust domain).
+const PARTNER: &str = "spiffe://acme.example/ns/default/agent/partner";
+
+/// A certificate chain for `id` from `ca`, valid for `ttl`, and its key.
+fn issue(ca: &Ca, id: &capmesh_certs::SpiffeId, ttl: Duration) -> (String, WorkloadKey) {
+    let key = WorkloadKey::generate().unwrap();
+    let issued = ca
+        .issue(&key.csr_pem(id).unwrap(), id, Validity::for_ttl(ttl))
+        .unwrap();
+    (issued.chain_pem, key)
+}
+
+/// A ten-minute credential for `id` from `ca`.
+fn credential(ca: &Ca, id: &capmesh_certs::SpiffeId) -> Credential {
+    let (chain, key) = issue(ca, id, Duration::from_secs(600));
+    Credential::with_key(&chain, &key).unwrap()
+}
+
+/// An `initialize` over mutual TLS with `cred` to the provider's inbound port (Err when the
+/// handshake or the connection was refused).
 async fn tls_request(
     port: u16,
     trust: Arc<TrustStore>,
     cred: Credential,
 ) -> std::io::Result<String> {
-    let config = client_config(
-        Some(Arc::new(CredentialCell::new(cred))),
-        trust,
-        spiffe("default", "alpha").unwrap(),
-        &[b"http/1.1"],
-    )
-    .unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let mut tls = connect(config, tcp).await?;
-    let body = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-    let req = format!(
-        "POST /mcp HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    tls.write_all(req.as_bytes()).await?;
-    let mut out = String::new();
-    tls.read_to_string(&mut out).await?;
-    Ok(out)
+    common::tls_initialize(port, trust, Arc::new(CredentialCell::new(cred)), "alpha").await
 }
 
 #[tokio::test]
@@ -124,18 +125,7 @@ async fn strict_mode_refuses_plaintext_foreign_cas_and_revoked_entities() {
     // A certificate from a CA the mesh does not trust.
     let trust = mesh.cp.trust().unwrap();
     let stranger = Ca::generate("capmesh.local".parse().unwrap(), false).unwrap();
-    let issue = |ca: &Ca, who: &str| {
-        let id = spiffe("default", who).unwrap();
-        let key = WorkloadKey::generate().unwrap();
-        let issued = ca
-            .issue(
-                &key.csr_pem(&id).unwrap(),
-                &id,
-                Validity::for_ttl(Duration::from_secs(600)),
-            )
-            .unwrap();
-        Credential::with_key(&issued.chain_pem, &key).unwrap()
-    };
+    let issue = |ca: &Ca, who: &str| credential(ca, &spiffe("default", who).unwrap());
     let refused = tls_request(provider.inbound, trust.clone(), issue(&stranger, "planner")).await;
     assert!(
         refused.is_err(),
@@ -158,32 +148,8 @@ async fn strict_mode_refuses_plaintext_foreign_cas_and_revoked_entities() {
     let token = mesh.cp.admin_token().unwrap();
     let rest = mesh.cp.rest().unwrap();
     let acme = Ca::generate("acme.example".parse().unwrap(), false).unwrap();
-    let _: Entity = rest
-        .post(
-            "/v1/entities",
-            &EntityRequest {
-                name: "acme".into(),
-                trust_domain: "acme.example".parse().unwrap(),
-                ca_pem: acme.root_pem().into(),
-            },
-            Some(&token),
-        )
-        .await
-        .unwrap();
-    let partner = || {
-        let id: capmesh_certs::SpiffeId = "spiffe://acme.example/ns/default/agent/partner"
-            .parse()
-            .unwrap();
-        let key = WorkloadKey::generate().unwrap();
-        let issued = acme
-            .issue(
-                &key.csr_pem(&id).unwrap(),
-                &id,
-                Validity::for_ttl(Duration::from_secs(600)),
-            )
-            .unwrap();
-        Credential::with_key(&issued.chain_pem, &key).unwrap()
-    };
+    common::register_entity(&mesh, "acme", "acme.example", acme.root_pem().into()).await;
+    let partner = || credential(&acme, &PARTNER.parse().unwrap());
     eventually(
         Duration::from_secs(10),
         "acme's certificate accepted",
@@ -259,33 +225,12 @@ async fn a_revoked_entity_is_refused_on_the_pooled_connection_it_already_holds()
     let token = mesh.cp.admin_token().unwrap();
     let rest = mesh.cp.rest().unwrap();
     let acme = Ca::generate("acme.example".parse().unwrap(), false).unwrap();
-    let _: Entity = rest
-        .post(
-            "/v1/entities",
-            &EntityRequest {
-                name: "acme".into(),
-                trust_domain: "acme.example".parse().unwrap(),
-                ca_pem: acme.root_pem().into(),
-            },
-            Some(&token),
-        )
-        .await
-        .unwrap();
+    common::register_entity(&mesh, "acme", "acme.example", acme.root_pem().into()).await;
     let dir = tempfile::tempdir().unwrap();
     // The partner's identity is in its own trust domain (its CA may issue no other).
-    let id: capmesh_certs::SpiffeId = "spiffe://acme.example/ns/default/agent/partner"
-        .parse()
-        .unwrap();
-    let key = WorkloadKey::generate().unwrap();
-    let issued = acme
-        .issue(
-            &key.csr_pem(&id).unwrap(),
-            &id,
-            Validity::for_ttl(Duration::from_secs(3600)),
-        )
-        .unwrap();
+    let (chain, key) = issue(&acme, &PARTNER.parse().unwrap(), Duration::from_secs(3600));
     let (cert, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
-    std::fs::write(&cert, issued.chain_pem).unwrap();
+    std::fs::write(&cert, chain).unwrap();
     std::fs::write(&key_file, key.to_pem()).unwrap();
     let (cert, key_file) = (cert.display().to_string(), key_file.display().to_string());
     let mut partner = ProxyProcess::spawn(

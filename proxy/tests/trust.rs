@@ -13,9 +13,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use capmesh_api::rest::{AgentInfo, Entity, EntityRequest, Revocation};
+use capmesh_api::rest::{AgentInfo, Revocation};
 use capmesh_api::{AgentName, Hello, Namespace, Node, Policy, ProxyFrame, Registration};
-use capmesh_certs::tls::{client_config, connect};
 use capmesh_certs::{Credential, CredentialCell, TrustStore};
 use capmesh_tests::openssl::{Leaf, OpensslCa};
 use capmesh_tests::{ControlPlane, ProxyProcess, spiffe, workspace_bin};
@@ -74,50 +73,28 @@ fn curl(
     (code.trim().parse().unwrap_or(0), body)
 }
 
-async fn register_partner(mesh: &Mesh, ca: &OpensslCa) {
-    let _: Entity = mesh
-        .cp
-        .rest()
-        .unwrap()
-        .post(
-            "/v1/entities",
-            &EntityRequest {
-                name: "partner".into(),
-                trust_domain: PARTNER_TD.parse().unwrap(),
-                ca_pem: ca.ca_pem().unwrap(),
-            },
-            Some(&mesh.cp.admin_token().unwrap()),
-        )
-        .await
-        .unwrap();
+/// The first frame of a proxy's stream, for `agent` in namespace default, as proxy `proxy_id`.
+fn hello(proxy_id: &str, agent: &str) -> ProxyFrame {
+    ProxyFrame::Hello(Hello {
+        node: Node {
+            proxy_id: proxy_id.into(),
+            agent: AgentName::new(agent).unwrap(),
+            namespace: Namespace::new("default").unwrap(),
+            zone: None,
+        },
+        registration: Registration {
+            endpoint: "127.0.0.1:9".into(),
+            tags: vec![],
+            version: None,
+            tools: vec![],
+            dependencies: vec![],
+        },
+        version: None,
+    })
 }
 
-/// One HTTP/1.1 request over mutual TLS to a provider's inbound port as `cred`; `Err` when the
-/// handshake or the connection was refused.
-async fn inbound_request(
-    port: u16,
-    trust: Arc<TrustStore>,
-    cred: Arc<CredentialCell>,
-    provider: &str,
-) -> std::io::Result<String> {
-    let config = client_config(
-        Some(cred),
-        trust,
-        spiffe("default", provider).unwrap(),
-        &[b"http/1.1"],
-    )
-    .unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    let mut tls = connect(config, tcp).await?;
-    let body = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-    let req = format!(
-        "POST /mcp HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    tls.write_all(req.as_bytes()).await?;
-    let mut out = String::new();
-    tls.read_to_string(&mut out).await?;
-    Ok(out)
+async fn register_partner(mesh: &Mesh, ca: &OpensslCa) {
+    common::register_entity(mesh, "partner", PARTNER_TD, ca.ca_pem().unwrap()).await;
 }
 
 /// A 2026-07-28 `tools/call` of get_weather through a consumer's outbound port: (status, body).
@@ -208,7 +185,7 @@ async fn an_entity_speaks_only_for_its_own_trust_domain() {
     let forged_cred =
         || Credential::from_pem(&forged.cert_pem().unwrap(), &forged.key_pem().unwrap()).unwrap();
     let trust = mesh.cp.trust().unwrap();
-    let refused = inbound_request(
+    let refused = common::tls_initialize(
         alpha.inbound,
         trust.clone(),
         Arc::new(CredentialCell::new(forged_cred())),
@@ -223,22 +200,7 @@ async fn an_entity_speaks_only_for_its_own_trust_domain() {
         .cp
         .stream_client(forged_cred())
         .unwrap()
-        .open_stream(&ProxyFrame::Hello(Hello {
-            node: Node {
-                proxy_id: "forged-1".into(),
-                agent: AgentName::new("planner").unwrap(),
-                namespace: Namespace::new("default").unwrap(),
-                zone: None,
-            },
-            registration: Registration {
-                endpoint: "127.0.0.1:9".into(),
-                tags: vec![],
-                version: None,
-                tools: vec![],
-                dependencies: vec![],
-            },
-            version: None,
-        }))
+        .open_stream(&hello("forged-1", "planner"))
         .await
     else {
         panic!("the forged identity's stream was accepted");
@@ -256,7 +218,7 @@ async fn an_entity_speaks_only_for_its_own_trust_domain() {
     eventually(Duration::from_secs(10), "alpha answers the partner", || {
         let (trust, cred) = (trust.clone(), deepl_cred.clone());
         async move {
-            inbound_request(alpha.inbound, trust, cred, "alpha")
+            common::tls_initialize(alpha.inbound, trust, cred, "alpha")
                 .await
                 .is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
         }
@@ -267,28 +229,20 @@ async fn an_entity_speaks_only_for_its_own_trust_domain() {
     let (code, answer) = curl(&mesh.cp, Some(&deepl), "POST", "/v1/certificates", &body);
     assert_eq!(code, 403, "{answer}");
     assert!(answer.contains("not the mesh CA"), "{answer}");
-    let policy: Policy = serde_json::from_value(serde_json::json!({
-        "rules": [{"from": [format!("spiffe://{PARTNER_TD}/*")], "capabilities": ["*"], "action": "deny"}]
-    }))
-    .unwrap();
-    let _: Policy = mesh
-        .cp
-        .rest()
-        .unwrap()
-        .put(
-            "/v1/policies",
-            &policy,
-            Some(&mesh.cp.admin_token().unwrap()),
-        )
-        .await
-        .unwrap();
+    common::set_policy(
+        &mesh,
+        serde_json::json!({
+            "rules": [{"from": [format!("spiffe://{PARTNER_TD}/*")], "capabilities": ["*"], "action": "deny"}]
+        }),
+    )
+    .await;
     eventually(
         Duration::from_secs(10),
         "the policy denies the partner",
         || {
             let (trust, cred) = (trust.clone(), deepl_cred.clone());
             async move {
-                inbound_request(alpha.inbound, trust, cred, "alpha")
+                common::tls_initialize(alpha.inbound, trust, cred, "alpha")
                     .await
                     .is_ok_and(|r| r.starts_with("HTTP/1.1 403"))
             }
@@ -308,17 +262,7 @@ async fn open_connection(
     trust: Arc<TrustStore>,
     cred: Arc<CredentialCell>,
 ) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let config = client_config(
-        Some(cred),
-        trust,
-        spiffe("default", "alpha").unwrap(),
-        &[b"http/1.1"],
-    )
-    .unwrap();
-    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    let mut tls = connect(config, tcp).await.unwrap();
+    let mut tls = common::tls_to(port, trust, cred, "alpha").await.unwrap();
     tls.write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
@@ -388,7 +332,7 @@ async fn a_revoked_workload_is_cut_off_everywhere_until_lifted() {
     );
     // A new connection is refused too.
     assert!(
-        inbound_request(alpha.inbound, trust.clone(), held.clone(), "alpha")
+        common::tls_initialize(alpha.inbound, trust.clone(), held.clone(), "alpha")
             .await
             .is_err()
     );
@@ -427,7 +371,7 @@ async fn a_revoked_workload_is_cut_off_everywhere_until_lifted() {
     assert_eq!(code, 200);
     assert!(answer.contains("agent/planner"), "{answer}");
     assert!(
-        inbound_request(alpha.inbound, trust.clone(), held.clone(), "alpha")
+        common::tls_initialize(alpha.inbound, trust.clone(), held.clone(), "alpha")
             .await
             .is_err()
     );
@@ -449,7 +393,7 @@ async fn a_revoked_workload_is_cut_off_everywhere_until_lifted() {
     )
     .await;
     assert!(
-        inbound_request(alpha.inbound, trust, held, "alpha")
+        common::tls_initialize(alpha.inbound, trust, held, "alpha")
             .await
             .is_ok()
     );
@@ -529,22 +473,7 @@ async fn squatting_and_proxy_id_hijacks_are_refused() {
         .cp
         .stream_client(cred)
         .unwrap()
-        .open_stream(&ProxyFrame::Hello(Hello {
-            node: Node {
-                proxy_id: alpha_id.clone(),
-                agent: AgentName::new("mallory").unwrap(),
-                namespace: Namespace::new("default").unwrap(),
-                zone: None,
-            },
-            registration: Registration {
-                endpoint: "127.0.0.1:9".into(),
-                tags: vec![],
-                version: None,
-                tools: vec![],
-                dependencies: vec![],
-            },
-            version: None,
-        }))
+        .open_stream(&hello(&alpha_id, "mallory"))
         .await
     else {
         panic!("the hijack was accepted");

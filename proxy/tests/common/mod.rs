@@ -9,6 +9,7 @@ use std::time::Duration;
 use capmesh_tests::python::{PyAgent, client_json};
 use capmesh_tests::{ControlPlane, ProxyProcess, workspace_bin};
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 pub const MODES: [&str; 2] = ["legacy", "2026-07-28"];
 
@@ -184,4 +185,61 @@ pub async fn consult_rounds(url: &str) -> std::collections::BTreeSet<String> {
         served.insert(served_by(text).to_owned());
     }
     served
+}
+
+/// Registers an entity (a partner organisation's CA for `trust_domain`), as the admin.
+pub async fn register_entity(mesh: &Mesh, name: &str, trust_domain: &str, ca_pem: String) {
+    let _: capmesh_api::rest::Entity = mesh
+        .cp
+        .rest()
+        .unwrap()
+        .post(
+            "/v1/entities",
+            &capmesh_api::rest::EntityRequest {
+                name: name.into(),
+                trust_domain: trust_domain.parse().unwrap(),
+                ca_pem,
+            },
+            Some(&mesh.cp.admin_token().unwrap()),
+        )
+        .await
+        .unwrap();
+}
+
+/// A mutual-TLS connection to a provider sidecar's inbound `port` as `cred` (HTTP/1.1), which
+/// expects the sidecar of `provider`; `Err` when the connection or the handshake was refused.
+pub async fn tls_to(
+    port: u16,
+    trust: std::sync::Arc<capmesh_certs::TrustStore>,
+    cred: std::sync::Arc<capmesh_certs::CredentialCell>,
+    provider: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let config = capmesh_certs::tls::client_config(
+        Some(cred),
+        trust,
+        capmesh_tests::spiffe("default", provider).unwrap(),
+        &[b"http/1.1"],
+    )
+    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    capmesh_certs::tls::connect(config, tcp).await
+}
+
+/// An `initialize` POSTed to `/mcp` over [`tls_to`]; the whole response text.
+pub async fn tls_initialize(
+    port: u16,
+    trust: std::sync::Arc<capmesh_certs::TrustStore>,
+    cred: std::sync::Arc<capmesh_certs::CredentialCell>,
+    provider: &str,
+) -> std::io::Result<String> {
+    let body = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let req = format!(
+        "POST /mcp HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\naccept: application/json, text/event-stream\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let mut tls = tls_to(port, trust, cred, provider).await?;
+    tls.write_all(req.as_bytes()).await?;
+    let mut out = String::new();
+    tls.read_to_string(&mut out).await?;
+    Ok(out)
 }
