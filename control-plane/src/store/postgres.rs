@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use capmesh_api::rest::{Entity, Revocation, TokenInfo};
-use capmesh_api::{MeshSettings, Policy, TrustDomain};
+use capmesh_api::{MeshSettings, Policy};
 use tokio::sync::{Mutex, MutexGuard, mpsc};
 
 use super::follow::Followed;
@@ -22,8 +22,10 @@ use tokio_postgres::{Client, Config, GenericClient, NoTls, Row, Statement};
 
 use super::migrations::{self, Migration};
 use super::{
-    InstanceWrite, Store, StoreError, StoredCa, StoredInstance, StoredKey, StoredToken,
-    WriteOutcome, from_json, spend, stored_settings, to_json,
+    ColumnValue, Columns, ENTITY_COLUMNS, INSTANCE_COLUMNS, InstanceWrite, REVOCATION_COLUMNS,
+    Store, StoreError, StoredCa, StoredInstance, StoredKey, StoredToken, WriteOutcome, entity_row,
+    from_json, instance_row, or_conflict, revocation_row, revoked_subject, spend, stored_settings,
+    to_json,
 };
 
 /// The LISTEN/NOTIFY channel every replica of one store shares.
@@ -330,48 +332,12 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-fn entity_row(r: &Row) -> Result<Entity, tokio_postgres::Error> {
-    let trust_domain: Option<String> = r.try_get(5)?;
-    Ok(Entity {
-        name: r.try_get(0)?,
-        ca_pem: r.try_get(1)?,
-        fingerprint_sha256: r.try_get(2)?,
-        created_unix: r.try_get(3)?,
-        revoked_unix: r.try_get(4)?,
-        // An unreadable trust domain trusts nothing, like a missing one (fail closed).
-        trust_domain: trust_domain.and_then(|td| TrustDomain::new(td).ok()),
-    })
-}
+impl Columns for Row {
+    type Error = tokio_postgres::Error;
 
-const ENTITY_COLUMNS: &str =
-    "name, ca_pem, fingerprint_sha256, created_unix, revoked_unix, trust_domain";
-
-fn revocation_row(r: &Row) -> Result<Revocation, tokio_postgres::Error> {
-    Ok(Revocation {
-        id: r.try_get(0)?,
-        identity: r.try_get(1)?,
-        serial: r.try_get(2)?,
-        reason: r.try_get(3)?,
-        created_unix: r.try_get(4)?,
-    })
-}
-
-const REVOCATION_COLUMNS: &str = "id, identity, serial, reason, created_unix";
-
-fn instance_row(r: &Row) -> Result<StoredInstance, tokio_postgres::Error> {
-    Ok(StoredInstance {
-        proxy_id: r.try_get(0)?,
-        record_json: r.try_get(1)?,
-        owner: r.try_get(2)?,
-        connected: r.try_get(3)?,
-        started_ms: r.try_get(4)?,
-    })
-}
-
-const INSTANCE_COLUMNS: &str = "proxy_id, record_json, owner, connected, started_ms";
-
-fn is_unique_violation(e: &StoreError) -> bool {
-    matches!(e, StoreError::Postgres(m) if m.contains("SQLSTATE 23505"))
+    fn column<T: ColumnValue>(&self, i: usize) -> Result<T, tokio_postgres::Error> {
+        self.try_get(i)
+    }
 }
 
 /// Runs `$body` (an async block using `$client: &mut Client`) on a pooled connection within
@@ -498,23 +464,14 @@ impl Store for PgStore {
             "INSERT INTO ca (id, cert_pem, key_sealed, root_pem) VALUES (1, $1, $2, $3)",
             &[&ca.cert_pem, sealed, &ca.root_pem]
         ));
-        match result {
-            Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict {
-                what: "CA",
-                name: "mesh CA".into(),
-            }),
-            other => other.map(|_| ()),
-        }
+        or_conflict(result, "CA", || "mesh CA".into()).map(|_| ())
     }
 
     async fn seal_ca_key(&self, sealed: &[u8]) -> Result<(), StoreError> {
         let changed = with_client!(self, |c| c
             .execute("UPDATE ca SET key_sealed = $1 WHERE id = 1", &[&sealed]))?;
         if changed == 0 {
-            return Err(StoreError::NotFound {
-                what: "CA",
-                name: "mesh CA".into(),
-            });
+            return Err(StoreError::no_ca());
         }
         Ok(())
     }
@@ -549,13 +506,7 @@ impl Store for PgStore {
             notify(&tx, &payload).await?;
             tx.commit().await
         });
-        match result {
-            Err(err) if is_unique_violation(&err) => Err(StoreError::Conflict {
-                what: "entity",
-                name: e.name.clone(),
-            }),
-            other => other,
-        }
+        or_conflict(result, "entity", || e.name.clone())
     }
 
     async fn revoke_entity(&self, name: &str, when_unix: i64) -> Result<Entity, StoreError> {
@@ -606,13 +557,7 @@ impl Store for PgStore {
             "INSERT INTO tokens (id, info_json, secret_sha256) VALUES ($1, $2, $3)",
             &[&t.info.id, &info_json, &t.secret_sha256]
         ));
-        match result {
-            Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict {
-                what: "token",
-                name: t.info.id.clone(),
-            }),
-            other => other.map(|_| ()),
-        }
+        or_conflict(result, "token", || t.info.id.clone()).map(|_| ())
     }
 
     async fn revoke_token(&self, id: &str) -> Result<TokenInfo, StoreError> {
@@ -711,13 +656,7 @@ impl Store for PgStore {
             notify(&tx, &payload).await?;
             tx.commit().await
         });
-        match result {
-            Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict {
-                what: "revocation of",
-                name: r.identity.clone().or(r.serial.clone()).unwrap_or_default(),
-            }),
-            other => other,
-        }
+        or_conflict(result, "revocation of", || revoked_subject(r))
     }
 
     async fn remove_revocation(&self, id: &str) -> Result<Revocation, StoreError> {

@@ -8,13 +8,15 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use capmesh_api::rest::{Entity, Revocation, TokenInfo};
-use capmesh_api::{MeshSettings, Policy, TrustDomain};
+use capmesh_api::{MeshSettings, Policy};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
 
 use super::migrations::{self, Migration};
 use super::{
-    InstanceWrite, Store, StoreError, StoredCa, StoredInstance, StoredKey, StoredToken,
-    WriteOutcome, from_json, spend, stored_settings, to_json,
+    ColumnValue, Columns, ENTITY_COLUMNS, INSTANCE_COLUMNS, InstanceWrite, REVOCATION_COLUMNS,
+    Store, StoreError, StoredCa, StoredInstance, StoredKey, StoredToken, WriteOutcome, entity_row,
+    from_json, instance_row, or_conflict, revocation_row, revoked_subject, spend, stored_settings,
+    to_json,
 };
 
 /// SQLite in the data dir.
@@ -52,6 +54,14 @@ impl SqliteStore {
     }
 }
 
+impl Columns for rusqlite::Row<'_> {
+    type Error = rusqlite::Error;
+
+    fn column<T: ColumnValue>(&self, i: usize) -> rusqlite::Result<T> {
+        self.get(i)
+    }
+}
+
 fn migrate(conn: &mut Connection, list: &[Migration]) -> Result<(), StoreError> {
     let tx = conn.transaction()?;
     tx.execute_batch(migrations::VERSIONS_TABLE)?;
@@ -86,34 +96,6 @@ fn migrate(conn: &mut Connection, list: &[Migration]) -> Result<(), StoreError> 
     Ok(())
 }
 
-fn entity_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Entity> {
-    let trust_domain: Option<String> = row.get(5)?;
-    Ok(Entity {
-        name: row.get(0)?,
-        ca_pem: row.get(1)?,
-        fingerprint_sha256: row.get(2)?,
-        created_unix: row.get(3)?,
-        revoked_unix: row.get(4)?,
-        // An unreadable trust domain trusts nothing, like a missing one (fail closed).
-        trust_domain: trust_domain.and_then(|td| TrustDomain::new(td).ok()),
-    })
-}
-
-const ENTITY_COLUMNS: &str =
-    "name, ca_pem, fingerprint_sha256, created_unix, revoked_unix, trust_domain";
-
-const REVOCATION_COLUMNS: &str = "id, identity, serial, reason, created_unix";
-
-fn revocation_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Revocation> {
-    Ok(Revocation {
-        id: row.get(0)?,
-        identity: row.get(1)?,
-        serial: row.get(2)?,
-        reason: row.get(3)?,
-        created_unix: row.get(4)?,
-    })
-}
-
 fn token_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String)> {
     Ok((row.get(0)?, row.get(1)?))
 }
@@ -123,25 +105,6 @@ fn parse_token((info_json, secret_sha256): (String, String)) -> Result<StoredTok
         info: from_json("token", &info_json)?,
         secret_sha256,
     })
-}
-
-fn instance_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredInstance> {
-    Ok(StoredInstance {
-        proxy_id: row.get(0)?,
-        record_json: row.get(1)?,
-        owner: row.get(2)?,
-        connected: row.get(3)?,
-        started_ms: row.get(4)?,
-    })
-}
-
-const INSTANCE_COLUMNS: &str = "proxy_id, record_json, owner, connected, started_ms";
-
-fn is_unique_violation(e: &rusqlite::Error) -> bool {
-    matches!(
-        e,
-        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation
-    )
 }
 
 /// Applied when a row changed; otherwise whether the row exists (owned by someone else) or not.
@@ -209,20 +172,12 @@ impl Store for SqliteStore {
             StoredKey::Sealed(bytes) => ("", Some(bytes.as_slice())),
         };
         self.with(|c| {
-            c.execute(
+            let inserted = c.execute(
                 "INSERT INTO ca (id, cert_pem, key_pem, key_sealed, root_pem) VALUES (1, ?1, ?2, ?3, ?4)",
                 params![ca.cert_pem, plain, sealed, ca.root_pem],
             )
-            .map_err(|e| {
-                if is_unique_violation(&e) {
-                    StoreError::Conflict {
-                        what: "CA",
-                        name: "mesh CA".into(),
-                    }
-                } else {
-                    e.into()
-                }
-            })?;
+            .map_err(StoreError::from);
+            or_conflict(inserted, "CA", || "mesh CA".into())?;
             Ok(())
         })
     }
@@ -234,10 +189,7 @@ impl Store for SqliteStore {
                 params![sealed],
             )?;
             if changed == 0 {
-                return Err(StoreError::NotFound {
-                    what: "CA",
-                    name: "mesh CA".into(),
-                });
+                return Err(StoreError::no_ca());
             }
             Ok(())
         })
@@ -248,34 +200,29 @@ impl Store for SqliteStore {
             Ok(all(
                 c,
                 &format!("SELECT {ENTITY_COLUMNS} FROM entities ORDER BY created_unix, name"),
-                entity_row,
+                |r| entity_row(r),
             )?)
         })
     }
 
     async fn insert_entity(&self, e: &Entity) -> Result<(), StoreError> {
         self.with(|c| {
-            c.execute(
-                &format!("INSERT INTO entities ({ENTITY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
-                params![
-                    e.name,
-                    e.ca_pem,
-                    e.fingerprint_sha256,
-                    e.created_unix,
-                    e.revoked_unix,
-                    e.trust_domain.as_ref().map(|td| td.as_str())
-                ],
-            )
-            .map_err(|err| {
-                if is_unique_violation(&err) {
-                    StoreError::Conflict {
-                        what: "entity",
-                        name: e.name.clone(),
-                    }
-                } else {
-                    err.into()
-                }
-            })?;
+            let inserted = c
+                .execute(
+                    &format!(
+                        "INSERT INTO entities ({ENTITY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+                    ),
+                    params![
+                        e.name,
+                        e.ca_pem,
+                        e.fingerprint_sha256,
+                        e.created_unix,
+                        e.revoked_unix,
+                        e.trust_domain.as_ref().map(|td| td.as_str())
+                    ],
+                )
+                .map_err(StoreError::from);
+            or_conflict(inserted, "entity", || e.name.clone())?;
             Ok(())
         })
     }
@@ -291,7 +238,7 @@ impl Store for SqliteStore {
                 .query_row(
                     &format!("SELECT {ENTITY_COLUMNS} FROM entities WHERE name = ?1"),
                     params![name],
-                    entity_row,
+                    |r| entity_row(r),
                 )
                 .optional()?
                 .ok_or_else(|| StoreError::NotFound {
@@ -330,21 +277,14 @@ impl Store for SqliteStore {
     async fn insert_token(&self, t: &StoredToken) -> Result<(), StoreError> {
         let info_json = to_json("token", &t.info)?;
         self.with(|c| {
-            c.execute(
-                "INSERT INTO tokens (id, info_json, secret_sha256, created_seq)
+            let inserted = c
+                .execute(
+                    "INSERT INTO tokens (id, info_json, secret_sha256, created_seq)
                  VALUES (?1, ?2, ?3, (SELECT COALESCE(MAX(created_seq), 0) + 1 FROM tokens))",
-                params![t.info.id, info_json, t.secret_sha256],
-            )
-            .map_err(|err| {
-                if is_unique_violation(&err) {
-                    StoreError::Conflict {
-                        what: "token",
-                        name: t.info.id.clone(),
-                    }
-                } else {
-                    err.into()
-                }
-            })?;
+                    params![t.info.id, info_json, t.secret_sha256],
+                )
+                .map_err(StoreError::from);
+            or_conflict(inserted, "token", || t.info.id.clone())?;
             Ok(())
         })
     }
@@ -405,29 +345,22 @@ impl Store for SqliteStore {
             Ok(all(
                 c,
                 &format!("SELECT {REVOCATION_COLUMNS} FROM revocations ORDER BY created_unix, id"),
-                revocation_row,
+                |r| revocation_row(r),
             )?)
         })
     }
 
     async fn insert_revocation(&self, r: &Revocation) -> Result<(), StoreError> {
         self.with(|c| {
-            c.execute(
-                &format!(
-                    "INSERT INTO revocations ({REVOCATION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"
-                ),
-                params![r.id, r.identity, r.serial, r.reason, r.created_unix],
-            )
-            .map_err(|err| {
-                if is_unique_violation(&err) {
-                    StoreError::Conflict {
-                        what: "revocation of",
-                        name: r.identity.clone().or(r.serial.clone()).unwrap_or_default(),
-                    }
-                } else {
-                    err.into()
-                }
-            })?;
+            let inserted = c
+                .execute(
+                    &format!(
+                        "INSERT INTO revocations ({REVOCATION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"
+                    ),
+                    params![r.id, r.identity, r.serial, r.reason, r.created_unix],
+                )
+                .map_err(StoreError::from);
+            or_conflict(inserted, "revocation of", || revoked_subject(r))?;
             Ok(())
         })
     }
@@ -439,7 +372,7 @@ impl Store for SqliteStore {
                 .query_row(
                     &format!("SELECT {REVOCATION_COLUMNS} FROM revocations WHERE id = ?1"),
                     params![id],
-                    revocation_row,
+                    |r| revocation_row(r),
                 )
                 .optional()?
                 .ok_or_else(|| StoreError::NotFound {
@@ -503,7 +436,7 @@ impl Store for SqliteStore {
             Ok(all(
                 c,
                 &format!("SELECT {INSTANCE_COLUMNS} FROM instances ORDER BY proxy_id"),
-                instance_row,
+                |r| instance_row(r),
             )?)
         })
     }
@@ -515,7 +448,10 @@ impl Store for SqliteStore {
             ))?;
             let mut out = Vec::new();
             for id in ids {
-                if let Some(row) = stmt.query_row(params![id], instance_row).optional()? {
+                if let Some(row) = stmt
+                    .query_row(params![id], |r| instance_row(r))
+                    .optional()?
+                {
                     out.push(row);
                 }
             }
