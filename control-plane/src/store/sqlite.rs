@@ -10,6 +10,7 @@ use std::time::Duration;
 use capmesh_api::rest::{Entity, Revocation, TokenInfo};
 use capmesh_api::{MeshSettings, Policy};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde::de::DeserializeOwned;
 
 use super::migrations::{self, Migration};
 use super::{
@@ -51,6 +52,55 @@ impl SqliteStore {
         // transactions keep the data consistent, so carry on.
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut conn)
+    }
+
+    /// Runs one statement on its own; returns how many rows it changed.
+    fn execute(&self, sql: &str, params: impl rusqlite::Params) -> Result<usize, StoreError> {
+        self.with(|c| Ok(c.execute(sql, params)?))
+    }
+
+    /// The JSON value in column 0 of the one row `sql` selects (a table of one row, `id = 1`),
+    /// parsed as `what`; `None` when there is no row.
+    fn singleton_json<T: DeserializeOwned>(
+        &self,
+        what: &'static str,
+        sql: &str,
+    ) -> Result<Option<T>, StoreError> {
+        self.with(|c| {
+            let json: Option<String> = c.query_row(sql, [], |r| r.get(0)).optional()?;
+            json.map(|j| from_json(what, &j)).transpose()
+        })
+    }
+
+    /// Reads token `id`, changes it with `change` and writes it back, in one transaction;
+    /// returns it as it is now.
+    fn update_token(
+        &self,
+        id: &str,
+        change: impl FnOnce(StoredToken) -> Result<StoredToken, StoreError>,
+    ) -> Result<TokenInfo, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let row = tx
+                .query_row(
+                    "SELECT info_json, secret_sha256 FROM tokens WHERE id = ?1",
+                    params![id],
+                    token_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound {
+                    what: "token",
+                    name: id.to_owned(),
+                })?;
+            let token = change(parse_token(row)?)?;
+            let info_json = to_json("token", &token.info)?;
+            tx.execute(
+                "UPDATE tokens SET info_json = ?2 WHERE id = ?1",
+                params![id, info_json],
+            )?;
+            tx.commit()?;
+            Ok(token.info)
+        })
     }
 }
 
@@ -171,28 +221,22 @@ impl Store for SqliteStore {
             StoredKey::Plain(pem) => (pem.as_str(), None),
             StoredKey::Sealed(bytes) => ("", Some(bytes.as_slice())),
         };
-        self.with(|c| {
-            let inserted = c.execute(
-                "INSERT INTO ca (id, cert_pem, key_pem, key_sealed, root_pem) VALUES (1, ?1, ?2, ?3, ?4)",
-                params![ca.cert_pem, plain, sealed, ca.root_pem],
-            )
-            .map_err(StoreError::from);
-            or_conflict(inserted, "CA", || "mesh CA".into())?;
-            Ok(())
-        })
+        let inserted = self.execute(
+            "INSERT INTO ca (id, cert_pem, key_pem, key_sealed, root_pem) VALUES (1, ?1, ?2, ?3, ?4)",
+            params![ca.cert_pem, plain, sealed, ca.root_pem],
+        );
+        or_conflict(inserted, "CA", || "mesh CA".into()).map(|_| ())
     }
 
     async fn seal_ca_key(&self, sealed: &[u8]) -> Result<(), StoreError> {
-        self.with(|c| {
-            let changed = c.execute(
-                "UPDATE ca SET key_pem = '', key_sealed = ?1 WHERE id = 1",
-                params![sealed],
-            )?;
-            if changed == 0 {
-                return Err(StoreError::no_ca());
-            }
-            Ok(())
-        })
+        let changed = self.execute(
+            "UPDATE ca SET key_pem = '', key_sealed = ?1 WHERE id = 1",
+            params![sealed],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::no_ca());
+        }
+        Ok(())
     }
 
     async fn entities(&self) -> Result<Vec<Entity>, StoreError> {
@@ -206,25 +250,18 @@ impl Store for SqliteStore {
     }
 
     async fn insert_entity(&self, e: &Entity) -> Result<(), StoreError> {
-        self.with(|c| {
-            let inserted = c
-                .execute(
-                    &format!(
-                        "INSERT INTO entities ({ENTITY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
-                    ),
-                    params![
-                        e.name,
-                        e.ca_pem,
-                        e.fingerprint_sha256,
-                        e.created_unix,
-                        e.revoked_unix,
-                        e.trust_domain.as_ref().map(|td| td.as_str())
-                    ],
-                )
-                .map_err(StoreError::from);
-            or_conflict(inserted, "entity", || e.name.clone())?;
-            Ok(())
-        })
+        let inserted = self.execute(
+            &format!("INSERT INTO entities ({ENTITY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
+            params![
+                e.name,
+                e.ca_pem,
+                e.fingerprint_sha256,
+                e.created_unix,
+                e.revoked_unix,
+                e.trust_domain.as_ref().map(|td| td.as_str())
+            ],
+        );
+        or_conflict(inserted, "entity", || e.name.clone()).map(|_| ())
     }
 
     async fn revoke_entity(&self, name: &str, when_unix: i64) -> Result<Entity, StoreError> {
@@ -276,68 +313,23 @@ impl Store for SqliteStore {
 
     async fn insert_token(&self, t: &StoredToken) -> Result<(), StoreError> {
         let info_json = to_json("token", &t.info)?;
-        self.with(|c| {
-            let inserted = c
-                .execute(
-                    "INSERT INTO tokens (id, info_json, secret_sha256, created_seq)
-                 VALUES (?1, ?2, ?3, (SELECT COALESCE(MAX(created_seq), 0) + 1 FROM tokens))",
-                    params![t.info.id, info_json, t.secret_sha256],
-                )
-                .map_err(StoreError::from);
-            or_conflict(inserted, "token", || t.info.id.clone())?;
-            Ok(())
-        })
+        let inserted = self.execute(
+            "INSERT INTO tokens (id, info_json, secret_sha256, created_seq)
+             VALUES (?1, ?2, ?3, (SELECT COALESCE(MAX(created_seq), 0) + 1 FROM tokens))",
+            params![t.info.id, info_json, t.secret_sha256],
+        );
+        or_conflict(inserted, "token", || t.info.id.clone()).map(|_| ())
     }
 
     async fn revoke_token(&self, id: &str) -> Result<TokenInfo, StoreError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            let row = tx
-                .query_row(
-                    "SELECT info_json, secret_sha256 FROM tokens WHERE id = ?1",
-                    params![id],
-                    token_row,
-                )
-                .optional()?
-                .ok_or_else(|| StoreError::NotFound {
-                    what: "token",
-                    name: id.to_owned(),
-                })?;
-            let mut token = parse_token(row)?;
+        self.update_token(id, |mut token| {
             token.info.revoked = true;
-            let info_json = to_json("token", &token.info)?;
-            tx.execute(
-                "UPDATE tokens SET info_json = ?2 WHERE id = ?1",
-                params![id, info_json],
-            )?;
-            tx.commit()?;
-            Ok(token.info)
+            Ok(token)
         })
     }
 
     async fn use_token(&self, id: &str) -> Result<TokenInfo, StoreError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            let row = tx
-                .query_row(
-                    "SELECT info_json, secret_sha256 FROM tokens WHERE id = ?1",
-                    params![id],
-                    token_row,
-                )
-                .optional()?
-                .ok_or_else(|| StoreError::NotFound {
-                    what: "token",
-                    name: id.to_owned(),
-                })?;
-            let token = spend(parse_token(row)?, id)?;
-            let info_json = to_json("token", &token.info)?;
-            tx.execute(
-                "UPDATE tokens SET info_json = ?2 WHERE id = ?1",
-                params![id, info_json],
-            )?;
-            tx.commit()?;
-            Ok(token.info)
-        })
+        self.update_token(id, |token| spend(token, id))
     }
 
     async fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
@@ -351,18 +343,11 @@ impl Store for SqliteStore {
     }
 
     async fn insert_revocation(&self, r: &Revocation) -> Result<(), StoreError> {
-        self.with(|c| {
-            let inserted = c
-                .execute(
-                    &format!(
-                        "INSERT INTO revocations ({REVOCATION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"
-                    ),
-                    params![r.id, r.identity, r.serial, r.reason, r.created_unix],
-                )
-                .map_err(StoreError::from);
-            or_conflict(inserted, "revocation of", || revoked_subject(r))?;
-            Ok(())
-        })
+        let inserted = self.execute(
+            &format!("INSERT INTO revocations ({REVOCATION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"),
+            params![r.id, r.identity, r.serial, r.reason, r.created_unix],
+        );
+        or_conflict(inserted, "revocation of", || revoked_subject(r)).map(|_| ())
     }
 
     async fn remove_revocation(&self, id: &str) -> Result<Revocation, StoreError> {
@@ -386,49 +371,34 @@ impl Store for SqliteStore {
     }
 
     async fn policy(&self) -> Result<Option<Policy>, StoreError> {
-        self.with(|c| {
-            let json: Option<String> = c
-                .query_row("SELECT policy_json FROM policy WHERE id = 1", [], |r| {
-                    r.get(0)
-                })
-                .optional()?;
-            json.map(|j| from_json("policy", &j)).transpose()
-        })
+        self.singleton_json("policy", "SELECT policy_json FROM policy WHERE id = 1")
     }
 
     async fn set_policy(&self, policy: &Policy) -> Result<(), StoreError> {
         let json = to_json("policy", policy)?;
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO policy (id, policy_json) VALUES (1, ?1)
-                 ON CONFLICT(id) DO UPDATE SET policy_json = excluded.policy_json",
-                params![json],
-            )?;
-            Ok(())
-        })
+        self.execute(
+            "INSERT INTO policy (id, policy_json) VALUES (1, ?1)
+             ON CONFLICT(id) DO UPDATE SET policy_json = excluded.policy_json",
+            params![json],
+        )
+        .map(|_| ())
     }
 
     async fn settings(&self) -> Result<Option<MeshSettings>, StoreError> {
-        self.with(|c| {
-            let json: Option<String> = c
-                .query_row("SELECT settings_json FROM settings WHERE id = 1", [], |r| {
-                    r.get(0)
-                })
-                .optional()?;
-            json.map(|j| from_json("settings", &j)).transpose()
-        })
+        self.singleton_json(
+            "settings",
+            "SELECT settings_json FROM settings WHERE id = 1",
+        )
     }
 
     async fn set_settings(&self, settings: &MeshSettings) -> Result<(), StoreError> {
         let json = stored_settings(settings)?;
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO settings (id, settings_json) VALUES (1, ?1)
-                 ON CONFLICT(id) DO UPDATE SET settings_json = excluded.settings_json",
-                params![json],
-            )?;
-            Ok(())
-        })
+        self.execute(
+            "INSERT INTO settings (id, settings_json) VALUES (1, ?1)
+             ON CONFLICT(id) DO UPDATE SET settings_json = excluded.settings_json",
+            params![json],
+        )
+        .map(|_| ())
     }
 
     async fn instances(&self) -> Result<Vec<StoredInstance>, StoreError> {
