@@ -77,7 +77,16 @@ fn provide_nack(of: &str, refused: Vec<RefusedCapability>) -> ControlFrame {
     }
 }
 
-fn frame_response(status: StatusCode, code: &str, message: String) -> Response<Body> {
+/// Refuses a stream before it starts: counts the refusal under `reason` and answers `status`
+/// with one error frame (`code`, `message`).
+fn refuse(
+    app: &App,
+    reason: &str,
+    status: StatusCode,
+    code: &str,
+    message: String,
+) -> Response<Body> {
+    app.metrics.refuse(reason);
     let frame = ControlFrame::Error {
         code: code.to_owned(),
         message,
@@ -108,8 +117,9 @@ pub async fn handle(
     body: Incoming,
 ) -> Response<Body> {
     let Some(peer) = peer else {
-        app.metrics.refuse("no_client_certificate");
-        return frame_response(
+        return refuse(
+            &app,
+            "no_client_certificate",
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "the topology stream needs the proxy's mesh certificate as its TLS client certificate"
@@ -120,24 +130,27 @@ pub async fn handle(
     let hello = match tokio::time::timeout(HELLO_TIMEOUT, reader.next()).await {
         Ok(Some(Ok(ProxyFrame::Hello(hello)))) => hello,
         Ok(Some(Ok(_))) => {
-            app.metrics.refuse("expected_hello");
-            return frame_response(
+            return refuse(
+                &app,
+                "expected_hello",
                 StatusCode::BAD_REQUEST,
                 "expected_hello",
                 "the first frame must be hello".into(),
             );
         }
         Ok(Some(Err(e))) => {
-            app.metrics.refuse(read_error_code(&e));
-            return frame_response(
+            return refuse(
+                &app,
+                read_error_code(&e),
                 StatusCode::BAD_REQUEST,
                 read_error_code(&e),
                 format!("first frame: {e}"),
             );
         }
         Ok(None) | Err(_) => {
-            app.metrics.refuse("expected_hello");
-            return frame_response(
+            return refuse(
+                &app,
+                "expected_hello",
                 StatusCode::BAD_REQUEST,
                 "expected_hello",
                 format!("no hello frame arrived within {HELLO_TIMEOUT:?}"),
@@ -149,8 +162,9 @@ pub async fn handle(
         || node.proxy_id.len() > MAX_PROXY_ID
         || node.proxy_id.chars().any(char::is_control)
     {
-        app.metrics.refuse("malformed_frame");
-        return frame_response(
+        return refuse(
+            &app,
+            "malformed_frame",
             StatusCode::BAD_REQUEST,
             "malformed_frame",
             format!(
@@ -166,8 +180,9 @@ pub async fn handle(
             proxy_id = %node.proxy_id,
             "stream refused: the hello claims another agent than its certificate"
         );
-        app.metrics.refuse("identity_mismatch");
-        return frame_response(
+        return refuse(
+            &app,
+            "identity_mismatch",
             StatusCode::FORBIDDEN,
             "forbidden",
             format!(
@@ -195,8 +210,13 @@ pub async fn handle(
         Ok(lease) => lease,
         Err(why) => {
             tracing::warn!(proxy_id = %hello.node.proxy_id, identity = %peer.identity, "stream refused: the proxy id belongs to another identity");
-            app.metrics.refuse("proxy_id_taken");
-            return frame_response(StatusCode::FORBIDDEN, "proxy_id_taken", why);
+            return refuse(
+                &app,
+                "proxy_id_taken",
+                StatusCode::FORBIDDEN,
+                "proxy_id_taken",
+                why,
+            );
         }
     };
     app.persist(&lease.proxy_id);

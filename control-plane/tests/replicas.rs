@@ -6,16 +6,18 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::time::{Duration, Instant};
 
-use capmesh_api::rest::{AgentInfo, Entity, EntityRequest, TokenCreated, TokenRequest};
-use capmesh_api::{Capability, Namespace, Policy, ProxyFrame, Registration, Snapshot, ToolSpec};
-use capmesh_certs::{Ca, Credential, Validity, WorkloadKey};
+use capmesh_api::rest::{AgentInfo, Entity, TokenCreated, TokenRequest};
+use capmesh_api::{Namespace, Policy, ProxyFrame};
 use capmesh_client::ClientError;
 use capmesh_tests::postgres::Postgres;
 use capmesh_tests::{ControlPlane, SharedSecrets, TestProxy};
-
-const WAIT: Duration = Duration::from_secs(10);
+use common::{
+    WAIT, connect, connect_on, consumer, instances_of, partner_credential, provider, register_acme,
+};
 
 struct Mesh {
     pg: Postgres,
@@ -60,42 +62,15 @@ async fn replica_id(cp: &ControlPlane) -> String {
     line.split('"').nth(1).unwrap().to_owned()
 }
 
-fn provider(endpoint: &str, capability: &str) -> Registration {
-    Registration {
-        endpoint: endpoint.into(),
-        tags: vec![],
-        version: None,
-        tools: vec![ToolSpec {
-            function: capability.into(),
-            capability: Capability::new(capability).unwrap(),
-            version: None,
-            tags: vec![],
-            description: None,
-            input_schema: None,
-        }],
-        dependencies: vec![],
-    }
-}
-
-fn consumer(deps: &[&str]) -> Registration {
-    Registration {
-        endpoint: "127.0.0.1:1".into(),
-        tags: vec![],
-        version: None,
-        tools: vec![],
-        dependencies: deps.iter().map(|d| d.parse().unwrap()).collect(),
-    }
-}
-
-fn instances_of(s: &Snapshot, capability: &str) -> Vec<String> {
-    let mut ids: Vec<String> = s
-        .endpoints
-        .iter()
-        .filter(|e| e.capability.as_str() == capability)
-        .map(|e| e.instance.clone())
-        .collect();
-    ids.sort();
-    ids
+/// The weather provider's proxy, `weather-1`, connected to `cp`.
+async fn weather_provider(cp: &ControlPlane) -> TestProxy {
+    connect(
+        cp,
+        "weather",
+        "weather-1",
+        provider("127.0.0.1:7001", "weather"),
+    )
+    .await
 }
 
 /// Every instance each replica lists: (proxy id, replica holding it), sorted.
@@ -130,20 +105,13 @@ async fn until_listed(cp: &ControlPlane, want: &[(String, String)], what: &str) 
     }
 }
 
-async fn connect(
-    cp: &ControlPlane,
-    agent: &str,
-    proxy_id: &str,
-    registration: Registration,
-) -> TestProxy {
-    let client = cp
-        .stream_client(cp.credential("default", agent).await.unwrap())
-        .unwrap();
-    let mut proxy = TestProxy::connect(&client, "default", agent, proxy_id, registration)
-        .await
-        .unwrap();
-    proxy.until(WAIT, "first snapshot", |_| true).await.unwrap();
-    proxy
+/// Polls `cond` every 50 ms until it holds; fails with `failure` once [`WAIT`] has passed.
+async fn eventually<F: Future<Output = bool>>(failure: &str, mut cond: impl FnMut() -> F) {
+    let deadline = Instant::now() + WAIT;
+    while !cond().await {
+        assert!(Instant::now() < deadline, "{failure}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -156,13 +124,7 @@ async fn a_change_made_through_either_replica_reaches_streams_on_the_other() {
     // A consumer on A, a provider on B: the consumer is served the provider.
     let mut planner = connect(a, "planner", "planner-1", consumer(&["weather"])).await;
     let started = Instant::now();
-    let weather = connect(
-        b,
-        "weather",
-        "weather-1",
-        provider("127.0.0.1:7001", "weather"),
-    )
-    .await;
+    let weather = weather_provider(b).await;
     planner
         .until(WAIT, "the provider on the other replica", |s| {
             s.endpoints
@@ -239,54 +201,21 @@ async fn a_change_made_through_either_replica_reaches_streams_on_the_other() {
 
     // An entity registered through B is trusted by A; its agent connects to A; revoked through
     // B, its stream on A is closed and every proxy is told.
-    let acme = Ca::generate("acme.example".parse().unwrap(), false).unwrap();
-    let _: Entity = b
-        .rest()
-        .unwrap()
-        .post(
-            "/v1/entities",
-            &EntityRequest {
-                name: "acme".into(),
-                trust_domain: "acme.example".parse().unwrap(),
-                ca_pem: acme.root_pem().into(),
-            },
-            Some(&token),
-        )
-        .await
-        .unwrap();
+    let acme = register_acme(b, &token).await;
     planner
         .until(WAIT, "acme trusted", |s| {
             s.trust.entities.iter().any(|e| e.name == "acme")
         })
         .await
         .unwrap();
-    let who: capmesh_certs::SpiffeId = "spiffe://acme.example/ns/default/agent/partner"
-        .parse()
-        .unwrap();
-    let key = WorkloadKey::generate().unwrap();
-    let issued = acme
-        .issue(
-            &key.csr_pem(&who).unwrap(),
-            &who,
-            Validity::for_ttl(Duration::from_secs(3600)),
-        )
-        .unwrap();
-    let partner_client = a
-        .stream_client(Credential::with_key(&issued.chain_pem, &key).unwrap())
-        .unwrap();
-    let mut partner = TestProxy::connect(
+    let partner_client = a.stream_client(partner_credential(&acme)).unwrap();
+    let mut partner = connect_on(
         &partner_client,
-        "default",
         "partner",
         "partner-1",
         provider("127.0.0.1:7002", "quotes"),
     )
-    .await
-    .unwrap();
-    partner
-        .until(WAIT, "partner's snapshot", |_| true)
-        .await
-        .unwrap();
+    .await;
     // B serves the partner's capability (its provide rule allows it) from A's stream.
     let quotes_on_b = || async {
         b.rest()
@@ -297,14 +226,7 @@ async fn a_change_made_through_either_replica_reaches_streams_on_the_other() {
             .iter()
             .any(|c| c.capability.as_str() == "quotes")
     };
-    let deadline = Instant::now() + WAIT;
-    while !quotes_on_b().await {
-        assert!(
-            Instant::now() < deadline,
-            "B never served the partner's capability"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("B never served the partner's capability", quotes_on_b).await;
     let _: Entity = b
         .rest()
         .unwrap()
@@ -325,25 +247,16 @@ async fn a_change_made_through_either_replica_reaches_streams_on_the_other() {
         })
         .await
         .unwrap();
-    let deadline = Instant::now() + WAIT;
-    while quotes_on_b().await {
-        assert!(
-            Instant::now() < deadline,
-            "B still serves the revoked partner's capability"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        "B still serves the revoked partner's capability",
+        || async { !quotes_on_b().await },
+    )
+    .await;
 
     // The provider's proxy reconnects to A while B still holds its old stream: the newer stream
     // wins, B closes the old one, and the instance is listed once, as A's.
     let mut weather = weather;
-    let _moved = connect(
-        a,
-        "weather",
-        "weather-1",
-        provider("127.0.0.1:7001", "weather"),
-    )
-    .await;
+    let _moved = weather_provider(a).await;
     let errors = weather.until_end(WAIT).await.unwrap();
     assert!(
         errors
@@ -397,13 +310,7 @@ async fn a_killed_replicas_instances_stay_until_their_proxies_reconnect_elsewher
     let mut mesh = mesh().await;
     let id_a = replica_id(&mesh.a).await;
     let mut planner = connect(&mesh.a, "planner", "planner-1", consumer(&["*"])).await;
-    let mut weather = connect(
-        &mesh.b,
-        "weather",
-        "weather-1",
-        provider("127.0.0.1:7001", "weather"),
-    )
-    .await;
+    let mut weather = weather_provider(&mesh.b).await;
     let flights = connect(
         &mesh.b,
         "flights",
@@ -424,13 +331,7 @@ async fn a_killed_replicas_instances_stay_until_their_proxies_reconnect_elsewher
     mesh.b.kill();
     let killed = Instant::now();
     assert!(weather.until_end(WAIT).await.is_ok());
-    let _weather_again = connect(
-        &mesh.a,
-        "weather",
-        "weather-1",
-        provider("127.0.0.1:7001", "weather"),
-    )
-    .await;
+    let _weather_again = weather_provider(&mesh.a).await;
     drop(flights);
 
     // weather never leaves the consumer's snapshot; flights leaves once B's lease lapsed and the
@@ -480,13 +381,7 @@ async fn while_postgres_is_down_changes_are_refused_and_streams_go_on() {
     let (a, b) = (&mesh.a, &mesh.b);
     let token = a.admin_token().unwrap();
     let mut planner = connect(a, "planner", "planner-1", consumer(&["*"])).await;
-    let weather = connect(
-        b,
-        "weather",
-        "weather-1",
-        provider("127.0.0.1:7001", "weather"),
-    )
-    .await;
+    let weather = weather_provider(b).await;
     planner
         .until(WAIT, "the provider", |s| {
             instances_of(s, "weather") == ["weather-1"]
@@ -541,17 +436,13 @@ async fn while_postgres_is_down_changes_are_refused_and_streams_go_on() {
 
     // Streams go on: a provider joins replica A and the consumer there is told at once;
     // the provider on B reports unhealthy (B cannot tell A yet).
-    let flights_client = a.stream_client(flights_cred).unwrap();
-    let mut flights = TestProxy::connect(
-        &flights_client,
-        "default",
+    let _flights = connect_on(
+        &a.stream_client(flights_cred).unwrap(),
         "flights",
         "flights-1",
         provider("127.0.0.1:7003", "flights"),
     )
-    .await
-    .unwrap();
-    flights.until(WAIT, "snapshot", |_| true).await.unwrap();
+    .await;
     planner
         .until(WAIT, "a provider that joined during the outage", |s| {
             instances_of(s, "flights") == ["flights-1"]

@@ -3,15 +3,19 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::time::Duration;
 
 use capmesh_api::rest::{Entity, EntityRequest, ErrorBody, TokenInfo};
-use capmesh_api::{Capability, Policy, ProxyFrame, Registration, Snapshot, ToolSpec};
-use capmesh_certs::{Ca, Credential, Validity, WorkloadKey};
+use capmesh_api::{Policy, ProxyFrame, Snapshot};
+use capmesh_certs::{Credential, WorkloadKey};
 use capmesh_client::ClientError;
 use capmesh_tests::{ControlPlane, TestProxy, spiffe};
-
-const WAIT: Duration = Duration::from_secs(10);
+use common::{
+    WAIT, connect, connect_on, consumer, endpoints_of, partner_credential, provider, register_acme,
+    stream_client,
+};
 
 async fn control_plane() -> ControlPlane {
     ControlPlane::start(
@@ -22,73 +26,28 @@ async fn control_plane() -> ControlPlane {
     .unwrap()
 }
 
-fn provider(endpoint: &str, capability: &str) -> Registration {
-    Registration {
-        endpoint: endpoint.into(),
-        tags: vec!["fast".parse().unwrap()],
-        version: Some("1.2.0".parse().unwrap()),
-        tools: vec![ToolSpec {
-            function: format!("fn_{capability}"),
-            capability: Capability::new(capability).unwrap(),
-            version: None,
-            tags: vec![],
-            description: Some(format!("provides {capability}")),
-            input_schema: Some(serde_json::json!({"type": "object"})),
-        }],
-        dependencies: vec![],
-    }
-}
-
-fn consumer(deps: &[&str]) -> Registration {
-    Registration {
-        endpoint: "127.0.0.1:1".into(),
-        tags: vec![],
-        version: None,
-        tools: vec![],
-        dependencies: deps.iter().map(|d| d.parse().unwrap()).collect(),
-    }
-}
-
+/// The weather endpoints in `s`.
 fn weather(s: &Snapshot) -> Vec<&capmesh_api::Endpoint> {
-    s.endpoints
-        .iter()
-        .filter(|e| e.capability.as_str() == "weather")
-        .collect()
+    endpoints_of(s, "weather")
 }
 
 #[tokio::test]
 async fn consumer_gets_snapshot_then_deltas_as_the_provider_comes_and_goes() {
     let cp = control_plane().await;
-    let planner = cp
-        .stream_client(cp.credential("default", "planner").await.unwrap())
-        .unwrap();
-    let mut consumer = TestProxy::connect(
-        &planner,
-        "default",
-        "planner",
-        "planner-1",
-        consumer(&["weather"]),
-    )
-    .await
-    .unwrap();
+    let mut consumer = connect(&cp, "planner", "planner-1", consumer(&["weather"])).await;
     consumer
         .until(WAIT, "first snapshot", |s| s.endpoints.is_empty())
         .await
         .unwrap();
 
     // The provider registers: the consumer learns its endpoint, healthy once it reports health.
-    let weather_client = cp
-        .stream_client(cp.credential("default", "weather").await.unwrap())
-        .unwrap();
-    let provider_proxy = TestProxy::connect(
-        &weather_client,
-        "default",
+    let provider_proxy = connect(
+        &cp,
         "weather",
         "weather-1",
         provider("127.0.0.1:15006", "weather"),
     )
-    .await
-    .unwrap();
+    .await;
     consumer
         .until(WAIT, "healthy weather endpoint", |s| {
             weather(s).iter().any(|e| e.healthy)
@@ -197,24 +156,8 @@ async fn goodbye_withdraws_at_once() {
     )
     .await
     .unwrap();
-    let planner = cp
-        .stream_client(cp.credential("default", "planner").await.unwrap())
-        .unwrap();
-    let mut consumer = TestProxy::connect(&planner, "default", "planner", "p-1", consumer(&["*"]))
-        .await
-        .unwrap();
-    let weather_client = cp
-        .stream_client(cp.credential("default", "weather").await.unwrap())
-        .unwrap();
-    let provider_proxy = TestProxy::connect(
-        &weather_client,
-        "default",
-        "weather",
-        "w-1",
-        provider("127.0.0.1:2", "weather"),
-    )
-    .await
-    .unwrap();
+    let mut consumer = connect(&cp, "planner", "p-1", consumer(&["*"])).await;
+    let provider_proxy = connect(&cp, "weather", "w-1", provider("127.0.0.1:2", "weather")).await;
     consumer
         .until(WAIT, "weather appears", |s| !weather(s).is_empty())
         .await
@@ -232,9 +175,7 @@ async fn goodbye_withdraws_at_once() {
 #[tokio::test]
 async fn hello_claiming_another_agent_is_refused() {
     let cp = control_plane().await;
-    let as_planner = cp
-        .stream_client(cp.credential("default", "planner").await.unwrap())
-        .unwrap();
+    let as_planner = stream_client(&cp, "planner").await;
     let err = TestProxy::connect(
         &as_planner,
         "default",
@@ -276,20 +217,7 @@ async fn revoking_an_entity_closes_its_streams_and_tells_everyone() {
 
     // An outside organisation's trust domain and CA, registered as an entity, and allowed by
     // a provide rule to offer "quotes".
-    let acme = Ca::generate("acme.example".parse().unwrap(), false).unwrap();
-    let entity: Entity = rest
-        .post(
-            "/v1/entities",
-            &EntityRequest {
-                name: "acme".into(),
-                trust_domain: "acme.example".parse().unwrap(),
-                ca_pem: acme.root_pem().into(),
-            },
-            Some(&token),
-        )
-        .await
-        .unwrap();
-    assert_eq!(entity.name, "acme");
+    let acme = register_acme(&cp, &token).await;
     let policy: Policy = serde_json::from_value(serde_json::json!({
         "provide": [{"capabilities": ["quotes"], "from": ["spiffe://acme.example/*"]}]
     }))
@@ -299,18 +227,7 @@ async fn revoking_an_entity_closes_its_streams_and_tells_everyone() {
         .await
         .unwrap();
 
-    let watcher_client = cp
-        .stream_client(cp.credential("default", "planner").await.unwrap())
-        .unwrap();
-    let mut watcher = TestProxy::connect(
-        &watcher_client,
-        "default",
-        "planner",
-        "p-1",
-        consumer(&["*"]),
-    )
-    .await
-    .unwrap();
+    let mut watcher = connect(&cp, "planner", "p-1", consumer(&["*"])).await;
     watcher
         .until(WAIT, "acme in the trust bundle", |s| {
             s.trust.entities.iter().any(|e| e.name == "acme")
@@ -319,32 +236,14 @@ async fn revoking_an_entity_closes_its_streams_and_tells_everyone() {
         .unwrap();
 
     // A partner agent whose certificate comes from acme's CA joins the mesh.
-    let who: capmesh_certs::SpiffeId = "spiffe://acme.example/ns/default/agent/partner"
-        .parse()
-        .unwrap();
-    let key = WorkloadKey::generate().unwrap();
-    let issued = acme
-        .issue(
-            &key.csr_pem(&who).unwrap(),
-            &who,
-            Validity::for_ttl(Duration::from_secs(3600)),
-        )
-        .unwrap();
-    let partner_cred = Credential::with_key(&issued.chain_pem, &key).unwrap();
-    let partner_client = cp.stream_client(partner_cred).unwrap();
-    let mut partner = TestProxy::connect(
+    let partner_client = cp.stream_client(partner_credential(&acme)).unwrap();
+    let mut partner = connect_on(
         &partner_client,
-        "default",
         "partner",
         "pa-1",
         provider("127.0.0.1:4", "quotes"),
     )
-    .await
-    .unwrap();
-    partner
-        .until(WAIT, "partner's snapshot", |_| true)
-        .await
-        .unwrap();
+    .await;
     watcher
         .until(WAIT, "partner's endpoint", |s| {
             s.endpoints
@@ -400,17 +299,9 @@ async fn revoking_an_entity_closes_its_streams_and_tells_everyone() {
 #[tokio::test]
 async fn a_bad_frame_closes_only_its_own_stream() {
     let cp = control_plane().await;
-    let planner = cp
-        .stream_client(cp.credential("default", "planner").await.unwrap())
-        .unwrap();
-    let mut good = TestProxy::connect(&planner, "default", "planner", "good", consumer(&["*"]))
-        .await
-        .unwrap();
-    good.until(WAIT, "snapshot", |_| true).await.unwrap();
-    let mut bad = TestProxy::connect(&planner, "default", "planner", "bad", consumer(&["*"]))
-        .await
-        .unwrap();
-    bad.until(WAIT, "snapshot", |_| true).await.unwrap();
+    let planner = stream_client(&cp, "planner").await;
+    let mut good = connect_on(&planner, "planner", "good", consumer(&["*"])).await;
+    let mut bad = connect_on(&planner, "planner", "bad", consumer(&["*"])).await;
 
     bad.tx
         .send_raw(bytes::Bytes::from_static(
@@ -425,18 +316,7 @@ async fn a_bad_frame_closes_only_its_own_stream() {
     );
 
     // The other stream is untouched: it still gets deltas.
-    let weather_client = cp
-        .stream_client(cp.credential("default", "weather").await.unwrap())
-        .unwrap();
-    let _p = TestProxy::connect(
-        &weather_client,
-        "default",
-        "weather",
-        "w-1",
-        provider("127.0.0.1:5", "weather"),
-    )
-    .await
-    .unwrap();
+    let _p = connect(&cp, "weather", "w-1", provider("127.0.0.1:5", "weather")).await;
     good.until(WAIT, "delta after the other stream's failure", |s| {
         !weather(s).is_empty()
     })
@@ -444,10 +324,7 @@ async fn a_bad_frame_closes_only_its_own_stream() {
     .unwrap();
 
     // An oversized frame: an error frame naming the limit, then the stream closes.
-    let mut big = TestProxy::connect(&planner, "default", "planner", "big", consumer(&["*"]))
-        .await
-        .unwrap();
-    big.until(WAIT, "snapshot", |_| true).await.unwrap();
+    let mut big = connect_on(&planner, "planner", "big", consumer(&["*"])).await;
     let huge = vec![b'x'; capmesh_api::MAX_FRAME_BYTES + 10];
     let _ = big.tx.send_raw(bytes::Bytes::from(huge)).await;
     let errors = big.until_end(WAIT).await.unwrap();
@@ -529,21 +406,7 @@ async fn rest_errors_are_json_with_the_right_status() {
 async fn restart_keeps_ca_entities_tokens_and_policies() {
     let mut cp = control_plane().await;
     let token = cp.admin_token().unwrap();
-    let acme = Ca::generate("acme.example".parse().unwrap(), false).unwrap();
-    let _: Entity = cp
-        .rest()
-        .unwrap()
-        .post(
-            "/v1/entities",
-            &EntityRequest {
-                name: "acme".into(),
-                trust_domain: "acme.example".parse().unwrap(),
-                ca_pem: acme.root_pem().into(),
-            },
-            Some(&token),
-        )
-        .await
-        .unwrap();
+    register_acme(&cp, &token).await;
     let bootstrap = cp.token("default", "weather-*").await.unwrap();
     let policy: Policy = serde_json::from_value(serde_json::json!({
         "default": "deny",
@@ -587,15 +450,13 @@ async fn restart_keeps_ca_entities_tokens_and_policies() {
         .await
         .unwrap();
     let cred = Credential::with_key(&resp.certificate_chain_pem, &key).unwrap();
-    let mut proxy = TestProxy::connect(
+    let mut proxy = connect_on(
         &cp.stream_client(cred).unwrap(),
-        "default",
         "weather-eu",
         "w-1",
         provider("127.0.0.1:6", "weather"),
     )
-    .await
-    .unwrap();
+    .await;
     proxy
         .until(WAIT, "stored policy in the snapshot", |s| {
             s.policy == policy
@@ -627,38 +488,19 @@ async fn a_restarted_control_plane_serves_known_instances_until_they_reconnect()
     )
     .await
     .unwrap();
-    let weather_client = cp
-        .stream_client(cp.credential("default", "weather").await.unwrap())
-        .unwrap();
     let planner_cred = cp.credential("default", "planner").await.unwrap();
-    let mut provider = TestProxy::connect(
-        &weather_client,
-        "default",
-        "weather",
-        "w-1",
-        provider("127.0.0.1:7", "weather"),
-    )
-    .await
-    .unwrap();
-    provider
-        .until(WAIT, "provider's snapshot", |_| true)
-        .await
-        .unwrap();
+    let _provider = connect(&cp, "weather", "w-1", provider("127.0.0.1:7", "weather")).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     cp.restart().await.unwrap();
     // The provider has not reconnected; a consumer that connects first still sees it.
-    let planner = cp.stream_client(planner_cred).unwrap();
-    let mut consumer = TestProxy::connect(
-        &planner,
-        "default",
+    let mut consumer = connect_on(
+        &cp.stream_client(planner_cred).unwrap(),
         "planner",
         "p-1",
         consumer(&["weather"]),
     )
-    .await
-    .unwrap();
-    consumer.until(WAIT, "snapshot", |_| true).await.unwrap();
+    .await;
     let first = consumer.snapshot.clone().unwrap();
     assert_eq!(
         weather(&first).len(),

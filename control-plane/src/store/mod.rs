@@ -20,7 +20,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use capmesh_api::rest::{Entity, Revocation, TokenInfo};
-use capmesh_api::{MeshSettings, Policy};
+use capmesh_api::{MeshSettings, Policy, TrustDomain};
 
 pub use postgres::PgStore;
 pub use seal::{Purpose, StoreKey};
@@ -91,6 +91,39 @@ impl StoreError {
     /// retry later), as opposed to a bad request or a bug.
     pub fn is_unavailable(&self) -> bool {
         matches!(self, StoreError::Unavailable { .. })
+    }
+
+    /// There is no CA (to change): [`StoreError::NotFound`] on the mesh CA.
+    pub(crate) fn no_ca() -> Self {
+        StoreError::NotFound {
+            what: "CA",
+            name: "mesh CA".into(),
+        }
+    }
+
+    /// Whether a statement was refused by a constraint that says the row exists already: any
+    /// constraint violation in SQLite, a unique violation (SQLSTATE 23505) in PostgreSQL.
+    fn is_duplicate(&self) -> bool {
+        match self {
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(f, _)) => {
+                f.code == rusqlite::ErrorCode::ConstraintViolation
+            }
+            StoreError::Postgres(m) => m.contains("SQLSTATE 23505"),
+            _ => false,
+        }
+    }
+}
+
+/// The result of an insert, with a refusal because the row exists already
+/// ([`StoreError::is_duplicate`]) reported as [`StoreError::Conflict`] on `what` `name`.
+pub(crate) fn or_conflict<T>(
+    result: Result<T, StoreError>,
+    what: &'static str,
+    name: impl FnOnce() -> String,
+) -> Result<T, StoreError> {
+    match result {
+        Err(e) if e.is_duplicate() => Err(StoreError::Conflict { what, name: name() }),
+        other => other,
     }
 }
 
@@ -390,6 +423,72 @@ impl Store for Backend {
     }
 }
 
+/// One result row of either backend, read by column index: what lets the tables' rows be
+/// read by one function each ([`entity_row`], [`revocation_row`], [`instance_row`]).
+pub(crate) trait Columns {
+    /// What reading a column fails with.
+    type Error;
+    /// Column `i` (from 0), converted to `T`.
+    fn column<T: ColumnValue>(&self, i: usize) -> Result<T, Self::Error>;
+}
+
+/// A column type both backends convert (text, integers, booleans, bytes, and their `Option`s).
+pub(crate) trait ColumnValue:
+    rusqlite::types::FromSql + for<'a> tokio_postgres::types::FromSql<'a>
+{
+}
+
+impl<T> ColumnValue for T where
+    T: rusqlite::types::FromSql + for<'a> tokio_postgres::types::FromSql<'a>
+{
+}
+
+/// The `entities` columns, in the order [`entity_row`] reads them.
+pub(crate) const ENTITY_COLUMNS: &str =
+    "name, ca_pem, fingerprint_sha256, created_unix, revoked_unix, trust_domain";
+
+/// The `revocations` columns, in the order [`revocation_row`] reads them.
+pub(crate) const REVOCATION_COLUMNS: &str = "id, identity, serial, reason, created_unix";
+
+/// The `instances` columns, in the order [`instance_row`] reads them.
+pub(crate) const INSTANCE_COLUMNS: &str = "proxy_id, record_json, owner, connected, started_ms";
+
+/// An entity from a row of [`ENTITY_COLUMNS`].
+pub(crate) fn entity_row<R: Columns>(r: &R) -> Result<Entity, R::Error> {
+    let trust_domain: Option<String> = r.column(5)?;
+    Ok(Entity {
+        name: r.column(0)?,
+        ca_pem: r.column(1)?,
+        fingerprint_sha256: r.column(2)?,
+        created_unix: r.column(3)?,
+        revoked_unix: r.column(4)?,
+        // An unreadable trust domain trusts nothing, like a missing one (fail closed).
+        trust_domain: trust_domain.and_then(|td| TrustDomain::new(td).ok()),
+    })
+}
+
+/// A revocation from a row of [`REVOCATION_COLUMNS`].
+pub(crate) fn revocation_row<R: Columns>(r: &R) -> Result<Revocation, R::Error> {
+    Ok(Revocation {
+        id: r.column(0)?,
+        identity: r.column(1)?,
+        serial: r.column(2)?,
+        reason: r.column(3)?,
+        created_unix: r.column(4)?,
+    })
+}
+
+/// An instance from a row of [`INSTANCE_COLUMNS`].
+pub(crate) fn instance_row<R: Columns>(r: &R) -> Result<StoredInstance, R::Error> {
+    Ok(StoredInstance {
+        proxy_id: r.column(0)?,
+        record_json: r.column(1)?,
+        owner: r.column(2)?,
+        connected: r.column(3)?,
+        started_ms: r.column(4)?,
+    })
+}
+
 /// Parses a stored JSON value, naming what it was on failure.
 pub(crate) fn from_json<T: serde::de::DeserializeOwned>(
     what: &'static str,
@@ -421,6 +520,11 @@ pub(crate) fn stored_settings(settings: &MeshSettings) -> Result<String, StoreEr
             ..settings.clone()
         },
     )
+}
+
+/// What a revocation is of, for messages: its identity, else its serial.
+pub(crate) fn revoked_subject(r: &Revocation) -> String {
+    r.identity.clone().or(r.serial.clone()).unwrap_or_default()
 }
 
 /// A token with one more use counted, or [`StoreError::Exhausted`].

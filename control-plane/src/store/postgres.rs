@@ -12,18 +12,22 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use capmesh_api::rest::{Entity, Revocation, TokenInfo};
-use capmesh_api::{MeshSettings, Policy, TrustDomain};
+use capmesh_api::{MeshSettings, Policy};
+use serde::de::DeserializeOwned;
 use tokio::sync::{Mutex, MutexGuard, mpsc};
 
 use super::follow::Followed;
 use tokio_postgres::config::{Host, SslMode};
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, GenericClient, NoTls, Row, Statement};
 
 use super::migrations::{self, Migration};
 use super::{
-    InstanceWrite, Store, StoreError, StoredCa, StoredInstance, StoredKey, StoredToken,
-    WriteOutcome, from_json, spend, stored_settings, to_json,
+    ColumnValue, Columns, ENTITY_COLUMNS, INSTANCE_COLUMNS, InstanceWrite, REVOCATION_COLUMNS,
+    Store, StoreError, StoredCa, StoredInstance, StoredKey, StoredToken, WriteOutcome, entity_row,
+    from_json, instance_row, or_conflict, revocation_row, revoked_subject, spend, stored_settings,
+    to_json,
 };
 
 /// The LISTEN/NOTIFY channel every replica of one store shares.
@@ -330,48 +334,12 @@ pub fn redact(url: &str) -> String {
     }
 }
 
-fn entity_row(r: &Row) -> Result<Entity, tokio_postgres::Error> {
-    let trust_domain: Option<String> = r.try_get(5)?;
-    Ok(Entity {
-        name: r.try_get(0)?,
-        ca_pem: r.try_get(1)?,
-        fingerprint_sha256: r.try_get(2)?,
-        created_unix: r.try_get(3)?,
-        revoked_unix: r.try_get(4)?,
-        // An unreadable trust domain trusts nothing, like a missing one (fail closed).
-        trust_domain: trust_domain.and_then(|td| TrustDomain::new(td).ok()),
-    })
-}
+impl Columns for Row {
+    type Error = tokio_postgres::Error;
 
-const ENTITY_COLUMNS: &str =
-    "name, ca_pem, fingerprint_sha256, created_unix, revoked_unix, trust_domain";
-
-fn revocation_row(r: &Row) -> Result<Revocation, tokio_postgres::Error> {
-    Ok(Revocation {
-        id: r.try_get(0)?,
-        identity: r.try_get(1)?,
-        serial: r.try_get(2)?,
-        reason: r.try_get(3)?,
-        created_unix: r.try_get(4)?,
-    })
-}
-
-const REVOCATION_COLUMNS: &str = "id, identity, serial, reason, created_unix";
-
-fn instance_row(r: &Row) -> Result<StoredInstance, tokio_postgres::Error> {
-    Ok(StoredInstance {
-        proxy_id: r.try_get(0)?,
-        record_json: r.try_get(1)?,
-        owner: r.try_get(2)?,
-        connected: r.try_get(3)?,
-        started_ms: r.try_get(4)?,
-    })
-}
-
-const INSTANCE_COLUMNS: &str = "proxy_id, record_json, owner, connected, started_ms";
-
-fn is_unique_violation(e: &StoreError) -> bool {
-    matches!(e, StoreError::Postgres(m) if m.contains("SQLSTATE 23505"))
+    fn column<T: ColumnValue>(&self, i: usize) -> Result<T, tokio_postgres::Error> {
+        self.try_get(i)
+    }
 }
 
 /// Runs `$body` (an async block using `$client: &mut Client`) on a pooled connection within
@@ -390,6 +358,114 @@ async fn notify(client: &impl GenericClient, payload: &str) -> Result<(), tokio_
         .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
         .await
         .map(|_| ())
+}
+
+impl PgStore {
+    /// Runs one statement that changes shared state, and NOTIFYs `kind` in the same
+    /// transaction, so the other replicas hear of it exactly when it commits.
+    async fn execute_and_notify(
+        &self,
+        kind: &str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<(), StoreError> {
+        let payload = self.payload(kind, None);
+        with_client!(self, |c| async {
+            let tx = c.transaction().await?;
+            tx.execute(sql, params).await?;
+            notify(&tx, &payload).await?;
+            tx.commit().await
+        })
+    }
+
+    /// Runs one statement that changes at most one row of shared state and returns it; NOTIFYs
+    /// `kind` in the same transaction when it did change one. The row, if any.
+    async fn change_one_and_notify(
+        &self,
+        kind: &str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, StoreError> {
+        let payload = self.payload(kind, None);
+        with_client!(self, |c| async {
+            let tx = c.transaction().await?;
+            let row = tx.query_opt(sql, params).await?;
+            if row.is_some() {
+                notify(&tx, &payload).await?;
+            }
+            tx.commit().await?;
+            Ok(row)
+        })
+    }
+
+    /// Every row `sql` selects, each read by `read`; a row that does not read is `what`, corrupt.
+    async fn all<T>(
+        &self,
+        what: &'static str,
+        sql: &str,
+        read: impl Fn(&Row) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<Vec<T>, StoreError> {
+        let rows = with_client!(self, |c| c.query(sql, &[]))?;
+        read_all(what, &rows, read)
+    }
+
+    /// The JSON value in column 0 of the one row `sql` selects (a table of one row, `id = 1`),
+    /// parsed as `what`; `None` when there is no row.
+    async fn singleton_json<T: DeserializeOwned>(
+        &self,
+        what: &'static str,
+        sql: &str,
+    ) -> Result<Option<T>, StoreError> {
+        let row = with_client!(self, |c| c.query_opt(sql, &[]))?;
+        match row {
+            None => Ok(None),
+            Some(row) => {
+                let json: String = row.try_get(0).map_err(corrupt(what))?;
+                from_json(what, &json).map(Some)
+            }
+        }
+    }
+
+    /// Reads token `id` (its row locked meanwhile, so two replicas cannot both change it from
+    /// the same state), changes it with `change` and writes it back, in one transaction;
+    /// returns it as it is now.
+    async fn update_token(
+        &self,
+        id: &str,
+        change: impl FnOnce(StoredToken) -> Result<StoredToken, StoreError> + Send,
+    ) -> Result<TokenInfo, StoreError> {
+        let done = with_client!(self, |c| async {
+            let tx = c.transaction().await?;
+            let row = tx
+                .query_opt(
+                    "SELECT info_json, secret_sha256 FROM tokens WHERE id = $1 FOR UPDATE",
+                    &[&id],
+                )
+                .await?;
+            let Some(row) = row else {
+                return Ok(Ok(None));
+            };
+            let token = match token_from_row(&row).and_then(change) {
+                Ok(t) => t,
+                Err(e) => return Ok(Err(e)),
+            };
+            let info_json = match to_json("token", &token.info) {
+                Ok(j) => j,
+                Err(e) => return Ok(Err(e)),
+            };
+            tx.execute(
+                "UPDATE tokens SET info_json = $2 WHERE id = $1",
+                &[&id, &info_json],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(Ok(Some(token.info)))
+        })??;
+        done.ok_or_else(|| StoreError::NotFound {
+            what: "token",
+            name: id.to_owned(),
+        })
+    }
 }
 
 /// Takes an instance over (unless a newer stream holds it), and announces it when it did.
@@ -494,47 +570,35 @@ impl Store for PgStore {
                     .into(),
             ));
         };
-        let result = with_client!(self, |c| c.execute(
+        let inserted = with_client!(self, |c| c.execute(
             "INSERT INTO ca (id, cert_pem, key_sealed, root_pem) VALUES (1, $1, $2, $3)",
             &[&ca.cert_pem, sealed, &ca.root_pem]
         ));
-        match result {
-            Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict {
-                what: "CA",
-                name: "mesh CA".into(),
-            }),
-            other => other.map(|_| ()),
-        }
+        or_conflict(inserted, "CA", || "mesh CA".into()).map(|_| ())
     }
 
     async fn seal_ca_key(&self, sealed: &[u8]) -> Result<(), StoreError> {
         let changed = with_client!(self, |c| c
             .execute("UPDATE ca SET key_sealed = $1 WHERE id = 1", &[&sealed]))?;
         if changed == 0 {
-            return Err(StoreError::NotFound {
-                what: "CA",
-                name: "mesh CA".into(),
-            });
+            return Err(StoreError::no_ca());
         }
         Ok(())
     }
 
     async fn entities(&self) -> Result<Vec<Entity>, StoreError> {
-        let rows = with_client!(self, |c| c.query(
+        self.all(
+            "entity",
             &format!("SELECT {ENTITY_COLUMNS} FROM entities ORDER BY created_unix, name"),
-            &[]
-        ))?;
-        rows.iter()
-            .map(entity_row)
-            .collect::<Result<_, _>>()
-            .map_err(corrupt("entity"))
+            entity_row,
+        )
+        .await
     }
 
     async fn insert_entity(&self, e: &Entity) -> Result<(), StoreError> {
-        let payload = self.payload("entities", None);
-        let result = with_client!(self, |c| async {
-            let tx = c.transaction().await?;
-            tx.execute(
+        let inserted = self
+            .execute_and_notify(
+                "entities",
                 &format!("INSERT INTO entities ({ENTITY_COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6)"),
                 &[
                     &e.name,
@@ -545,38 +609,21 @@ impl Store for PgStore {
                     &e.trust_domain.as_ref().map(|td| td.as_str()),
                 ],
             )
-            .await?;
-            notify(&tx, &payload).await?;
-            tx.commit().await
-        });
-        match result {
-            Err(err) if is_unique_violation(&err) => Err(StoreError::Conflict {
-                what: "entity",
-                name: e.name.clone(),
-            }),
-            other => other,
-        }
+            .await;
+        or_conflict(inserted, "entity", || e.name.clone())
     }
 
     async fn revoke_entity(&self, name: &str, when_unix: i64) -> Result<Entity, StoreError> {
-        let payload = self.payload("entities", None);
-        let row = with_client!(self, |c| async {
-            let tx = c.transaction().await?;
-            let row = tx
-                .query_opt(
-                    &format!(
-                        "UPDATE entities SET revoked_unix = COALESCE(revoked_unix, $2)
-                         WHERE name = $1 RETURNING {ENTITY_COLUMNS}"
-                    ),
-                    &[&name, &when_unix],
-                )
-                .await?;
-            if row.is_some() {
-                notify(&tx, &payload).await?;
-            }
-            tx.commit().await?;
-            Ok(row)
-        })?;
+        let row = self
+            .change_one_and_notify(
+                "entities",
+                &format!(
+                    "UPDATE entities SET revoked_unix = COALESCE(revoked_unix, $2)
+                     WHERE name = $1 RETURNING {ENTITY_COLUMNS}"
+                ),
+                &[&name, &when_unix],
+            )
+            .await?;
         let row = row.ok_or_else(|| StoreError::NotFound {
             what: "entity",
             name: name.to_owned(),
@@ -602,142 +649,56 @@ impl Store for PgStore {
 
     async fn insert_token(&self, t: &StoredToken) -> Result<(), StoreError> {
         let info_json = to_json("token", &t.info)?;
-        let result = with_client!(self, |c| c.execute(
+        let inserted = with_client!(self, |c| c.execute(
             "INSERT INTO tokens (id, info_json, secret_sha256) VALUES ($1, $2, $3)",
             &[&t.info.id, &info_json, &t.secret_sha256]
         ));
-        match result {
-            Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict {
-                what: "token",
-                name: t.info.id.clone(),
-            }),
-            other => other.map(|_| ()),
-        }
+        or_conflict(inserted, "token", || t.info.id.clone()).map(|_| ())
     }
 
     async fn revoke_token(&self, id: &str) -> Result<TokenInfo, StoreError> {
-        // Read, change and write in one transaction, the row locked meanwhile.
-        let done = with_client!(self, |c| async {
-            let tx = c.transaction().await?;
-            let row = tx
-                .query_opt(
-                    "SELECT info_json, secret_sha256 FROM tokens WHERE id = $1 FOR UPDATE",
-                    &[&id],
-                )
-                .await?;
-            let Some(row) = row else {
-                return Ok(Ok(None));
-            };
-            let mut token = match token_from_row(&row) {
-                Ok(t) => t,
-                Err(e) => return Ok(Err(e)),
-            };
+        self.update_token(id, |mut token| {
             token.info.revoked = true;
-            let info_json = match to_json("token", &token.info) {
-                Ok(j) => j,
-                Err(e) => return Ok(Err(e)),
-            };
-            tx.execute(
-                "UPDATE tokens SET info_json = $2 WHERE id = $1",
-                &[&id, &info_json],
-            )
-            .await?;
-            tx.commit().await?;
-            Ok(Ok(Some(token.info)))
-        })??;
-        done.ok_or_else(|| StoreError::NotFound {
-            what: "token",
-            name: id.to_owned(),
+            Ok(token)
         })
+        .await
     }
 
     async fn use_token(&self, id: &str) -> Result<TokenInfo, StoreError> {
         // The row is locked while its use is counted: two replicas cannot both spend the last.
-        let done = with_client!(self, |c| async {
-            let tx = c.transaction().await?;
-            let row = tx
-                .query_opt(
-                    "SELECT info_json, secret_sha256 FROM tokens WHERE id = $1 FOR UPDATE",
-                    &[&id],
-                )
-                .await?;
-            let Some(row) = row else {
-                return Ok(Ok(None));
-            };
-            let token = match token_from_row(&row).and_then(|t| spend(t, id)) {
-                Ok(t) => t,
-                Err(e) => return Ok(Err(e)),
-            };
-            let info_json = match to_json("token", &token.info) {
-                Ok(j) => j,
-                Err(e) => return Ok(Err(e)),
-            };
-            tx.execute(
-                "UPDATE tokens SET info_json = $2 WHERE id = $1",
-                &[&id, &info_json],
-            )
-            .await?;
-            tx.commit().await?;
-            Ok(Ok(Some(token.info)))
-        })??;
-        done.ok_or_else(|| StoreError::NotFound {
-            what: "token",
-            name: id.to_owned(),
-        })
+        self.update_token(id, |token| spend(token, id)).await
     }
 
     async fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
-        let rows = with_client!(self, |c| c.query(
+        self.all(
+            "revocation",
             &format!("SELECT {REVOCATION_COLUMNS} FROM revocations ORDER BY created_unix, id"),
-            &[]
-        ))?;
-        rows.iter()
-            .map(revocation_row)
-            .collect::<Result<_, _>>()
-            .map_err(corrupt("revocation"))
+            revocation_row,
+        )
+        .await
     }
 
     async fn insert_revocation(&self, r: &Revocation) -> Result<(), StoreError> {
-        let payload = self.payload("revocations", None);
-        let result = with_client!(self, |c| async {
-            let tx = c.transaction().await?;
-            tx.execute(
+        let inserted = self
+            .execute_and_notify(
+                "revocations",
                 &format!(
                     "INSERT INTO revocations ({REVOCATION_COLUMNS}) VALUES ($1, $2, $3, $4, $5)"
                 ),
                 &[&r.id, &r.identity, &r.serial, &r.reason, &r.created_unix],
             )
-            .await?;
-            notify(&tx, &payload).await?;
-            tx.commit().await
-        });
-        match result {
-            Err(e) if is_unique_violation(&e) => Err(StoreError::Conflict {
-                what: "revocation of",
-                name: r.identity.clone().or(r.serial.clone()).unwrap_or_default(),
-            }),
-            other => other,
-        }
+            .await;
+        or_conflict(inserted, "revocation of", || revoked_subject(r))
     }
 
     async fn remove_revocation(&self, id: &str) -> Result<Revocation, StoreError> {
-        let payload = self.payload("revocations", None);
-        let row = with_client!(self, |c| async {
-            let tx = c.transaction().await?;
-            let row = tx
-                .query_opt(
-                    &format!(
-                        "DELETE FROM revocations WHERE id = $1 RETURNING {REVOCATION_COLUMNS}"
-                    ),
-                    &[&id],
-                )
-                .await?;
-            if row.is_some() {
-                notify(&tx, &payload).await?;
-            }
-            tx.commit().await?;
-            Ok(row)
-        })?;
+        let row = self
+            .change_one_and_notify(
+                "revocations",
+                &format!("DELETE FROM revocations WHERE id = $1 RETURNING {REVOCATION_COLUMNS}"),
+                &[&id],
+            )
+            .await?;
         let row = row.ok_or_else(|| StoreError::NotFound {
             what: "revocation",
             name: id.to_owned(),
@@ -746,59 +707,38 @@ impl Store for PgStore {
     }
 
     async fn policy(&self) -> Result<Option<Policy>, StoreError> {
-        let row = with_client!(self, |c| c
-            .query_opt("SELECT policy_json FROM policy WHERE id = 1", &[]))?;
-        match row {
-            None => Ok(None),
-            Some(row) => {
-                let json: String = row.try_get(0).map_err(corrupt("policy"))?;
-                from_json("policy", &json).map(Some)
-            }
-        }
+        self.singleton_json("policy", "SELECT policy_json FROM policy WHERE id = 1")
+            .await
     }
 
     async fn set_policy(&self, policy: &Policy) -> Result<(), StoreError> {
         let json = to_json("policy", policy)?;
-        let payload = self.payload("policy", None);
-        with_client!(self, |c| async {
-            let tx = c.transaction().await?;
-            tx.execute(
-                "INSERT INTO policy (id, policy_json) VALUES (1, $1)
-                 ON CONFLICT (id) DO UPDATE SET policy_json = EXCLUDED.policy_json",
-                &[&json],
-            )
-            .await?;
-            notify(&tx, &payload).await?;
-            tx.commit().await
-        })
+        self.execute_and_notify(
+            "policy",
+            "INSERT INTO policy (id, policy_json) VALUES (1, $1)
+             ON CONFLICT (id) DO UPDATE SET policy_json = EXCLUDED.policy_json",
+            &[&json],
+        )
+        .await
     }
 
     async fn settings(&self) -> Result<Option<MeshSettings>, StoreError> {
-        let row = with_client!(self, |c| c
-            .query_opt("SELECT settings_json FROM settings WHERE id = 1", &[]))?;
-        match row {
-            None => Ok(None),
-            Some(row) => {
-                let json: String = row.try_get(0).map_err(corrupt("settings"))?;
-                from_json("settings", &json).map(Some)
-            }
-        }
+        self.singleton_json(
+            "settings",
+            "SELECT settings_json FROM settings WHERE id = 1",
+        )
+        .await
     }
 
     async fn set_settings(&self, settings: &MeshSettings) -> Result<(), StoreError> {
         let json = stored_settings(settings)?;
-        let payload = self.payload("settings", None);
-        with_client!(self, |c| async {
-            let tx = c.transaction().await?;
-            tx.execute(
-                "INSERT INTO settings (id, settings_json) VALUES (1, $1)
-                 ON CONFLICT (id) DO UPDATE SET settings_json = EXCLUDED.settings_json",
-                &[&json],
-            )
-            .await?;
-            notify(&tx, &payload).await?;
-            tx.commit().await
-        })
+        self.execute_and_notify(
+            "settings",
+            "INSERT INTO settings (id, settings_json) VALUES (1, $1)
+             ON CONFLICT (id) DO UPDATE SET settings_json = EXCLUDED.settings_json",
+            &[&json],
+        )
+        .await
     }
 
     async fn session_key_or_insert(&self, fresh: &[u8]) -> Result<Vec<u8>, StoreError> {
@@ -815,11 +755,12 @@ impl Store for PgStore {
     }
 
     async fn instances(&self) -> Result<Vec<StoredInstance>, StoreError> {
-        let rows = with_client!(self, |c| c.query(
+        self.all(
+            "instance",
             &format!("SELECT {INSTANCE_COLUMNS} FROM instances ORDER BY proxy_id"),
-            &[]
-        ))?;
-        instances_from(&rows)
+            instance_row,
+        )
+        .await
     }
 
     async fn instances_by_id(&self, ids: &[String]) -> Result<Vec<StoredInstance>, StoreError> {
@@ -833,7 +774,7 @@ impl Store for PgStore {
             conn.client.query(&select, &[&ids]).await
         })
         .await;
-        instances_from(&self.finish(slot, result)?)
+        read_all("instance", &self.finish(slot, result)?, instance_row)
     }
 
     async fn write_instances(
@@ -883,10 +824,7 @@ impl Store for PgStore {
             )
             .await
         })?;
-        rows.iter()
-            .map(|r| r.try_get(0))
-            .collect::<Result<_, _>>()
-            .map_err(corrupt("replica"))
+        read_all("replica", &rows, |r| r.try_get(0))
     }
 }
 
@@ -898,6 +836,18 @@ fn corrupt(what: &'static str) -> impl Fn(tokio_postgres::Error) -> StoreError +
     }
 }
 
+/// Every row read by `read`; a row that does not read is a corrupt `what`.
+fn read_all<T>(
+    what: &'static str,
+    rows: &[Row],
+    read: impl Fn(&Row) -> Result<T, tokio_postgres::Error>,
+) -> Result<Vec<T>, StoreError> {
+    rows.iter()
+        .map(read)
+        .collect::<Result<_, _>>()
+        .map_err(corrupt(what))
+}
+
 fn token_from_row(row: &Row) -> Result<StoredToken, StoreError> {
     let corrupt = corrupt("token");
     let info_json: String = row.try_get(0).map_err(corrupt)?;
@@ -905,13 +855,6 @@ fn token_from_row(row: &Row) -> Result<StoredToken, StoreError> {
         info: from_json("token", &info_json)?,
         secret_sha256: row.try_get(1).map_err(corrupt)?,
     })
-}
-
-fn instances_from(rows: &[Row]) -> Result<Vec<StoredInstance>, StoreError> {
-    rows.iter()
-        .map(instance_row)
-        .collect::<Result<_, _>>()
-        .map_err(corrupt("instance"))
 }
 
 #[cfg(test)]

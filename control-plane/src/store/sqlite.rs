@@ -8,13 +8,16 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use capmesh_api::rest::{Entity, Revocation, TokenInfo};
-use capmesh_api::{MeshSettings, Policy, TrustDomain};
+use capmesh_api::{MeshSettings, Policy};
 use rusqlite::{Connection, OptionalExtension, Transaction, params};
+use serde::de::DeserializeOwned;
 
 use super::migrations::{self, Migration};
 use super::{
-    InstanceWrite, Store, StoreError, StoredCa, StoredInstance, StoredKey, StoredToken,
-    WriteOutcome, from_json, spend, stored_settings, to_json,
+    ColumnValue, Columns, ENTITY_COLUMNS, INSTANCE_COLUMNS, InstanceWrite, REVOCATION_COLUMNS,
+    Store, StoreError, StoredCa, StoredInstance, StoredKey, StoredToken, WriteOutcome, entity_row,
+    from_json, instance_row, or_conflict, revocation_row, revoked_subject, spend, stored_settings,
+    to_json,
 };
 
 /// SQLite in the data dir.
@@ -49,6 +52,63 @@ impl SqliteStore {
         // transactions keep the data consistent, so carry on.
         let mut conn = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         f(&mut conn)
+    }
+
+    /// Runs one statement on its own; returns how many rows it changed.
+    fn execute(&self, sql: &str, params: impl rusqlite::Params) -> Result<usize, StoreError> {
+        self.with(|c| Ok(c.execute(sql, params)?))
+    }
+
+    /// The JSON value in column 0 of the one row `sql` selects (a table of one row, `id = 1`),
+    /// parsed as `what`; `None` when there is no row.
+    fn singleton_json<T: DeserializeOwned>(
+        &self,
+        what: &'static str,
+        sql: &str,
+    ) -> Result<Option<T>, StoreError> {
+        self.with(|c| {
+            let json: Option<String> = c.query_row(sql, [], |r| r.get(0)).optional()?;
+            json.map(|j| from_json(what, &j)).transpose()
+        })
+    }
+
+    /// Reads token `id`, changes it with `change` and writes it back, in one transaction;
+    /// returns it as it is now.
+    fn update_token(
+        &self,
+        id: &str,
+        change: impl FnOnce(StoredToken) -> Result<StoredToken, StoreError>,
+    ) -> Result<TokenInfo, StoreError> {
+        self.with(|c| {
+            let tx = c.transaction()?;
+            let row = tx
+                .query_row(
+                    "SELECT info_json, secret_sha256 FROM tokens WHERE id = ?1",
+                    params![id],
+                    token_row,
+                )
+                .optional()?
+                .ok_or_else(|| StoreError::NotFound {
+                    what: "token",
+                    name: id.to_owned(),
+                })?;
+            let token = change(parse_token(row)?)?;
+            let info_json = to_json("token", &token.info)?;
+            tx.execute(
+                "UPDATE tokens SET info_json = ?2 WHERE id = ?1",
+                params![id, info_json],
+            )?;
+            tx.commit()?;
+            Ok(token.info)
+        })
+    }
+}
+
+impl Columns for rusqlite::Row<'_> {
+    type Error = rusqlite::Error;
+
+    fn column<T: ColumnValue>(&self, i: usize) -> rusqlite::Result<T> {
+        self.get(i)
     }
 }
 
@@ -86,34 +146,6 @@ fn migrate(conn: &mut Connection, list: &[Migration]) -> Result<(), StoreError> 
     Ok(())
 }
 
-fn entity_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Entity> {
-    let trust_domain: Option<String> = row.get(5)?;
-    Ok(Entity {
-        name: row.get(0)?,
-        ca_pem: row.get(1)?,
-        fingerprint_sha256: row.get(2)?,
-        created_unix: row.get(3)?,
-        revoked_unix: row.get(4)?,
-        // An unreadable trust domain trusts nothing, like a missing one (fail closed).
-        trust_domain: trust_domain.and_then(|td| TrustDomain::new(td).ok()),
-    })
-}
-
-const ENTITY_COLUMNS: &str =
-    "name, ca_pem, fingerprint_sha256, created_unix, revoked_unix, trust_domain";
-
-const REVOCATION_COLUMNS: &str = "id, identity, serial, reason, created_unix";
-
-fn revocation_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<Revocation> {
-    Ok(Revocation {
-        id: row.get(0)?,
-        identity: row.get(1)?,
-        serial: row.get(2)?,
-        reason: row.get(3)?,
-        created_unix: row.get(4)?,
-    })
-}
-
 fn token_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(String, String)> {
     Ok((row.get(0)?, row.get(1)?))
 }
@@ -123,25 +155,6 @@ fn parse_token((info_json, secret_sha256): (String, String)) -> Result<StoredTok
         info: from_json("token", &info_json)?,
         secret_sha256,
     })
-}
-
-fn instance_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredInstance> {
-    Ok(StoredInstance {
-        proxy_id: row.get(0)?,
-        record_json: row.get(1)?,
-        owner: row.get(2)?,
-        connected: row.get(3)?,
-        started_ms: row.get(4)?,
-    })
-}
-
-const INSTANCE_COLUMNS: &str = "proxy_id, record_json, owner, connected, started_ms";
-
-fn is_unique_violation(e: &rusqlite::Error) -> bool {
-    matches!(
-        e,
-        rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation
-    )
 }
 
 /// Applied when a row changed; otherwise whether the row exists (owned by someone else) or not.
@@ -208,39 +221,22 @@ impl Store for SqliteStore {
             StoredKey::Plain(pem) => (pem.as_str(), None),
             StoredKey::Sealed(bytes) => ("", Some(bytes.as_slice())),
         };
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO ca (id, cert_pem, key_pem, key_sealed, root_pem) VALUES (1, ?1, ?2, ?3, ?4)",
-                params![ca.cert_pem, plain, sealed, ca.root_pem],
-            )
-            .map_err(|e| {
-                if is_unique_violation(&e) {
-                    StoreError::Conflict {
-                        what: "CA",
-                        name: "mesh CA".into(),
-                    }
-                } else {
-                    e.into()
-                }
-            })?;
-            Ok(())
-        })
+        let inserted = self.execute(
+            "INSERT INTO ca (id, cert_pem, key_pem, key_sealed, root_pem) VALUES (1, ?1, ?2, ?3, ?4)",
+            params![ca.cert_pem, plain, sealed, ca.root_pem],
+        );
+        or_conflict(inserted, "CA", || "mesh CA".into()).map(|_| ())
     }
 
     async fn seal_ca_key(&self, sealed: &[u8]) -> Result<(), StoreError> {
-        self.with(|c| {
-            let changed = c.execute(
-                "UPDATE ca SET key_pem = '', key_sealed = ?1 WHERE id = 1",
-                params![sealed],
-            )?;
-            if changed == 0 {
-                return Err(StoreError::NotFound {
-                    what: "CA",
-                    name: "mesh CA".into(),
-                });
-            }
-            Ok(())
-        })
+        let changed = self.execute(
+            "UPDATE ca SET key_pem = '', key_sealed = ?1 WHERE id = 1",
+            params![sealed],
+        )?;
+        if changed == 0 {
+            return Err(StoreError::no_ca());
+        }
+        Ok(())
     }
 
     async fn entities(&self) -> Result<Vec<Entity>, StoreError> {
@@ -248,36 +244,24 @@ impl Store for SqliteStore {
             Ok(all(
                 c,
                 &format!("SELECT {ENTITY_COLUMNS} FROM entities ORDER BY created_unix, name"),
-                entity_row,
+                |r| entity_row(r),
             )?)
         })
     }
 
     async fn insert_entity(&self, e: &Entity) -> Result<(), StoreError> {
-        self.with(|c| {
-            c.execute(
-                &format!("INSERT INTO entities ({ENTITY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
-                params![
-                    e.name,
-                    e.ca_pem,
-                    e.fingerprint_sha256,
-                    e.created_unix,
-                    e.revoked_unix,
-                    e.trust_domain.as_ref().map(|td| td.as_str())
-                ],
-            )
-            .map_err(|err| {
-                if is_unique_violation(&err) {
-                    StoreError::Conflict {
-                        what: "entity",
-                        name: e.name.clone(),
-                    }
-                } else {
-                    err.into()
-                }
-            })?;
-            Ok(())
-        })
+        let inserted = self.execute(
+            &format!("INSERT INTO entities ({ENTITY_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"),
+            params![
+                e.name,
+                e.ca_pem,
+                e.fingerprint_sha256,
+                e.created_unix,
+                e.revoked_unix,
+                e.trust_domain.as_ref().map(|td| td.as_str())
+            ],
+        );
+        or_conflict(inserted, "entity", || e.name.clone()).map(|_| ())
     }
 
     async fn revoke_entity(&self, name: &str, when_unix: i64) -> Result<Entity, StoreError> {
@@ -291,7 +275,7 @@ impl Store for SqliteStore {
                 .query_row(
                     &format!("SELECT {ENTITY_COLUMNS} FROM entities WHERE name = ?1"),
                     params![name],
-                    entity_row,
+                    |r| entity_row(r),
                 )
                 .optional()?
                 .ok_or_else(|| StoreError::NotFound {
@@ -329,75 +313,23 @@ impl Store for SqliteStore {
 
     async fn insert_token(&self, t: &StoredToken) -> Result<(), StoreError> {
         let info_json = to_json("token", &t.info)?;
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO tokens (id, info_json, secret_sha256, created_seq)
-                 VALUES (?1, ?2, ?3, (SELECT COALESCE(MAX(created_seq), 0) + 1 FROM tokens))",
-                params![t.info.id, info_json, t.secret_sha256],
-            )
-            .map_err(|err| {
-                if is_unique_violation(&err) {
-                    StoreError::Conflict {
-                        what: "token",
-                        name: t.info.id.clone(),
-                    }
-                } else {
-                    err.into()
-                }
-            })?;
-            Ok(())
-        })
+        let inserted = self.execute(
+            "INSERT INTO tokens (id, info_json, secret_sha256, created_seq)
+             VALUES (?1, ?2, ?3, (SELECT COALESCE(MAX(created_seq), 0) + 1 FROM tokens))",
+            params![t.info.id, info_json, t.secret_sha256],
+        );
+        or_conflict(inserted, "token", || t.info.id.clone()).map(|_| ())
     }
 
     async fn revoke_token(&self, id: &str) -> Result<TokenInfo, StoreError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            let row = tx
-                .query_row(
-                    "SELECT info_json, secret_sha256 FROM tokens WHERE id = ?1",
-                    params![id],
-                    token_row,
-                )
-                .optional()?
-                .ok_or_else(|| StoreError::NotFound {
-                    what: "token",
-                    name: id.to_owned(),
-                })?;
-            let mut token = parse_token(row)?;
+        self.update_token(id, |mut token| {
             token.info.revoked = true;
-            let info_json = to_json("token", &token.info)?;
-            tx.execute(
-                "UPDATE tokens SET info_json = ?2 WHERE id = ?1",
-                params![id, info_json],
-            )?;
-            tx.commit()?;
-            Ok(token.info)
+            Ok(token)
         })
     }
 
     async fn use_token(&self, id: &str) -> Result<TokenInfo, StoreError> {
-        self.with(|c| {
-            let tx = c.transaction()?;
-            let row = tx
-                .query_row(
-                    "SELECT info_json, secret_sha256 FROM tokens WHERE id = ?1",
-                    params![id],
-                    token_row,
-                )
-                .optional()?
-                .ok_or_else(|| StoreError::NotFound {
-                    what: "token",
-                    name: id.to_owned(),
-                })?;
-            let token = spend(parse_token(row)?, id)?;
-            let info_json = to_json("token", &token.info)?;
-            tx.execute(
-                "UPDATE tokens SET info_json = ?2 WHERE id = ?1",
-                params![id, info_json],
-            )?;
-            tx.commit()?;
-            Ok(token.info)
-        })
+        self.update_token(id, |token| spend(token, id))
     }
 
     async fn revocations(&self) -> Result<Vec<Revocation>, StoreError> {
@@ -405,31 +337,17 @@ impl Store for SqliteStore {
             Ok(all(
                 c,
                 &format!("SELECT {REVOCATION_COLUMNS} FROM revocations ORDER BY created_unix, id"),
-                revocation_row,
+                |r| revocation_row(r),
             )?)
         })
     }
 
     async fn insert_revocation(&self, r: &Revocation) -> Result<(), StoreError> {
-        self.with(|c| {
-            c.execute(
-                &format!(
-                    "INSERT INTO revocations ({REVOCATION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"
-                ),
-                params![r.id, r.identity, r.serial, r.reason, r.created_unix],
-            )
-            .map_err(|err| {
-                if is_unique_violation(&err) {
-                    StoreError::Conflict {
-                        what: "revocation of",
-                        name: r.identity.clone().or(r.serial.clone()).unwrap_or_default(),
-                    }
-                } else {
-                    err.into()
-                }
-            })?;
-            Ok(())
-        })
+        let inserted = self.execute(
+            &format!("INSERT INTO revocations ({REVOCATION_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5)"),
+            params![r.id, r.identity, r.serial, r.reason, r.created_unix],
+        );
+        or_conflict(inserted, "revocation of", || revoked_subject(r)).map(|_| ())
     }
 
     async fn remove_revocation(&self, id: &str) -> Result<Revocation, StoreError> {
@@ -439,7 +357,7 @@ impl Store for SqliteStore {
                 .query_row(
                     &format!("SELECT {REVOCATION_COLUMNS} FROM revocations WHERE id = ?1"),
                     params![id],
-                    revocation_row,
+                    |r| revocation_row(r),
                 )
                 .optional()?
                 .ok_or_else(|| StoreError::NotFound {
@@ -453,49 +371,34 @@ impl Store for SqliteStore {
     }
 
     async fn policy(&self) -> Result<Option<Policy>, StoreError> {
-        self.with(|c| {
-            let json: Option<String> = c
-                .query_row("SELECT policy_json FROM policy WHERE id = 1", [], |r| {
-                    r.get(0)
-                })
-                .optional()?;
-            json.map(|j| from_json("policy", &j)).transpose()
-        })
+        self.singleton_json("policy", "SELECT policy_json FROM policy WHERE id = 1")
     }
 
     async fn set_policy(&self, policy: &Policy) -> Result<(), StoreError> {
         let json = to_json("policy", policy)?;
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO policy (id, policy_json) VALUES (1, ?1)
-                 ON CONFLICT(id) DO UPDATE SET policy_json = excluded.policy_json",
-                params![json],
-            )?;
-            Ok(())
-        })
+        self.execute(
+            "INSERT INTO policy (id, policy_json) VALUES (1, ?1)
+             ON CONFLICT(id) DO UPDATE SET policy_json = excluded.policy_json",
+            params![json],
+        )
+        .map(|_| ())
     }
 
     async fn settings(&self) -> Result<Option<MeshSettings>, StoreError> {
-        self.with(|c| {
-            let json: Option<String> = c
-                .query_row("SELECT settings_json FROM settings WHERE id = 1", [], |r| {
-                    r.get(0)
-                })
-                .optional()?;
-            json.map(|j| from_json("settings", &j)).transpose()
-        })
+        self.singleton_json(
+            "settings",
+            "SELECT settings_json FROM settings WHERE id = 1",
+        )
     }
 
     async fn set_settings(&self, settings: &MeshSettings) -> Result<(), StoreError> {
         let json = stored_settings(settings)?;
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO settings (id, settings_json) VALUES (1, ?1)
-                 ON CONFLICT(id) DO UPDATE SET settings_json = excluded.settings_json",
-                params![json],
-            )?;
-            Ok(())
-        })
+        self.execute(
+            "INSERT INTO settings (id, settings_json) VALUES (1, ?1)
+             ON CONFLICT(id) DO UPDATE SET settings_json = excluded.settings_json",
+            params![json],
+        )
+        .map(|_| ())
     }
 
     async fn instances(&self) -> Result<Vec<StoredInstance>, StoreError> {
@@ -503,7 +406,7 @@ impl Store for SqliteStore {
             Ok(all(
                 c,
                 &format!("SELECT {INSTANCE_COLUMNS} FROM instances ORDER BY proxy_id"),
-                instance_row,
+                |r| instance_row(r),
             )?)
         })
     }
@@ -515,7 +418,10 @@ impl Store for SqliteStore {
             ))?;
             let mut out = Vec::new();
             for id in ids {
-                if let Some(row) = stmt.query_row(params![id], instance_row).optional()? {
+                if let Some(row) = stmt
+                    .query_row(params![id], |r| instance_row(r))
+                    .optional()?
+                {
                     out.push(row);
                 }
             }
