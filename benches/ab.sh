@@ -121,9 +121,10 @@ for line in open(sys.argv[1]):
     for f in fields:
         k, _, v = f.partition("=")
         try:
-            rows.setdefault(side, {}).setdefault(k, []).append(float(v))
+            value = float(v)
         except ValueError:
-            pass
+            continue
+        rows.setdefault(side, {}).setdefault(k, []).append(value)
 for side, m in rows.items():
     print(f"median {side}: " + " ".join(f"{k}={statistics.median(v):g}" for k, v in m.items()))
 EOF
