@@ -3,7 +3,8 @@
 # mesh (echo upstream, control plane, provider and consumer sidecars, pinned to CPU 1 with one
 # worker thread each, as run.sh pins them), an open-loop load from CPU 0, and `perf stat` on both
 # sidecars for 15 s of the 25 s measured (CPU time, context switches, the syscalls of the request
-# path). Builds alternate, round by round, so drift in the machine hits both alike.
+# path), and both sidecars' RSS idle (ready, before the load) and loaded (at its end), in MiB,
+# consumer first. Builds alternate, round by round, so drift in the machine hits both alike.
 #
 #   benches/ab.sh DIR_A DIR_B [RATE] [ROUNDS]
 #
@@ -13,7 +14,7 @@
 # and a quiet machine. Uses ports 19001-19013, 19090, 19443-19444.
 set -euo pipefail
 
-[ $# -ge 2 ] || { sed -n '2,15p' "$0"; exit 2; }
+[ $# -ge 2 ] || { sed -n '2,14p' "$0"; exit 2; }
 A=$1 B=$2 RATE=${3:-1000} ROUNDS=${4:-3}
 for d in "$A" "$B"; do
   for b in capmesh-bench capmesh-control-plane capmesh-proxy; do
@@ -73,6 +74,10 @@ run() {
     sleep 0.2
   done
   sleep 2
+  rss() { awk '/VmRSS/{print $2}' "/proc/$1/status"; }
+  local idle_c idle_p
+  idle_c=$(rss "$cons")
+  idle_p=$(rss "$prov")
   taskset -c 0 "$bin/capmesh-bench" load --url http://127.0.0.1:19011/mcp --rate "$RATE" \
     --warmup 5 --duration 25 >"$d/load.json" 2>"$d/load.log" &
   local load=$!
@@ -82,6 +87,7 @@ run() {
   perf stat -x, -e "$EVENTS" -p "$prov" -- sleep 15 2>"$d/provider.perf" &
   local pp=$!
   wait $load $pc $pp
+  echo "$idle_c $idle_p $(rss "$cons") $(rss "$prov")" >"$d/rss"
   stop
   python3 - "$d" "$label" <<'EOF'
 import json, sys
@@ -98,7 +104,8 @@ report = json.loads(open(f"{d}/load.json").read().strip().splitlines()[-1])
 lat = report["latency"]
 n = report["achieved_rps"] * 15
 per = lambda m, k: m.get(k, 0) / n
-print(f"{label} consumer_cpu_ms={c.get('cpu-clock', 0):.0f} provider_cpu_ms={p.get('cpu-clock', 0):.0f} "
+rss = [int(x) / 1024 for x in open(f"{d}/rss").read().split()]
+print(f"{label} idle_rss_mib={rss[0]:.1f},{rss[1]:.1f} loaded_rss_mib={rss[2]:.1f},{rss[3]:.1f} consumer_cpu_ms={c.get('cpu-clock', 0):.0f} provider_cpu_ms={p.get('cpu-clock', 0):.0f} "
       f"p50_us={lat['p50_us']} p99_us={lat['p99_us']} errors={report['errors']} "
       f"per_request(consumer): cs={per(c, 'context-switches'):.2f} writev={per(c, 'syscalls:sys_enter_writev'):.2f} "
       f"recvfrom={per(c, 'syscalls:sys_enter_recvfrom'):.2f} epoll_wait={per(c, 'syscalls:sys_enter_epoll_wait'):.2f}")
