@@ -5,7 +5,9 @@
 use std::future::Future;
 use std::process::ExitCode;
 
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// The log filter when `RUST_LOG` is not set: `info`, but the MCP SDK (`rmcp`) only from
 /// `warn`, since its INFO lines carry whole debug dumps of every request.
@@ -19,23 +21,47 @@ pub fn colour(stream_is_terminal: bool) -> bool {
     stream_is_terminal && !no_color && !dumb
 }
 
+/// The log filter `RUST_LOG` names, else [`DEFAULT_LOG_FILTER`]: a level (`debug`) or a list
+/// of `target=level` directives (`info,capmesh_proxy=debug`). An unreadable value is reported
+/// on stderr, naming the variable and the fix, and the default applies.
+///
+/// A plain target filter, not `tracing_subscriber`'s `EnvFilter`: span and field filters are
+/// not needed, and leaving out the regular-expression engine they bring keeps every sidecar's
+/// resident code smaller (benches/RESULTS.md, "Idle RSS").
+pub fn log_filter(rust_log: Option<&str>) -> Targets {
+    let default = || DEFAULT_LOG_FILTER.parse().unwrap_or_default();
+    match rust_log.map(str::trim).filter(|v| !v.is_empty()) {
+        None => default(),
+        Some(v) => v.parse().unwrap_or_else(|e| {
+            eprintln!(
+                "RUST_LOG={v:?} is not a log filter ({e}): give a level (error, warn, info, debug, trace) or target=level directives separated by commas; using {DEFAULT_LOG_FILTER:?}"
+            );
+            default()
+        }),
+    }
+}
+
 /// Logs to stderr, text or JSON (`format` = `json`); the level comes from `RUST_LOG`
-/// (default [`DEFAULT_LOG_FILTER`]). Text is coloured only on a terminal ([`colour`]).
+/// ([`log_filter`]). Text is coloured only on a terminal ([`colour`]).
 pub fn init_tracing(format: &str) {
     use std::io::IsTerminal;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
+    // The formatter passes every level; `filter` alone decides.
     if format == "json" {
         let _ = tracing_subscriber::fmt()
             .json()
-            .with_env_filter(filter)
+            .with_max_level(tracing::Level::TRACE)
             .with_writer(std::io::stderr)
+            .finish()
+            .with(filter)
             .try_init();
     } else {
         let _ = tracing_subscriber::fmt()
-            .with_env_filter(filter)
             .with_ansi(colour(std::io::stderr().is_terminal()))
+            .with_max_level(tracing::Level::TRACE)
             .with_writer(std::io::stderr)
+            .finish()
+            .with(filter)
             .try_init();
     }
 }
@@ -144,5 +170,36 @@ where
             eprintln!("{name}: {text}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing::Level;
+
+    use super::log_filter;
+
+    #[test]
+    fn rust_log_sets_the_level_per_target_and_a_bad_value_falls_back_to_the_default() {
+        let default = log_filter(None);
+        assert!(default.would_enable("capmesh_proxy", &Level::INFO));
+        assert!(!default.would_enable("capmesh_proxy", &Level::DEBUG));
+        assert!(!default.would_enable("rmcp::service", &Level::INFO));
+        assert!(default.would_enable("rmcp::service", &Level::WARN));
+
+        let debug = log_filter(Some("debug"));
+        assert!(debug.would_enable("capmesh_proxy::outbound", &Level::DEBUG));
+        assert!(!debug.would_enable("capmesh_proxy::outbound", &Level::TRACE));
+
+        let mixed = log_filter(Some("warn,capmesh_proxy=trace"));
+        assert!(mixed.would_enable("capmesh_proxy::forward", &Level::TRACE));
+        assert!(!mixed.would_enable("hyper", &Level::INFO));
+
+        for bad in ["capmesh_proxy=loud", "info,rmcp=quiet"] {
+            let f = log_filter(Some(bad));
+            assert!(f.would_enable("capmesh_proxy", &Level::INFO), "{bad}");
+            assert!(!f.would_enable("capmesh_proxy", &Level::DEBUG), "{bad}");
+        }
+        assert!(log_filter(Some("  ")).would_enable("capmesh_proxy", &Level::INFO));
     }
 }
