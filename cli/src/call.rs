@@ -22,7 +22,7 @@ use capmesh_proxy::contract::CALL_PATH;
 use capmesh_proxy::mcp::{Id, find_response};
 use capmesh_proxy::pool::{PeerError, PeerPool};
 use http::{Method, Request, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use semver::VersionReq;
 use serde_json::{Map, Value, json};
 
@@ -444,16 +444,12 @@ async fn send(
     if let Some(tp) = traceparent {
         request = request.header("traceparent", tp);
     }
-    let request = request
-        .body(capmesh_proxy::boxed(Full::new(Bytes::from(
-            body.to_string(),
-        ))))
-        .map_err(|e| {
-            Attempt::Unavailable(format!(
-                "endpoint address {:?} is not usable: {e}",
-                endpoint.address
-            ))
-        })?;
+    let request = request.body(Bytes::from(body.to_string())).map_err(|e| {
+        Attempt::Unavailable(format!(
+            "endpoint address {:?} is not usable: {e}",
+            endpoint.address
+        ))
+    })?;
     let response = pool
         .send(&endpoint.address, &endpoint.identity, request)
         .await

@@ -1,5 +1,11 @@
 //! Connections to other proxies: one HTTP/2 connection over mutual TLS per peer, shared by
 //! every request to it, and the peer's SPIFFE ID checked against the snapshot's.
+//!
+//! The HTTP/2 client is `h2` itself, driven from the request's own task: a request's HEADERS and
+//! its body's DATA are queued together, so the connection writes them in one flush, and the
+//! response is awaited where the request is (hyper's client spawned a task per request to wait
+//! for it and another to send the body, and wrote the two frames in two flushes;
+//! benches/RESULTS.md).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -8,15 +14,14 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use capmesh_certs::{CredentialCell, Refusal, SpiffeId, TrustStore};
-use http::{Request, Response};
-use hyper::body::Incoming;
-use hyper::client::conn::http2::{self, SendRequest};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use h2::client::SendRequest;
+use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TE};
+use http::{HeaderMap, Request, Response};
+use http_body::{Body, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-
-use crate::BoxBody;
 
 /// Why a request to a peer got no response headers. [`PeerError::may_have_reached`] tells
 /// whether the peer can have processed it: only [`PeerError::Reset`] may have.
@@ -55,7 +60,7 @@ pub enum PeerError {
         /// The peer.
         addr: String,
         /// Why.
-        source: hyper::Error,
+        source: h2::Error,
     },
     /// The peer refused the request without processing it (HTTP/2 `REFUSED_STREAM`, a graceful
     /// `GOAWAY` that did not cover it), or the connection failed before the peer ever spoke on
@@ -65,7 +70,7 @@ pub enum PeerError {
         /// The peer.
         addr: String,
         /// Why.
-        source: hyper::Error,
+        source: h2::Error,
     },
     /// The request was sent, then the exchange failed before response headers: the peer may
     /// have processed it.
@@ -74,7 +79,7 @@ pub enum PeerError {
         /// The peer.
         addr: String,
         /// Why.
-        source: hyper::Error,
+        source: h2::Error,
     },
 }
 
@@ -86,7 +91,7 @@ impl PeerError {
 
     /// Sorts a failed send: unsent (the request came back), refused by the peer unprocessed,
     /// or reset after it was sent.
-    fn from_send(addr: &str, unsent: bool, heard: bool, source: hyper::Error) -> Self {
+    fn from_send(addr: &str, unsent: bool, heard: bool, source: h2::Error) -> Self {
         let addr = addr.to_owned();
         if unsent {
             return PeerError::NotSent { addr, source };
@@ -102,16 +107,9 @@ impl PeerError {
 
 /// Whether a failure after the request was written proves the peer did not process it: it
 /// refused the stream (HTTP/2 `REFUSED_STREAM`, or a graceful `GOAWAY` that did not cover it).
-fn refused_stream(source: &hyper::Error) -> bool {
-    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(source);
-    while let Some(e) = cause {
-        if let Some(h2) = e.downcast_ref::<h2::Error>() {
-            return h2.reason() == Some(h2::Reason::REFUSED_STREAM)
-                || (h2.is_go_away() && h2.reason() == Some(h2::Reason::NO_ERROR));
-        }
-        cause = e.source();
-    }
-    false
+fn refused_stream(source: &h2::Error) -> bool {
+    source.reason() == Some(h2::Reason::REFUSED_STREAM)
+        || (source.is_go_away() && source.reason() == Some(h2::Reason::NO_ERROR))
 }
 
 /// The TLS stream to a peer, noting whether the peer has sent it anything. An HTTP/2 server
@@ -169,12 +167,20 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Heard<T> {
     }
 }
 
-/// One pooled connection: its sender, and whether the peer has spoken on it.
+/// One pooled connection: its sender, whether the peer has spoken on it, and whether it has
+/// ended.
 #[derive(Debug, Clone)]
 struct Conn {
-    sender: SendRequest<BoxBody>,
+    sender: SendRequest<Bytes>,
     heard: Arc<AtomicBool>,
+    closed: Arc<AtomicBool>,
 }
+
+/// How often an HTTP/2 PING checks a pooled connection, and how long its answer may take before
+/// the connection is given up: a peer that vanished without closing (its host gone) would
+/// otherwise hold the next requests until their time-outs.
+const KEEP_ALIVE: Duration = Duration::from_secs(10);
+const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 type Slot = Arc<tokio::sync::Mutex<Option<Conn>>>;
 
@@ -268,33 +274,43 @@ impl PeerPool {
                 io: tls,
                 heard: heard.clone(),
             };
-            let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .keep_alive_interval(Duration::from_secs(10))
-                .keep_alive_timeout(Duration::from_secs(20))
-                .initial_stream_window_size(1024 * 1024)
+            let (sender, mut connection) = h2::client::Builder::new()
+                .initial_window_size(1024 * 1024)
                 .initial_connection_window_size(4 * 1024 * 1024)
-                .handshake(TokioIo::new(tls))
+                .handshake::<_, Bytes>(tls)
                 .await
                 .map_err(|source| PeerError::NotSent {
                     addr: addr.to_owned(),
                     source,
                 })?;
+            let pings = connection.ping_pong();
+            let closed = Arc::new(AtomicBool::new(false));
             let peer = addr.to_owned();
             let (trust, chain) = (self.trust.clone(), server_chain);
-            // Boxed as a plain `Send` future: rustc cannot prove hyper's connection `Send`
-            // through the generic select otherwise.
-            let conn: std::pin::Pin<Box<dyn Future<Output = hyper::Result<()>> + Send>> =
-                Box::pin(conn);
+            let ended = closed.clone();
+            // Boxed as a plain `Send` future: rustc cannot prove the connection `Send` through
+            // the generic select otherwise.
+            let conn: std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>> =
+                Box::pin(async move {
+                    tokio::select! {
+                        done = &mut connection => done.map_err(|e| e.to_string()),
+                        silent = keep_alive(pings) => Err(silent),
+                    }
+                });
             tokio::spawn(async move {
                 // A provider revoked (or expired) while pooled: its connection closes.
                 let role = capmesh_certs::PeerRole::Server;
-                let ended = crate::identity::while_trusted(&trust, &chain, role, conn).await;
-                if let Some(Err(e)) = ended {
+                let outcome = crate::identity::while_trusted(&trust, &chain, role, conn).await;
+                ended.store(true, Ordering::Release);
+                if let Some(Err(e)) = outcome {
                     tracing::debug!(peer = %peer, error = %e, "peer connection ended");
                 }
             });
-            Ok(Conn { sender, heard })
+            Ok(Conn {
+                sender,
+                heard,
+                closed,
+            })
         };
         tokio::time::timeout(timeout, work)
             .await
@@ -321,7 +337,7 @@ impl PeerPool {
         };
         let mut guard = slot.lock().await;
         if let Some(conn) = guard.as_ref()
-            && !conn.sender.is_closed()
+            && !conn.closed.load(Ordering::Acquire)
         {
             return Ok(conn.clone());
         }
@@ -336,18 +352,37 @@ impl PeerPool {
         &self,
         addr: &str,
         identity: &str,
-        req: Request<BoxBody>,
-    ) -> Result<Response<Incoming>, PeerError> {
-        let Conn { mut sender, heard } = self.sender(addr, identity).await?;
-        sender
+        req: Request<Bytes>,
+    ) -> Result<Response<PeerBody>, PeerError> {
+        let Conn { sender, heard, .. } = self.sender(addr, identity).await?;
+        let mut sender = sender
             .ready()
             .await
             .map_err(|source| PeerError::from_send(addr, true, false, source))?;
-        sender.try_send_request(req).await.map_err(|mut e| {
-            let unsent = e.take_message().is_some();
-            let heard = heard.load(Ordering::Acquire);
-            PeerError::from_send(addr, unsent, heard, e.into_error())
-        })
+        let (mut parts, body) = req.into_parts();
+        strip_connection_headers(&mut parts.headers);
+        if !body.is_empty() && !parts.headers.contains_key(CONTENT_LENGTH) {
+            parts
+                .headers
+                .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+        }
+        let end = body.is_empty();
+        // Refused here (the connection is closing, or the head is not HTTP/2's), nothing left.
+        let (response, mut stream) = sender
+            .send_request(Request::from_parts(parts, ()), end)
+            .map_err(|source| PeerError::from_send(addr, true, false, source))?;
+        let sent = |source: h2::Error| {
+            PeerError::from_send(addr, false, heard.load(Ordering::Acquire), source)
+        };
+        if !end {
+            // Queued beside the HEADERS: both go out in the connection's next write.
+            stream.send_data(body, true).map_err(sent)?;
+        }
+        let response = response.await.map_err(sent)?;
+        Ok(response.map(|recv| PeerBody {
+            recv,
+            data_done: false,
+        }))
     }
 
     /// Drops pooled connections to peers that are no longer in the snapshot.
@@ -357,5 +392,93 @@ impl PeerPool {
             ids.retain(|id, _| keep(addr, id));
         }
         slots.retain(|_, ids| !ids.is_empty());
+    }
+}
+
+/// Headers that name the HTTP/1 connection and are not allowed in HTTP/2 (RFC 9113 §8.2.2):
+/// dropped, with those the `Connection` header lists, and `TE` unless it is `trailers`.
+fn strip_connection_headers(headers: &mut HeaderMap) {
+    if let Some(listed) = headers.remove(CONNECTION)
+        && let Ok(names) = listed.to_str()
+    {
+        for name in names.split(',') {
+            if let Ok(name) = HeaderName::from_bytes(name.trim().as_bytes()) {
+                headers.remove(name);
+            }
+        }
+    }
+    for name in [
+        "keep-alive",
+        "proxy-connection",
+        "transfer-encoding",
+        "upgrade",
+    ] {
+        headers.remove(name);
+    }
+    if headers.get(TE).is_some_and(|te| te != "trailers") {
+        headers.remove(TE);
+    }
+}
+
+/// Pings the peer every [`KEEP_ALIVE`]; returns (why) when an answer does not come within
+/// [`KEEP_ALIVE_TIMEOUT`] or cannot be asked for, which ends the connection.
+async fn keep_alive(pings: Option<h2::PingPong>) -> String {
+    let Some(mut pings) = pings else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEP_ALIVE).await;
+        match tokio::time::timeout(KEEP_ALIVE_TIMEOUT, pings.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return format!("keep-alive PING failed: {e}"),
+            Err(_) => {
+                return format!(
+                    "no answer to a keep-alive PING in {} s",
+                    KEEP_ALIVE_TIMEOUT.as_secs()
+                );
+            }
+        }
+    }
+}
+
+/// A peer's response body: its DATA frames, then its trailers. The flow-control window is given
+/// back as each frame is read. A reset with `NO_ERROR` after the response began ends the body
+/// early without failing it (RFC 9113 §8.1), as HTTP clients read it.
+#[derive(Debug)]
+pub struct PeerBody {
+    recv: h2::RecvStream,
+    data_done: bool,
+}
+
+impl Body for PeerBody {
+    type Data = Bytes;
+    type Error = h2::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, h2::Error>>> {
+        let this = &mut *self;
+        let early_end = |e: &h2::Error| e.reason() == Some(h2::Reason::NO_ERROR);
+        if !this.data_done {
+            match std::task::ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Some(Err(e)) if early_end(&e) => return Poll::Ready(None),
+                Some(Err(e)) => return Poll::Ready(Some(Err(e))),
+                None => this.data_done = true,
+            }
+        }
+        match std::task::ready!(this.recv.poll_trailers(cx)) {
+            Ok(trailers) => Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t)))),
+            Err(e) if early_end(&e) => Poll::Ready(None),
+            Err(e) => Poll::Ready(Some(Err(e))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.recv.is_end_stream()
     }
 }

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::pool::PeerBody;
 use capmesh_api::Endpoint;
 use http::{Response, StatusCode};
-use hyper::body::Incoming;
 
 use super::{Call, Target};
 use crate::Proxy;
@@ -43,7 +43,7 @@ impl Balance {
 }
 
 /// How an attempt ended, for the endpoint's latency estimate and breaker.
-fn outcome(result: &Result<Response<Incoming>, ProxyError>) -> Outcome {
+fn outcome(result: &Result<Response<PeerBody>, ProxyError>) -> Outcome {
     match result {
         Ok(resp) => match resp.status() {
             StatusCode::TOO_MANY_REQUESTS => Outcome::Overloaded,
@@ -61,11 +61,11 @@ fn outcome(result: &Result<Response<Incoming>, ProxyError>) -> Outcome {
 
 impl<S> Middleware<Call, S> for Balance
 where
-    S: Next<Attempt, Response<Incoming>>,
+    S: Next<Attempt, Response<PeerBody>>,
 {
-    type Response = Response<Incoming>;
+    type Response = Response<PeerBody>;
 
-    fn handle(&self, req: Call, next: S) -> Handled<Response<Incoming>> {
+    fn handle(&self, req: Call, next: S) -> Handled<Response<PeerBody>> {
         let proxy = self.proxy.clone();
         Box::pin(async move {
             let routing = proxy.routing.load_full();

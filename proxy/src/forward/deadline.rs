@@ -1,8 +1,8 @@
 //! The caller's deadline (`x-capmesh-timeout`, else the mesh default): it covers every attempt
 //! up to response headers. A streamed response is never cut by it.
 
+use crate::pool::PeerBody;
 use http::Response;
-use hyper::body::Incoming;
 
 use super::Call;
 use crate::error::ProxyError;
@@ -14,11 +14,11 @@ pub struct Deadline;
 
 impl<S> Middleware<Call, S> for Deadline
 where
-    S: Next<Call, Response<Incoming>>,
+    S: Next<Call, Response<PeerBody>>,
 {
-    type Response = Response<Incoming>;
+    type Response = Response<PeerBody>;
 
-    fn handle(&self, req: Call, next: S) -> Handled<Response<Incoming>> {
+    fn handle(&self, req: Call, next: S) -> Handled<Response<PeerBody>> {
         let after = req.timeout;
         Box::pin(async move {
             tokio::time::timeout(after, call(next, req))

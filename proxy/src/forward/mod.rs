@@ -18,10 +18,10 @@ pub mod retry;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::pool::PeerBody;
 use bytes::Bytes;
 use capmesh_api::{Endpoint, EndpointId};
 use http::{HeaderMap, Method, Response};
-use hyper::body::Incoming;
 use serde_json::Value;
 use tower::ServiceBuilder;
 
@@ -158,7 +158,7 @@ impl std::ops::Deref for Call {
 }
 
 /// The lower half of every outbound stack (see the module docs).
-pub fn stack(proxy: &Arc<Proxy>) -> impl Next<Call, Response<Incoming>> {
+pub fn stack(proxy: &Arc<Proxy>) -> impl Next<Call, Response<PeerBody>> {
     ServiceBuilder::new()
         // The endpoint that served and the attempts it took, onto the hop's span (if sampled).
         .layer(Stage(crate::trace::RecordAttempts))

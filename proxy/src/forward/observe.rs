@@ -3,8 +3,8 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::pool::PeerBody;
 use http::Response;
-use hyper::body::Incoming;
 
 use super::balance::Attempt;
 use crate::Proxy;
@@ -25,11 +25,11 @@ impl Observe {
 
 impl<S> Middleware<Attempt, S> for Observe
 where
-    S: Next<Attempt, Response<Incoming>>,
+    S: Next<Attempt, Response<PeerBody>>,
 {
-    type Response = Response<Incoming>;
+    type Response = Response<PeerBody>;
 
-    fn handle(&self, req: Attempt, next: S) -> Handled<Response<Incoming>> {
+    fn handle(&self, req: Attempt, next: S) -> Handled<Response<PeerBody>> {
         let proxy = self.proxy.clone();
         Box::pin(async move {
             let label = req.call.label.clone();

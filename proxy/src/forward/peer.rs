@@ -3,20 +3,19 @@
 
 use std::sync::Arc;
 
+use crate::pool::PeerBody;
 use bytes::Bytes;
 use capmesh_api::Endpoint;
 use http::{HeaderValue, Request, Response, Uri};
-use http_body_util::Full;
-use hyper::body::Incoming;
 use serde_json::Value;
 
 use super::balance::Attempt;
 use super::{CallSpec, Upstream};
+use crate::Proxy;
 use crate::contract::{CALL_PATH, CAPABILITY_HEADER, PASSTHROUGH_PATH};
 use crate::error::ProxyError;
 use crate::mcp::{classify, rewrite};
 use crate::stack::{Handled, Handler};
-use crate::{BoxBody, Proxy, boxed};
 
 /// See the module docs.
 #[derive(Debug, Clone)]
@@ -32,8 +31,8 @@ impl PeerClient {
 }
 
 impl Handler<Attempt> for PeerClient {
-    type Response = Response<Incoming>;
-    fn serve(&self, attempt: Attempt) -> Handled<Response<Incoming>> {
+    type Response = Response<PeerBody>;
+    fn serve(&self, attempt: Attempt) -> Handled<Response<PeerBody>> {
         let proxy = self.proxy.clone();
         Box::pin(async move {
             let ep = &attempt.endpoint;
@@ -51,7 +50,7 @@ impl Handler<Attempt> for PeerClient {
 }
 
 /// The request `call` becomes when sent to `ep`.
-pub fn request_for(call: &CallSpec, ep: &Endpoint) -> Result<Request<BoxBody>, ProxyError> {
+pub fn request_for(call: &CallSpec, ep: &Endpoint) -> Result<Request<Bytes>, ProxyError> {
     let (path, body): (String, Bytes) = match &call.upstream {
         Upstream::ToolCall {
             upstream_id,
@@ -75,7 +74,7 @@ pub fn request_for(call: &CallSpec, ep: &Endpoint) -> Result<Request<BoxBody>, P
     let uri: Uri = format!("https://{}{path}", ep.address)
         .parse()
         .map_err(|e| ProxyError::Internal(format!("endpoint address {}: {e}", ep.address)))?;
-    let mut req = Request::new(boxed(Full::new(body)));
+    let mut req = Request::new(body);
     *req.method_mut() = call.method.clone();
     *req.uri_mut() = uri;
     *req.headers_mut() = call.headers.clone();

@@ -149,6 +149,7 @@ mod tests {
             ("connect refused", Failure::Unreached),
             ("tls failure", Failure::Unreached),
             ("mesh 503", Failure::Unreached),
+            ("refused stream", Failure::Unreached),
             ("reset after sending", Failure::MaybeReached),
             ("agent 503", Failure::MaybeReached),
             ("mesh 502", Failure::MaybeReached),
@@ -183,9 +184,14 @@ mod tests {
                 addr: "a".into(),
                 detail: "unknown CA".into(),
             }),
-            // (A hyper::Error, which PeerError::Reset holds, cannot be built here; a failure
-            // after the request was sent is the same kind of failure for the policy.)
-            "reset after sending" => Err(ProxyError::AgentFailed("reset".into())),
+            "reset after sending" => peer(PeerError::Reset {
+                addr: "a".into(),
+                source: h2::Error::from(h2::Reason::CANCEL),
+            }),
+            "refused stream" => peer(PeerError::Refused {
+                addr: "a".into(),
+                source: h2::Error::from(h2::Reason::REFUSED_STREAM),
+            }),
             "mesh 503" => status(503, true),
             "agent 503" => status(503, false),
             "mesh 502" => status(502, true),

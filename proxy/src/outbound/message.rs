@@ -4,9 +4,9 @@
 
 use std::sync::Arc;
 
+use crate::pool::PeerBody;
 use bytes::Bytes;
 use http::{Method, Response, header};
-use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 use super::federated::{Mcp, accepted};
@@ -33,7 +33,7 @@ impl ToProvider {
 
 impl<S> Middleware<Mcp, S> for ToProvider
 where
-    S: Next<Call, Response<Incoming>>,
+    S: Next<Call, Response<PeerBody>>,
 {
     type Response = Response<BoxBody>;
 

@@ -15,11 +15,11 @@
 
 use std::sync::Arc;
 
+use crate::pool::PeerBody;
 use bytes::Bytes;
 use capmesh_api::{Capability, Endpoint, Selector};
 use http::{HeaderValue, Method, Request, Response, header};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use serde_json::Value;
 
 use super::tool_call::{call_timeout, seal_request_state, sealer};
@@ -98,7 +98,7 @@ struct Plan {
 
 impl<S> Middleware<Request<Bytes>, S> for Passthrough
 where
-    S: Next<Call, Response<Incoming>>,
+    S: Next<Call, Response<PeerBody>>,
 {
     type Response = Response<BoxBody>;
 
@@ -289,7 +289,7 @@ fn restore_state(
 
 /// Streams the provider's response back: the session id sealed, a 2026-07-28
 /// `input_required` `requestState` sealed with its instance.
-async fn relay(resp: Response<Incoming>, plan: &Plan) -> Result<Response<BoxBody>, ProxyError> {
+async fn relay(resp: Response<PeerBody>, plan: &Plan) -> Result<Response<BoxBody>, ProxyError> {
     let Some(Served(ep)) = resp.extensions().get::<Served>().cloned() else {
         return Err(ProxyError::Internal(
             "a response without its endpoint".into(),
@@ -351,7 +351,7 @@ async fn relay(resp: Response<Incoming>, plan: &Plan) -> Result<Response<BoxBody
 /// the instance that minted it (JSON read whole; an event stream relayed event by event).
 async fn seal_states(
     headers: &http::HeaderMap,
-    body: Incoming,
+    body: PeerBody,
     plan: &Plan,
     ep: &Endpoint,
 ) -> Result<BoxBody, ProxyError> {

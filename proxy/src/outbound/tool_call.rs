@@ -8,11 +8,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use crate::pool::PeerBody;
 use bytes::Bytes;
 use capmesh_api::{Capability, Endpoint};
 use http::{HeaderMap, HeaderValue, Method, Response, header};
 use http_body_util::Full;
-use hyper::body::Incoming;
 use serde_json::{Value, json};
 
 use super::federated::Mcp;
@@ -102,7 +102,7 @@ impl Relay {
 
 impl<S> Middleware<Mcp, S> for Relay
 where
-    S: Next<ToolCall, Response<Incoming>>,
+    S: Next<ToolCall, Response<PeerBody>>,
 {
     type Response = Response<BoxBody>;
 
@@ -181,7 +181,7 @@ fn needs_tree(data: &[u8]) -> bool {
 /// recorded for `notifications/cancelled` until its stream ends.
 async fn relay(
     proxy: &Arc<Proxy>,
-    resp: Response<Incoming>,
+    resp: Response<PeerBody>,
     classified: &Asked,
     upstream_id: &Value,
 ) -> Result<Response<BoxBody>, ProxyError> {
@@ -328,11 +328,11 @@ impl Resolve {
 
 impl<S> Middleware<ToolCall, S> for Resolve
 where
-    S: Next<Call, Response<Incoming>>,
+    S: Next<Call, Response<PeerBody>>,
 {
-    type Response = Response<Incoming>;
+    type Response = Response<PeerBody>;
 
-    fn handle(&self, req: ToolCall, next: S) -> Handled<Response<Incoming>> {
+    fn handle(&self, req: ToolCall, next: S) -> Handled<Response<PeerBody>> {
         let proxy = self.proxy.clone();
         Box::pin(async move {
             let call_spec = resolve(&proxy, req)?;

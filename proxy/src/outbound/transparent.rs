@@ -20,10 +20,10 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::pool::PeerBody;
 use bytes::Bytes;
 use capmesh_api::{Endpoint, Namespace};
 use http::{HeaderValue, Method, Request, Response};
-use hyper::body::Incoming;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tower::ServiceBuilder;
@@ -280,7 +280,7 @@ struct ToMesh {
 
 impl<S> Middleware<Request<Bytes>, S> for ToMesh
 where
-    S: Next<Call, Response<Incoming>>,
+    S: Next<Call, Response<PeerBody>>,
 {
     type Response = Response<BoxBody>;
 
@@ -341,7 +341,7 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
 }
 
-fn stream_back(resp: Response<Incoming>) -> Response<BoxBody> {
+fn stream_back(resp: Response<PeerBody>) -> Response<BoxBody> {
     let served = resp.extensions().get::<Served>().cloned();
     let (parts, body) = resp.into_parts();
     let mut out = Response::new(boxed(body));

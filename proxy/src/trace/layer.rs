@@ -7,11 +7,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::pool::PeerBody;
 use bytes::Bytes;
 use capmesh_api::SpanKind;
 use http::{HeaderMap, Request, Response, header};
 use http_body::{Body, Frame};
-use hyper::body::Incoming;
 use serde_json::Value;
 
 use super::{HOP, Span};
@@ -213,11 +213,11 @@ pub struct RecordAttempts;
 
 impl<S> Middleware<Call, S> for RecordAttempts
 where
-    S: Next<Call, Response<Incoming>>,
+    S: Next<Call, Response<PeerBody>>,
 {
-    type Response = Response<Incoming>;
+    type Response = Response<PeerBody>;
 
-    fn handle(&self, req: Call, next: S) -> Handled<Response<Incoming>> {
+    fn handle(&self, req: Call, next: S) -> Handled<Response<PeerBody>> {
         let Ok(span) = HOP.try_with(Span::clone) else {
             return Box::pin(call(next, req));
         };
