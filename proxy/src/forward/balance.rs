@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::pool::PeerBody;
 use capmesh_api::Endpoint;
 use http::{Response, StatusCode};
 
@@ -14,6 +13,7 @@ use crate::Proxy;
 use crate::balance::{Outcome, pick};
 use crate::contract::ERROR_HEADER;
 use crate::error::ProxyError;
+use crate::pool::PeerBody;
 use crate::stack::{Handled, Middleware, Next, call};
 
 /// One attempt of a call: the call and the endpoint chosen for it.

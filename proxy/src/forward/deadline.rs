@@ -1,11 +1,11 @@
 //! The caller's deadline (`x-capmesh-timeout`, else the mesh default): it covers every attempt
 //! up to response headers. A streamed response is never cut by it.
 
-use crate::pool::PeerBody;
 use http::Response;
 
 use super::Call;
 use crate::error::ProxyError;
+use crate::pool::PeerBody;
 use crate::stack::{Handled, Middleware, Next, call};
 
 /// See the module docs.

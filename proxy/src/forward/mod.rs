@@ -18,7 +18,6 @@ pub mod retry;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::pool::PeerBody;
 use bytes::Bytes;
 use capmesh_api::{Endpoint, EndpointId};
 use http::{HeaderMap, Method, Response};
@@ -31,6 +30,7 @@ pub use self::observe::Observe;
 pub use self::peer::PeerClient;
 pub use self::retry::RetryPolicy;
 use crate::Proxy;
+use crate::pool::PeerBody;
 use crate::stack::{Next, Stage, Terminal};
 
 /// Endpoints ranked for one call: the best rank first; each rank shares the load.

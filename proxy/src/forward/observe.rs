@@ -3,11 +3,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::pool::PeerBody;
 use http::Response;
 
 use super::balance::Attempt;
 use crate::Proxy;
+use crate::pool::PeerBody;
 use crate::stack::{Handled, Middleware, Next, call};
 
 /// See the module docs.

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use crate::pool::PeerBody;
 use bytes::Bytes;
 use capmesh_api::Endpoint;
 use http::{HeaderValue, Request, Response, Uri};
@@ -15,6 +14,7 @@ use crate::Proxy;
 use crate::contract::{CALL_PATH, CAPABILITY_HEADER, PASSTHROUGH_PATH};
 use crate::error::ProxyError;
 use crate::mcp::{classify, rewrite};
+use crate::pool::PeerBody;
 use crate::stack::{Handled, Handler};
 
 /// See the module docs.

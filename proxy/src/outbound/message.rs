@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use crate::pool::PeerBody;
 use bytes::Bytes;
 use http::{Method, Response, header};
 use serde_json::{Value, json};
@@ -14,6 +13,7 @@ use super::tool_call::{call_timeout, mesh_headers, sealer};
 use crate::error::ProxyError;
 use crate::forward::{Attempts, Call, CallSpec, Target, Upstream};
 use crate::mcp::jsonrpc::{Id, Message, Parsed};
+use crate::pool::PeerBody;
 use crate::seal::{self, Route};
 use crate::stack::{Handled, Middleware, Next, call};
 use crate::{BoxBody, Proxy, boxed};

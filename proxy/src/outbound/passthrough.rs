@@ -15,7 +15,6 @@
 
 use std::sync::Arc;
 
-use crate::pool::PeerBody;
 use bytes::Bytes;
 use capmesh_api::{Capability, Endpoint, Selector};
 use http::{HeaderValue, Method, Request, Response, header};
@@ -32,6 +31,7 @@ use crate::mcp::classify;
 use crate::mcp::inspect::inspect;
 use crate::mcp::relay::{EventFn, MapEvents};
 use crate::mcp::sse::Event;
+use crate::pool::PeerBody;
 use crate::seal::{self, Pinned, Route, Sealer};
 use crate::stack::{Handled, Middleware, Next, call, read_body};
 use crate::{BoxBody, Proxy, boxed};

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use crate::pool::PeerBody;
 use bytes::Bytes;
 use capmesh_api::{Capability, Endpoint};
 use http::{HeaderMap, HeaderValue, Method, Response, header};
@@ -24,6 +23,7 @@ use crate::mcp::jsonrpc::{Id, Message};
 use crate::mcp::relay::{CutFn, EventFn, MapEvents};
 use crate::mcp::rewrite::replace_response_id;
 use crate::mcp::sse::Event;
+use crate::pool::PeerBody;
 use crate::seal::{self, Route, Sealer};
 use crate::stack::{Handled, Middleware, Next, call, read_body};
 use crate::{BoxBody, Proxy, boxed};

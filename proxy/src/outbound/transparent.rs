@@ -20,7 +20,6 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::pool::PeerBody;
 use bytes::Bytes;
 use capmesh_api::{Endpoint, Namespace};
 use http::{HeaderValue, Method, Request, Response};
@@ -33,6 +32,7 @@ use super::tool_call::call_timeout;
 use crate::contract::SERVED_BY_HEADER;
 use crate::forward::{self, Attempts, Call, CallSpec, Served, Target, Upstream};
 use crate::headers::is_hop_by_hop;
+use crate::pool::PeerBody;
 use crate::routing::Routing;
 use crate::stack::{Handled, Middleware, Next, ReadBody, RespondLayer, Stage, call};
 use crate::{BoxBody, Proxy, boxed};

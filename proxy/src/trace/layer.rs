@@ -7,7 +7,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use crate::pool::PeerBody;
 use bytes::Bytes;
 use capmesh_api::SpanKind;
 use http::{HeaderMap, Request, Response, header};
@@ -19,6 +18,7 @@ use crate::contract::{CAPABILITY_HEADER, SERVED_BY_HEADER};
 use crate::error::ProxyError;
 use crate::forward::{Call, Served};
 use crate::outbound::federated::Mcp;
+use crate::pool::PeerBody;
 use crate::stack::{Handled, Middleware, Next, call};
 use crate::{BoxBody, Proxy, boxed};
 
