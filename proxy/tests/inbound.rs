@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use capmesh_api::rest::Entity;
 use capmesh_certs::tls::{client_config, connect};
-use capmesh_certs::{Ca, Credential, CredentialCell, TrustStore, Validity, WorkloadKey};
+use capmesh_certs::{Ca, Credential, CredentialCell, TrustStore};
 use capmesh_tests::python::{PyAgent, client_json, json_lines, spawn_client};
-use capmesh_tests::{ProxyProcess, spiffe};
+use capmesh_tests::{ProxyProcess, issue_workload, spiffe};
 use common::{MODES, Mesh, call, eventually, served_by, set_policy, tool_names};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -77,18 +77,9 @@ async fn the_agent_sees_the_verified_caller_and_only_allow_listed_headers() {
 /// The partner entity's workload identity (in the entity's own trust domain).
 const PARTNER: &str = "spiffe://acme.example/ns/default/agent/partner";
 
-/// A certificate chain for `id` from `ca`, valid for `ttl`, and its key.
-fn issue(ca: &Ca, id: &capmesh_certs::SpiffeId, ttl: Duration) -> (String, WorkloadKey) {
-    let key = WorkloadKey::generate().unwrap();
-    let issued = ca
-        .issue(&key.csr_pem(id).unwrap(), id, Validity::for_ttl(ttl))
-        .unwrap();
-    (issued.chain_pem, key)
-}
-
 /// A ten-minute credential for `id` from `ca`.
 fn credential(ca: &Ca, id: &capmesh_certs::SpiffeId) -> Credential {
-    let (chain, key) = issue(ca, id, Duration::from_secs(600));
+    let (chain, key) = issue_workload(ca, id, Duration::from_secs(600)).unwrap();
     Credential::with_key(&chain, &key).unwrap()
 }
 
@@ -228,7 +219,8 @@ async fn a_revoked_entity_is_refused_on_the_pooled_connection_it_already_holds()
     common::register_entity(&mesh, "acme", "acme.example", acme.root_pem().into()).await;
     let dir = tempfile::tempdir().unwrap();
     // The partner's identity is in its own trust domain (its CA may issue no other).
-    let (chain, key) = issue(&acme, &PARTNER.parse().unwrap(), Duration::from_secs(3600));
+    let (chain, key) =
+        issue_workload(&acme, &PARTNER.parse().unwrap(), Duration::from_secs(3600)).unwrap();
     let (cert, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
     std::fs::write(&cert, chain).unwrap();
     std::fs::write(&key_file, key.to_pem()).unwrap();

@@ -167,6 +167,18 @@ pub fn spiffe(namespace: &str, agent: &str) -> Result<SpiffeId> {
     ))
 }
 
+/// A certificate chain for `id` signed by `ca` (the mesh's or an outside entity's), valid for
+/// `ttl`, and its key: a workload credential made without a control plane.
+pub fn issue_workload(
+    ca: &capmesh_certs::Ca,
+    id: &SpiffeId,
+    ttl: Duration,
+) -> Result<(String, WorkloadKey)> {
+    let key = WorkloadKey::generate()?;
+    let issued = ca.issue(&key.csr_pem(id)?, id, capmesh_certs::Validity::for_ttl(ttl))?;
+    Ok((issued.chain_pem, key))
+}
+
 /// A running `capmesh-control-plane`. Killed when dropped.
 #[derive(Debug)]
 pub struct ControlPlane {

@@ -24,9 +24,9 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use capmesh_api::Policy;
 use capmesh_api::rest::{AgentInfo, Entity, EntityRequest};
-use capmesh_certs::{Ca, Validity, WorkloadKey};
+use capmesh_certs::Ca;
 use capmesh_tests::postgres::Postgres;
-use capmesh_tests::{ControlPlane, ProxyProcess, SharedSecrets, workspace_bin};
+use capmesh_tests::{ControlPlane, ProxyProcess, SharedSecrets, issue_workload, workspace_bin};
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -547,18 +547,11 @@ async fn two_replicas_on_postgres_survive_a_killed_replica_and_a_database_outage
     let who: capmesh_certs::SpiffeId = "spiffe://acme.example/ns/default/agent/partner"
         .parse()
         .unwrap();
-    let key = WorkloadKey::generate().unwrap();
-    let issued = acme
-        .issue(
-            &key.csr_pem(&who).unwrap(),
-            &who,
-            Validity::for_ttl(Duration::from_secs(3600)),
-        )
-        .unwrap();
+    let (chain, key) = issue_workload(&acme, &who, Duration::from_secs(3600)).unwrap();
     let files = tempfile::tempdir().unwrap();
     let (cert, keyfile): (PathBuf, PathBuf) =
         (files.path().join("c.pem"), files.path().join("k.pem"));
-    std::fs::write(&cert, &issued.chain_pem).unwrap();
+    std::fs::write(&cert, &chain).unwrap();
     std::fs::write(&keyfile, key.to_pem()).unwrap();
     let partner = Agent::start("partner").unwrap();
     let mut partner_proxy = ProxyProcess::spawn_at(

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use capmesh_api::rest::{Entity, EntityRequest};
 use capmesh_api::{Capability, Endpoint, Registration, Snapshot, ToolSpec};
-use capmesh_certs::{Ca, Credential, SpiffeId, Validity, WorkloadKey};
+use capmesh_certs::{Ca, Credential, SpiffeId};
 use capmesh_client::ControlPlaneClient;
-use capmesh_tests::{ControlPlane, TestProxy};
+use capmesh_tests::{ControlPlane, TestProxy, issue_workload};
 
 /// How long a test waits for the control plane to tell a stream something.
 pub const WAIT: Duration = Duration::from_secs(10);
@@ -128,13 +128,6 @@ pub fn partner_credential(acme: &Ca) -> Credential {
     let who: SpiffeId = "spiffe://acme.example/ns/default/agent/partner"
         .parse()
         .unwrap();
-    let key = WorkloadKey::generate().unwrap();
-    let issued = acme
-        .issue(
-            &key.csr_pem(&who).unwrap(),
-            &who,
-            Validity::for_ttl(Duration::from_secs(3600)),
-        )
-        .unwrap();
-    Credential::with_key(&issued.chain_pem, &key).unwrap()
+    let (chain, key) = issue_workload(acme, &who, Duration::from_secs(3600)).unwrap();
+    Credential::with_key(&chain, &key).unwrap()
 }
