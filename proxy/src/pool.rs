@@ -367,7 +367,7 @@ impl PeerPool {
                 .insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
         }
         let end = body.is_empty();
-        // Refused here (the connection is closing, or the head is not HTTP/2's), nothing left.
+        // Refused here (the connection is closing, or the head is not valid HTTP/2): not sent.
         let (response, mut stream) = sender
             .send_request(Request::from_parts(parts, ()), end)
             .map_err(|source| PeerError::from_send(addr, true, false, source))?;
