@@ -12,6 +12,9 @@
 # builds; copy them out of target/release, or build an old commit in a worktree). RATE defaults
 # to 1000 req/s, ROUNDS to 3. Prints one line per run and the medians; needs perf, curl, python3
 # and a quiet machine. Uses ports 19001-19013, 19090, 19443-19444.
+#
+# AB_DEFAULTS=1 runs run.sh's `defaults` set-up instead: sidecars, echo and control plane
+# unpinned, with their default worker threads (one per CPU); the generator stays on CPU 0.
 set -euo pipefail
 
 [ $# -ge 2 ] || { sed -n '2,14p' "$0"; exit 2; }
@@ -23,7 +26,7 @@ for d in "$A" "$B"; do
 done
 command -v perf >/dev/null || { echo "benches/ab.sh: needs perf (apt-get install linux-perf)" >&2; exit 2; }
 
-EVENTS=context-switches,cpu-clock,syscalls:sys_enter_writev,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait
+EVENTS=context-switches,cpu-clock,syscalls:sys_enter_writev,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex
 work=$(mktemp -d)
 pids=()
 stop() {
@@ -40,10 +43,17 @@ trap 'stop; rm -rf "$work"' EXIT
 run() {
   local bin=$1 label=$2 d
   d=$(mktemp -d -p "$work")
-  export TOKIO_WORKER_THREADS=1 RUST_LOG=warn
-  taskset -c 1 "$bin/capmesh-bench" echo --listen 127.0.0.1:19090 >"$d/echo.log" 2>&1 &
+  export RUST_LOG=warn
+  local pin=(taskset -c 1)
+  if [ "${AB_DEFAULTS:-0}" = 1 ]; then
+    pin=()
+    unset TOKIO_WORKER_THREADS
+  else
+    export TOKIO_WORKER_THREADS=1
+  fi
+  "${pin[@]}" "$bin/capmesh-bench" echo --listen 127.0.0.1:19090 >"$d/echo.log" 2>&1 &
   pids+=($!)
-  taskset -c 1 "$bin/capmesh-control-plane" --data-dir "$d/cp" --listen 127.0.0.1:19443 \
+  "${pin[@]}" "$bin/capmesh-control-plane" --data-dir "$d/cp" --listen 127.0.0.1:19443 \
     --admin-listen 127.0.0.1:19444 --grace 2s >"$d/cp.log" 2>&1 &
   pids+=($!)
   for _ in $(seq 150); do [ -s "$d/cp/admin-token" ] && break; sleep 0.2; done
@@ -62,7 +72,7 @@ run() {
       base=19011
       set -- --agent-url none --dependency echo
     fi
-    CAPMESH_BOOTSTRAP_TOKEN=$token taskset -c 1 "$bin/capmesh-proxy" --agent-name $name "$@" \
+    CAPMESH_BOOTSTRAP_TOKEN=$token "${pin[@]}" "$bin/capmesh-proxy" --agent-name $name "$@" \
       --control-plane https://127.0.0.1:19443 --control-plane-ca "$d/cp/ca.pem" \
       --outbound 127.0.0.1:$base --inbound 127.0.0.1:$((base + 1)) --admin 127.0.0.1:$((base + 2)) \
       >"$d/$name.log" 2>&1 &
@@ -108,11 +118,11 @@ rss = [int(x) / 1024 for x in open(f"{d}/rss").read().split()]
 print(f"{label} idle_rss_mib={rss[0]:.1f},{rss[1]:.1f} loaded_rss_mib={rss[2]:.1f},{rss[3]:.1f} consumer_cpu_ms={c.get('cpu-clock', 0):.0f} provider_cpu_ms={p.get('cpu-clock', 0):.0f} "
       f"p50_us={lat['p50_us']} p99_us={lat['p99_us']} errors={report['errors']} "
       f"per_request(consumer): cs={per(c, 'context-switches'):.2f} writev={per(c, 'syscalls:sys_enter_writev'):.2f} "
-      f"recvfrom={per(c, 'syscalls:sys_enter_recvfrom'):.2f} epoll_wait={per(c, 'syscalls:sys_enter_epoll_wait'):.2f}")
+      f"recvfrom={per(c, 'syscalls:sys_enter_recvfrom'):.2f} epoll_wait={per(c, 'syscalls:sys_enter_epoll_wait'):.2f} futex={per(c, 'syscalls:sys_enter_futex'):.2f}")
 EOF
 }
 
-echo "== $RATE req/s, $ROUNDS rounds; A=$A B=$B; $(nproc) CPUs, $(free -g | awk '/Mem:/{print $2}') GiB; loadavg $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "== $RATE req/s, $ROUNDS rounds$([ "${AB_DEFAULTS:-0}" = 1 ] && echo ', defaults (unpinned, one worker per CPU)'); A=$A B=$B; $(nproc) CPUs, $(free -g | awk '/Mem:/{print $2}') GiB; loadavg $(cut -d' ' -f1-3 /proc/loadavg)"
 out=$work/lines
 for r in $(seq "$ROUNDS"); do
   for side in A B; do

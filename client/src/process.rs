@@ -146,22 +146,57 @@ where
     block_on(name, work(config))
 }
 
-/// Runs `work` on a multi-thread runtime; an error is printed as `<name>: <error chain>` and
-/// gives a failing exit code.
+/// How many worker threads the runtime gets: `TOKIO_WORKER_THREADS` when set, else the CPUs
+/// this process may use (its affinity and cgroup quota included). A value that is not a
+/// positive number is reported on stderr, naming the variable and the fix, and the default
+/// applies.
+pub fn worker_threads(env: Option<&str>) -> usize {
+    let cpus = || std::thread::available_parallelism().map_or(1, |n| n.get());
+    match env.map(str::trim).filter(|v| !v.is_empty()) {
+        None => cpus(),
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if n > 0 => n,
+            _ => {
+                let n = cpus();
+                eprintln!(
+                    "TOKIO_WORKER_THREADS={v:?} is not a positive number of threads: give 1 or more, or unset it for one per CPU; using {n}"
+                );
+                n
+            }
+        },
+    }
+}
+
+/// Runs `work` on a runtime of [`worker_threads`] threads; an error is printed as
+/// `<name>: <error chain>` and gives a failing exit code.
+///
+/// With one worker the runtime is tokio's single-thread scheduler, on the main thread: a
+/// multi-thread scheduler with one worker pays for work stealing and cross-thread wake-ups that
+/// cannot help (benches/RESULTS.md, "One thread when one worker").
 pub fn block_on<E>(name: &str, work: impl Future<Output = Result<(), E>>) -> ExitCode
 where
     E: std::fmt::Debug + std::fmt::Display,
 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let workers = worker_threads(std::env::var("TOKIO_WORKER_THREADS").ok().as_deref());
+    let mut builder = if workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("{name}: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
+    // Freed memory back to the system, so a burst of connections does not leave the resident
+    // set at its high-water mark (benches/RESULTS.md, "Soak").
+    runtime.spawn(capmesh_memory::release_every(
+        capmesh_memory::RELEASE_INTERVAL,
+    ));
     match runtime.block_on(work) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -178,6 +213,17 @@ mod tests {
     use tracing::Level;
 
     use super::log_filter;
+
+    #[test]
+    fn worker_threads_come_from_the_variable_else_the_cpus() {
+        let cpus = std::thread::available_parallelism().unwrap().get();
+        assert_eq!(super::worker_threads(Some("1")), 1);
+        assert_eq!(super::worker_threads(Some(" 3 ")), 3);
+        assert_eq!(super::worker_threads(None), cpus);
+        assert_eq!(super::worker_threads(Some("")), cpus);
+        assert_eq!(super::worker_threads(Some("0")), cpus);
+        assert_eq!(super::worker_threads(Some("many")), cpus);
+    }
 
     #[test]
     fn rust_log_sets_the_level_per_target_and_a_bad_value_falls_back_to_the_default() {
