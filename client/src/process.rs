@@ -167,7 +167,8 @@ pub fn worker_threads(env: Option<&str>) -> usize {
     }
 }
 
-/// Runs `work` on a runtime of [`worker_threads`] threads; an error is printed as
+/// Runs `work` on a runtime of [`worker_threads`] threads, with the heap's free memory handed
+/// back to the system every [`capmesh_memory::RELEASE_INTERVAL`]; an error is printed as
 /// `<name>: <error chain>` and gives a failing exit code.
 ///
 /// With one worker the runtime is tokio's single-thread scheduler, on the main thread: a
