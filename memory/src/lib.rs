@@ -39,9 +39,8 @@ pub fn release() -> bool {
 
 /// Calls [`release`] every `interval`, forever: spawn it on the process's runtime.
 pub async fn release_every(interval: Duration) {
-    let mut tick = tokio::time::interval(interval);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await;
     loop {
         tick.tick().await;
         release();
@@ -79,7 +78,7 @@ mod tests {
         let freed = rss_kib();
         assert!(release(), "malloc_trim released nothing");
         let after = rss_kib();
-        assert_eq!(kept.len(), 4096);
+        drop(kept);
         // 64 MiB were touched; at least half of them must leave the resident set.
         assert!(
             after + 32 * 1024 < before.max(freed),
