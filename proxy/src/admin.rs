@@ -130,6 +130,38 @@ fn config(proxy: &Proxy) -> String {
         s.settings.session_key.clear();
         s
     });
+    let now = std::time::Instant::now();
+    // What the balancer sees now, per tool: its ranks, best first, and each endpoint's latency
+    // estimate, requests in flight and breaker (why an endpoint gets no traffic).
+    let balancing: Vec<_> = routing
+        .tools
+        .iter()
+        .map(|t| {
+            let ranks: Vec<Vec<_>> = t
+                .ranks
+                .iter()
+                .map(|rank| {
+                    rank.iter()
+                        .map(|e| {
+                            let stats = routing.stats(&e.id);
+                            let breaker = stats.as_ref().map(|s| match s.breaker().state(now) {
+                                crate::breaker::BreakerState::Closed => "closed",
+                                crate::breaker::BreakerState::Open { .. } => "open",
+                                crate::breaker::BreakerState::HalfOpen => "half-open",
+                            });
+                            json!({
+                                "id": e.id,
+                                "estimate_ms": stats.as_ref().and_then(|s| s.estimate(now)).map(|ns| ns / 1e6),
+                                "in_flight": stats.as_ref().map_or(0, |s| s.in_flight()),
+                                "breaker": breaker,
+                            })
+                        })
+                        .collect()
+                })
+                .collect();
+            json!({ "tool": t.name, "capability": t.capability, "ranks": ranks })
+        })
+        .collect();
     let doc = json!({
         "identity": proxy.identity.id.to_string(),
         "proxy_id": proxy.node.proxy_id,
@@ -138,6 +170,7 @@ fn config(proxy: &Proxy) -> String {
         "registration": *proxy.registration.borrow(),
         "agent_healthy": *proxy.healthy.borrow(),
         "tools": routing.tools.iter().map(|t| t.to_json()).collect::<Vec<_>>(),
+        "balancing": balancing,
         "snapshot": snapshot,
     });
     serde_json::to_string_pretty(&doc).unwrap_or_default()

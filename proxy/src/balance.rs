@@ -216,12 +216,15 @@ impl InFlight {
         self.started
     }
 
-    /// Ends the request, observing `outcome` with the time since it started; returns true when
-    /// this ejected the endpoint.
-    pub fn finish(self, outcome: Outcome) -> bool {
+    /// Ends the request, observing `outcome` with the time since it started less `setup` (what
+    /// it waited for its connection to open, which says nothing of the endpoint's speed);
+    /// returns true when this ejected the endpoint.
+    pub fn finish(self, outcome: Outcome, setup: Duration) -> bool {
         let now = Instant::now();
-        self.stats
-            .observe_at(outcome, now.saturating_duration_since(self.started), now)
+        let rtt = now
+            .saturating_duration_since(self.started)
+            .saturating_sub(setup);
+        self.stats.observe_at(outcome, rtt, now)
     }
 }
 
@@ -790,6 +793,43 @@ mod tests {
             (30..70).contains(&burst_new),
             "{burst_new} of a burst of 100"
         );
+    }
+
+    #[test]
+    fn the_wait_for_a_new_connection_does_not_count_against_an_endpoint() {
+        // A known endpoint answering in 1 ms, and a new one whose first request waited 30 ms
+        // for its connection to open (the TLS handshake) and was then answered at once.
+        let endpoints = [endpoint("known", &[], None), endpoint("new", &[], None)];
+        let ranks = rank(&endpoints, &Selector::default());
+        let share = |setup_left_out: bool| {
+            let table = Table::new(&endpoints);
+            table
+                .get(&endpoints[0])
+                .observe(Outcome::Success, Duration::from_millis(1));
+            let first = table.get(&endpoints[1]).start();
+            let began = Instant::now();
+            std::thread::sleep(Duration::from_millis(30));
+            let setup = began.elapsed();
+            first.finish(
+                Outcome::Success,
+                if setup_left_out {
+                    setup
+                } else {
+                    Duration::ZERO
+                },
+            );
+            let (stats, now) = (table.lookup(), Instant::now());
+            (0..1_000)
+                .filter(|_| pick(&ranks, &stats, &[], now).unwrap().agent.as_str() == "new")
+                .count()
+        };
+        let new = share(true);
+        assert!(
+            (400..=1_000).contains(&new),
+            "the new endpoint got {new} of 1000"
+        );
+        // Counted in, the handshake makes it the slower one: it would get nothing.
+        assert_eq!(share(false), 0);
     }
 
     #[test]

@@ -176,6 +176,16 @@ struct Conn {
     closed: Arc<AtomicBool>,
 }
 
+/// How long a request waited for its connection to a peer to open (opened by it, or by the
+/// request that got there first): a response extension, present only when it waited.
+///
+/// The balancer leaves this out of the endpoint's latency sample, as tower's balancers do by
+/// connecting in `poll_ready`. Counted in, a new provider's first answer (slowed by the TLS
+/// handshake) reads as a slow provider, and power of two choices passes it over until that
+/// estimate decays: seconds without traffic for a provider that just joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectWait(pub Duration);
+
 /// How often an HTTP/2 PING checks a pooled connection, and how long its answer may take before
 /// the connection is given up: a peer that vanished without closing (its host gone) would
 /// otherwise hold the next requests until their time-outs.
@@ -322,7 +332,13 @@ impl PeerPool {
             })
     }
 
-    async fn sender(&self, addr: &str, identity: &str) -> Result<Conn, PeerError> {
+    /// The pooled connection to `addr` proving `identity`, opened when there is none (or it
+    /// ended), and how long this took when the request had to wait for it.
+    async fn sender(
+        &self,
+        addr: &str,
+        identity: &str,
+    ) -> Result<(Conn, Option<Duration>), PeerError> {
         let slot = {
             let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             match slots.get(addr).and_then(|ids| ids.get(identity)) {
@@ -335,15 +351,23 @@ impl PeerPool {
                     .clone(),
             }
         };
+        // The usual case: a live connection and nobody opening one.
+        if let Ok(guard) = slot.try_lock()
+            && let Some(conn) = guard.as_ref()
+            && !conn.closed.load(Ordering::Acquire)
+        {
+            return Ok((conn.clone(), None));
+        }
+        let began = std::time::Instant::now();
         let mut guard = slot.lock().await;
         if let Some(conn) = guard.as_ref()
             && !conn.closed.load(Ordering::Acquire)
         {
-            return Ok(conn.clone());
+            return Ok((conn.clone(), Some(began.elapsed())));
         }
         let conn = self.connect(addr, identity).await?;
         *guard = Some(conn.clone());
-        Ok(conn)
+        Ok((conn, Some(began.elapsed())))
     }
 
     /// Sends `req` to the proxy at `addr`, which must prove `identity`. The error says whether
@@ -354,7 +378,7 @@ impl PeerPool {
         identity: &str,
         req: Request<Bytes>,
     ) -> Result<Response<PeerBody>, PeerError> {
-        let Conn { sender, heard, .. } = self.sender(addr, identity).await?;
+        let (Conn { sender, heard, .. }, waited) = self.sender(addr, identity).await?;
         let mut sender = sender
             .ready()
             .await
@@ -379,10 +403,14 @@ impl PeerPool {
             stream.send_data(body, true).map_err(sent)?;
         }
         let response = response.await.map_err(sent)?;
-        Ok(response.map(|recv| PeerBody {
+        let mut response = response.map(|recv| PeerBody {
             recv,
             data_done: false,
-        }))
+        });
+        if let Some(waited) = waited {
+            response.extensions_mut().insert(ConnectWait(waited));
+        }
+        Ok(response)
     }
 
     /// Drops pooled connections to peers that are no longer in the snapshot.

@@ -73,7 +73,7 @@ async fn serve_counts(
 #[tokio::test]
 async fn providers_share_load_and_a_preferred_tag_picks_one() {
     let mesh = Mesh::new().await;
-    let (_fast_agent, _fast_proxy) = mesh
+    let (mut fast_agent, _fast_proxy) = mesh
         .provider("alpha", &["weather"], &["--tags", "fast"])
         .await;
     let (_slow_agent, _slow_proxy) = mesh
@@ -93,6 +93,56 @@ async fn providers_share_load_and_a_preferred_tag_picks_one() {
     let picky = mesh.consumer("picky", &["get_weather:+fast"], &[]).await;
     let counts = serve_counts(&picky, 8).await;
     assert_eq!(counts.get("alpha"), Some(&8), "{counts:?}");
+
+    // Its /config shows what the balancer sees: alpha alone in the best rank, observed; beta
+    // behind it, never tried.
+    let (_, config) = picky.admin_get("/config").await.unwrap();
+    let config: serde_json::Value = serde_json::from_str(&config).unwrap();
+    let balancing = &config["balancing"][0];
+    assert_eq!(balancing["tool"], "get_weather", "{balancing}");
+    let rank = |i: usize| -> Vec<(String, bool, String)> {
+        balancing["ranks"][i]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|e| {
+                (
+                    e["id"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .split('/')
+                        .nth(1)
+                        .unwrap_or_default()
+                        .to_owned(),
+                    e["estimate_ms"].is_f64(),
+                    e["breaker"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        rank(0),
+        [("alpha".to_owned(), true, "closed".to_owned())],
+        "{balancing}"
+    );
+    assert_eq!(
+        rank(1),
+        [("beta".to_owned(), false, "closed".to_owned())],
+        "{balancing}"
+    );
+
+    // alpha's agent gone, its sidecar still up: the call alpha's sidecar cannot hand over
+    // (the mesh's own 503) goes to beta, and the consumer counts one retry and one failover.
+    fast_agent.kill();
+    let counts = serve_counts(&picky, 1).await;
+    assert_eq!(counts.get("beta"), Some(&1), "{counts:?}");
+    let (_, metrics) = picky.admin_get("/metrics").await.unwrap();
+    for counter in [
+        "capmesh_proxy_retries_total{capability=\"get_weather\"} 1",
+        "capmesh_proxy_failovers_total{capability=\"get_weather\"} 1",
+    ] {
+        assert!(metrics.contains(counter), "no {counter} in:\n{metrics}");
+    }
 }
 
 /// One 2026-07-28 `tools/call` of `echo` through a sidecar's outbound port: the result text, or
@@ -598,6 +648,22 @@ async fn under_load_a_new_provider_is_served_within_100ms_of_the_consumer_knowin
     let served_at = tokio::time::timeout(Duration::from_secs(10), first_beta)
         .await
         .expect("beta never served a call");
+    // And it keeps taking its share: its first answer came over a fresh mutual-TLS connection,
+    // which must not read as a slow provider (power of two choices would pass it over for
+    // seconds, until that estimate decayed).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (mut beta, mut all) = (0, 0);
+    for (at, who) in answers.lock().unwrap().iter() {
+        if *at > served_at && *at <= served_at + Duration::from_secs(1) {
+            all += 1;
+            beta += usize::from(who.as_deref().is_some_and(|w| w.contains("/agent/beta#")));
+        }
+    }
+    println!("in the second after its first answer, beta served {beta} of {all} calls");
+    assert!(
+        all >= 100 && beta * 5 >= all,
+        "beta served {beta} of the {all} calls answered in the second after its first"
+    );
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     load.await.unwrap();
     let failed = answers

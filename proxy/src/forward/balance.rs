@@ -1,9 +1,10 @@
 //! The balancer: picks the endpoint of each attempt by power of two choices over peak-EWMA
 //! within the best rank that has an endpoint left ([`crate::balance::pick`]), skipping those
-//! already tried, and feeds the outcome to the endpoint's latency estimate and breaker.
+//! already tried, and feeds the outcome to the endpoint's breaker and latency estimate (less
+//! any wait for the connection to open: [`crate::pool::ConnectWait`]).
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use capmesh_api::Endpoint;
 use http::{Response, StatusCode};
@@ -13,7 +14,7 @@ use crate::Proxy;
 use crate::balance::{Outcome, pick};
 use crate::contract::ERROR_HEADER;
 use crate::error::ProxyError;
-use crate::pool::PeerBody;
+use crate::pool::{ConnectWait, PeerBody};
 use crate::stack::{Handled, Middleware, Next, call};
 
 /// One attempt of a call: the call and the endpoint chosen for it.
@@ -99,8 +100,13 @@ where
             };
             let result = call(next, attempt).await;
             let outcome = outcome(&result);
+            let setup = result
+                .as_ref()
+                .ok()
+                .and_then(|r| r.extensions().get::<ConnectWait>())
+                .map_or(Duration::ZERO, |w| w.0);
             if let Some(in_flight) = in_flight
-                && in_flight.finish(outcome)
+                && in_flight.finish(outcome, setup)
             {
                 proxy
                     .metrics
@@ -115,6 +121,13 @@ where
             }
             match result {
                 Ok(mut resp) => {
+                    if outcome == Outcome::Success && !tried.is_empty() {
+                        proxy
+                            .metrics
+                            .failovers
+                            .with_label_values(&[req.label.as_str()])
+                            .inc();
+                    }
                     if outcome == Outcome::Unavailable {
                         req.attempts
                             .failed(format!("{} answered 503", endpoint.identity));
