@@ -300,6 +300,7 @@ async fn run(
                             break;
                         }
                         app.metrics.deltas_sent.inc();
+                        tracing::debug!(proxy_id = %proxy_id, version = %version, "delta sent");
                         in_flight.push_back((version, Instant::now()));
                         if in_flight.len() > 64 {
                             in_flight.pop_front();

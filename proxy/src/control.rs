@@ -149,6 +149,7 @@ pub async fn run(
                     Some(Ok(frame)) => {
                         let reply = match proxy.apply(frame) {
                             Ok(version) => {
+                                tracing::debug!(version = %version, "applied");
                                 backoff.reset();
                                 ProxyFrame::Ack { version }
                             }

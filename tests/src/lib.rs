@@ -716,7 +716,10 @@ impl ProxyProcess {
             command.env("CAPMESH_BOOTSTRAP_TOKEN", token);
         }
         let mut child = command
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .args([
                 "--agent-name",
                 agent,

@@ -477,7 +477,24 @@ async fn two_replicas_on_postgres_survive_a_killed_replica_and_a_database_outage
     println!(
         "provider registered during the outage served {first_ap:?} after its sidecar was ready"
     );
-    assert!(first_ap <= DEADLINE, "served after {first_ap:?}");
+    if first_ap > DEADLINE {
+        // Say why: whether the consumer held the provider, and what its balancer made of it.
+        let mut answered = std::collections::BTreeMap::<String, usize>::new();
+        for (at, r) in record.lock().unwrap().iter() {
+            if *at >= ready_at {
+                *answered.entry(format!("{r:?}")).or_default() += 1;
+            }
+        }
+        let (_, config) = planner.admin_get("/config").await.unwrap_or_default();
+        panic!(
+            "served after {first_ap:?}; calls since it was ready: {answered:?}\n\
+             the consumer's /config:\n{config}\nits log:\n{}\nthe new provider's log:\n{}\n\
+             replica 2's log:\n{}",
+            planner.log(),
+            ap_proxy.log(),
+            r2.log()
+        );
+    }
     // On through the dead replica's lease lapsing and the grace period after it (5 s + 2 s):
     // nothing of the moved proxies is withdrawn.
     tokio::time::sleep(Duration::from_secs(8).saturating_sub(killed.elapsed())).await;
