@@ -144,16 +144,12 @@ fn config(proxy: &Proxy) -> String {
                     rank.iter()
                         .map(|e| {
                             let stats = routing.stats(&e.id);
-                            let breaker = stats.as_ref().map(|s| match s.breaker().state(now) {
-                                crate::breaker::BreakerState::Closed => "closed",
-                                crate::breaker::BreakerState::Open { .. } => "open",
-                                crate::breaker::BreakerState::HalfOpen => "half-open",
-                            });
+                            let stats = stats.as_ref();
                             json!({
                                 "id": e.id,
-                                "estimate_ms": stats.as_ref().and_then(|s| s.estimate(now)).map(|ns| ns / 1e6),
-                                "in_flight": stats.as_ref().map_or(0, |s| s.in_flight()),
-                                "breaker": breaker,
+                                "estimate_ms": stats.and_then(|s| s.estimate(now)).map(|ns| ns / 1e6),
+                                "in_flight": stats.map_or(0, |s| s.in_flight()),
+                                "breaker": stats.map(|s| s.breaker().state(now).name()),
                             })
                         })
                         .collect()

@@ -92,6 +92,17 @@ fn decode(gate: i64) -> (i64, bool) {
     (gate >> 1, gate & 1 == 1)
 }
 
+impl BreakerState {
+    /// The state's name as the admin endpoint shows it: `closed`, `open` or `half-open`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open { .. } => "open",
+            BreakerState::HalfOpen => "half-open",
+        }
+    }
+}
+
 impl Breaker {
     /// A closed breaker.
     pub fn new(config: BreakerConfig) -> Self {
