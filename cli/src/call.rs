@@ -232,6 +232,7 @@ pub async fn run(
         Arc::new(CredentialCell::new(credential)),
         trust,
         CONNECT_TIMEOUT,
+        1,
     );
 
     // The CLI's own span is not recorded: the provider's server span is the first one held.

@@ -146,6 +146,28 @@ where
     block_on(name, work(config))
 }
 
+/// [`main`] on the main thread alone: for a program that starts its own worker threads, each
+/// with a scheduler of its own (the proxy, `capmesh_proxy::workers`), so the main thread's
+/// scheduler takes no work from them.
+pub fn main_on_one_thread<C, F, E>(
+    name: &str,
+    args: impl IntoIterator<Item = std::ffi::OsString>,
+    log_format: impl Fn(&C) -> &str,
+    work: impl FnOnce(C) -> F,
+) -> ExitCode
+where
+    C: clap::Parser,
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Debug + std::fmt::Display,
+{
+    let config = match C::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
+    init_tracing(log_format(&config));
+    block_on_threads(name, 1, work(config))
+}
+
 /// How many worker threads the runtime gets: `TOKIO_WORKER_THREADS` when set, else the CPUs
 /// this process may use (its affinity and cgroup quota included). A value that is not a
 /// positive number is reported on stderr, naming the variable and the fix, and the default
@@ -179,6 +201,17 @@ where
     E: std::fmt::Debug + std::fmt::Display,
 {
     let workers = worker_threads(std::env::var("TOKIO_WORKER_THREADS").ok().as_deref());
+    block_on_threads(name, workers, work)
+}
+
+fn block_on_threads<E>(
+    name: &str,
+    workers: usize,
+    work: impl Future<Output = Result<(), E>>,
+) -> ExitCode
+where
+    E: std::fmt::Debug + std::fmt::Display,
+{
     let mut builder = if workers == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {

@@ -231,8 +231,7 @@ pub async fn serve(
     crate::serve::accept(
         "admin",
         listener,
-        limits,
-        &refused,
+        crate::serve::Gate::for_listener("admin", &limits, &refused),
         drain.clone(),
         ADMIN_GRACE,
         connection,

@@ -64,13 +64,14 @@ pub struct AgentTool {
 pub struct Agent {
     url: Uri,
     authority: HeaderValue,
-    client: Client<HttpConnector, BoxBody>,
+    /// One client (and so one pool of connections) per worker thread ([`crate::workers`]).
+    clients: Box<[Client<HttpConnector, BoxBody>]>,
     session: Mutex<Option<AgentSession>>,
 }
 
 impl Agent {
-    /// An agent at `url` (`http://host:port/path`).
-    pub fn new(url: &str) -> anyhow::Result<Self> {
+    /// An agent at `url` (`http://host:port/path`), called from `workers` worker threads.
+    pub fn new(url: &str, workers: usize) -> anyhow::Result<Self> {
         let uri: Uri = url.parse().with_context(|| {
             format!("--agent-url {url:?} is not a URL: use http://127.0.0.1:8080/mcp")
         })?;
@@ -86,13 +87,15 @@ impl Agent {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
+        let clients = crate::workers::per_worker(workers, |_| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(Duration::from_secs(60))
+                .build(connector.clone())
+        });
         Ok(Self {
             authority: HeaderValue::from_str(&authority)?,
             url: uri,
-            client,
+            clients,
             session: Mutex::new(None),
         })
     }
@@ -117,7 +120,7 @@ impl Agent {
         &self,
         req: Request<BoxBody>,
     ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        self.client.request(req).await
+        crate::workers::mine(&self.clients).request(req).await
     }
 
     fn rpc_request(

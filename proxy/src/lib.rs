@@ -34,6 +34,7 @@ pub mod seal;
 pub mod serve;
 pub mod stack;
 pub mod trace;
+pub mod workers;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -220,6 +221,54 @@ async fn bind(addr: std::net::SocketAddr, flag: &str) -> anyhow::Result<TcpListe
         .with_context(|| format!("{flag} {addr}: cannot bind (in use? pick another port)"))
 }
 
+/// What serving the inbound and outbound listeners needs, for each worker.
+#[derive(Clone)]
+struct Serving {
+    proxy: Arc<Proxy>,
+    acceptor: MeshAcceptor,
+    inbound_gate: serve::Gate,
+    outbound_gate: serve::Gate,
+    limits: serve::Limits,
+    drain: watch::Receiver<bool>,
+    grace: Duration,
+}
+
+impl Serving {
+    /// Serves both listeners on this thread's scheduler until the drain has ended.
+    async fn run(self, inbound: TcpListener, outbound: TcpListener) {
+        tokio::join!(
+            inbound::serve(
+                self.proxy.clone(),
+                inbound,
+                self.inbound_gate,
+                self.acceptor,
+                self.limits,
+                self.drain.clone(),
+                self.grace,
+            ),
+            outbound::serve(
+                self.proxy,
+                outbound,
+                self.outbound_gate,
+                self.limits,
+                self.drain,
+                self.grace,
+            ),
+        );
+    }
+}
+
+/// Another handle to `listener` (the same socket), for a worker thread to accept on with its
+/// own scheduler.
+fn handle(listener: &TcpListener) -> anyhow::Result<std::net::TcpListener> {
+    use std::os::fd::AsFd;
+    let fd = listener
+        .as_fd()
+        .try_clone_to_owned()
+        .context("cannot hand a listener to a worker thread")?;
+    Ok(std::net::TcpListener::from(fd))
+}
+
 /// The `capmesh-proxy` program: parses `args` (the first is the program name), then runs until
 /// SIGTERM or Ctrl-C. A bad flag prints clap's message and exits 2; `--version` (`-V`) prints
 /// the proxy's version. `capmesh-proxy init …` writes the transparent-mode iptables rules
@@ -243,7 +292,8 @@ pub fn main_with_args(
     for warning in config::rewrite_deprecated_version(&mut args, env_version) {
         eprintln!("capmesh-proxy: warning: {warning}");
     }
-    process::main(
+    // The proxy starts its worker threads itself, each with a scheduler of its own (`workers`).
+    process::main_on_one_thread(
         "capmesh-proxy",
         args,
         |c: &Config| c.log_format.as_str(),
@@ -261,8 +311,9 @@ pub async fn run(
     mut config: Config,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    let workers = workers::count();
     let agent = match config.agent() {
-        Some(url) => Some(Arc::new(agent::Agent::new(url)?)),
+        Some(url) => Some(Arc::new(agent::Agent::new(url, workers)?)),
         None => None,
     };
     let outbound_listener = bind(config.outbound, "--outbound").await?;
@@ -387,6 +438,7 @@ pub async fn run(
             identity.cell.clone(),
             identity.trust.clone(),
             Duration::from_secs(1),
+            workers,
         ),
         sessions: outbound::Sessions::default(),
         tools_changed: watch::channel(0).0,
@@ -467,22 +519,50 @@ pub async fn run(
     )?;
     let drain = Duration::from_secs(10);
     let limits = proxy.config.limits();
-    let inbound_task = tokio::spawn(inbound::serve(
-        proxy.clone(),
-        inbound_listener,
+    let refused = &proxy.metrics.connections_refused;
+    let serving = Serving {
+        proxy: proxy.clone(),
         acceptor,
+        inbound_gate: serve::Gate::for_listener("inbound", &limits, refused),
+        outbound_gate: serve::Gate::for_listener("outbound", &limits, refused),
         limits,
-        drain_rx.clone(),
-        drain,
-    ));
-    let outbound_task = tokio::spawn(outbound::serve(
-        proxy.clone(),
-        outbound_listener,
-        limits,
-        drain_rx.clone(),
-        drain,
-    ));
+        drain: drain_rx.clone(),
+        grace: drain,
+    };
+    // Each resolves when a worker has stopped serving (drained).
+    let mut served = Vec::new();
+    if workers == 1 {
+        let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            serving.run(inbound_listener, outbound_listener).await;
+            let _ = done_tx.send(());
+        });
+        served.push(done_rx);
+    } else {
+        // The main thread keeps to the control plane, the admin listener and the background
+        // work; workers 1..=n serve, each on handles of its own to the two listeners.
+        for index in 1..=workers {
+            let handles = (handle(&inbound_listener)?, handle(&outbound_listener)?);
+            let serving = serving.clone();
+            let done = workers::spawn(index, move || async move {
+                match (
+                    TcpListener::from_std(handles.0),
+                    TcpListener::from_std(handles.1),
+                ) {
+                    (Ok(inbound), Ok(outbound)) => serving.run(inbound, outbound).await,
+                    (Err(e), _) | (_, Err(e)) => tracing::error!(
+                        worker = index,
+                        error = %e,
+                        "this worker cannot accept on the listeners; the others serve them"
+                    ),
+                }
+            })
+            .with_context(|| format!("cannot start worker thread {index}"))?;
+            served.push(done);
+        }
+    }
     tracing::info!(
+        workers,
         identity = %proxy.identity.id,
         proxy_id = %node.proxy_id,
         outbound = %proxy.config.outbound,
@@ -500,7 +580,10 @@ pub async fn run(
     // moment to arrive, then stop accepting and let in-flight calls finish.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let _ = drain_tx.send(true);
-    let _ = tokio::join!(inbound_task, outbound_task, admin_task, control_task);
+    let _ = tokio::join!(admin_task, control_task);
+    for done in served {
+        let _ = done.await;
+    }
     for t in tasks {
         t.abort();
     }

@@ -193,35 +193,41 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 type Slot = Arc<tokio::sync::Mutex<Option<Conn>>>;
+type Slots = HashMap<String, HashMap<String, Slot>>;
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
-/// HTTP/2 connections to peer proxies, keyed by address and expected identity.
+/// HTTP/2 connections to peer proxies, keyed by address and expected identity: one per peer
+/// for each worker thread, so a call and the connection it goes out on share a thread
+/// ([`crate::workers`]).
 #[derive(Debug)]
 pub struct PeerPool {
     cell: Arc<CredentialCell>,
     trust: Arc<TrustStore>,
     /// TCP connect and TLS handshake, in milliseconds (the mesh settings' `connect_timeout_ms`).
     connect_timeout_ms: AtomicU64,
-    /// address → expected identity → connection (looked up without allocating).
-    slots: Mutex<HashMap<String, HashMap<String, Slot>>>,
+    /// For each worker: address → expected identity → connection (looked up without
+    /// allocating).
+    slots: Box<[Mutex<Slots>]>,
     configs: Mutex<HashMap<String, Arc<rustls::ClientConfig>>>,
 }
 
 impl PeerPool {
-    /// A pool presenting `cell`'s certificate and verifying peers against `trust`.
+    /// A pool presenting `cell`'s certificate and verifying peers against `trust`, for
+    /// `workers` worker threads.
     pub fn new(
         cell: Arc<CredentialCell>,
         trust: Arc<TrustStore>,
         connect_timeout: Duration,
+        workers: usize,
     ) -> Self {
         Self {
             cell,
             trust,
             connect_timeout_ms: AtomicU64::new(millis(connect_timeout)),
-            slots: Mutex::new(HashMap::new()),
+            slots: crate::workers::per_worker(workers, |_| Mutex::default()),
             configs: Mutex::new(HashMap::new()),
         }
     }
@@ -340,7 +346,9 @@ impl PeerPool {
         identity: &str,
     ) -> Result<(Conn, Option<Duration>), PeerError> {
         let slot = {
-            let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            let mut slots = crate::workers::mine(&self.slots)
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             match slots.get(addr).and_then(|ids| ids.get(identity)) {
                 Some(slot) => slot.clone(),
                 None => slots
@@ -415,11 +423,13 @@ impl PeerPool {
 
     /// Drops pooled connections to peers that are no longer in the snapshot.
     pub fn retain(&self, keep: impl Fn(&str, &str) -> bool) {
-        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        for (addr, ids) in slots.iter_mut() {
-            ids.retain(|id, _| keep(addr, id));
+        for slots in &self.slots {
+            let mut slots = slots.lock().unwrap_or_else(|p| p.into_inner());
+            for (addr, ids) in slots.iter_mut() {
+                ids.retain(|id, _| keep(addr, id));
+            }
+            slots.retain(|_, ids| !ids.is_empty());
         }
-        slots.retain(|_, ids| !ids.is_empty());
     }
 }
 

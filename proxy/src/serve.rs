@@ -68,6 +68,13 @@ pub struct Gate {
 }
 
 impl Gate {
+    /// The gate of the listener `name`: `limits.max_connections`, refusals counted in
+    /// `refused` under the listener's name. One per listener, shared by every worker that
+    /// accepts on it, so the cap holds for the listener as a whole.
+    pub fn for_listener(name: &str, limits: &Limits, refused: &IntCounterVec) -> Self {
+        Self::new(limits.max_connections, refused.with_label_values(&[name]))
+    }
+
     /// A gate for `max` connections, counting refusals in `refused`.
     pub fn new(max: usize, refused: IntCounter) -> Self {
         let max = max.max(1);
@@ -98,15 +105,13 @@ impl Gate {
     }
 }
 
-/// Accepts connections on `listener` until `drain` turns true, admitting each through a
-/// [`Gate`] of `limits.max_connections` (refusals counted in `refused`) and handing it to
-/// `serve` on a task of its own; then waits for the open connections to finish, at most
-/// `grace`. `name` names the listener in logs.
+/// Accepts connections on `listener` until `drain` turns true, admitting each through `gate`
+/// and handing it to `serve` on a task of its own; then waits for the listener's open
+/// connections to finish, at most `grace`. `name` names the listener in logs.
 pub async fn accept<F, Fut>(
     name: &'static str,
     listener: TcpListener,
-    limits: Limits,
-    refused: &IntCounterVec,
+    gate: Gate,
     mut drain: watch::Receiver<bool>,
     grace: Duration,
     serve: F,
@@ -114,7 +119,6 @@ pub async fn accept<F, Fut>(
     F: Fn(TcpStream) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let gate = Gate::new(limits.max_connections, refused.with_label_values(&[name]));
     loop {
         let tcp = tokio::select! {
             _ = drain.changed() => break,

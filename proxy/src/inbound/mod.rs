@@ -218,10 +218,12 @@ where
 }
 
 /// Serves the inbound listener until `drain`; then stops accepting and lets in-flight calls
-/// finish (bounded by `grace`).
+/// finish (bounded by `grace`). Each worker thread runs one, on its own handle to the
+/// listener, all sharing the listener's `gate`.
 pub async fn serve(
     proxy: Arc<Proxy>,
     listener: TcpListener,
+    gate: crate::serve::Gate,
     acceptor: MeshAcceptor,
     limits: Limits,
     drain: watch::Receiver<bool>,
@@ -236,16 +238,7 @@ pub async fn serve(
             (proxy.clone(), acceptor.clone(), svc.clone(), drain.clone());
         connection(proxy, acceptor, tcp, svc, limits, drain)
     };
-    crate::serve::accept(
-        "inbound",
-        listener,
-        limits,
-        &proxy.metrics.connections_refused,
-        drain.clone(),
-        grace,
-        serve,
-    )
-    .await;
+    crate::serve::accept("inbound", listener, gate, drain.clone(), grace, serve).await;
 }
 
 async fn connection<S>(

@@ -128,10 +128,12 @@ where
 }
 
 /// Serves the outbound listener (plain HTTP on loopback, and the connections transparent mode
-/// redirects) until `drain`, then lets connections finish (bounded by `grace`).
+/// redirects) until `drain`, then lets connections finish (bounded by `grace`). Each worker
+/// thread runs one, on its own handle to the listener, all sharing the listener's `gate`.
 pub async fn serve(
     proxy: Arc<Proxy>,
     listener: TcpListener,
+    gate: crate::serve::Gate,
     limits: Limits,
     drain: watch::Receiver<bool>,
     grace: Duration,
@@ -148,14 +150,5 @@ pub async fn serve(
             }
         }
     };
-    crate::serve::accept(
-        "outbound",
-        listener,
-        limits,
-        &proxy.metrics.connections_refused,
-        drain.clone(),
-        grace,
-        connection,
-    )
-    .await;
+    crate::serve::accept("outbound", listener, gate, drain.clone(), grace, connection).await;
 }
