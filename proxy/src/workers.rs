@@ -48,7 +48,8 @@ pub fn count() -> usize {
     capmesh_client::process::worker_threads(std::env::var("TOKIO_WORKER_THREADS").ok().as_deref())
 }
 
-/// Starts worker `index` (1 or more) on a thread of its own, with a single-thread scheduler,
+/// Starts worker `index` (1 or more) on a thread of its own named `worker-<index>` (as `top -H`
+/// shows it), with a single-thread scheduler,
 /// running the future `work` makes there (made on that thread, so the sockets it opens register
 /// with that thread's scheduler). The receiver resolves when the work has ended, and fails if
 /// it panicked.
@@ -62,7 +63,7 @@ where
         .build()?;
     let (done_tx, done_rx) = oneshot::channel();
     std::thread::Builder::new()
-        .name(format!("capmesh-worker-{index}"))
+        .name(format!("worker-{index}"))
         .spawn(move || {
             INDEX.with(|i| i.set(index));
             runtime.block_on(work());

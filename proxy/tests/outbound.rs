@@ -680,3 +680,80 @@ async fn under_load_a_new_provider_is_served_within_100ms_of_the_consumer_knowin
         "beta first served {delay:?} after the consumer knew it"
     );
 }
+
+/// The runtime (ns on a CPU, from `/proc/<pid>/task/*/schedstat`) of each of `pid`'s threads
+/// named `worker-<n>`, by name.
+fn worker_runtimes(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let mut runtimes = std::collections::BTreeMap::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .flatten()
+    {
+        let name = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        let name = name.trim_end();
+        if !name.starts_with("worker-") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(task.path().join("schedstat")).unwrap_or_default();
+        let ns = stat.split_whitespace().next().and_then(|n| n.parse().ok());
+        runtimes.insert(name.to_owned(), ns.unwrap_or(0));
+    }
+    runtimes
+}
+
+/// With four workers, each a thread of its own that accepts on both listeners: calls arriving
+/// on many connections at once are all served, the connections are spread over the workers,
+/// and SIGTERM still drains every worker and ends the process.
+#[tokio::test]
+async fn a_sidecar_with_four_workers_serves_every_connection_and_drains_on_sigterm() {
+    let mesh = Mesh::new().await;
+    let four = [("TOKIO_WORKER_THREADS", "4")];
+    let agent = PyAgent::start("alpha", &["weather"], None).await.unwrap();
+    let bin = mesh.proxy_bin();
+    let _provider =
+        ProxyProcess::start_with_env(bin, &mesh.cp, "alpha", Some(&agent.url), &[], &four)
+            .await
+            .unwrap();
+    let deps = ["--dependency", "get_weather"];
+    let mut consumer = ProxyProcess::start_with_env(bin, &mesh.cp, "planner", None, &deps, &four)
+        .await
+        .unwrap();
+    let threads = consumer.threads();
+    for n in 1..=4 {
+        assert!(threads.contains(&format!("worker-{n}")), "{threads:?}");
+    }
+    let pid = consumer.pid().unwrap();
+    let before = worker_runtimes(pid);
+
+    // 32 clients at once, each on a connection of its own, 8 calls each.
+    let port = consumer.outbound;
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..32 {
+        clients.spawn(async move {
+            let client =
+                hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                    .pool_max_idle_per_host(1)
+                    .build(hyper_util::client::legacy::connect::HttpConnector::new());
+            let mut served = 0;
+            for _ in 0..8 {
+                served += usize::from(weather_call(&client, port).await.is_some());
+            }
+            served
+        });
+    }
+    let served: usize = clients.join_all().await.into_iter().sum();
+    assert_eq!(served, 256, "calls failed:\n{}", consumer.log());
+
+    let after = worker_runtimes(pid);
+    let busy: Vec<(&String, u64)> = after
+        .iter()
+        .map(|(name, ns)| (name, ns - before.get(name).copied().unwrap_or(0)))
+        .collect();
+    println!("CPU time per worker during the calls (ns): {busy:?}");
+    // More than one worker took the connections (the kernel wakes every worker for a new
+    // connection, and the first to ask gets it; one may be left with none).
+    let total: u64 = busy.iter().map(|(_, ns)| ns).sum();
+    let working = busy.iter().filter(|(_, ns)| ns * 8 >= total).count();
+    assert!(working >= 2, "one worker did the work: {busy:?}");
+    consumer.terminate().unwrap();
+}

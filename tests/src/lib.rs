@@ -669,6 +669,26 @@ impl ProxyProcess {
         Ok(p)
     }
 
+    /// [`ProxyProcess::start`] with `env` added to the proxy's environment.
+    pub async fn start_with_env(
+        bin: &Path,
+        cp: &ControlPlane,
+        agent: &str,
+        agent_url: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
+        let token = cp.token("default", agent).await?;
+        let mut args = vec!["--control-plane".to_owned(), cp.address()];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let ca = cp.data_dir.join("ca.pem");
+        let mut p =
+            Self::spawn_at_env(bin, &ca, Some(&token), agent, agent_url, &args, env).await?;
+        p.wait_ready(Duration::from_secs(30)).await?;
+        Ok(p)
+    }
+
     /// Starts `capmesh-proxy` with `token` and returns once its listeners are bound (ports 0,
     /// reported in its `--ports-file`), without waiting for readiness: the control plane may be
     /// down.
@@ -706,6 +726,18 @@ impl ProxyProcess {
         agent_url: Option<&str>,
         extra: &[&str],
     ) -> Result<Self> {
+        Self::spawn_at_env(bin, ca, token, agent, agent_url, extra, &[]).await
+    }
+
+    async fn spawn_at_env(
+        bin: &Path,
+        ca: &Path,
+        token: Option<&str>,
+        agent: &str,
+        agent_url: Option<&str>,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let log = dir.path().join("proxy.log");
         let ports_file = dir.path().join("ports.json");
@@ -715,6 +747,7 @@ impl ProxyProcess {
         if let Some(token) = token {
             command.env("CAPMESH_BOOTSTRAP_TOKEN", token);
         }
+        command.envs(env.iter().copied());
         let mut child = command
             .env(
                 "RUST_LOG",
@@ -801,6 +834,28 @@ impl ProxyProcess {
     /// What the proxy logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// The names of the proxy's threads (as `top -H` shows them), sorted; empty once it has
+    /// exited.
+    pub fn threads(&self) -> Vec<String> {
+        let Some(pid) = self.pid() else {
+            return Vec::new();
+        };
+        let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
+            .map(|name| name.trim_end().to_owned())
+            .collect();
+        names.sort();
+        names
     }
 
     /// GET on the admin port.
