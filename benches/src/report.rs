@@ -472,6 +472,22 @@ pub fn render(inputs: &[PathBuf]) -> Result<String> {
             }
         }
     }
+    if let (Some(one), Some(ten)) = (
+        d.get(c, "capmesh", &high, h1),
+        d.get(c, "capmesh-10", &high, h1),
+    ) && one.p99 > 0.0
+    {
+        let ratio = ten.p99 / one.p99;
+        let verdict = if ratio <= 1.5 { "met" } else { "**missed**" };
+        let _ = writeln!(
+            out,
+            "\n10 providers at {high} req/s: p99 {} ms against {} ms with one, {ratio:.2}× (budget: ≤ 1.5×): {verdict}. Medians over {} and {} round(s).",
+            ms(ten.p99),
+            ms(one.p99),
+            ten.rounds,
+            one.rounds
+        );
+    }
     if let Some(k) = d.get(c, "capmesh-10-kill", &low, h1)
         && let Some(e) = &k.first_error
     {
