@@ -125,12 +125,25 @@ pub async fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     Ok((status, body))
 }
 
+/// Which threads [`main`] runs a program's work on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// A runtime of [`worker_threads`] workers (with one, the single-thread scheduler).
+    Workers,
+    /// The main thread alone: for a program that starts its own worker threads, each with a
+    /// scheduler of its own (the proxy, `capmesh_proxy::workers`), so that the main thread's
+    /// scheduler takes no work from them.
+    MainOnly,
+}
+
 /// The whole life of a capmesh program: parse `args` as `C` (clap prints a bad flag and exits
-/// 2), set up logging in the format `log_format` picks, and run `work` until it ends.
+/// 2), set up logging in the format `log_format` picks, and run `work` on `threads` until it
+/// ends.
 pub fn main<C, F, E>(
     name: &str,
     args: impl IntoIterator<Item = std::ffi::OsString>,
     log_format: impl Fn(&C) -> &str,
+    threads: Threads,
     work: impl FnOnce(C) -> F,
 ) -> ExitCode
 where
@@ -143,29 +156,10 @@ where
         Err(e) => e.exit(),
     };
     init_tracing(log_format(&config));
-    block_on(name, work(config))
-}
-
-/// [`main`] on the main thread alone: for a program that starts its own worker threads, each
-/// with a scheduler of its own (the proxy, `capmesh_proxy::workers`), so the main thread's
-/// scheduler takes no work from them.
-pub fn main_on_one_thread<C, F, E>(
-    name: &str,
-    args: impl IntoIterator<Item = std::ffi::OsString>,
-    log_format: impl Fn(&C) -> &str,
-    work: impl FnOnce(C) -> F,
-) -> ExitCode
-where
-    C: clap::Parser,
-    F: Future<Output = Result<(), E>>,
-    E: std::fmt::Debug + std::fmt::Display,
-{
-    let config = match C::try_parse_from(args) {
-        Ok(c) => c,
-        Err(e) => e.exit(),
-    };
-    init_tracing(log_format(&config));
-    block_on_threads(name, 1, work(config))
+    match threads {
+        Threads::Workers => block_on(name, work(config)),
+        Threads::MainOnly => block_on_threads(name, 1, work(config)),
+    }
 }
 
 /// How many worker threads the runtime gets: `TOKIO_WORKER_THREADS` when set, else the CPUs

@@ -288,6 +288,7 @@ pub fn main_with_args(
         "capmesh-control-plane",
         args,
         |c: &Config| c.log_format.as_str(),
+        process::Threads::Workers,
         |c| run(c, process::shutdown_signal()),
     )
 }

@@ -293,10 +293,11 @@ pub fn main_with_args(
         eprintln!("capmesh-proxy: warning: {warning}");
     }
     // The proxy starts its worker threads itself, each with a scheduler of its own (`workers`).
-    process::main_on_one_thread(
+    process::main(
         "capmesh-proxy",
         args,
         |c: &Config| c.log_format.as_str(),
+        process::Threads::MainOnly,
         |c| run(c, process::shutdown_signal()),
     )
 }

@@ -707,17 +707,25 @@ fn worker_runtimes(pid: u32) -> std::collections::BTreeMap<String, u64> {
 #[tokio::test]
 async fn a_sidecar_with_four_workers_serves_every_connection_and_drains_on_sigterm() {
     let mesh = Mesh::new().await;
-    let four = [("TOKIO_WORKER_THREADS", "4")];
+    // A sidecar with four workers, ready.
+    let four_workers = async |name: &str, agent_url: Option<&str>, extra: &[&str]| {
+        let token = mesh.cp.token("default", name).await.unwrap();
+        let address = mesh.cp.address();
+        let mut flags = vec!["--control-plane", &address];
+        flags.extend_from_slice(extra);
+        let ca = mesh.cp.data_dir.join("ca.pem");
+        let four = [("TOKIO_WORKER_THREADS", "4")];
+        let bin = mesh.proxy_bin();
+        let mut proxy =
+            ProxyProcess::spawn_at(bin, &ca, Some(&token), name, agent_url, &flags, &four)
+                .await
+                .unwrap();
+        proxy.wait_ready(Duration::from_secs(30)).await.unwrap();
+        proxy
+    };
     let agent = PyAgent::start("alpha", &["weather"], None).await.unwrap();
-    let bin = mesh.proxy_bin();
-    let _provider =
-        ProxyProcess::start_with_env(bin, &mesh.cp, "alpha", Some(&agent.url), &[], &four)
-            .await
-            .unwrap();
-    let deps = ["--dependency", "get_weather"];
-    let mut consumer = ProxyProcess::start_with_env(bin, &mesh.cp, "planner", None, &deps, &four)
-        .await
-        .unwrap();
+    let _provider = four_workers("alpha", Some(&agent.url), &[]).await;
+    let mut consumer = four_workers("planner", None, &["--dependency", "get_weather"]).await;
     let threads = consumer.threads();
     for n in 1..=4 {
         assert!(threads.contains(&format!("worker-{n}")), "{threads:?}");

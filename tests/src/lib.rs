@@ -669,26 +669,6 @@ impl ProxyProcess {
         Ok(p)
     }
 
-    /// [`ProxyProcess::start`] with `env` added to the proxy's environment.
-    pub async fn start_with_env(
-        bin: &Path,
-        cp: &ControlPlane,
-        agent: &str,
-        agent_url: Option<&str>,
-        extra: &[&str],
-        env: &[(&str, &str)],
-    ) -> Result<Self> {
-        let token = cp.token("default", agent).await?;
-        let mut args = vec!["--control-plane".to_owned(), cp.address()];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let ca = cp.data_dir.join("ca.pem");
-        let mut p =
-            Self::spawn_at_env(bin, &ca, Some(&token), agent, agent_url, &args, env).await?;
-        p.wait_ready(Duration::from_secs(30)).await?;
-        Ok(p)
-    }
-
     /// Starts `capmesh-proxy` with `token` and returns once its listeners are bound (ports 0,
     /// reported in its `--ports-file`), without waiting for readiness: the control plane may be
     /// down.
@@ -703,33 +683,15 @@ impl ProxyProcess {
         let mut args = vec!["--control-plane".to_owned(), cp.address()];
         args.extend(extra.iter().map(|s| s.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        Self::spawn_at(
-            bin,
-            &cp.data_dir.join("ca.pem"),
-            Some(token),
-            agent,
-            agent_url,
-            &args,
-        )
-        .await
+        let ca = cp.data_dir.join("ca.pem");
+        Self::spawn_at(bin, &ca, Some(token), agent, agent_url, &args, &[]).await
     }
 
     /// Starts `capmesh-proxy` trusting `ca` (the mesh trust bundle), with `token` when given,
     /// and `extra` flags, which name the control plane (`--control-plane`, one address or
-    /// several) or certificates from files. Returns once its listeners are bound, without
-    /// waiting for readiness.
+    /// several) or certificates from files, and `env` added to its environment. Returns once
+    /// its listeners are bound, without waiting for readiness.
     pub async fn spawn_at(
-        bin: &Path,
-        ca: &Path,
-        token: Option<&str>,
-        agent: &str,
-        agent_url: Option<&str>,
-        extra: &[&str],
-    ) -> Result<Self> {
-        Self::spawn_at_env(bin, ca, token, agent, agent_url, extra, &[]).await
-    }
-
-    async fn spawn_at_env(
         bin: &Path,
         ca: &Path,
         token: Option<&str>,

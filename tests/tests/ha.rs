@@ -103,6 +103,7 @@ async fn sidecar(
         agent,
         agent_url,
         &args,
+        &[],
     )
     .await
     .unwrap();
@@ -585,6 +586,7 @@ async fn two_replicas_on_postgres_survive_a_killed_replica_and_a_database_outage
             "--tls-key",
             keyfile.to_str().unwrap(),
         ],
+        &[],
     )
     .await
     .unwrap();
