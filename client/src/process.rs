@@ -162,6 +162,11 @@ where
     }
 }
 
+/// [`worker_threads`] of this process's `TOKIO_WORKER_THREADS`.
+pub fn worker_threads_from_env() -> usize {
+    worker_threads(std::env::var("TOKIO_WORKER_THREADS").ok().as_deref())
+}
+
 /// How many worker threads the runtime gets: `TOKIO_WORKER_THREADS` when set, else the CPUs
 /// this process may use (its affinity and cgroup quota included). A value that is not a
 /// positive number is reported on stderr, naming the variable and the fix, and the default
@@ -194,8 +199,7 @@ pub fn block_on<E>(name: &str, work: impl Future<Output = Result<(), E>>) -> Exi
 where
     E: std::fmt::Debug + std::fmt::Display,
 {
-    let workers = worker_threads(std::env::var("TOKIO_WORKER_THREADS").ok().as_deref());
-    block_on_threads(name, workers, work)
+    block_on_threads(name, worker_threads_from_env(), work)
 }
 
 fn block_on_threads<E>(

@@ -561,6 +561,9 @@ pub async fn run(
             .with_context(|| format!("cannot start worker thread {index}"))?;
             served.push(done);
         }
+        // The workers hold the sockets now; kept here, the main thread would be woken for every
+        // new connection it never accepts.
+        drop((inbound_listener, outbound_listener));
     }
     tracing::info!(
         workers,

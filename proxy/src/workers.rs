@@ -45,7 +45,7 @@ pub fn per_worker<T>(workers: usize, make: impl FnMut(usize) -> T) -> Box<[T]> {
 /// How many workers the proxy runs: `TOKIO_WORKER_THREADS` when set, else one per CPU this
 /// process may use (a bad value is reported, naming the variable, and the default applies).
 pub fn count() -> usize {
-    capmesh_client::process::worker_threads(std::env::var("TOKIO_WORKER_THREADS").ok().as_deref())
+    capmesh_client::process::worker_threads_from_env()
 }
 
 /// Starts worker `index` (1 or more) on a thread of its own named `worker-<index>` (as `top -H`

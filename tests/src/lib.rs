@@ -803,23 +803,6 @@ impl ProxyProcess {
         self.child.as_ref().map(Child::id)
     }
 
-    /// The names of the proxy's threads (as `top -H` shows them), sorted; empty once it has
-    /// exited.
-    pub fn threads(&self) -> Vec<String> {
-        let Some(pid) = self.pid() else {
-            return Vec::new();
-        };
-        let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|task| std::fs::read_to_string(task.path().join("comm")).ok())
-            .map(|name| name.trim_end().to_owned())
-            .collect();
-        names.sort();
-        names
-    }
-
     /// GET on the admin port.
     pub async fn admin_get(&self, path: &str) -> Result<(u16, String)> {
         http_get(self.admin, path).await
