@@ -524,8 +524,16 @@ pub async fn run(
     let serving = Serving {
         proxy: proxy.clone(),
         acceptor,
-        inbound_gate: serve::Gate::for_listener("inbound", &limits, refused),
-        outbound_gate: serve::Gate::for_listener("outbound", &limits, refused),
+        inbound_gate: serve::Gate::for_listener("inbound", &limits, refused).spread_over(
+            "inbound",
+            workers,
+            &proxy.metrics.worker_connections,
+        ),
+        outbound_gate: serve::Gate::for_listener("outbound", &limits, refused).spread_over(
+            "outbound",
+            workers,
+            &proxy.metrics.worker_connections,
+        ),
         limits,
         drain: drain_rx.clone(),
         grace: drain,

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub transparent: IntCounterVec,
     /// Connections closed on accept because a listener was at its cap, by listener.
     pub connections_refused: IntCounterVec,
+    /// Connections open on each worker thread, by listener (how evenly they are spread).
+    pub worker_connections: IntGaugeVec,
     /// Spans recorded, by kind (`client`, `server`).
     pub spans: IntCounterVec,
     /// Spans lost on their way out, by sink (`otlp`, `control_plane`) and reason.
@@ -150,6 +152,13 @@ impl Metrics {
                 "capmesh_proxy_connections_refused_total",
                 "Connections closed on accept because the listener held --max-connections",
                 &["listener"]
+            )),
+            worker_connections: reg!(IntGaugeVec::new(
+                Opts::new(
+                    "capmesh_proxy_worker_connections",
+                    "Connections open on each worker thread, by listener"
+                ),
+                &["listener", "worker"]
             )),
             spans: reg!(counter(
                 "capmesh_proxy_spans_total",

@@ -19,10 +19,10 @@ use http::{Request, Response};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use prometheus::{IntCounter, IntCounterVec};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tower::Service;
 
 use crate::BoxBody;
@@ -58,13 +58,14 @@ impl Default for Limits {
     }
 }
 
-/// The connections of one listener: admits up to the cap, counts refusals, and knows when
-/// the last one has closed.
+/// The connections of one listener: admits up to the cap, counts refusals, knows when the
+/// last one has closed, and spreads them over the workers that accept on it.
 #[derive(Debug, Clone)]
 pub struct Gate {
     permits: Arc<Semaphore>,
     max: usize,
     refused: IntCounter,
+    spread: Arc<Spread>,
 }
 
 impl Gate {
@@ -82,7 +83,23 @@ impl Gate {
             permits: Arc::new(Semaphore::new(max)),
             max,
             refused,
+            spread: Arc::new(Spread::new(vec![
+                IntGauge::new("open", "open").unwrap_or_else(|_| unreachable!("a valid name")),
+            ])),
         }
+    }
+
+    /// The same gate, with its connections spread over `workers` worker threads (each serves a
+    /// connection on the thread with the fewest open, so that a core never idles while
+    /// another holds every connection). The open connections of worker `n` (1..=`workers`)
+    /// are the gauge `open{listener="name", worker="n"}`.
+    #[must_use]
+    pub fn spread_over(mut self, name: &str, workers: usize, open: &IntGaugeVec) -> Self {
+        let gauges = (1..=workers.max(1))
+            .map(|n| open.with_label_values(&[name, &n.to_string()]))
+            .collect();
+        self.spread = Arc::new(Spread::new(gauges));
+        self
     }
 
     /// A permit for one more connection (held while it is open), or `None` at the cap.
@@ -105,9 +122,183 @@ impl Gate {
     }
 }
 
+/// A connection one worker accepted and handed to another, with its permit and its place in
+/// the receiving worker's count.
+struct Handed {
+    tcp: std::net::TcpStream,
+    permit: OwnedSemaphorePermit,
+    open: Open,
+}
+
+/// A listener's connections over its workers, least connections first. Every worker is woken
+/// for a new connection and the first to ask the kernel takes it, so without this one busy
+/// worker could end up with nearly all of them (benches/RESULTS.md, "An even split"). The
+/// worker that accepts a connection hands it to the worker with the fewest open, itself on a
+/// tie: one cross-thread hand-off per connection at most, none per call.
+struct Spread {
+    /// Each worker's open connections, counted from the moment it is chosen.
+    open: Box<[IntGauge]>,
+    /// Whether each worker is accepting (its accept loop runs): only those are chosen.
+    live: Box<[AtomicBool]>,
+    inboxes: Box<[mpsc::UnboundedSender<Handed>]>,
+    /// Each worker's end of its inbox, until the worker takes it.
+    receivers: std::sync::Mutex<Vec<Option<mpsc::UnboundedReceiver<Handed>>>>,
+}
+
+impl std::fmt::Debug for Spread {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let open: Vec<i64> = self.open.iter().map(IntGauge::get).collect();
+        f.debug_struct("Spread").field("open", &open).finish()
+    }
+}
+
+impl Spread {
+    fn new(open: Vec<IntGauge>) -> Self {
+        let (inboxes, receivers): (Vec<_>, Vec<_>) = open
+            .iter()
+            .map(|_| {
+                let (tx, rx) = mpsc::unbounded_channel();
+                (tx, Some(rx))
+            })
+            .unzip();
+        Self {
+            live: open.iter().map(|_| AtomicBool::new(false)).collect(),
+            open: open.into(),
+            inboxes: inboxes.into(),
+            receivers: std::sync::Mutex::new(receivers),
+        }
+    }
+
+    /// This thread's place among the workers: worker `n` is entry `n - 1`; the main thread,
+    /// the one worker when there is one, is entry 0.
+    fn slot(&self) -> usize {
+        crate::workers::index()
+            .saturating_sub(1)
+            .min(self.open.len() - 1)
+    }
+
+    /// Joins worker `slot` to the spread: it is chosen from now on, and it takes its inbox (if
+    /// no other loop on this thread took it first).
+    fn join(self: &Arc<Self>, slot: usize) -> Joined {
+        let inbox = self
+            .receivers
+            .lock()
+            .ok()
+            .and_then(|mut r| r.get_mut(slot).and_then(Option::take));
+        self.live[slot].store(true, Ordering::Release);
+        Joined {
+            spread: self.clone(),
+            slot,
+            inbox,
+        }
+    }
+
+    /// The worker to serve a connection that worker `me` accepted: the live one with the
+    /// fewest open, `me` on a tie. It is counted at once, so that connections accepted
+    /// together spread.
+    fn place(&self, me: usize) -> (usize, Open) {
+        let mut best = me;
+        let mut least = self.open[me].get();
+        for (i, gauge) in self.open.iter().enumerate() {
+            let n = gauge.get();
+            if n < least && self.live[i].load(Ordering::Acquire) {
+                (best, least) = (i, n);
+            }
+        }
+        (best, Open::new(&self.open[best]))
+    }
+}
+
+/// A worker's membership of a [`Spread`]; it leaves when dropped (its accept loop ended).
+struct Joined {
+    spread: Arc<Spread>,
+    slot: usize,
+    inbox: Option<mpsc::UnboundedReceiver<Handed>>,
+}
+
+impl Joined {
+    /// The next connection another worker handed to this one; never, without an inbox.
+    async fn handed(&mut self) -> Option<Handed> {
+        match &mut self.inbox {
+            Some(inbox) => inbox.recv().await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Serves `tcp` here, or hands it to a worker with fewer connections open. What to
+    /// serve here comes back.
+    fn place(&self, tcp: TcpStream, permit: OwnedSemaphorePermit) -> Option<Placed> {
+        let (to, open) = self.spread.place(self.slot);
+        if to == self.slot {
+            return Some(Placed { tcp, permit, open });
+        }
+        let tcp = match tcp.into_std() {
+            Ok(tcp) => tcp,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot hand a connection to another worker");
+                return None;
+            }
+        };
+        match self.spread.inboxes[to].send(Handed { tcp, permit, open }) {
+            Ok(()) => None,
+            // The other worker stopped in the meantime: serve it here after all.
+            Err(mpsc::error::SendError(Handed { tcp, permit, open })) => {
+                drop(open);
+                let open = Open::new(&self.spread.open[self.slot]);
+                Self::receive(Handed { tcp, permit, open })
+            }
+        }
+    }
+
+    /// A handed connection, registered with this thread's scheduler.
+    fn receive(handed: Handed) -> Option<Placed> {
+        match TcpStream::from_std(handed.tcp) {
+            Ok(tcp) => Some(Placed {
+                tcp,
+                permit: handed.permit,
+                open: handed.open,
+            }),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot take a connection from another worker");
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        self.spread.live[self.slot].store(false, Ordering::Release);
+    }
+}
+
+/// A connection to serve on this thread, with what it holds while open.
+struct Placed {
+    tcp: TcpStream,
+    permit: OwnedSemaphorePermit,
+    open: Open,
+}
+
+/// One open connection in its worker's count.
+struct Open(IntGauge);
+
+impl Open {
+    fn new(gauge: &IntGauge) -> Self {
+        gauge.inc();
+        Self(gauge.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 /// Accepts connections on `listener` until `drain` turns true, admitting each through `gate`
-/// and handing it to `serve` on a task of its own; then waits for the listener's open
-/// connections to finish, at most `grace`. `name` names the listener in logs.
+/// and handing it to `serve` on a task of its own (on the worker with the fewest connections
+/// open); then waits for the listener's open connections to finish, at most `grace`. `name`
+/// names the listener in logs.
 pub async fn accept<F, Fut>(
     name: &'static str,
     listener: TcpListener,
@@ -119,11 +310,20 @@ pub async fn accept<F, Fut>(
     F: Fn(TcpStream) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    let mut joined = gate.spread.join(gate.spread.slot());
     loop {
-        let tcp = tokio::select! {
+        let placed = tokio::select! {
             _ = drain.changed() => break,
+            Some(handed) = joined.handed() => Joined::receive(handed),
             accepted = listener.accept() => match accepted {
-                Ok((tcp, _)) => tcp,
+                Ok((tcp, _)) => {
+                    let Some(permit) = gate.admit() else {
+                        tracing::debug!(listener = name, "connection refused: at --max-connections");
+                        continue;
+                    };
+                    let _ = tcp.set_nodelay(true);
+                    joined.place(tcp, permit)
+                }
                 Err(e) => {
                     tracing::warn!(listener = name, error = %e, "accept failed");
                     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -131,17 +331,17 @@ pub async fn accept<F, Fut>(
                 }
             },
         };
-        let Some(permit) = gate.admit() else {
-            tracing::debug!(listener = name, "connection refused: at --max-connections");
+        let Some(Placed { tcp, permit, open }) = placed else {
             continue;
         };
-        let _ = tcp.set_nodelay(true);
         let work = serve(tcp);
         tokio::spawn(async move {
-            let _permit = permit;
+            let _held = (permit, open);
             work.await;
         });
     }
+    // Chosen no more; connections still in the inbox close with it.
+    drop(joined);
     if !gate.closed(grace).await {
         tracing::warn!(
             listener = name,
@@ -377,6 +577,29 @@ mod tests {
         assert_eq!(refused.get(), 1);
         drop(a);
         assert!(gate.admit().is_some());
+    }
+
+    #[test]
+    fn a_connection_goes_to_the_live_worker_with_the_fewest_open() {
+        let gauges: Vec<IntGauge> = (0..3).map(|_| IntGauge::new("o", "o").unwrap()).collect();
+        let spread = Arc::new(Spread::new(gauges.clone()));
+        let (_zero, _one) = (spread.join(0), spread.join(1));
+        // Worker 2 is not accepting: never chosen, though it has nothing open.
+        let held: Vec<Open> = (0..4).map(|_| spread.place(0).1).collect();
+        assert_eq!(
+            gauges.iter().map(IntGauge::get).collect::<Vec<_>>(),
+            [2, 2, 0]
+        );
+        // On a tie the accepting worker keeps it; else the least loaded gets it.
+        assert_eq!(spread.place(1).0, 1);
+        let joined_two = spread.join(2);
+        assert_eq!(spread.place(0).0, 2);
+        drop(joined_two);
+        drop(held);
+        assert_eq!(
+            gauges.iter().map(IntGauge::get).collect::<Vec<_>>(),
+            [0, 0, 0]
+        );
     }
 
     #[test]

@@ -702,10 +702,10 @@ fn worker_runtimes(pid: u32) -> std::collections::BTreeMap<String, u64> {
 }
 
 /// With four workers, each a thread of its own that accepts on both listeners: calls arriving
-/// on many connections at once are all served, and SIGTERM still drains every worker and ends
-/// the process.
+/// on many connections at once are all served, the connections are spread evenly over the
+/// workers, and SIGTERM still drains every worker and ends the process.
 #[tokio::test]
-async fn a_sidecar_with_four_workers_serves_every_connection_and_drains_on_sigterm() {
+async fn a_sidecar_with_four_workers_spreads_connections_evenly_and_drains_on_sigterm() {
     let mesh = Mesh::new().await;
     // A sidecar with four workers, ready.
     let four_workers = async |name: &str, agent_url: Option<&str>, extra: &[&str]| {
@@ -732,7 +732,7 @@ async fn a_sidecar_with_four_workers_serves_every_connection_and_drains_on_sigte
         assert!(before.contains_key(&format!("worker-{n}")), "{before:?}");
     }
 
-    // 32 clients at once, each on a connection of its own, 8 calls each.
+    // 32 clients at once, each on a connection of its own that it keeps open, 8 calls each.
     let port = consumer.outbound;
     let mut clients = tokio::task::JoinSet::new();
     for _ in 0..32 {
@@ -745,20 +745,43 @@ async fn a_sidecar_with_four_workers_serves_every_connection_and_drains_on_sigte
             for _ in 0..8 {
                 served += usize::from(weather_call(&client, port).await.is_some());
             }
-            served
+            (served, client)
         });
     }
-    let served: usize = clients.join_all().await.into_iter().sum();
-    assert_eq!(served, 256, "calls failed:\n{}", consumer.log());
+    let (served, _open): (Vec<usize>, Vec<_>) = clients.join_all().await.into_iter().unzip();
+    assert_eq!(
+        served.iter().sum::<usize>(),
+        256,
+        "calls failed:\n{}",
+        consumer.log()
+    );
+
+    // The 32 open connections are spread over the four workers, whichever thread the kernel
+    // woke first for each.
+    let (_, metrics) = consumer.admin_get("/metrics").await.unwrap();
+    let open: Vec<i64> = (1..=4)
+        .map(|n| {
+            let series = format!(
+                "capmesh_proxy_worker_connections{{listener=\"outbound\",worker=\"{n}\"}} "
+            );
+            metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&series))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or_else(|| panic!("no {series}in\n{metrics}"))
+        })
+        .collect();
+    assert_eq!(open.iter().sum::<i64>(), 32, "open per worker: {open:?}");
+    assert!(
+        open.iter().all(|&n| n >= 6),
+        "uneven: open per worker {open:?}"
+    );
 
     let after = worker_runtimes(pid);
     let busy: Vec<(&String, u64)> = after
         .iter()
         .map(|(name, ns)| (name, ns - before.get(name).copied().unwrap_or(0)))
         .collect();
-    // How the connections spread is not asserted: the kernel wakes every worker for a new
-    // connection and the first to ask takes it, so on a busy machine one worker may take
-    // nearly all of them (seen under `.ci/run`: one worker 90 % of the CPU time, two none).
-    println!("CPU time per worker during the calls (ns): {busy:?}");
+    println!("open connections per worker: {open:?}; CPU time per worker (ns): {busy:?}");
     consumer.terminate().unwrap();
 }
