@@ -2,10 +2,11 @@
 //! parse and each generation's transport rules, with no headers, legacy headers and
 //! 2026-07-28 headers) and the inbound authorization layer's one-pass inspection. The two must
 //! read a message the same way: what the classifier accepts, the inspection accepts, and a
-//! single request has the same method for both.
+//! single request has the same method for both. The classifier reads a plain `tools/call`
+//! without a tree: it must reach the same verdict, field for field, as through the tree.
 #![no_main]
 
-use capmesh_proxy::mcp::classify::classify;
+use capmesh_proxy::mcp::classify::{Classified, classify, classify_with_tree};
 use capmesh_proxy::mcp::inspect::inspect;
 use capmesh_proxy::mcp::jsonrpc;
 use http::{HeaderMap, HeaderValue};
@@ -35,8 +36,17 @@ fuzz_target!(|data: &[u8]| {
             ("mcp-name", "get_weather"),
         ]),
     ] {
+        let tree = classify_with_tree(&h, data).map(|c| Classified {
+            message: None,
+            ..c
+        });
+        let fast = classify(&h, data).map(|c| Classified {
+            message: None,
+            ..c
+        });
+        assert_eq!(fast, tree, "read without a tree, then with one");
         // What the mesh routes, the provider's side reads the same way.
-        let Ok(classified) = classify(&h, data) else {
+        let Ok(classified) = fast else {
             continue;
         };
         let seen = inspected.as_ref().unwrap_or_else(|e| {

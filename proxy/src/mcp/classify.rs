@@ -18,6 +18,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, StatusCode};
 use serde_json::{Value, json};
 
+use super::call::ToolCall;
 use super::header::{MCP_METHOD, MCP_NAME, MCP_PROTOCOL_VERSION, MCP_SESSION_ID};
 pub use super::header::{header_value_decode, set_routing_headers};
 use super::jsonrpc::{
@@ -53,8 +54,9 @@ pub struct Classified {
     pub generation: Generation,
     /// The `MCP-Protocol-Version` header, else (modern only) the body's `_meta` version.
     pub protocol_version: Option<String>,
-    /// The parsed body.
-    pub message: Parsed,
+    /// The parsed body; `None` for a single `tools/call` request, which is read without a
+    /// tree ([`super::call`]): everything the mesh needs of it is in the fields here.
+    pub message: Option<Parsed>,
     /// The method of a single request or notification.
     pub method: Option<String>,
     /// `params.name` of `tools/call`/`prompts/get`, `params.uri` of `resources/read`.
@@ -63,6 +65,65 @@ pub struct Classified {
     pub id: Option<Id>,
     /// The `Mcp-Session-Id` header (legacy only; 2026-07-28 has no sessions).
     pub session_id: Option<String>,
+    /// `params.requestState` of a single 2026-07-28 request, when a string (a retried call's
+    /// state, which the mesh may have sealed).
+    pub request_state: Option<String>,
+}
+
+impl Classified {
+    /// Whether the body is a JSON-RPC batch (2025-03-26 only).
+    pub fn is_batch(&self) -> bool {
+        matches!(self.message, Some(Parsed::Batch(_)))
+    }
+}
+
+/// What the transport rules look at in a single message, read from a tree or without one.
+struct Facts<'a> {
+    batch: bool,
+    id: Option<Id>,
+    method: Option<&'a str>,
+    /// `params.name` and `params.uri`, when strings.
+    name: Option<&'a str>,
+    uri: Option<&'a str>,
+    meta_version: Option<&'a str>,
+    request_state: Option<&'a str>,
+}
+
+impl<'a> Facts<'a> {
+    fn of_tree(message: &'a Parsed) -> Self {
+        let single = message.single();
+        let params = single.and_then(Message::params);
+        Self {
+            batch: single.is_none(),
+            id: single.and_then(Message::id).cloned(),
+            method: single.and_then(Message::method),
+            name: str_param(params, "name"),
+            uri: str_param(params, "uri"),
+            meta_version: params
+                .and_then(|p| p.get("_meta"))
+                .and_then(|m| m.get(META_PROTOCOL_VERSION))
+                .and_then(Value::as_str),
+            request_state: str_param(params, "requestState"),
+        }
+    }
+
+    fn of_call(call: &'a ToolCall) -> Self {
+        Self {
+            batch: false,
+            id: Some(call.id.clone()),
+            method: Some("tools/call"),
+            name: call.name.as_deref(),
+            uri: call.uri.as_deref(),
+            meta_version: call.meta_version.as_deref(),
+            request_state: call.request_state.as_deref(),
+        }
+    }
+
+    /// The target the method names in `params` (its key and value), if it names one.
+    fn target(&self) -> Option<(&'static str, Option<&'a str>)> {
+        let key = self.method.and_then(name_param)?;
+        Some((key, if key == "uri" { self.uri } else { self.name }))
+    }
 }
 
 /// A request refused before routing: send `status` with `body` (a JSON-RPC error).
@@ -179,6 +240,20 @@ fn unsupported(requested: &str) -> Rejection {
 /// 2025-03-26, or one holding `initialize`, or mixing requests and responses → -32600;
 /// 2026-07-28 `Mcp-Method`/`Mcp-Name`/version header missing, repeated or ≠ body → -32020.
 pub fn classify(headers: &HeaderMap, body: &[u8]) -> Result<Classified, Rejection> {
+    classify_as(headers, body, super::call::read(body))
+}
+
+/// [`classify`] always through a JSON tree, as it reads every message other than a single
+/// `tools/call`: for checking that both ways agree.
+pub fn classify_with_tree(headers: &HeaderMap, body: &[u8]) -> Result<Classified, Rejection> {
+    classify_as(headers, body, None)
+}
+
+fn classify_as(
+    headers: &HeaderMap,
+    body: &[u8],
+    call: Option<ToolCall>,
+) -> Result<Classified, Rejection> {
     let header_version = match read_one(headers, &MCP_PROTOCOL_VERSION) {
         Ok(v) => v,
         Err(problem) => return Err(malformed(None, &MCP_PROTOCOL_VERSION, problem)),
@@ -186,28 +261,27 @@ pub fn classify(headers: &HeaderMap, body: &[u8]) -> Result<Classified, Rejectio
     if let Some(v) = header_version.filter(|v| !SUPPORTED_VERSIONS.contains(v)) {
         return Err(unsupported(v));
     }
-    let message = jsonrpc::parse(body).map_err(|e| Rejection::bad_request(&e))?;
-    let single = message.single();
-    let id = single.and_then(Message::id).cloned();
+    let read = match call {
+        Some(call) => Read::Call(call),
+        None => Read::Tree(jsonrpc::parse(body).map_err(|e| Rejection::bad_request(&e))?),
+    };
+    let facts = match &read {
+        Read::Call(call) => Facts::of_call(call),
+        Read::Tree(message) => Facts::of_tree(message),
+    };
+    let id = facts.id.clone();
     // Read as strictly as the providers' inbound side reads it (a repeated key, for one): the
     // mesh never routes a message that readers could take two ways.
     if let Err(e) = super::inspect::inspect(body) {
         return Err(invalid(id.as_ref(), &e.to_string()));
     }
-    let method = single.and_then(Message::method);
-    let params = single.and_then(Message::params);
-    let meta_version = params
-        .and_then(|p| p.get("_meta"))
-        .and_then(|m| m.get(META_PROTOCOL_VERSION))
-        .and_then(Value::as_str);
+    let meta_version = facts.meta_version;
     let generation = match header_version {
         Some(v) if v == MODERN => Generation::Modern,
         None if meta_version == Some(MODERN) => Generation::Modern,
         _ => Generation::Legacy,
     };
-    let name = method
-        .and_then(name_param)
-        .and_then(|key| str_param(params, key));
+    let name = facts.target().and_then(|(_, name)| name);
     let session_id = match generation {
         Generation::Modern => None,
         Generation::Legacy => match read_one(headers, &MCP_SESSION_ID) {
@@ -220,49 +294,60 @@ pub fn classify(headers: &HeaderMap, body: &[u8]) -> Result<Classified, Rejectio
             }
         },
     };
-    match generation {
-        Generation::Modern => check_modern(headers, &message, header_version, meta_version)?,
-        Generation::Legacy => check_legacy_batch(&message, header_version)?,
+    match (generation, &read) {
+        (Generation::Modern, _) => check_modern(headers, &facts, header_version)?,
+        (Generation::Legacy, Read::Tree(message)) => check_legacy_batch(message, header_version)?,
+        (Generation::Legacy, Read::Call(_)) => {}
     }
     let protocol_version = match (header_version, generation) {
         (Some(v), _) => Some(v.to_owned()),
         (None, Generation::Modern) => meta_version.map(str::to_owned),
         (None, Generation::Legacy) => None,
     };
+    let request_state = match generation {
+        Generation::Modern => facts.request_state.map(str::to_owned),
+        Generation::Legacy => None,
+    };
     Ok(Classified {
         generation,
         protocol_version,
-        method: method.map(str::to_owned),
+        method: facts.method.map(str::to_owned),
         name: name.map(str::to_owned),
         id,
         session_id,
-        message,
+        request_state,
+        message: match read {
+            Read::Tree(message) => Some(message),
+            Read::Call(_) => None,
+        },
     })
+}
+
+/// A body as read: a plain `tools/call` without a tree, or parsed.
+enum Read {
+    Call(ToolCall),
+    Tree(Parsed),
 }
 
 fn check_modern(
     headers: &HeaderMap,
-    message: &Parsed,
+    facts: &Facts<'_>,
     header_version: Option<&str>,
-    meta_version: Option<&str>,
 ) -> Result<(), Rejection> {
-    let msg = match message {
-        Parsed::Batch(_) => {
-            return Err(invalid(
-                None,
-                "batches are not allowed in protocol 2026-07-28",
-            ));
-        }
-        Parsed::Single(m) => m,
-    };
-    let id = msg.id();
-    let Some(method) = msg.method() else {
+    if facts.batch {
+        return Err(invalid(
+            None,
+            "batches are not allowed in protocol 2026-07-28",
+        ));
+    }
+    let id = facts.id.as_ref();
+    let Some(method) = facts.method else {
         return Err(invalid(
             id,
             "clients must not send responses in protocol 2026-07-28",
         ));
     };
-    if let (Some(h), Some(m)) = (header_version, meta_version)
+    if let (Some(h), Some(m)) = (header_version, facts.meta_version)
         && h != m
     {
         let what = format!("params._meta[\"{META_PROTOCOL_VERSION}\"]");
@@ -287,17 +372,16 @@ fn check_modern(
                 .map_err(|e| malformed(id, &MCP_NAME, &format!("is malformed: {e}")))?,
         ),
     };
-    let params = msg.params();
-    let (key, body_name) = match name_param(method) {
-        Some(key) => (key, str_param(params, key)),
+    let (key, body_name) = match facts.target() {
+        Some(target) => target,
         // Other methods: the header is optional, but when sent it must match what it names.
-        None => match (str_param(params, "name"), str_param(params, "uri")) {
+        None => match (facts.name, facts.uri) {
             (Some(n), _) => ("name", Some(n)),
             (None, u) => ("uri", u),
         },
     };
     // A body without a target leaves a missing header to the server's -32602 (as the SDKs do).
-    let required = name_param(method).is_some() && body_name.is_some();
+    let required = facts.target().is_some() && body_name.is_some();
     if (required || header_name.is_some()) && header_name.as_deref() != body_name {
         return Err(mismatch(
             id,

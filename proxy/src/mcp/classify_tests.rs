@@ -305,7 +305,7 @@ fn batches_by_version() {
     let batch = r#"[{"jsonrpc":"2.0","id":1,"method":"tools/list"},{"jsonrpc":"2.0","method":"notifications/x"}]"#;
     for h in [&[(V, "2025-03-26")][..], &[]] {
         let c = classify(&headers(h), batch.as_bytes()).unwrap();
-        assert_eq!(c.message.messages().len(), 2);
+        assert_eq!(c.message.as_ref().unwrap().messages().len(), 2);
         assert_eq!((c.method, c.id), (None, None));
     }
     for v in ["2025-06-18", "2025-11-25"] {
@@ -405,4 +405,57 @@ fn a_repeated_key_is_refused_not_read_one_way() {
             .contains("\"method\""),
         "{v}"
     );
+}
+
+#[test]
+fn a_tools_call_read_without_a_tree_is_classified_as_with_one() {
+    let modern = [
+        (V, MODERN),
+        ("Mcp-Method", "tools/call"),
+        ("Mcp-Name", "add"),
+    ];
+    let bodies = [
+        CALL,
+        MODERN_CALL,
+        r#"{"jsonrpc":"2.0","id":"x","method":"tools/call","params":{"name":"add","requestState":"s","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28"}}}"#,
+        r#"{"jsonrpc":"2.0","id":1.0,"method":"tools/call","params":{"name":"other"}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":7}}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":["add"]}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call"}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","_meta":{"io.modelcontextprotocol/protocolVersion":"2025-06-18"}}}"#,
+        // Refused by the strict inspection after either read.
+        r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","name":"x"}}"#,
+    ];
+    let header_sets: [&[(&str, &str)]; 4] = [
+        &[],
+        &[(V, "2025-06-18"), ("Mcp-Session-Id", "s1")],
+        &modern,
+        &[(V, MODERN), ("Mcp-Method", "tools/call")],
+    ];
+    for body in bodies {
+        for h in header_sets {
+            let h = headers(h);
+            let fast = classify(&h, body.as_bytes());
+            let tree = classify_with_tree(&h, body.as_bytes());
+            match (fast, tree) {
+                (Ok(fast), Ok(mut tree)) => {
+                    assert!(tree.message.take().is_some());
+                    if fast.message.is_none() {
+                        assert_eq!(fast.method.as_deref(), Some("tools/call"));
+                    }
+                    let fast = Classified {
+                        message: None,
+                        ..fast
+                    };
+                    assert_eq!(fast, tree, "{body} {h:?}");
+                }
+                (Err(fast), Err(tree)) => assert_eq!(fast, tree, "{body} {h:?}"),
+                (fast, tree) => panic!("{body} {h:?}: {fast:?} against {tree:?}"),
+            }
+        }
+    }
+    // The mesh's usual call is read without a tree.
+    let c = classify(&headers(&modern), MODERN_CALL.as_bytes()).unwrap();
+    assert_eq!(c.message, None);
+    assert_eq!(c.request_state, None);
 }

@@ -86,6 +86,38 @@ fn shape<E: de::Error>(msg: &str) -> E {
     E::custom(format!("{SHAPE}{msg}"))
 }
 
+/// A key or string value, borrowed from the body when it holds it without escapes (serde's own
+/// `Cow<str>` always copies).
+pub(super) struct Text<'de>(std::borrow::Cow<'de, str>);
+
+impl AsRef<str> for Text<'_> {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> de::Deserialize<'de> for Text<'de> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Text<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, v: &'de str) -> Result<Text<'de>, E> {
+                Ok(Text(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Text<'de>, E> {
+                Ok(Text(std::borrow::Cow::Owned(v.to_owned())))
+            }
+            fn visit_string<E: de::Error>(self, v: String) -> Result<Text<'de>, E> {
+                Ok(Text(std::borrow::Cow::Owned(v)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
 struct Body;
 
 impl<'de> DeserializeSeed<'de> for Body {
@@ -141,7 +173,7 @@ impl<'de> Visitor<'de> for MessageVisitor {
         let mut params: Option<Params> = None;
         let mut id = IdShape::Absent;
         let mut id_seen = false;
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+        while let Some(key) = map.next_key::<Text<'de>>()? {
             match key.as_ref() {
                 "method" => {
                     if method.is_some() {
@@ -313,7 +345,7 @@ impl<'de> Visitor<'de> for ParamsSeed {
             ..Params::default()
         };
         let (mut name_seen, mut uri_seen) = (false, false);
-        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+        while let Some(key) = map.next_key::<Text<'de>>()? {
             let slot = match key.as_ref() {
                 "name" => {
                     if std::mem::replace(&mut name_seen, true) {

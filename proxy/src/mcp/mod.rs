@@ -5,6 +5,8 @@
 //!   target, id shape): what inbound authorization decides on.
 //! * [`jsonrpc`]: JSON-RPC 2.0 messages, parse/invalid-request errors, error and result bodies,
 //!   and the error codes capmesh sends.
+//! * [`call`]: a single `tools/call` request read in one pass without a tree (what the
+//!   classifier needs of the mesh's most common message).
 //! * [`classify`]: what a POST is (generation, method, target name, id, session) and the 400s
 //!   owed to a client that breaks the transport rules; the header-only [`route_hint`].
 //! * [`header`]: MCP header names, the `=?base64?…?=` value encoding, re-emitting routing headers.
@@ -18,6 +20,7 @@
 
 #![warn(missing_docs)]
 
+pub mod call;
 pub mod classify;
 pub mod header;
 pub mod inspect;

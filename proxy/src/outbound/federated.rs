@@ -91,8 +91,8 @@ where
     fn handle(&self, req: Mcp, next: S) -> Handled<Response<BoxBody>> {
         Box::pin(async move {
             let items = match &req.classified.message {
-                Parsed::Batch(items) => items.clone(),
-                Parsed::Single(_) => return call(next, req).await,
+                Some(Parsed::Batch(items)) => items.clone(),
+                _ => return call(next, req).await,
             };
             let mut out = Vec::new();
             for item in items {
@@ -243,8 +243,10 @@ where
         let this = self.clone();
         Box::pin(async move {
             let generation = req.classified.generation;
-            let Parsed::Single(Message::Request { id, method, params }) = &req.classified.message
+            let Some(Parsed::Single(Message::Request { id, method, params })) =
+                &req.classified.message
             else {
+                // A single `tools/call` (read without a tree) is never answered here.
                 return call(next, req).await;
             };
             match this.answer(method, params.as_ref()) {
@@ -289,14 +291,16 @@ where
     fn serve(&self, req: Mcp) -> Handled<Response<BoxBody>> {
         let c = &req.classified;
         let to_provider = match &c.message {
-            Parsed::Single(Message::Request { method, .. }) if method == "tools/call" => {
+            // A single `tools/call`, read without a tree.
+            None => return Box::pin(call(self.tool_call.clone(), req)),
+            Some(Parsed::Single(Message::Request { method, .. })) if method == "tools/call" => {
                 return Box::pin(call(self.tool_call.clone(), req));
             }
-            Parsed::Single(Message::Response {
+            Some(Parsed::Single(Message::Response {
                 id: Some(Id::String(sealed)),
                 ..
-            }) => sealed.starts_with(seal::PREFIX),
-            Parsed::Single(Message::Notification { method, .. }) => {
+            })) => sealed.starts_with(seal::PREFIX),
+            Some(Parsed::Single(Message::Notification { method, .. })) => {
                 method == "notifications/cancelled" && c.generation == Generation::Legacy
             }
             _ => false,

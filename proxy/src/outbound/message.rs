@@ -41,10 +41,10 @@ where
         let proxy = self.proxy.clone();
         Box::pin(async move {
             let (route, message) = match &req.classified.message {
-                Parsed::Single(Message::Response {
+                Some(Parsed::Single(Message::Response {
                     id: Some(Id::String(sealed)),
                     ..
-                }) => {
+                })) => {
                     let route = sealer(&proxy)
                         .and_then(|s| s.open_route(seal::SERVER_REQUEST, sealed))
                         .ok_or(ProxyError::UnknownServerRequest)?;
@@ -53,7 +53,7 @@ where
                     message["id"] = route.upstream_id.clone();
                     (route, message)
                 }
-                Parsed::Single(Message::Notification { params, .. }) => {
+                Some(Parsed::Single(Message::Notification { params, .. })) => {
                     let route = req.classified.session_id.as_deref().zip(
                         params
                             .as_ref()

@@ -138,7 +138,7 @@ where
             let mut minted = None;
             if c.method.as_deref() == Some("initialize") {
                 let requested = match &c.message {
-                    Parsed::Single(Message::Request { params, .. }) => params
+                    Some(Parsed::Single(Message::Request { params, .. })) => params
                         .as_ref()
                         .and_then(|p| p.get("protocolVersion"))
                         .and_then(Value::as_str),
@@ -152,7 +152,7 @@ where
                 let Some(version) = sessions.version(id) else {
                     return Err(ProxyError::UnknownSession);
                 };
-                if matches!(c.message, Parsed::Batch(_)) && version != classify::BATCH_VERSION {
+                if c.is_batch() && version != classify::BATCH_VERSION {
                     return Err(ProxyError::Protocol(RpcError::new(
                         jsonrpc::INVALID_REQUEST,
                         format!(

@@ -19,7 +19,7 @@ use crate::contract::{MAX_RESPONSE, SERVED_BY_HEADER, TIMEOUT_HEADER};
 use crate::error::ProxyError;
 use crate::forward::{Attempts, Call, CallSpec, Served, Target, Upstream};
 use crate::mcp::classify::{Classified, Generation};
-use crate::mcp::jsonrpc::{Id, Message};
+use crate::mcp::jsonrpc::Id;
 use crate::mcp::relay::{CutFn, EventFn, MapEvents};
 use crate::mcp::rewrite::replace_response_id;
 use crate::mcp::sse::Event;
@@ -427,12 +427,7 @@ fn request_state_route(proxy: &Proxy, classified: &Classified) -> Option<Option<
     if classified.generation != Generation::Modern {
         return None;
     }
-    let state = classified
-        .message
-        .single()
-        .and_then(Message::params)
-        .and_then(|p| p.get("requestState"))
-        .and_then(Value::as_str)?;
+    let state = classified.request_state.as_deref()?;
     if !state.starts_with(seal::PREFIX) {
         return None;
     }
