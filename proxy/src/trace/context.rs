@@ -52,10 +52,20 @@ pub fn parent(headers: &HeaderMap) -> Option<Parent> {
 
 /// The `traceparent` value naming `span_id` of `trace_id` as the parent of the next hop.
 pub fn value(trace_id: TraceId, span_id: SpanId, sampled: bool) -> HeaderValue {
-    let flags = if sampled { "01" } else { "00" };
-    let text = format!("00-{trace_id}-{span_id}-{flags}");
+    // Written in place (once per call on every hop): `00-<32 hex>-<16 hex>-<flags>`.
+    let mut text = *b"00-00000000000000000000000000000000-0000000000000000-00";
+    let digits = b"0123456789abcdef";
+    let ids = trace_id.to_bytes().into_iter().chain(span_id.to_bytes());
+    let at = (3..35).step_by(2).chain((36..52).step_by(2));
+    for (byte, i) in ids.zip(at) {
+        text[i] = digits[usize::from(byte >> 4)];
+        text[i + 1] = digits[usize::from(byte & 0xf)];
+    }
+    if sampled {
+        text[54] = b'1';
+    }
     // Hex digits and dashes only: always a valid header value.
-    HeaderValue::from_str(&text).unwrap_or(HeaderValue::from_static(
+    HeaderValue::from_bytes(&text).unwrap_or(HeaderValue::from_static(
         "00-00000000000000000000000000000001-0000000000000001-00",
     ))
 }
