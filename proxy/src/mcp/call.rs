@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Number;
 
 use super::classify::META_PROTOCOL_VERSION;
@@ -41,6 +41,51 @@ pub fn read(body: &[u8]) -> Option<ToolCall> {
     let call = de.deserialize_any(Request).ok()?;
     de.end().ok()?;
     Some(call)
+}
+
+/// Any JSON value, read through as a tree reads it and dropped. serde's `IgnoredAny` would skip
+/// a string without checking its UTF-8 or its `\u` surrogates, and a number without checking
+/// its range (`1e400`), all of which the tree refuses; this goes the tree's way
+/// (`deserialize_any`), without building anything.
+struct Checked;
+
+impl<'de> de::Deserialize<'de> for Checked {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Checked)
+    }
+}
+
+impl<'de> Visitor<'de> for Checked {
+    type Value = Checked;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Checked, E> {
+        Ok(Checked)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Checked, A::Error> {
+        while seq.next_element::<Checked>()?.is_some() {}
+        Ok(Checked)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Checked, A::Error> {
+        while map.next_entry::<Checked, Checked>()?.is_some() {}
+        Ok(Checked)
+    }
 }
 
 /// Not a `tools/call` this reader answers for (the classifier then reads the body whole).
@@ -74,7 +119,7 @@ impl<'de> Visitor<'de> for Request {
                 "id" => once(&mut id, map.next_value_seed(IdSeed)?)?,
                 "params" => once(&mut params, map.next_value_seed(ParamsSeed)?)?,
                 _ => {
-                    map.next_value::<IgnoredAny>()?;
+                    map.next_value::<Checked>()?;
                 }
             }
         }
@@ -161,7 +206,7 @@ impl<'de> Visitor<'de> for ParamsSeed {
                 "requestState" => once(&mut p.request_state, map.next_value_seed(Text)?)?,
                 "_meta" => once(&mut p.meta_version, map.next_value_seed(MetaSeed)?)?,
                 _ => {
-                    map.next_value::<IgnoredAny>()?;
+                    map.next_value::<Checked>()?;
                 }
             }
         }
@@ -169,7 +214,7 @@ impl<'de> Visitor<'de> for ParamsSeed {
     }
     // Array params hold no named members.
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Params, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        while seq.next_element::<Checked>()?.is_some() {}
         Ok(Params::default())
     }
 }
@@ -195,13 +240,13 @@ impl<'de> Visitor<'de> for MetaSeed {
             if key.as_ref() == META_PROTOCOL_VERSION {
                 once(&mut version, map.next_value_seed(Text)?)?;
             } else {
-                map.next_value::<IgnoredAny>()?;
+                map.next_value::<Checked>()?;
             }
         }
         Ok(version.flatten())
     }
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Option<String>, A::Error> {
-        IgnoredAny.visit_seq(seq).map(|_| None)
+        Checked.visit_seq(seq).map(|_| None)
     }
     fn visit_str<E: de::Error>(self, _: &str) -> Result<Option<String>, E> {
         Ok(None)
@@ -246,10 +291,10 @@ impl<'de> Visitor<'de> for Text {
         Ok(Some(v))
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Option<String>, A::Error> {
-        IgnoredAny.visit_map(map).map(|_| None)
+        Checked.visit_map(map).map(|_| None)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Option<String>, A::Error> {
-        IgnoredAny.visit_seq(seq).map(|_| None)
+        Checked.visit_seq(seq).map(|_| None)
     }
     fn visit_i64<E: de::Error>(self, _: i64) -> Result<Option<String>, E> {
         Ok(None)
@@ -337,6 +382,17 @@ mod tests {
             "7",
         ] {
             assert_eq!(read(body.as_bytes()), None, "{body}");
+        }
+        // What the tree refuses inside members nobody reads, this reader refuses too: a
+        // number out of range, a lone surrogate, bytes that are not UTF-8.
+        for body in [
+            &br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{"x":1e400}}}"#[..],
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{"x":"\ud800"}}}"#,
+            b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"tools/call\",\"result\":{\"n\":\"h\xe5r\"}}",
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"_meta":{"k":1e999}}}"#,
+        ] {
+            assert!(parse(body).is_err(), "{}", String::from_utf8_lossy(body));
+            assert_eq!(read(body), None, "{}", String::from_utf8_lossy(body));
         }
     }
 }
