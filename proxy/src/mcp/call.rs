@@ -201,10 +201,12 @@ impl<'de> Visitor<'de> for ParamsSeed {
         let mut p = Params::default();
         while let Some(key) = map.next_key::<Borrowed<'de>>()? {
             match key.as_ref() {
-                "name" => once(&mut p.name, map.next_value_seed(Text)?)?,
-                "uri" => once(&mut p.uri, map.next_value_seed(Text)?)?,
-                "requestState" => once(&mut p.request_state, map.next_value_seed(Text)?)?,
-                "_meta" => once(&mut p.meta_version, map.next_value_seed(MetaSeed)?)?,
+                "name" => once(&mut p.name, map.next_value_seed(Member::Text)?)?,
+                "uri" => once(&mut p.uri, map.next_value_seed(Member::Text)?)?,
+                "requestState" => {
+                    once(&mut p.request_state, map.next_value_seed(Member::Text)?)?;
+                }
+                "_meta" => once(&mut p.meta_version, map.next_value_seed(Member::Meta)?)?,
                 _ => {
                     map.next_value::<Checked>()?;
                 }
@@ -219,79 +221,46 @@ impl<'de> Visitor<'de> for ParamsSeed {
     }
 }
 
-/// `_meta`'s protocol version, when `_meta` is an object holding it as a string.
-struct MetaSeed;
+/// A params member as the classifier reads it: `Text`, its text (`Some` for a string, `None`
+/// for any other type, as `Value::as_str` reads it); `Meta`, the protocol version that `_meta`
+/// holds (`Some` when `_meta` is an object holding it as a string).
+#[derive(Debug, Clone, Copy)]
+enum Member {
+    Text,
+    Meta,
+}
 
-impl<'de> DeserializeSeed<'de> for MetaSeed {
+impl<'de> DeserializeSeed<'de> for Member {
     type Value = Option<String>;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de> Visitor<'de> for MetaSeed {
-    type Value = Option<String>;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("_meta")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
-        let mut version = None;
-        while let Some(key) = map.next_key::<Borrowed<'de>>()? {
-            if key.as_ref() == META_PROTOCOL_VERSION {
-                once(&mut version, map.next_value_seed(Text)?)?;
-            } else {
-                map.next_value::<Checked>()?;
-            }
-        }
-        Ok(version.flatten())
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Option<String>, A::Error> {
-        Checked.visit_seq(seq).map(|_| None)
-    }
-    fn visit_str<E: de::Error>(self, _: &str) -> Result<Option<String>, E> {
-        Ok(None)
-    }
-    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Option<String>, E> {
-        Ok(None)
-    }
-    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Option<String>, E> {
-        Ok(None)
-    }
-    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Option<String>, E> {
-        Ok(None)
-    }
-    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Option<String>, E> {
-        Ok(None)
-    }
-    fn visit_unit<E: de::Error>(self) -> Result<Option<String>, E> {
-        Ok(None)
-    }
-}
-
-/// A member's value as text: `Some` for a string, `None` for any other type (as
-/// `Value::as_str` reads it).
-struct Text;
-
-impl<'de> DeserializeSeed<'de> for Text {
-    type Value = Option<String>;
-    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Option<String>, D::Error> {
-        d.deserialize_any(self)
-    }
-}
-
-impl<'de> Visitor<'de> for Text {
+impl<'de> Visitor<'de> for Member {
     type Value = Option<String>;
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("any JSON value")
     }
     fn visit_str<E: de::Error>(self, v: &str) -> Result<Option<String>, E> {
-        Ok(Some(v.to_owned()))
+        Ok(matches!(self, Member::Text).then(|| v.to_owned()))
     }
     fn visit_string<E: de::Error>(self, v: String) -> Result<Option<String>, E> {
-        Ok(Some(v))
+        Ok(matches!(self, Member::Text).then_some(v))
     }
-    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Option<String>, A::Error> {
-        Checked.visit_map(map).map(|_| None)
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Option<String>, A::Error> {
+        if let Member::Text = self {
+            return Checked.visit_map(map).map(|_| None);
+        }
+        let mut version = None;
+        while let Some(key) = map.next_key::<Borrowed<'de>>()? {
+            if key.as_ref() == META_PROTOCOL_VERSION {
+                once(&mut version, map.next_value_seed(Member::Text)?)?;
+            } else {
+                map.next_value::<Checked>()?;
+            }
+        }
+        Ok(version.flatten())
     }
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Option<String>, A::Error> {
         Checked.visit_seq(seq).map(|_| None)
