@@ -387,16 +387,22 @@ pub fn render(inputs: &[PathBuf]) -> Result<String> {
     }
     let step = |p: &str| d.get(c, p, "step", h1).and_then(|c| c.step);
     if let (Some(cm), Some(ng)) = (step("capmesh"), step("nginx")) {
-        let ok = cm.4 <= ng.4;
+        // No stall (DESIGN); issue 16 sets the bar at HAProxy's count, nginx's without it.
+        let ha = step("haproxy");
+        let (bar, budget) = match ha {
+            Some(h) => (h.4, "≤ HAProxy's"),
+            None => (ng.4, "≤ nginx's"),
+        };
+        let ok = cm.4 <= bar;
         if !ok {
             missed.push("load step (requests over 5 ms)".into());
         }
         let _ = writeln!(
             out,
-            "| load step {low} → {high} req/s: requests over 5 ms after the step | {:.0} | {:.0} | {} | no stall (≤ nginx's) | {} |",
+            "| load step {low} → {high} req/s: requests over 5 ms after the step | {:.0} | {:.0} | {} | {budget} | {} |",
             cm.4,
             ng.4,
-            step("haproxy").map_or("–".into(), |h| format!("{:.0}", h.4)),
+            ha.map_or("–".into(), |h| format!("{:.0}", h.4)),
             verdict(ok)
         );
     }
