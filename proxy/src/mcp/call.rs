@@ -327,6 +327,11 @@ mod tests {
             let fast = read(body.as_bytes());
             assert!(fast.is_some(), "{body}");
             assert_eq!(fast, by_tree(body), "{body}");
+            // The strict inspection (which the classifier skips for these) takes it alike.
+            let seen = crate::mcp::inspect::inspect(body.as_bytes()).unwrap();
+            assert_eq!(seen.len(), 1);
+            assert_eq!(seen[0].method.as_deref(), Some("tools/call"));
+            assert_eq!(seen[0].name, fast.unwrap().name);
         }
     }
 
