@@ -3,7 +3,10 @@
 //!
 //! Authorization reads bodies with this, so it must never read a message differently from the
 //! agent behind it. Hence:
-//! * the JSON is strict (serde_json's grammar: no comments, no trailing bytes, UTF-8 only);
+//! * the JSON is strict (serde_json's grammar: no comments, no trailing bytes); keys and the
+//!   members read below are checked as UTF-8 text, while members nobody decides on are skipped
+//!   unchecked (a string's UTF-8, a number's range such as `1e400`), as the agent's to judge.
+//!   The outbound classifier refuses those too, as a JSON tree does;
 //! * a key the decision depends on (`method`, `params`, `params.name`, `params.uri`) appearing
 //!   twice is refused — JSON readers disagree on which copy wins;
 //! * keys are compared after unescaping (`"\u006dethod"` is `method`);
