@@ -218,12 +218,19 @@ impl InFlight {
 
     /// Ends the request, observing `outcome` with the time since it started less `setup` (what
     /// it waited for its connection to open, which says nothing of the endpoint's speed);
-    /// returns true when this ejected the endpoint.
-    pub fn finish(self, outcome: Outcome, setup: Duration) -> bool {
+    /// returns true when this ejected the endpoint. An answer that is not `sampled` (one of the
+    /// first on a new connection, [`crate::pool::Warming`]) counts for the breaker, and as a
+    /// penalty when it failed, but gives no latency sample.
+    pub fn finish(self, outcome: Outcome, setup: Duration, sampled: bool) -> bool {
         let now = Instant::now();
         let rtt = now
             .saturating_duration_since(self.started)
             .saturating_sub(setup);
+        if !sampled && outcome == Outcome::Success {
+            // A success still closes the breaker; its latency is not the endpoint's own.
+            self.stats.breaker.on_success();
+            return false;
+        }
         self.stats.observe_at(outcome, rtt, now)
     }
 }
@@ -796,6 +803,34 @@ mod tests {
     }
 
     #[test]
+    fn a_warming_answer_counts_for_the_breaker_but_gives_no_latency_sample() {
+        // A known endpoint answering in 1 ms, and a new one whose first answer, on a fresh
+        // connection, took 30 ms: the provider was opening its own connections.
+        let endpoints = [endpoint("known", &[], None), endpoint("new", &[], None)];
+        let ranks = rank(&endpoints, &Selector::default());
+        let table = Table::new(&endpoints);
+        table
+            .get(&endpoints[0])
+            .observe(Outcome::Success, Duration::from_millis(1));
+        let first = table.get(&endpoints[1]).start();
+        std::thread::sleep(Duration::from_millis(30));
+        first.finish(Outcome::Success, Duration::ZERO, false);
+        assert_eq!(table.get(&endpoints[1]).estimate(Instant::now()), None);
+        let (stats, now) = (table.lookup(), Instant::now());
+        let new = (0..1_000)
+            .filter(|_| pick(&ranks, &stats, &[], now).unwrap().agent.as_str() == "new")
+            .count();
+        assert!(
+            (300..=700).contains(&new),
+            "the new endpoint got {new} of 1000"
+        );
+        // A failed warming answer still counts against it.
+        let failed = table.get(&endpoints[1]).start();
+        failed.finish(Outcome::Unavailable, Duration::ZERO, false);
+        assert!(table.get(&endpoints[1]).estimate(Instant::now()).unwrap() >= 5e8 * 0.99);
+    }
+
+    #[test]
     fn the_wait_for_a_new_connection_does_not_count_against_an_endpoint() {
         // A known endpoint answering in 1 ms, and a new one whose first request waited 30 ms
         // for its connection to open (the TLS handshake) and was then answered at once.
@@ -817,6 +852,7 @@ mod tests {
                 } else {
                     Duration::ZERO
                 },
+                true,
             );
             let (stats, now) = (table.lookup(), Instant::now());
             (0..1_000)

@@ -174,6 +174,8 @@ struct Conn {
     sender: SendRequest<Bytes>,
     heard: Arc<AtomicBool>,
     closed: Arc<AtomicBool>,
+    /// Requests sent on it so far.
+    sent: Arc<AtomicU64>,
 }
 
 /// How long a request waited for its connection to a peer to open (opened by it, or by the
@@ -185,6 +187,17 @@ struct Conn {
 /// estimate decays: seconds without traffic for a provider that just joined.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectWait(pub Duration);
+
+/// Marks the answer to one of the first [`WARMING_REQUESTS`] requests on a connection to a
+/// peer: a response extension. The peer serves a new connection on the worker with the fewest
+/// open, whose own connections to its agent may not be open yet, so these answers carry the
+/// provider's set-up as well as its latency. The balancer counts their outcome but takes no
+/// latency sample from them, as [`ConnectWait`] leaves out this side's set-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Warming;
+
+/// How many requests on a new connection to a peer answer [`Warming`].
+pub const WARMING_REQUESTS: u64 = 8;
 
 /// How often an HTTP/2 PING checks a pooled connection, and how long its answer may take before
 /// the connection is given up: a peer that vanished without closing (its host gone) would
@@ -326,6 +339,7 @@ impl PeerPool {
                 sender,
                 heard,
                 closed,
+                sent: Arc::default(),
             })
         };
         tokio::time::timeout(timeout, work)
@@ -386,7 +400,16 @@ impl PeerPool {
         identity: &str,
         req: Request<Bytes>,
     ) -> Result<Response<PeerBody>, PeerError> {
-        let (Conn { sender, heard, .. }, waited) = self.sender(addr, identity).await?;
+        let (
+            Conn {
+                sender,
+                heard,
+                sent,
+                ..
+            },
+            waited,
+        ) = self.sender(addr, identity).await?;
+        let warming = sent.fetch_add(1, Ordering::Relaxed) < WARMING_REQUESTS;
         let mut sender = sender
             .ready()
             .await
@@ -417,6 +440,9 @@ impl PeerPool {
         });
         if let Some(waited) = waited {
             response.extensions_mut().insert(ConnectWait(waited));
+        }
+        if warming {
+            response.extensions_mut().insert(Warming);
         }
         Ok(response)
     }

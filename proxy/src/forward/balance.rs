@@ -14,7 +14,7 @@ use crate::Proxy;
 use crate::balance::{Outcome, pick};
 use crate::contract::ERROR_HEADER;
 use crate::error::ProxyError;
-use crate::pool::{ConnectWait, PeerBody};
+use crate::pool::{ConnectWait, PeerBody, Warming};
 use crate::stack::{Handled, Middleware, Next, call};
 
 /// One attempt of a call: the call and the endpoint chosen for it.
@@ -100,13 +100,13 @@ where
             };
             let result = call(next, attempt).await;
             let outcome = outcome(&result);
-            let setup = result
-                .as_ref()
-                .ok()
-                .and_then(|r| r.extensions().get::<ConnectWait>())
+            let extensions = result.as_ref().ok().map(Response::extensions);
+            let setup = extensions
+                .and_then(|e| e.get::<ConnectWait>())
                 .map_or(Duration::ZERO, |w| w.0);
+            let sampled = extensions.is_none_or(|e| e.get::<Warming>().is_none());
             if let Some(in_flight) = in_flight
-                && in_flight.finish(outcome, setup)
+                && in_flight.finish(outcome, setup, sampled)
             {
                 proxy
                     .metrics
