@@ -80,7 +80,7 @@ impl Classified {
 /// What the transport rules look at in a single message, read from a tree or without one.
 struct Facts<'a> {
     batch: bool,
-    id: Option<Id>,
+    id: Option<&'a Id>,
     method: Option<&'a str>,
     /// `params.name` and `params.uri`, when strings.
     name: Option<&'a str>,
@@ -95,7 +95,7 @@ impl<'a> Facts<'a> {
         let params = single.and_then(Message::params);
         Self {
             batch: single.is_none(),
-            id: single.and_then(Message::id).cloned(),
+            id: single.and_then(Message::id),
             method: single.and_then(Message::method),
             name: str_param(params, "name"),
             uri: str_param(params, "uri"),
@@ -110,7 +110,7 @@ impl<'a> Facts<'a> {
     fn of_call(call: &'a ToolCall) -> Self {
         Self {
             batch: false,
-            id: Some(call.id.clone()),
+            id: Some(&call.id),
             method: Some("tools/call"),
             name: call.name.as_deref(),
             uri: call.uri.as_deref(),
@@ -269,7 +269,7 @@ fn classify_as(
         Read::Call(call) => Facts::of_call(call),
         Read::Tree(message) => Facts::of_tree(message),
     };
-    let id = facts.id.clone();
+    let id = facts.id.cloned();
     // Read as strictly as the providers' inbound side reads it (a repeated key, for one): the
     // mesh never routes a message that readers could take two ways. A plain `tools/call` read
     // without a tree already meets those rules: that reader leaves every repeated key the
@@ -345,7 +345,7 @@ fn check_modern(
             "batches are not allowed in protocol 2026-07-28",
         ));
     }
-    let id = facts.id.as_ref();
+    let id = facts.id;
     let Some(method) = facts.method else {
         return Err(invalid(
             id,
