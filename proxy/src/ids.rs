@@ -47,15 +47,34 @@ thread_local! {
 
 /// `bytes` unpredictable bytes as lowercase hex.
 pub fn random_hex(bytes: usize) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut buf = vec![0u8; bytes];
-    GENERATOR.with(|g| g.borrow_mut().fill(&mut buf));
     let mut out = String::with_capacity(bytes * 2);
-    for b in buf {
-        out.push(char::from(HEX[usize::from(b >> 4)]));
-        out.push(char::from(HEX[usize::from(b & 0xf)]));
-    }
+    push_random_hex(&mut out, bytes);
     out
+}
+
+/// Appends `bytes` unpredictable bytes to `out` as lowercase hex, so that an id with a prefix
+/// is built in one allocation.
+pub fn push_random_hex(out: &mut String, bytes: usize) {
+    let mut raw = [0u8; 32];
+    let mut digits = [0u8; 64];
+    let mut left = bytes;
+    while left > 0 {
+        let n = left.min(raw.len());
+        GENERATOR.with(|g| g.borrow_mut().fill(&mut raw[..n]));
+        hex_into(&raw[..n], &mut digits);
+        out.extend(digits[..2 * n].iter().map(|&d| char::from(d)));
+        left -= n;
+    }
+}
+
+/// Writes `bytes` into `out` as lowercase hex, two digits a byte, from its start; digits that
+/// do not fit are dropped, and the rest of `out` is left as it was.
+pub fn hex_into(bytes: &[u8], out: &mut [u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for (b, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = DIGITS[usize::from(b >> 4)];
+        pair[1] = DIGITS[usize::from(b & 0xf)];
+    }
 }
 
 #[cfg(test)]
@@ -75,6 +94,7 @@ mod tests {
             assert!(seen.insert(id));
         }
         assert_eq!(random_hex(40).len(), 80);
+        assert_eq!(random_hex(70).len(), 140);
         assert_eq!(random_hex(0), "");
     }
 
@@ -87,5 +107,15 @@ mod tests {
             .join()
             .unwrap_or_default();
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn hex_into_writes_two_lowercase_digits_a_byte_and_nothing_past_them() {
+        let mut out = *b"xxxxxxxx";
+        hex_into(&[0x00, 0xaf, 0x5c], &mut out);
+        assert_eq!(&out, b"00af5cxx");
+        let mut short = *b"___";
+        hex_into(&[0xff, 0x01], &mut short);
+        assert_eq!(&short, b"ff_");
     }
 }

@@ -109,7 +109,10 @@ where
     fn handle(&self, req: Mcp, next: S) -> Handled<Response<BoxBody>> {
         let proxy = self.proxy.clone();
         Box::pin(async move {
-            let upstream_id = json!(format!("cm-{}", crate::random_hex(12)));
+            let mut upstream_id = String::with_capacity(3 + 24);
+            upstream_id.push_str("cm-");
+            crate::ids::push_random_hex(&mut upstream_id, 12);
+            let upstream_id = Value::String(upstream_id);
             // What the relay needs of the request (not the body's tree).
             let asked = Asked {
                 id: req.classified.id.clone(),

@@ -54,13 +54,8 @@ pub fn parent(headers: &HeaderMap) -> Option<Parent> {
 pub fn value(trace_id: TraceId, span_id: SpanId, sampled: bool) -> HeaderValue {
     // Written in place (once per call on every hop): `00-<32 hex>-<16 hex>-<flags>`.
     let mut text = *b"00-00000000000000000000000000000000-0000000000000000-00";
-    let digits = b"0123456789abcdef";
-    let ids = trace_id.to_bytes().into_iter().chain(span_id.to_bytes());
-    let at = (3..35).step_by(2).chain((36..52).step_by(2));
-    for (byte, i) in ids.zip(at) {
-        text[i] = digits[usize::from(byte >> 4)];
-        text[i + 1] = digits[usize::from(byte & 0xf)];
-    }
+    crate::ids::hex_into(&trace_id.to_bytes(), &mut text[3..35]);
+    crate::ids::hex_into(&span_id.to_bytes(), &mut text[36..52]);
     if sampled {
         text[54] = b'1';
     }
