@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 pub mod echo;
+pub mod hold;
 pub mod load;
 pub mod peers;
 pub mod procstat;

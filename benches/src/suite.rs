@@ -527,7 +527,7 @@ async fn until_serving(url: &Uri, providers: usize, what: &str) -> Result<()> {
 
 /// Waits until the consumer sidecar (admin port `admin`) routes to `count` ready endpoints of
 /// `echo`, as its `/metrics` says (`capmesh_proxy_endpoints{state="ready"}`).
-async fn until_ready_endpoints(admin: u16, count: usize, what: &str) -> Result<()> {
+pub(crate) async fn until_ready_endpoints(admin: u16, count: usize, what: &str) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut ready = 0;
     loop {

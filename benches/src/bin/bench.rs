@@ -3,6 +3,7 @@
 //! - `echo --listen ADDR`: the minimal MCP upstream;
 //! - `load --url URL --rate R | --closed N …`: the open-loop (or closed-loop) generator;
 //! - `suite --setup compare|defaults --out FILE.jsonl`: every scenario, one JSON line per point;
+//! - `hold --path capmesh|nginx|haproxy --upstream PORT`: one path held for outside measurement;
 //! - `report FILE.jsonl…`: the Markdown tables (medians over rounds) for `benches/RESULTS.md`.
 //!
 //! `benches/run.sh` drives all of it; see `benches/RESULTS.md` for what each scenario is.
@@ -110,6 +111,19 @@ enum Cmd {
         /// `taskset -c` CPU list for the load generator; empty for unpinned.
         #[arg(long, default_value = "0")]
         gen_cpus: String,
+    },
+    /// Start one path (the mesh with N providers, nginx or HAProxy) in front of a running echo
+    /// upstream and hold it until SIGTERM; prints its entry URL and process ids as one JSON line.
+    Hold {
+        /// `capmesh`, `nginx` or `haproxy`.
+        #[arg(long)]
+        path: capmesh_bench::hold::HoldPath,
+        /// Provider sidecars (capmesh only).
+        #[arg(long, default_value_t = 1)]
+        providers: usize,
+        /// The echo upstream's port on 127.0.0.1 (`capmesh-bench echo`).
+        #[arg(long)]
+        upstream: u16,
     },
     /// Print the Markdown results section from suite outputs.
     Report {
@@ -260,6 +274,14 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
                 }
                 Ok(ExitCode::FAILURE)
             }
+        }
+        Cmd::Hold {
+            path,
+            providers,
+            upstream,
+        } => {
+            runtime(1)?.block_on(capmesh_bench::hold::run(path, providers, upstream))?;
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Report { inputs } => {
             print!("{}", capmesh_bench::report::render(&inputs)?);
