@@ -112,9 +112,17 @@ impl EndpointStats {
 
     /// [`EndpointStats::observe`] with the clock read by the caller.
     pub fn observe_at(&self, outcome: Outcome, rtt: Duration, now: Instant) -> bool {
+        self.settle(outcome, rtt, true, now)
+    }
+
+    /// What [`EndpointStats::observe_at`] does; a success that is not `sampled` closes the
+    /// breaker but gives no latency sample (penalties still apply to the other outcomes).
+    fn settle(&self, outcome: Outcome, rtt: Duration, sampled: bool, now: Instant) -> bool {
         match outcome {
             Outcome::Success => {
-                self.record(rtt, now);
+                if sampled {
+                    self.record(rtt, now);
+                }
                 self.breaker.on_success();
                 false
             }
@@ -226,12 +234,7 @@ impl InFlight {
         let rtt = now
             .saturating_duration_since(self.started)
             .saturating_sub(setup);
-        if !sampled && outcome == Outcome::Success {
-            // A success still closes the breaker; its latency is not the endpoint's own.
-            self.stats.breaker.on_success();
-            return false;
-        }
-        self.stats.observe_at(outcome, rtt, now)
+        self.stats.settle(outcome, rtt, sampled, now)
     }
 }
 
