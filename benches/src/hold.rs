@@ -6,7 +6,7 @@
 //! processes it starts inherit the CPU list, and the sidecars `TOKIO_WORKER_THREADS`.
 
 use anyhow::{Context, Result, bail};
-use capmesh_tests::{ControlPlane, ProxyProcess, workspace_bin};
+use capmesh_tests::ProxyProcess;
 use serde::Serialize;
 
 use crate::peers::{Kind, Peer};
@@ -58,23 +58,9 @@ pub async fn run(path: HoldPath, providers: usize, upstream: u16) -> Result<()> 
             if providers == 0 {
                 bail!("--providers must be 1 or more");
             }
-            let cp =
-                ControlPlane::start(&workspace_bin("capmesh-control-plane")?, &["--grace", "2s"])
-                    .await?;
-            let proxy_bin = workspace_bin("capmesh-proxy")?;
-            for _ in 0..providers {
-                mesh.push(
-                    ProxyProcess::start(&proxy_bin, &cp, "echo", Some(&echo_url), &[]).await?,
-                );
-            }
-            let consumer = ProxyProcess::start(
-                &proxy_bin,
-                &cp,
-                "bench-client",
-                None,
-                &["--dependency", "echo"],
-            )
-            .await?;
+            let (cp, providers_started, consumer) =
+                crate::suite::start_mesh(providers, &echo_url).await?;
+            mesh = providers_started;
             crate::suite::until_ready_endpoints(consumer.admin, providers, "hold").await?;
             let entry_pid = consumer.pid().context("the consumer's sidecar exited")?;
             let mut pids = vec![cp.pid().context("the control plane exited")?];

@@ -525,6 +525,31 @@ async fn until_serving(url: &Uri, providers: usize, what: &str) -> Result<()> {
     }
 }
 
+/// Starts the mesh path in front of the echo server at `echo_url`: the control plane,
+/// `providers` sidecars for agent `echo` and the consumer's sidecar (`bench-client`, depending
+/// on `echo`), each ready.
+pub(crate) async fn start_mesh(
+    providers: usize,
+    echo_url: &str,
+) -> Result<(ControlPlane, Vec<ProxyProcess>, ProxyProcess)> {
+    let cp =
+        ControlPlane::start(&workspace_bin("capmesh-control-plane")?, &["--grace", "2s"]).await?;
+    let proxy_bin = workspace_bin("capmesh-proxy")?;
+    let mut started = vec![];
+    for _ in 0..providers {
+        started.push(ProxyProcess::start(&proxy_bin, &cp, "echo", Some(echo_url), &[]).await?);
+    }
+    let consumer = ProxyProcess::start(
+        &proxy_bin,
+        &cp,
+        "bench-client",
+        None,
+        &["--dependency", "echo"],
+    )
+    .await?;
+    Ok((cp, started, consumer))
+}
+
 /// Waits until the consumer sidecar (admin port `admin`) routes to `count` ready endpoints of
 /// `echo`, as its `/metrics` says (`capmesh_proxy_endpoints{state="ready"}`).
 pub(crate) async fn until_ready_endpoints(admin: u16, count: usize, what: &str) -> Result<()> {
@@ -654,19 +679,8 @@ pub async fn run(opts: Options) -> Result<Vec<String>> {
     };
     until_serving(&direct.h1, 0, "the echo server").await?;
 
-    let cp_bin = workspace_bin("capmesh-control-plane")?;
     let proxy_bin = workspace_bin("capmesh-proxy")?;
-    let cp = ControlPlane::start(&cp_bin, &["--grace", "2s"]).await?;
-    let mut providers =
-        vec![ProxyProcess::start(&proxy_bin, &cp, "echo", Some(&echo_url), &[]).await?];
-    let consumer = ProxyProcess::start(
-        &proxy_bin,
-        &cp,
-        "bench-client",
-        None,
-        &["--dependency", "echo"],
-    )
-    .await?;
+    let (cp, mut providers, consumer) = start_mesh(1, &echo_url).await?;
     let pid = |p: &ProxyProcess| -> Result<u32> {
         // ProxyProcess keeps the child private; its admin port identifies it in /proc.
         pid_listening(p.admin).with_context(|| format!("no process listens on {}", p.admin))
