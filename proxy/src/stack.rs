@@ -2,9 +2,14 @@
 //! ([`Middleware`], turned into a tower [`Layer`] by [`Stage`]), the [`Respond`] layer that
 //! turns errors into responses at the top, and [`ReadBody`], which reads a bounded body.
 //!
-//! Every service on the request path is always ready (`poll_ready` returns at once): limits
-//! are enforced per connection and per request, not by back-pressure between layers. So a
-//! layer may clone its inner service for each request.
+//! Every service on the request path is always ready: limits are enforced per connection and
+//! per request, not by back-pressure between layers. So a layer is cloned for each request, and
+//! the services of a stack are [`Next`]s, not tower services: a call is one method, with no
+//! `poll_ready`.
+//!
+//! A request's whole way down a stack is one future. Each layer's `async` block holds the next
+//! layer's future inline, so the compiler sees the stack as one state machine: no allocation
+//! and no dynamic call per layer. Only [`Respond`], at the top, boxes it once, for hyper.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,44 +25,36 @@ use tower::{Layer, Service};
 use crate::BoxBody;
 use crate::error::ProxyError;
 
-/// A boxed, sendable future: what each layer's service returns.
+/// A boxed, sendable future: what the top of a stack hands to hyper.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
-/// What a layer's inner service must be: ready at once, cloneable, answering `Res` or a
-/// [`ProxyError`].
-pub trait Next<Req, Res>:
-    Service<Req, Response = Res, Error = ProxyError, Future: Send> + Clone + Send + Sync + 'static
-{
+/// What a layer's [`Middleware::handle`], a [`Handler::serve`] and a [`Next::call`] return: a
+/// sendable future of the answer or a [`ProxyError`].
+pub trait Handled<R>: Future<Output = Result<R, ProxyError>> + Send + 'static {}
+
+impl<F, R> Handled<R> for F where F: Future<Output = Result<R, ProxyError>> + Send + 'static {}
+
+/// A service on the request path: what a layer calls when the request goes on. Always ready
+/// (see the module docs); cloned for each request, so a clone should be cheap.
+pub trait Next<Req, Res>: Clone + Send + Sync + 'static {
+    /// Answers `req`.
+    fn call(self, req: Req) -> impl Handled<Res>;
 }
 
-impl<T, Req, Res> Next<Req, Res> for T where
-    T: Service<Req, Response = Res, Error = ProxyError, Future: Send>
-        + Clone
-        + Send
-        + Sync
-        + 'static
-{
-}
-
-/// Calls `next` with `req`. Every service on the request path is always ready (see the module
-/// docs), so `poll_ready` is not awaited: a tower `Oneshot` here would add one more future to
-/// poll through, per layer, on every wake-up of every request.
-pub fn call<S, Req, Res>(mut next: S, req: Req) -> S::Future
+/// Calls `next` with `req`.
+pub fn call<S, Req, Res>(next: S, req: Req) -> impl Handled<Res>
 where
     S: Next<Req, Res>,
 {
     next.call(req)
 }
 
-/// What a layer's [`Middleware::handle`] returns.
-pub type Handled<R> = BoxFuture<Result<R, ProxyError>>;
-
 /// One layer of a stack, written as one async function of the request and the next service.
 pub trait Middleware<Req, S>: Clone + Send + Sync + 'static {
     /// What the layer answers.
     type Response;
     /// Handles `req`, calling `next` when the request goes on.
-    fn handle(&self, req: Req, next: S) -> Handled<Self::Response>;
+    fn handle(self, req: Req, next: S) -> impl Handled<Self::Response>;
 }
 
 /// A [`Middleware`] in front of the service `S`, which it holds [`Shared`]: cloning a layer
@@ -78,69 +75,63 @@ impl<S> Clone for Shared<S> {
     }
 }
 
-impl<S, Req> Service<Req> for Shared<S>
+impl<S, Req, Res> Next<Req, Res> for Shared<S>
 where
-    S: Service<Req> + Clone,
+    S: Next<Req, Res>,
 {
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
-        // Every service on the request path is always ready (see the module docs).
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Req) -> Self::Future {
+    fn call(self, req: Req) -> impl Handled<Res> {
         S::clone(&self.0).call(req)
     }
 }
 
-impl<M, S, Req> Service<Req> for Layered<M, S>
+impl<M, S, Req> Next<Req, M::Response> for Layered<M, S>
 where
     M: Middleware<Req, Shared<S>>,
-    S: Clone,
+    S: Clone + Send + Sync + 'static,
 {
-    type Response = M::Response;
-    type Error = ProxyError;
-    type Future = BoxFuture<Result<M::Response, ProxyError>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Req) -> Self::Future {
-        self.middleware.handle(req, self.inner.clone())
+    fn call(self, req: Req) -> impl Handled<M::Response> {
+        self.middleware.handle(req, self.inner)
     }
 }
 
 /// A service at the end of a stack, or where it forks, written as one async function of the
-/// request. [`Terminal`] makes it a tower service.
+/// request. [`Terminal`] makes it a [`Next`].
 pub trait Handler<Req>: Clone + Send + Sync + 'static {
     /// What it answers.
     type Response;
     /// Answers `req`.
-    fn serve(&self, req: Req) -> Handled<Self::Response>;
+    fn serve(self, req: Req) -> impl Handled<Self::Response>;
 }
 
-/// The tower [`Service`] of an [`Handler`]: always ready (see the module docs).
+/// The [`Next`] of a [`Handler`].
 #[derive(Debug, Clone)]
 pub struct Terminal<E>(pub E);
 
-impl<E, Req> Service<Req> for Terminal<E>
+impl<E, Req> Next<Req, E::Response> for Terminal<E>
 where
     E: Handler<Req>,
 {
-    type Response = E::Response;
-    type Error = ProxyError;
-    type Future = Handled<E::Response>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: Req) -> Self::Future {
+    fn call(self, req: Req) -> impl Handled<E::Response> {
         self.0.serve(req)
+    }
+}
+
+/// A [`Next`] of an async function, for tests and small ends of a stack.
+pub fn service_fn<F>(f: F) -> ServiceFn<F> {
+    ServiceFn(f)
+}
+
+/// See [`service_fn`].
+#[derive(Debug, Clone)]
+pub struct ServiceFn<F>(F);
+
+impl<F, Fut, Req, Res> Next<Req, Res> for ServiceFn<F>
+where
+    F: Fn(Req) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Result<Res, ProxyError>> + Send + 'static,
+{
+    fn call(self, req: Req) -> impl Handled<Res> {
+        (self.0)(req)
     }
 }
 
@@ -220,13 +211,12 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(&self, req: Request<B>, next: S) -> Handled<Response<BoxBody>> {
-        let limit = self.limit;
-        Box::pin(async move {
+    fn handle(self, req: Request<B>, next: S) -> impl Handled<Response<BoxBody>> {
+        async move {
             let (parts, body) = req.into_parts();
-            let body = read_body(body, limit).await?;
+            let body = read_body(body, self.limit).await?;
             call(next, Request::from_parts(parts, body)).await
-        })
+        }
     }
 }
 
@@ -264,7 +254,7 @@ mod tests {
         let svc = ServiceBuilder::new()
             .layer(RespondLayer)
             .layer(Stage(ReadBody { limit: 8 }))
-            .service(tower::service_fn(move |req: Request<Bytes>| {
+            .service(service_fn(move |req: Request<Bytes>| {
                 counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let n = req.body().len();
                 async move {

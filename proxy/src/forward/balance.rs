@@ -66,9 +66,9 @@ where
 {
     type Response = Response<PeerBody>;
 
-    fn handle(&self, req: Call, next: S) -> Handled<Response<PeerBody>> {
-        let proxy = self.proxy.clone();
-        Box::pin(async move {
+    fn handle(self, req: Call, next: S) -> impl Handled<Response<PeerBody>> {
+        let proxy = self.proxy;
+        async move {
             let routing = proxy.routing.load_full();
             let pinned;
             let ranks: &[Vec<Arc<Endpoint>>] = match &req.target {
@@ -140,6 +140,6 @@ where
                     Err(e)
                 }
             }
-        })
+        }
     }
 }

@@ -18,12 +18,12 @@ where
 {
     type Response = Response<PeerBody>;
 
-    fn handle(&self, req: Call, next: S) -> Handled<Response<PeerBody>> {
+    fn handle(self, req: Call, next: S) -> impl Handled<Response<PeerBody>> {
         let after = req.timeout;
-        Box::pin(async move {
+        async move {
             tokio::time::timeout(after, call(next, req))
                 .await
                 .unwrap_or(Err(ProxyError::Timeout { after }))
-        })
+        }
     }
 }

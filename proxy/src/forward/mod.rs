@@ -28,7 +28,7 @@ pub use self::balance::{Balance, Served};
 pub use self::deadline::Deadline;
 pub use self::observe::Observe;
 pub use self::peer::PeerClient;
-pub use self::retry::RetryPolicy;
+pub use self::retry::{Retry, RetryPolicy};
 use crate::Proxy;
 use crate::pool::PeerBody;
 use crate::stack::{Next, Stage, Terminal};
@@ -166,10 +166,10 @@ pub fn stack(proxy: &Arc<Proxy>) -> impl Next<Call, Response<PeerBody>> {
         .layer(Stage(Deadline))
         // One policy decides every retry: only what cannot have reached an agent, or a safe
         // method, on another endpoint, within the retry budget.
-        .layer(tower::retry::RetryLayer::new(RetryPolicy::new(
+        .layer(Stage(Retry::new(RetryPolicy::new(
             proxy.retry_budget.clone(),
             Some(proxy.metrics.retries.clone()),
-        )))
+        ))))
         // Power of two choices over peak-EWMA within the best rank that has an endpoint
         // left; feeds each outcome to the endpoint's latency estimate and breaker.
         .layer(Stage(Balance::new(proxy.clone())))

@@ -29,9 +29,9 @@ where
 {
     type Response = Response<PeerBody>;
 
-    fn handle(&self, req: Attempt, next: S) -> Handled<Response<PeerBody>> {
-        let proxy = self.proxy.clone();
-        Box::pin(async move {
+    fn handle(self, req: Attempt, next: S) -> impl Handled<Response<PeerBody>> {
+        let proxy = self.proxy;
+        async move {
             let label = req.call.label.clone();
             let t0 = Instant::now();
             let result = call(next, req).await;
@@ -44,6 +44,6 @@ where
                     .inc(),
             }
             result
-        })
+        }
     }
 }

@@ -32,9 +32,9 @@ impl PeerClient {
 
 impl Handler<Attempt> for PeerClient {
     type Response = Response<PeerBody>;
-    fn serve(&self, attempt: Attempt) -> Handled<Response<PeerBody>> {
-        let proxy = self.proxy.clone();
-        Box::pin(async move {
+    fn serve(self, attempt: Attempt) -> impl Handled<Response<PeerBody>> {
+        let proxy = self.proxy;
+        async move {
             let ep = &attempt.endpoint;
             let request = request_for(&attempt.call, ep)?;
             proxy
@@ -45,7 +45,7 @@ impl Handler<Attempt> for PeerClient {
                     endpoint: format!("{}#{}", ep.identity, ep.instance),
                     source,
                 })
-        })
+        }
     }
 }
 

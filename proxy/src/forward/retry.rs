@@ -15,6 +15,7 @@
 //! retry: the agent refused the session before running anything; see `inbound::agent`.)
 
 use std::future::Ready;
+use std::marker::PhantomData;
 use std::sync::Arc;
 
 use http::{Response, StatusCode};
@@ -24,6 +25,8 @@ use super::Call;
 use crate::balance::RetryBudget;
 use crate::contract::ERROR_HEADER;
 use crate::error::ProxyError;
+use crate::pool::PeerBody;
+use crate::stack::{Handled, Middleware, Next, call};
 
 /// Attempts per call, the first included.
 pub const MAX_ATTEMPTS: usize = 3;
@@ -128,6 +131,63 @@ impl<B> tower::retry::Policy<Call, Response<B>, ProxyError> for RetryPolicy {
     }
 }
 
+/// Drives a [`tower::retry::Policy`] inside the request's one future (see `crate::stack`):
+/// tower's own `Retry` service needs the future of the service below it by name, and a
+/// stack's futures have none. `B` is the body of the answers it passes on.
+#[derive(Debug)]
+pub struct Retry<P, B = PeerBody> {
+    policy: P,
+    body: PhantomData<fn() -> B>,
+}
+
+impl<P, B> Retry<P, B> {
+    /// Retrying as `policy` decides.
+    pub fn new(policy: P) -> Self {
+        Self {
+            policy,
+            body: PhantomData,
+        }
+    }
+}
+
+impl<P: Clone, B> Clone for Retry<P, B> {
+    fn clone(&self) -> Self {
+        Self::new(self.policy.clone())
+    }
+}
+
+impl<P, S, B> Middleware<Call, S> for Retry<P, B>
+where
+    P: tower::retry::Policy<Call, Response<B>, ProxyError> + Clone + Send + Sync + 'static,
+    P::Future: Send,
+    S: Next<Call, Response<B>>,
+    B: Send + 'static,
+{
+    type Response = Response<B>;
+
+    fn handle(self, mut req: Call, next: S) -> impl Handled<Response<B>> {
+        let mut policy = self.policy;
+        async move {
+            loop {
+                // A `Call` is shared, not copied: each attempt sees what the earlier ones
+                // recorded (`Attempts`), which is how the balancer skips their endpoints.
+                let again = policy.clone_request(&req);
+                let mut result = call(next.clone(), req).await;
+                match again {
+                    Some(mut again) => match policy.retry(&mut again, &mut result) {
+                        Some(backoff) => {
+                            backoff.await;
+                            req = again;
+                        }
+                        None => return result,
+                    },
+                    None => return result,
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -137,7 +197,6 @@ mod tests {
     use bytes::Bytes;
     use capmesh_api::EndpointId;
     use http::{HeaderMap, HeaderValue, Method};
-    use tower::ServiceExt;
 
     use super::*;
     use crate::forward::{Attempts, CallSpec, Target, Upstream};
@@ -241,7 +300,7 @@ mod tests {
         assert!(!decide(Failure::Final, true, 1, || panic!("budget asked")));
     }
 
-    fn call(safe: bool) -> Call {
+    fn call_of(safe: bool) -> Call {
         Call(Arc::new(CallSpec {
             target: Target::Ranked {
                 name: "cap".into(),
@@ -258,8 +317,8 @@ mod tests {
         }))
     }
 
-    /// The policy in a real `tower::retry::Retry` in front of a fake that fails `failures`
-    /// times with `kind`, then answers 200. Returns the attempts made and the final status.
+    /// The policy in the retry layer in front of a fake that fails `failures` times with
+    /// `kind`, then answers 200. Returns the attempts made and the final status.
     async fn run(
         kind: &'static str,
         failures: usize,
@@ -268,7 +327,7 @@ mod tests {
     ) -> (usize, u16) {
         let made = Arc::new(AtomicUsize::new(0));
         let counter = made.clone();
-        let fake = tower::service_fn(move |c: Call| {
+        let fake = crate::stack::service_fn(move |c: Call| {
             let n = counter.fetch_add(1, Ordering::SeqCst);
             c.attempts.push(EndpointId(format!("ep{n}")));
             async move {
@@ -280,8 +339,10 @@ mod tests {
             }
         });
         let policy = RetryPolicy::new(Arc::new(budget), None);
-        let svc = tower::retry::Retry::new(policy, fake);
-        let status = match svc.oneshot(call(safe)).await {
+        let status = match Retry::<_, ()>::new(policy)
+            .handle(call_of(safe), fake)
+            .await
+        {
             Ok(r) => r.status().as_u16(),
             Err(e) => e.status().as_u16(),
         };
@@ -289,7 +350,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_policy_in_tower_retry_against_a_fake() {
+    async fn the_policy_in_the_retry_layer_against_a_fake() {
         let plenty = || RetryBudget::new(100, 100);
         let none = || RetryBudget::new(0, 0);
         // Unreached: retried whatever the method, until it works.

@@ -63,9 +63,9 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(&self, req: Request<Bytes>, next: S) -> Handled<Response<BoxBody>> {
-        let proxy = self.proxy.clone();
-        Box::pin(async move {
+    fn handle(self, req: Request<Bytes>, next: S) -> impl Handled<Response<BoxBody>> {
+        let proxy = self.proxy;
+        async move {
             let agent = proxy.agent.clone().ok_or(ProxyError::NoAgent)?;
             let sealer = ready_sealer(&proxy)?;
             let caller = caller_of(&req);
@@ -91,7 +91,7 @@ where
                 resp
             };
             Ok(seal_requests(resp, sealer, caller))
-        })
+        }
     }
 }
 
@@ -202,9 +202,9 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(&self, mut req: Request<Bytes>, next: S) -> Handled<Response<BoxBody>> {
-        let proxy = self.proxy.clone();
-        Box::pin(async move {
+    fn handle(self, mut req: Request<Bytes>, next: S) -> impl Handled<Response<BoxBody>> {
+        let proxy = self.proxy;
+        async move {
             let sealer = ready_sealer(&proxy)?;
             let caller = caller_of(&req);
             let mut known: Option<(HeaderValue, String)> = None;
@@ -238,7 +238,7 @@ where
                 };
             }
             Ok(resp)
-        })
+        }
     }
 }
 
@@ -280,9 +280,9 @@ fn agent_headers(from: &HeaderMap, caller: &str, agent: &Agent) -> HeaderMap {
 
 impl Handler<Request<Bytes>> for AgentClient {
     type Response = Response<BoxBody>;
-    fn serve(&self, req: Request<Bytes>) -> Handled<Response<BoxBody>> {
-        let proxy = self.proxy.clone();
-        Box::pin(async move {
+    fn serve(self, req: Request<Bytes>) -> impl Handled<Response<BoxBody>> {
+        let proxy = self.proxy;
+        async move {
             let agent = proxy.agent.clone().ok_or(ProxyError::NoAgent)?;
             let caller = caller_of(&req);
             let uri = match Path::of(&req) {
@@ -320,6 +320,6 @@ impl Handler<Request<Bytes>> for AgentClient {
                 parts.headers.remove(k);
             }
             Ok(Response::from_parts(parts, boxed(body)))
-        })
+        }
     }
 }

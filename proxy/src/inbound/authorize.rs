@@ -225,7 +225,7 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(&self, req: Request<Bytes>, next: S) -> Handled<Response<BoxBody>> {
+    fn handle(self, req: Request<Bytes>, next: S) -> impl Handled<Response<BoxBody>> {
         let view = self.view.load_full();
         let caller = req
             .extensions()
@@ -241,8 +241,8 @@ where
             req.body(),
         );
         let mut req = req;
-        let counted = self.counted.clone();
-        Box::pin(async move {
+        let counted = self.counted;
+        async move {
             let count = |capability: &str, outcome: &str| {
                 if let Some(c) = &counted {
                     c.with_label_values(&[capability, outcome]).inc();
@@ -269,7 +269,7 @@ where
                     Err(e.for_request(id.as_ref()))
                 }
             }
-        })
+        }
     }
 }
 
@@ -277,10 +277,10 @@ where
 mod tests {
     #![allow(clippy::unwrap_used)]
     use capmesh_api::{PolicyAction, PolicyRule};
-    use tower::{ServiceBuilder, ServiceExt};
+    use tower::ServiceBuilder;
 
     use super::*;
-    use crate::stack::Stage;
+    use crate::stack::{Stage, service_fn};
 
     const ALICE: &str = "spiffe://capmesh.local/ns/default/agent/alice";
 
@@ -515,7 +515,7 @@ mod tests {
         let counter = reached.clone();
         let svc = ServiceBuilder::new()
             .layer(Stage(Authorize::new(view.clone(), None)))
-            .service(tower::service_fn(move |_: Request<Bytes>| {
+            .service(service_fn(move |_: Request<Bytes>| {
                 counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 async {
                     Ok::<_, ProxyError>(Response::new(crate::boxed(http_body_util::Empty::new())))
@@ -531,11 +531,11 @@ mod tests {
             r
         };
         // No snapshot: 503, and the agent never sees it.
-        let e = svc.clone().oneshot(req("forecast")).await.unwrap_err();
+        let e = svc.clone().call(req("forecast")).await.unwrap_err();
         assert_eq!(e.status(), http::StatusCode::SERVICE_UNAVAILABLE);
         view.store(Some(Arc::new(authz())));
-        assert!(svc.clone().oneshot(req("forecast")).await.is_ok());
-        let e = svc.oneshot(req("admin_reset")).await.unwrap_err();
+        assert!(svc.clone().call(req("forecast")).await.is_ok());
+        let e = svc.call(req("admin_reset")).await.unwrap_err();
         assert_eq!(e.status(), http::StatusCode::FORBIDDEN);
         assert_eq!(e.rpc_code(), crate::mcp::jsonrpc::FORBIDDEN);
         assert_eq!(reached.load(std::sync::atomic::Ordering::SeqCst), 1);

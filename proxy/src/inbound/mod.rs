@@ -133,9 +133,9 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(&self, mut req: Request<Incoming>, next: S) -> Handled<Response<BoxBody>> {
-        let proxy = self.proxy.clone();
-        Box::pin(async move {
+    fn handle(self, mut req: Request<Incoming>, next: S) -> impl Handled<Response<BoxBody>> {
+        let proxy = self.proxy;
+        async move {
             let peer = req
                 .extensions()
                 .get::<Arc<Peer>>()
@@ -161,7 +161,7 @@ where
             }
             req.extensions_mut().insert(Caller(peer.identity.clone()));
             call(next, req).await
-        })
+        }
     }
 }
 
@@ -208,11 +208,13 @@ where
     O: Next<Request<Bytes>, Response<BoxBody>>,
 {
     type Response = Response<BoxBody>;
-    fn serve(&self, req: Request<Bytes>) -> Handled<Response<BoxBody>> {
-        if req.uri().path() == CALL_PATH {
-            Box::pin(call(self.call.clone(), req))
-        } else {
-            Box::pin(call(self.conversation.clone(), req))
+    fn serve(self, req: Request<Bytes>) -> impl Handled<Response<BoxBody>> {
+        async move {
+            if req.uri().path() == CALL_PATH {
+                call(self.call, req).await
+            } else {
+                call(self.conversation, req).await
+            }
         }
     }
 }

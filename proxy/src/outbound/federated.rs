@@ -42,8 +42,8 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(&self, req: Request<Bytes>, next: S) -> Handled<Response<BoxBody>> {
-        Box::pin(async move {
+    fn handle(self, req: Request<Bytes>, next: S) -> impl Handled<Response<BoxBody>> {
+        async move {
             let (parts, body) = req.into_parts();
             let classified = classify::classify(&parts.headers, &body)
                 .map_err(|r| ProxyError::Protocol(*r.error))?;
@@ -56,7 +56,7 @@ where
             call(next, mcp)
                 .await
                 .map_err(|e| e.for_request(id.as_ref()))
-        })
+        }
     }
 }
 
@@ -88,8 +88,8 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(&self, req: Mcp, next: S) -> Handled<Response<BoxBody>> {
-        Box::pin(async move {
+    fn handle(self, req: Mcp, next: S) -> impl Handled<Response<BoxBody>> {
+        async move {
             let items = match &req.classified.message {
                 Some(Parsed::Batch(items)) => items.clone(),
                 _ => return call(next, req).await,
@@ -125,7 +125,7 @@ where
                 StatusCode::OK,
                 Bytes::from(serde_json::to_vec(&out).unwrap_or_default()),
             ))
-        })
+        }
     }
 }
 
@@ -239,9 +239,8 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(&self, req: Mcp, next: S) -> Handled<Response<BoxBody>> {
-        let this = self.clone();
-        Box::pin(async move {
+    fn handle(self, req: Mcp, next: S) -> impl Handled<Response<BoxBody>> {
+        async move {
             let generation = req.classified.generation;
             let Some(Parsed::Single(Message::Request { id, method, params })) =
                 &req.classified.message
@@ -249,7 +248,7 @@ where
                 // A single `tools/call` (read without a tree) is never answered here.
                 return call(next, req).await;
             };
-            match this.answer(method, params.as_ref()) {
+            match self.answer(method, params.as_ref()) {
                 Ok(Some(result)) => {
                     let result = match generation {
                         Generation::Modern => modern_result(result, method),
@@ -266,7 +265,7 @@ where
                     modern: generation == Generation::Modern,
                 }),
             }
-        })
+        }
     }
 }
 
@@ -288,27 +287,29 @@ where
     M: Next<Mcp, Response<BoxBody>>,
 {
     type Response = Response<BoxBody>;
-    fn serve(&self, req: Mcp) -> Handled<Response<BoxBody>> {
-        let c = &req.classified;
-        let to_provider = match &c.message {
-            // A single `tools/call`, read without a tree.
-            None => return Box::pin(call(self.tool_call.clone(), req)),
-            Some(Parsed::Single(Message::Request { method, .. })) if method == "tools/call" => {
-                return Box::pin(call(self.tool_call.clone(), req));
+    fn serve(self, req: Mcp) -> impl Handled<Response<BoxBody>> {
+        async move {
+            let c = &req.classified;
+            let to_provider = match &c.message {
+                // A single `tools/call`, read without a tree.
+                None => return call(self.tool_call, req).await,
+                Some(Parsed::Single(Message::Request { method, .. })) if method == "tools/call" => {
+                    return call(self.tool_call, req).await;
+                }
+                Some(Parsed::Single(Message::Response {
+                    id: Some(Id::String(sealed)),
+                    ..
+                })) => sealed.starts_with(seal::PREFIX),
+                Some(Parsed::Single(Message::Notification { method, .. })) => {
+                    method == "notifications/cancelled" && c.generation == Generation::Legacy
+                }
+                _ => false,
+            };
+            if to_provider {
+                call(self.message, req).await
+            } else {
+                Ok(accepted())
             }
-            Some(Parsed::Single(Message::Response {
-                id: Some(Id::String(sealed)),
-                ..
-            })) => sealed.starts_with(seal::PREFIX),
-            Some(Parsed::Single(Message::Notification { method, .. })) => {
-                method == "notifications/cancelled" && c.generation == Generation::Legacy
-            }
-            _ => false,
-        };
-        if to_provider {
-            Box::pin(call(self.message.clone(), req))
-        } else {
-            Box::pin(std::future::ready(Ok(accepted())))
         }
     }
 }

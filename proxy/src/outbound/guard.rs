@@ -4,11 +4,12 @@
 //! site is refused too (the provider's own check cannot see it: its proxy sets `Host` to the
 //! agent's address).
 
-use http::{HeaderMap, Request, header};
+use http::{HeaderMap, Request, Response, header};
 
 use super::passthrough::capability_in_path;
+use crate::BoxBody;
 use crate::error::ProxyError;
-use crate::stack::{Handled, Middleware, call};
+use crate::stack::{Handled, Middleware, Next, call};
 
 /// See the module docs.
 #[derive(Debug, Clone, Copy, Default)]
@@ -17,20 +18,19 @@ pub struct RebindingGuard;
 impl<S, B> Middleware<Request<B>, S> for RebindingGuard
 where
     B: Send + 'static,
-    S: tower::Service<Request<B>, Error = ProxyError, Future: Send> + Clone + Send + Sync + 'static,
-    S::Response: Send + 'static,
+    S: Next<Request<B>, Response<BoxBody>>,
 {
-    type Response = S::Response;
+    type Response = Response<BoxBody>;
 
-    fn handle(&self, req: Request<B>, next: S) -> Handled<S::Response> {
+    fn handle(self, req: Request<B>, next: S) -> impl Handled<Response<BoxBody>> {
         let passthrough = capability_in_path(req.uri().path()).is_some();
         let refused = refusal(req.headers(), passthrough);
-        Box::pin(async move {
+        async move {
             match refused {
                 Some(why) => Err(ProxyError::Rebinding(why)),
                 None => call(next, req).await,
             }
-        })
+        }
     }
 }
 
@@ -87,10 +87,10 @@ fn refusal(headers: &HeaderMap, passthrough: bool) -> Option<&'static str> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use http::HeaderValue;
-    use tower::{ServiceBuilder, ServiceExt};
+    use tower::ServiceBuilder;
 
     use super::*;
-    use crate::stack::Stage;
+    use crate::stack::{Stage, service_fn};
 
     #[test]
     fn this_machine_is_localhost_or_loopback_with_any_port() {
@@ -129,14 +129,15 @@ mod tests {
 
     #[tokio::test]
     async fn foreign_origins_and_passthrough_hosts_are_refused_before_anything_else() {
-        let guarded =
-            ServiceBuilder::new()
-                .layer(Stage(RebindingGuard))
-                .service(tower::service_fn(|_: Request<()>| async {
-                    Ok::<_, ProxyError>("served")
-                }));
+        let guarded = ServiceBuilder::new()
+            .layer(Stage(RebindingGuard))
+            .service(service_fn(|_: Request<()>| async {
+                Ok::<_, ProxyError>(Response::new(crate::boxed(http_body_util::Empty::<
+                    bytes::Bytes,
+                >::new())))
+            }));
         let run = |path: &'static str, pairs: &'static [(&'static str, &'static str)]| {
-            guarded.clone().oneshot(request(path, pairs))
+            guarded.clone().call(request(path, pairs))
         };
         let pt = "/capabilities/get_weather/mcp";
         let evil = &[
@@ -150,17 +151,16 @@ mod tests {
         ));
         let host_only = &[("host", "evil.example.com:15001")];
         assert!(run(pt, host_only).await.is_err());
-        assert_eq!(
-            run("/mcp", host_only).await.unwrap(),
-            "served",
+        assert!(
+            run("/mcp", host_only).await.is_ok(),
             "/mcp checks Origin only"
         );
         let local = &[
             ("host", "127.0.0.1:15001"),
             ("origin", "http://localhost:15001"),
         ];
-        assert_eq!(run(pt, local).await.unwrap(), "served");
+        assert!(run(pt, local).await.is_ok());
         assert!(run("/mcp", &[("origin", "null")]).await.is_err());
-        assert_eq!(run(pt, &[]).await.unwrap(), "served");
+        assert!(run(pt, &[]).await.is_ok());
     }
 }

@@ -45,12 +45,12 @@ fn session(headers: &HeaderMap) -> Result<&str, ProxyError> {
 
 impl Handler<Request<Incoming>> for Listen {
     type Response = Response<BoxBody>;
-    fn serve(&self, req: Request<Incoming>) -> Handled<Response<BoxBody>> {
+    fn serve(self, req: Request<Incoming>) -> impl Handled<Response<BoxBody>> {
         let result = match *req.method() {
             Method::DELETE => self.end(req.headers()),
             _ => self.stream(req.headers()),
         };
-        Box::pin(std::future::ready(result))
+        std::future::ready(result)
     }
 }
 

@@ -37,9 +37,9 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(&self, req: Mcp, next: S) -> Handled<Response<BoxBody>> {
-        let proxy = self.proxy.clone();
-        Box::pin(async move {
+    fn handle(self, req: Mcp, next: S) -> impl Handled<Response<BoxBody>> {
+        let proxy = self.proxy;
+        async move {
             let (route, message) = match &req.classified.message {
                 Some(Parsed::Single(Message::Response {
                     id: Some(Id::String(sealed)),
@@ -98,7 +98,7 @@ where
                 out.headers_mut().insert(header::CONTENT_TYPE, v.clone());
             }
             Ok(out)
-        })
+        }
     }
 }
 

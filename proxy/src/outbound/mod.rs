@@ -107,23 +107,25 @@ where
     P: Next<Request<Incoming>, Response<BoxBody>>,
 {
     type Response = Response<BoxBody>;
-    fn serve(&self, req: Request<Incoming>) -> Handled<Response<BoxBody>> {
-        let path = req.uri().path();
-        if path == "/mcp" {
-            return match *req.method() {
-                Method::POST => Box::pin(call(self.federated.clone(), req)),
-                Method::GET | Method::DELETE => Box::pin(call(self.sessions.clone(), req)),
-                _ => Box::pin(std::future::ready(Err(ProxyError::MethodNotAllowed(
-                    "use POST (GET and DELETE for legacy sessions)",
-                )))),
-            };
+    fn serve(self, req: Request<Incoming>) -> impl Handled<Response<BoxBody>> {
+        async move {
+            let path = req.uri().path();
+            if path == "/mcp" {
+                return match *req.method() {
+                    Method::POST => call(self.federated, req).await,
+                    Method::GET | Method::DELETE => call(self.sessions, req).await,
+                    _ => Err(ProxyError::MethodNotAllowed(
+                        "use POST (GET and DELETE for legacy sessions)",
+                    )),
+                };
+            }
+            if passthrough::capability_in_path(path).is_some() {
+                return call(self.passthrough, req).await;
+            }
+            Err(ProxyError::NotFound(
+                "the mesh is at /mcp; one capability's provider, unchanged, at /capabilities/<capability>/mcp",
+            ))
         }
-        if passthrough::capability_in_path(path).is_some() {
-            return Box::pin(call(self.passthrough.clone(), req));
-        }
-        Box::pin(std::future::ready(Err(ProxyError::NotFound(
-            "the mesh is at /mcp; one capability's provider, unchanged, at /capabilities/<capability>/mcp",
-        ))))
     }
 }
 

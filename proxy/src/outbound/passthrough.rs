@@ -102,9 +102,9 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(&self, req: Request<Bytes>, next: S) -> Handled<Response<BoxBody>> {
-        let proxy = self.proxy.clone();
-        Box::pin(async move {
+    fn handle(self, req: Request<Bytes>, next: S) -> impl Handled<Response<BoxBody>> {
+        let proxy = self.proxy;
+        async move {
             let plan = plan(&proxy, req)?;
             let resp = match call(next, plan.call.clone()).await {
                 Ok(resp) => resp,
@@ -122,7 +122,7 @@ where
                 Err(e) => return Err(e),
             };
             relay(resp, &plan).await
-        })
+        }
     }
 }
 

@@ -127,9 +127,9 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(&self, req: Mcp, next: S) -> Handled<Response<BoxBody>> {
-        let proxy = self.sessions.clone();
-        Box::pin(async move {
+    fn handle(self, req: Mcp, next: S) -> impl Handled<Response<BoxBody>> {
+        let proxy = self.sessions;
+        async move {
             let c = &req.classified;
             if c.generation == Generation::Modern {
                 return call(next, req).await;
@@ -169,6 +169,6 @@ where
                 resp.headers_mut().insert("mcp-session-id", v);
             }
             Ok(resp)
-        })
+        }
     }
 }

@@ -106,9 +106,9 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(&self, req: Mcp, next: S) -> Handled<Response<BoxBody>> {
-        let proxy = self.proxy.clone();
-        Box::pin(async move {
+    fn handle(self, req: Mcp, next: S) -> impl Handled<Response<BoxBody>> {
+        let proxy = self.proxy;
+        async move {
             let mut upstream_id = String::with_capacity(3 + 24);
             upstream_id.push_str("cm-");
             crate::ids::push_random_hex(&mut upstream_id, 12);
@@ -128,7 +128,7 @@ where
             )
             .await?;
             relay(&proxy, resp, &asked, &upstream_id).await
-        })
+        }
     }
 }
 
@@ -335,12 +335,12 @@ where
 {
     type Response = Response<PeerBody>;
 
-    fn handle(&self, req: ToolCall, next: S) -> Handled<Response<PeerBody>> {
-        let proxy = self.proxy.clone();
-        Box::pin(async move {
+    fn handle(self, req: ToolCall, next: S) -> impl Handled<Response<PeerBody>> {
+        let proxy = self.proxy;
+        async move {
             let call_spec = resolve(&proxy, req)?;
             call(next, call_spec).await
-        })
+        }
     }
 }
 

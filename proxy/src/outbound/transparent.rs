@@ -284,20 +284,19 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(&self, req: Request<Bytes>, next: S) -> Handled<Response<BoxBody>> {
-        let this = self.clone();
-        Box::pin(async move {
-            let proxy = &this.proxy;
+    fn handle(self, req: Request<Bytes>, next: S) -> impl Handled<Response<BoxBody>> {
+        async move {
+            let proxy = &self.proxy;
             proxy.metrics.transparent.with_label_values(&["mesh"]).inc();
             let routing = proxy.routing.load_full();
-            let mut instances = instances_at(&routing, this.dst.0.ip());
+            let mut instances = instances_at(&routing, self.dst.0.ip());
             if instances.is_empty()
                 && let Some(host) = request_host(&req)
             {
                 instances = instances_named(&routing, &host, &proxy.node.namespace);
             }
             if instances.is_empty() {
-                instances = this.fallback.to_vec();
+                instances = self.fallback.to_vec();
             }
             drop(routing);
             let label = instances
@@ -329,7 +328,7 @@ where
             }));
             let resp = call(next, spec).await?;
             Ok(stream_back(resp))
-        })
+        }
     }
 }
 

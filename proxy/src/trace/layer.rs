@@ -193,16 +193,16 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(&self, mut req: R, next: S) -> Handled<Response<BoxBody>> {
-        let Some(span) = self.proxy.tracer.begin(req.headers_mut(), SpanKind::Client) else {
-            return Box::pin(call(next, req));
-        };
-        describe(&span, req.describe());
-        span.set("capmesh.caller", self.proxy.identity.id.to_string());
-        Box::pin(async move {
+    fn handle(self, mut req: R, next: S) -> impl Handled<Response<BoxBody>> {
+        async move {
+            let Some(span) = self.proxy.tracer.begin(req.headers_mut(), SpanKind::Client) else {
+                return call(next, req).await;
+            };
+            describe(&span, req.describe());
+            span.set("capmesh.caller", self.proxy.identity.id.to_string());
             let result = HOP.scope(span.clone(), call(next, req)).await;
             finish(span, result)
-        })
+        }
     }
 }
 
@@ -217,11 +217,11 @@ where
 {
     type Response = Response<PeerBody>;
 
-    fn handle(&self, req: Call, next: S) -> Handled<Response<PeerBody>> {
-        let Ok(span) = HOP.try_with(Span::clone) else {
-            return Box::pin(call(next, req));
-        };
-        Box::pin(async move {
+    fn handle(self, req: Call, next: S) -> impl Handled<Response<PeerBody>> {
+        async move {
+            let Ok(span) = HOP.try_with(Span::clone) else {
+                return call(next, req).await;
+            };
             span.set("capmesh.capability", req.label.as_str());
             let spec = req.clone();
             let result = call(next, req).await;
@@ -251,7 +251,7 @@ where
                 }
             }
             result
-        })
+        }
     }
 }
 
@@ -275,51 +275,51 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(&self, mut req: Request<Bytes>, next: S) -> Handled<Response<BoxBody>> {
-        let proxy = &self.proxy;
-        let Some(span) = proxy.tracer.begin(req.headers_mut(), SpanKind::Server) else {
-            return Box::pin(call(next, req));
-        };
-        let described = req.describe();
-        let capability = match req
-            .headers()
-            .get(CAPABILITY_HEADER)
-            .and_then(|v| v.to_str().ok())
-        {
-            Some(cap) => Some(cap.to_owned()),
-            None => described.name.as_ref().and_then(|function| {
-                proxy.registration.borrow().as_ref().and_then(|reg| {
-                    reg.tools
-                        .iter()
-                        .find(|t| &t.function == function)
-                        .map(|t| t.capability.to_string())
-                })
-            }),
-        };
-        describe(&span, described);
-        if let Some(cap) = capability {
-            span.set("capmesh.capability", cap);
-        }
-        let caller = req
-            .extensions()
-            .get::<crate::inbound::Caller>()
-            .map_or_else(
-                || capmesh_api::UNAUTHENTICATED.to_owned(),
-                ToString::to_string,
-            );
-        span.set("capmesh.caller", caller);
-        span.set("capmesh.provider", proxy.identity.id.to_string());
-        span.set("capmesh.instance", proxy.node.proxy_id.as_str());
-        let version = match req.version() {
-            http::Version::HTTP_2 => "2",
-            http::Version::HTTP_10 => "1.0",
-            _ => "1.1",
-        };
-        span.set("network.protocol.version", version);
-        Box::pin(async move {
+    fn handle(self, mut req: Request<Bytes>, next: S) -> impl Handled<Response<BoxBody>> {
+        async move {
+            let proxy = &self.proxy;
+            let Some(span) = proxy.tracer.begin(req.headers_mut(), SpanKind::Server) else {
+                return call(next, req).await;
+            };
+            let described = req.describe();
+            let capability = match req
+                .headers()
+                .get(CAPABILITY_HEADER)
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(cap) => Some(cap.to_owned()),
+                None => described.name.as_ref().and_then(|function| {
+                    proxy.registration.borrow().as_ref().and_then(|reg| {
+                        reg.tools
+                            .iter()
+                            .find(|t| &t.function == function)
+                            .map(|t| t.capability.to_string())
+                    })
+                }),
+            };
+            describe(&span, described);
+            if let Some(cap) = capability {
+                span.set("capmesh.capability", cap);
+            }
+            let caller = req
+                .extensions()
+                .get::<crate::inbound::Caller>()
+                .map_or_else(
+                    || capmesh_api::UNAUTHENTICATED.to_owned(),
+                    ToString::to_string,
+                );
+            span.set("capmesh.caller", caller);
+            span.set("capmesh.provider", proxy.identity.id.to_string());
+            span.set("capmesh.instance", proxy.node.proxy_id.as_str());
+            let version = match req.version() {
+                http::Version::HTTP_2 => "2",
+                http::Version::HTTP_10 => "1.0",
+                _ => "1.1",
+            };
+            span.set("network.protocol.version", version);
             let result = call(next, req).await;
             finish(span, result)
-        })
+        }
     }
 }
 
