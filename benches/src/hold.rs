@@ -1,5 +1,6 @@
 //! `capmesh-bench hold`: starts one path in front of the echo upstream (the capmesh mesh with
-//! N providers, nginx's two instances or HAProxy's) and holds it until SIGTERM or Ctrl-C. It
+//! N providers, nginx's two instances, HAProxy's, or the [`crate::floor`] path) and holds it
+//! until SIGTERM or Ctrl-C. It
 //! prints one JSON line naming the entry URL and the process ids of the entry instance and of
 //! every process the path started, for scripts that measure a path from outside with `perf`
 //! and `/proc` (`benches/split.sh`, `benches/providers.sh`). Pin it with `taskset`: the
@@ -19,6 +20,8 @@ pub enum HoldPath {
     Capmesh,
     /// A two-hop peer.
     Peer(Kind),
+    /// capmesh's crates without capmesh (see [`crate::floor`]).
+    Floor,
 }
 
 impl std::str::FromStr for HoldPath {
@@ -28,7 +31,8 @@ impl std::str::FromStr for HoldPath {
             "capmesh" => Ok(Self::Capmesh),
             "nginx" => Ok(Self::Peer(Kind::Nginx)),
             "haproxy" => Ok(Self::Peer(Kind::Haproxy)),
-            other => Err(format!("{other:?}: use capmesh, nginx or haproxy")),
+            "floor" => Ok(Self::Floor),
+            other => Err(format!("{other:?}: use capmesh, nginx, haproxy or floor")),
         }
     }
 }
@@ -38,8 +42,8 @@ impl std::str::FromStr for HoldPath {
 pub struct Held {
     /// Where a client sends `tools/call` (HTTP/1.1).
     pub entry: String,
-    /// The entry instance: the consumer's sidecar, or the peer's front instance (its worker
-    /// processes included).
+    /// The entry instance: the consumer's sidecar, or the peer's or the floor path's front
+    /// instance (its worker processes included).
     pub entry_pids: Vec<u32>,
     /// Every process the path started, the entry instance's included.
     pub pids: Vec<u32>,
@@ -53,6 +57,7 @@ pub async fn run(path: HoldPath, providers: usize, upstream: u16) -> Result<()> 
     let mut mesh: Vec<ProxyProcess> = vec![];
     let mut control_plane = None;
     let mut peer = None;
+    let mut floor = None;
     let held = match path {
         HoldPath::Capmesh => {
             if providers == 0 {
@@ -89,6 +94,17 @@ pub async fn run(path: HoldPath, providers: usize, upstream: u16) -> Result<()> 
             peer = Some(p);
             held
         }
+        HoldPath::Floor => {
+            let f = crate::floor::Floor::start(upstream)?;
+            let (front, back) = f.pids();
+            let held = Held {
+                entry: format!("http://127.0.0.1:{}/mcp", f.entry),
+                entry_pids: vec![front],
+                pids: vec![front, back],
+            };
+            floor = Some(f);
+            held
+        }
     };
     println!("{}", serde_json::to_string(&held)?);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -99,5 +115,6 @@ pub async fn run(path: HoldPath, providers: usize, upstream: u16) -> Result<()> 
     drop(mesh);
     drop(control_plane);
     drop(peer);
+    drop(floor);
     Ok(())
 }

@@ -7,12 +7,14 @@
 //!   ([`echo`] upstream, [`load`] generator, [`suite`] of scenarios, [`report`] tables;
 //!   [`peers`] sets up nginx and HAProxy, [`procstat`] meters CPU and RSS). Driven by
 //!   `benches/run.sh`; `capmesh-bench soak` (`benches/soak.sh`) holds a rate for a long time
-//!   while providers restart ([`soak`]).
+//!   while providers restart ([`soak`]); `capmesh-bench hold` ([`hold`]) starts one path for
+//!   measuring from outside, the [`floor`] path among them.
 //! - `cargo bench -p capmesh-bench`: criterion micro benches of route resolution, snapshot
 //!   swaps under readers and JSON-RPC classification (`benches/benches/routing.rs`).
 #![forbid(unsafe_code)]
 
 pub mod echo;
+pub mod floor;
 pub mod hold;
 pub mod load;
 pub mod peers;

@@ -36,7 +36,7 @@ impl Kind {
 
 /// Certificates for both instances, from a fresh CA (ECDSA P-256, as the mesh's).
 #[derive(Debug)]
-struct Certs {
+pub(crate) struct Certs {
     ca: PathBuf,
     front_cert: PathBuf,
     front_key: PathBuf,
@@ -50,8 +50,18 @@ fn write(path: &Path, text: &str) -> Result<()> {
     std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
 }
 
+/// The trust domain of the bench's CA.
+pub(crate) const TRUST_DOMAIN: &str = "bench.local";
+
+impl Certs {
+    /// Writes a fresh CA and the front and back instances' certificates into `dir`.
+    pub(crate) fn write(dir: &Path) -> Result<Self> {
+        certs(dir)
+    }
+}
+
 fn certs(dir: &Path) -> Result<Certs> {
-    let td = TrustDomain::new("bench.local")?;
+    let td = TrustDomain::new(TRUST_DOMAIN)?;
     let ca = Ca::generate(td.clone(), false)?;
     let c = Certs {
         ca: dir.join("ca.pem"),

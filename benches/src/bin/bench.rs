@@ -3,7 +3,9 @@
 //! - `echo --listen ADDR`: the minimal MCP upstream;
 //! - `load --url URL --rate R | --closed N …`: the open-loop (or closed-loop) generator;
 //! - `suite --setup compare|defaults --out FILE.jsonl`: every scenario, one JSON line per point;
-//! - `hold --path capmesh|nginx|haproxy --upstream PORT`: one path held for outside measurement;
+//! - `hold --path capmesh|nginx|haproxy|floor --upstream PORT`: one path held for outside
+//!   measurement;
+//! - `floor --role front|back …`: one instance of the floor path (started by `hold`);
 //! - `report FILE.jsonl…`: the Markdown tables (medians over rounds) for `benches/RESULTS.md`.
 //!
 //! `benches/run.sh` drives all of it; see `benches/RESULTS.md` for what each scenario is.
@@ -112,10 +114,12 @@ enum Cmd {
         #[arg(long, default_value = "0")]
         gen_cpus: String,
     },
-    /// Start one path (the mesh with N providers, nginx or HAProxy) in front of a running echo
-    /// upstream and hold it until SIGTERM; prints its entry URL and process ids as one JSON line.
+    /// Start one path (the mesh with N providers, nginx, HAProxy or the floor path) in front
+    /// of a running echo upstream and hold it until SIGTERM; prints its entry URL and process
+    /// ids as one JSON line.
     Hold {
-        /// `capmesh`, `nginx` or `haproxy`.
+        /// `capmesh`, `nginx`, `haproxy` or `floor` (capmesh's HTTP and TLS crates without
+        /// capmesh).
         #[arg(long)]
         path: capmesh_bench::hold::HoldPath,
         /// Provider sidecars (capmesh only).
@@ -124,6 +128,23 @@ enum Cmd {
         /// The echo upstream's port on 127.0.0.1 (`capmesh-bench echo`).
         #[arg(long)]
         upstream: u16,
+    },
+    /// One instance of the floor path: hyper, h2 and rustls as capmesh's sidecars use them,
+    /// with nothing of capmesh's in between (started by `hold --path floor`). Prints the port
+    /// it listens on.
+    Floor {
+        /// `front` (HTTP/1.1 in, HTTP/2 over mutual TLS out) or `back` (the reverse).
+        #[arg(long)]
+        role: capmesh_bench::floor::Role,
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: SocketAddr,
+        /// The port on 127.0.0.1 to send to: the back instance's, or the upstream's.
+        #[arg(long)]
+        to: u16,
+        /// The directory with the bench CA and the instances' certificates and keys.
+        #[arg(long)]
+        certs: PathBuf,
     },
     /// Print the Markdown results section from suite outputs.
     Report {
@@ -208,6 +229,15 @@ fn run(cmd: Cmd) -> Result<ExitCode> {
             } else {
                 ExitCode::FAILURE
             })
+        }
+        Cmd::Floor {
+            role,
+            listen,
+            to,
+            certs,
+        } => {
+            runtime(1)?.block_on(capmesh_bench::floor::serve(role, listen, to, &certs))?;
+            Ok(ExitCode::SUCCESS)
         }
         Cmd::Echo { listen, threads } => {
             runtime(threads)?.block_on(capmesh_bench::echo::serve(listen))?;
