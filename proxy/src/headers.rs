@@ -88,7 +88,7 @@ pub fn is_hop_by_hop(name: &str) -> bool {
 /// Carries the trace context of `from` to `to` (`traceparent` as the span layer left it, and
 /// `tracestate`), or starts a new unsampled trace when `from` has none that is valid. Returns
 /// the trace id.
-pub fn continue_trace(from: &HeaderMap, to: &mut HeaderMap) -> String {
+pub fn continue_trace(from: &HeaderMap, to: &mut HeaderMap) -> opentelemetry::trace::TraceId {
     use crate::trace::{TRACEPARENT, context};
     use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
     let trace_id = match context::parent(from) {
@@ -111,7 +111,7 @@ pub fn continue_trace(from: &HeaderMap, to: &mut HeaderMap) -> String {
     if let Some(state) = from.get("tracestate") {
         to.insert(HeaderName::from_static("tracestate"), state.clone());
     }
-    trace_id.to_string()
+    trace_id
 }
 
 #[cfg(test)]
@@ -146,7 +146,7 @@ mod tests {
         from.insert("tracestate", HeaderValue::from_static("vendor=1"));
         let mut to = HeaderMap::new();
         let trace = continue_trace(&from, &mut to);
-        assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(trace.to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
         assert_eq!(
             to["traceparent"], "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "the next hop's parent is the recorded span"
@@ -155,7 +155,7 @@ mod tests {
 
         let mut to = HeaderMap::new();
         let fresh = continue_trace(&HeaderMap::new(), &mut to);
-        assert_eq!(fresh.len(), 32);
+        assert_eq!(fresh.to_string().len(), 32);
         assert!(
             to["traceparent"].to_str().unwrap().ends_with("-00"),
             "a trace no span layer saw is not sampled"
@@ -163,6 +163,6 @@ mod tests {
         let mut bad = HeaderMap::new();
         bad.insert("traceparent", HeaderValue::from_static("garbage"));
         let mut to2 = HeaderMap::new();
-        assert_ne!(continue_trace(&bad, &mut to2), "garbage");
+        assert_ne!(continue_trace(&bad, &mut to2).to_string(), "garbage");
     }
 }

@@ -23,6 +23,7 @@ use crate::contract::{CALLER_HEADER, MESH_HEADER_PREFIX};
 use crate::error::ProxyError;
 use crate::headers::{continue_trace, is_hop_by_hop};
 use crate::mcp::classify::MODERN;
+use crate::mcp::header::{MCP_PROTOCOL_VERSION, MCP_SESSION_ID};
 use crate::mcp::inspect::Inspected;
 use crate::mcp::relay::{EventFn, MapEvents};
 use crate::mcp::sse::Event;
@@ -112,12 +113,12 @@ fn in_session(req: &Request<Bytes>, session: &AgentSession) -> Request<Bytes> {
     let h = out.headers_mut();
     h.remove("mcp-session-id");
     if let Ok(v) = HeaderValue::from_str(&session.version) {
-        h.insert("mcp-protocol-version", v);
+        h.insert(MCP_PROTOCOL_VERSION, v);
     }
     if let Some(id) = &session.id
         && let Ok(v) = HeaderValue::from_str(id)
     {
-        h.insert("mcp-session-id", v);
+        h.insert(MCP_SESSION_ID, v);
     }
     out
 }
@@ -215,7 +216,7 @@ where
                     .and_then(|s| sealer.open_for(seal::AGENT_SESSION, &caller, s))
                     .ok_or(ProxyError::UnknownSession)?;
                 let v = HeaderValue::from_str(&own).map_err(|_| ProxyError::UnknownSession)?;
-                req.headers_mut().insert("mcp-session-id", v);
+                req.headers_mut().insert(MCP_SESSION_ID, v);
                 known = Some((sealed, own));
             }
             let mut resp = call(next, req).await?;
@@ -233,7 +234,7 @@ where
                         .and_then(|s| HeaderValue::from_str(&s).ok()),
                 };
                 match v {
-                    Some(v) => resp.headers_mut().insert("mcp-session-id", v),
+                    Some(v) => resp.headers_mut().insert(MCP_SESSION_ID, v),
                     None => resp.headers_mut().remove("mcp-session-id"),
                 };
             }
@@ -272,7 +273,7 @@ fn agent_headers(from: &HeaderMap, caller: &str, agent: &Agent) -> HeaderMap {
     }
     out.insert(header::HOST, agent.authority().clone());
     if let Ok(v) = HeaderValue::from_str(caller) {
-        out.insert(CALLER_HEADER, v);
+        out.insert(http::HeaderName::from_static(CALLER_HEADER), v);
     }
     continue_trace(from, &mut out);
     out

@@ -79,7 +79,7 @@ pub fn mesh_headers(proxy: &Proxy, client: &HeaderMap) -> HeaderMap {
             )),
     );
     if let Some(v) = client.get("mcp-protocol-version") {
-        out.insert("mcp-protocol-version", v.clone());
+        out.insert(crate::mcp::header::MCP_PROTOCOL_VERSION, v.clone());
     }
     proxy.propagation.load().copy(client, &mut out);
     crate::headers::continue_trace(client, &mut out);
@@ -199,13 +199,14 @@ async fn relay(
         .headers
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"));
-    let route = Route {
+    // The provider's route and the sealer: only an event stream, or an answer that needs the
+    // tree, uses them.
+    let route = || Route {
         endpoint: ep.id.clone(),
         instance: ep.instance.clone(),
         capability: ep.capability.to_string(),
         upstream_id: upstream_id.clone(),
     };
-    let sealer = sealer(proxy);
     // The ids as raw JSON text: the provider echoes the mesh's id byte for byte, so the
     // response gets the client's back by a splice, without a tree (the slow path below only
     // for what needs one: a provider's request to the client, an input_required result).
@@ -214,6 +215,8 @@ async fn relay(
         client: Bytes::from(serde_json::to_vec(&client_id).unwrap_or_default()),
     };
     let body = if sse {
+        let route = route();
+        let sealer = sealer(proxy);
         let guard = match (&classified.session_id, &classified.id) {
             (Some(session), Some(id)) if classified.generation == Generation::Legacy => {
                 Some(proxy.sessions.track(session, id, route.clone()))
@@ -271,7 +274,7 @@ async fn relay(
             None => match serde_json::from_slice::<Value>(&bytes) {
                 Ok(mut v) if v.get("id") == Some(upstream_id) => {
                     v["id"] = client_id;
-                    seal_request_state(&mut v, sealer.as_ref(), &route);
+                    seal_request_state(&mut v, sealer(proxy).as_ref(), &route());
                     Bytes::from(serde_json::to_vec(&v).unwrap_or_else(|_| bytes.to_vec()))
                 }
                 _ => bytes,
@@ -290,7 +293,8 @@ async fn relay(
         out.headers_mut().insert("x-accel-buffering", v.clone());
     }
     if let Ok(v) = HeaderValue::from_str(&format!("{}#{}", ep.identity, ep.instance)) {
-        out.headers_mut().insert(SERVED_BY_HEADER, v);
+        out.headers_mut()
+            .insert(http::HeaderName::from_static(SERVED_BY_HEADER), v);
     }
     Ok(out)
 }
