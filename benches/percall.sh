@@ -36,19 +36,8 @@ libc=$(ldd "$dir/capmesh-proxy" | awk '/libc\.so/{print $3}')
 probe=probe_libc:malloc
 perf probe -l 2>/dev/null | grep -q "$probe" || perf probe -q -x "$libc" malloc
 bin=$dir/capmesh-bench
-work=$(mktemp -d)
-pids=()
-stop() {
-  [ ${#pids[@]} -eq 0 ] && return
-  kill -TERM "${pids[@]}" 2>/dev/null || true
-  wait "${pids[@]}" 2>/dev/null || true
-  pids=()
-}
-trap 'stop; rm -rf "$work"' EXIT
-echo "== $(nproc) CPUs, $(free -g | awk '/Mem:/{print $2}') GiB, load average $(cut -d' ' -f1-3 /proc/loadavg), main at $(git rev-parse --short HEAD), binaries from $dir"
-export RUST_LOG=warn TOKIO_WORKER_THREADS=1
-taskset -c 1 "$bin" echo --listen 127.0.0.1:19090 >"$work/echo.log" 2>&1 &
-pids+=($!)
+. benches/held.sh
+held_setup "$bin" ", binaries from $dir"
 taskset -c 1 "$bin" hold --path "$path" --upstream 19090 >"$work/held" 2>"$work/hold.log" &
 pids+=($!)
 for _ in $(seq 600); do [ -s "$work/held" ] && break; sleep 0.1; done
@@ -63,15 +52,21 @@ print(held["entry"], entry, [p for p in held["pids"] if p != entry][-1])' "$work
 taskset -c 0 "$bin" load --url "$entry" --rate "$rate" --warmup 5 --duration 30 >"$work/load.json" 2>"$work/load.log" &
 load=$!
 sleep 8
+# The instances' CPU time (utime + stime, in clock ticks) around the profile, to check that
+# perf saw it.
+ticks() { awk '{print $14 + $15}' "/proc/$consumer/stat" "/proc/$provider/stat" | paste -sd' '; }
+before=$(ticks)
 perf record -q -F 1999 -a -C 1 -o "$work/perf.data" -- sleep 10 2>/dev/null
+after=$(ticks)
 perf stat -x, -e "$probe" -p "$consumer" -o "$work/consumer.allocs" -- sleep 5 &
 counting=$!
 perf stat -x, -e "$probe" -p "$provider" -o "$work/provider.allocs" -- sleep 5
 wait $counting $load
 perf report -i "$work/perf.data" --no-children --sort pid,dso,sym --stdio -n 2>/dev/null >"$work/syms"
-python3 - "$rate" "$work" "$consumer" "$provider" "$path" <<'PY'
+python3 - "$rate" "$work" "$consumer" "$provider" "$path" "$before" "$after" "$(getconf CLK_TCK)" <<'PY'
 import collections, json, re, sys
 rate, work = float(sys.argv[1]), sys.argv[2]
+cpu_s = [(int(a) - int(b)) / int(sys.argv[8]) for b, a in zip(sys.argv[6].split(), sys.argv[7].split())]
 names = ("consumer", "provider") if sys.argv[5] == "capmesh" else ("front", "back")
 who = {sys.argv[3]: names[0], sys.argv[4]: names[1]}
 calls = rate * 10
@@ -101,7 +96,11 @@ for name, file in zip(names, ("consumer", "provider")):
             allocs[name] = int(parts[0]) / (rate * 5)
 report = json.loads(open(f"{work}/load.json").read().strip().splitlines()[-1])
 print(f"{rate:.0f} req/s  p50 {report['latency']['p50_us']} µs  p99 {report['latency']['p99_us']} µs  errors {report['errors']}")
-for name, counter in groups.items():
+for (name, counter), seconds in zip(groups.items(), cpu_s):
+    sampled = sum(counter.values()) / 1999
+    if seconds > 0 and sampled < 0.8 * seconds:
+        print(f"warning: perf sampled {sampled:.2f} s of the {name}'s {seconds:.2f} s of CPU; "
+              "its figures below are too low: run again")
     user = sum(v for k, v in counter.items() if k != "kernel")
     print(f"{name}: kernel {per_call(counter['kernel']):.1f} µs, user space {per_call(user):.1f} µs, "
           f"allocations {allocs.get(name, float('nan')):.1f} per call")

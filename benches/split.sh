@@ -22,20 +22,8 @@ done
 echo "== build (release)"
 cargo build --release -q -p capmesh-proxy -p capmesh-control-plane -p capmesh-bench
 bin=$PWD/target/release/capmesh-bench
-work=$(mktemp -d)
-pids=()
-stop() {
-  [ ${#pids[@]} -eq 0 ] && return
-  kill -TERM "${pids[@]}" 2>/dev/null || true
-  wait "${pids[@]}" 2>/dev/null || true
-  pids=()
-}
-trap 'stop; rm -rf "$work"' EXIT
-echo "== $(nproc) CPUs, $(free -g | awk '/Mem:/{print $2}') GiB, load average $(cut -d' ' -f1-3 /proc/loadavg), main at $(git rev-parse --short HEAD)"
-export RUST_LOG=warn TOKIO_WORKER_THREADS=1
-taskset -c 1 "$bin" echo --listen 127.0.0.1:19090 >"$work/echo.log" 2>&1 &
-echo_pid=$!
-trap 'stop; kill $echo_pid 2>/dev/null; rm -rf "$work"' EXIT
+. benches/held.sh
+held_setup "$bin"
 for rate in "${rates[@]}"; do
   for path in capmesh floor nginx haproxy; do
     taskset -c 1 "$bin" hold --path $path --upstream 19090 >"$work/held" 2>"$work/hold.log" &
