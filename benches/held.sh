@@ -1,5 +1,5 @@
 # Sourced by the scripts that measure one path held by `capmesh-bench hold` (split.sh,
-# percall.sh): a work directory, the processes started (`pids`, stopped by `stop` and on exit),
+# percall.sh, providers.sh): a work directory, the processes started (`pids`, stopped by `stop` and on exit),
 # the echo upstream on 127.0.0.1:19090 pinned to CPU 1, and a line naming the machine.
 #
 #   held_setup BIN [NOTE]   BIN is the capmesh-bench to run; NOTE ends the machine line

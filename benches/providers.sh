@@ -15,25 +15,14 @@ cd "$(dirname "$0")/.."
 echo "== build (release)"
 cargo build --release -q -p capmesh-proxy -p capmesh-control-plane -p capmesh-bench
 bin=$PWD/target/release/capmesh-bench
-work=$(mktemp -d)
-held_pid=
-stop() {
-  [ -n "$held_pid" ] || return 0
-  kill -TERM "$held_pid" 2>/dev/null || true
-  wait "$held_pid" 2>/dev/null || true
-  held_pid=
-}
-export RUST_LOG=warn TOKIO_WORKER_THREADS=1
-taskset -c 1 "$bin" echo --listen 127.0.0.1:19090 >"$work/echo.log" 2>&1 &
-echo_pid=$!
-trap 'stop; kill $echo_pid 2>/dev/null; rm -rf "$work"' EXIT
-echo "== $(nproc) CPUs, $(free -g | awk '/Mem:/{print $2}') GiB, load average $(cut -d' ' -f1-3 /proc/loadavg), main at $(git rev-parse --short HEAD)"
+. benches/held.sh
+held_setup "$bin"
 while [ $# -ge 2 ]; do
   n=$1 rate=$2
   shift 2
   : >"$work/held"
   taskset -c 1 "$bin" hold --path capmesh --providers "$n" --upstream 19090 >"$work/held" 2>"$work/hold.log" &
-  held_pid=$!
+  pids=($!)
   for _ in $(seq 1200); do [ -s "$work/held" ] && break; sleep 0.1; done
   [ -s "$work/held" ] || { echo "benches/providers.sh: the mesh did not start:" >&2; cat "$work/hold.log" >&2; exit 1; }
   entry=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["entry"])' "$work/held")

@@ -22,7 +22,7 @@ use anyhow::{Context, Result, bail};
 use bytes::{Bytes, BytesMut};
 use capmesh_api::{AgentName, Namespace, TrustDomain};
 use capmesh_certs::{Credential, CredentialCell, SpiffeId, TrustConfig, TrustStore, tls};
-use http::{Request, Response, header};
+use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -142,16 +142,10 @@ async fn relay(peer: h2::client::SendRequest<Bytes>, req: Request<Incoming>) -> 
         .method(parts.method)
         .uri(format!("https://back{}", parts.uri.path()))
         .body(())?;
+    // What capmesh's sidecars never forward: HTTP/2 has no connection-specific headers and
+    // carries the host as `:authority`.
     for (name, value) in &parts.headers {
-        // HTTP/2 carries the host as `:authority` and has no connection-specific headers.
-        let hop = [
-            header::HOST,
-            header::CONNECTION,
-            header::TE,
-            header::TRANSFER_ENCODING,
-            header::UPGRADE,
-        ];
-        if !hop.contains(name) && name != "keep-alive" && name != "proxy-connection" {
+        if !capmesh_proxy::headers::is_hop_by_hop(name.as_str()) {
             out.headers_mut().append(name, value.clone());
         }
     }

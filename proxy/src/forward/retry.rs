@@ -173,16 +173,14 @@ where
                 // recorded (`Attempts`), which is how the balancer skips their endpoints.
                 let again = policy.clone_request(&req);
                 let mut result = call(next.clone(), req).await;
-                match again {
-                    Some(mut again) => match policy.retry(&mut again, &mut result) {
-                        Some(backoff) => {
-                            backoff.await;
-                            req = again;
-                        }
-                        None => return result,
-                    },
-                    None => return result,
-                }
+                let Some(mut again) = again else {
+                    return result;
+                };
+                let Some(backoff) = policy.retry(&mut again, &mut result) else {
+                    return result;
+                };
+                backoff.await;
+                req = again;
             }
         }
     }
