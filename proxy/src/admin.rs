@@ -222,7 +222,7 @@ pub async fn serve(
 ) {
     let svc = tower::service_fn(move |req| {
         let state = state.clone();
-        async move { Ok::<_, Infallible>(handle(state, req).await.map(crate::boxed)) }
+        Box::pin(async move { Ok::<_, Infallible>(handle(state, req).await.map(crate::boxed)) })
     });
     let connection = |tcp: tokio::net::TcpStream| {
         let (svc, drain) = (svc.clone(), drain.clone());

@@ -8,6 +8,16 @@
 
 use http::{HeaderMap, HeaderName};
 
+/// The `x-capmesh-served-by` value for `ep` (`identity#instance`), written in one allocation
+/// that the value then owns; `None` if the name has bytes a header value cannot carry.
+pub fn served_by(ep: &capmesh_api::Endpoint) -> Option<http::HeaderValue> {
+    let mut v = Vec::with_capacity(ep.identity.len() + 1 + ep.instance.len());
+    v.extend_from_slice(ep.identity.as_bytes());
+    v.push(b'#');
+    v.extend_from_slice(ep.instance.as_bytes());
+    http::HeaderValue::from_maybe_shared(bytes::Bytes::from(v)).ok()
+}
+
 /// Allow-list of propagated headers: exact names and `prefix*` patterns, lowercase.
 #[derive(Debug, Clone, Default)]
 pub struct Propagation {

@@ -387,7 +387,9 @@ impl PeerPool {
         {
             return Ok((conn.clone(), Some(began.elapsed())));
         }
-        let conn = self.connect(addr, identity).await?;
+        // Boxed: opening a connection is rare, and its future (TCP, TLS and HTTP/2 handshakes)
+        // is several kilobytes that every call's future would otherwise carry and copy.
+        let conn = Box::pin(self.connect(addr, identity)).await?;
         *guard = Some(conn.clone());
         Ok((conn, Some(began.elapsed())))
     }

@@ -407,11 +407,11 @@ impl Drop for InFlight {
 impl<S> Service<Request<Incoming>> for Tracked<S>
 where
     S: Service<Request<Incoming>, Response = Response<BoxBody>, Error = Infallible>,
-    S::Future: Send + 'static,
+    S::Future: Unpin,
 {
-    type Response = Response<BoxBody>;
+    type Response = Response<Guarded>;
     type Error = Infallible;
-    type Future = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>>;
+    type Future = TrackedFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         self.inner.poll_ready(cx)
@@ -420,27 +420,44 @@ where
     fn call(&mut self, req: Request<Incoming>) -> Self::Future {
         self.activity.started.store(true, Ordering::Release);
         self.activity.open.fetch_add(1, Ordering::AcqRel);
-        let guard = InFlight(self.activity.clone());
-        let fut = self.inner.call(req);
-        Box::pin(async move {
-            let resp = fut.await;
-            // A streaming body keeps the request in flight until it ends.
-            resp.map(|r| {
-                r.map(|b| {
-                    crate::boxed(Guarded {
-                        body: b,
-                        _guard: guard,
-                    })
-                })
+        TrackedFuture {
+            inner: self.inner.call(req),
+            guard: Some(InFlight(self.activity.clone())),
+        }
+    }
+}
+
+/// The answer of a [`Tracked`] request: the stack's future, whose response body then holds
+/// the request's [`InFlight`] (a streaming body keeps its request in flight until it ends).
+/// A named future rather than an `async` block, so that hyper gets the stack's one boxed future
+/// and no second box around it.
+struct TrackedFuture<F> {
+    inner: F,
+    guard: Option<InFlight>,
+}
+
+impl<F> Future for TrackedFuture<F>
+where
+    F: Future<Output = Result<Response<BoxBody>, Infallible>> + Unpin,
+{
+    type Output = Result<Response<Guarded>, Infallible>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let result = std::task::ready!(Pin::new(&mut self.inner).poll(cx));
+        let guard = self.guard.take();
+        Poll::Ready(result.map(|r| {
+            r.map(|body| Guarded {
+                body,
+                _guard: guard,
             })
-        })
+        }))
     }
 }
 
 /// A response body that keeps its request counted as in flight until it ends.
 struct Guarded {
     body: BoxBody,
-    _guard: InFlight,
+    _guard: Option<InFlight>,
 }
 
 impl http_body::Body for Guarded {
@@ -463,18 +480,27 @@ impl http_body::Body for Guarded {
     }
 }
 
-/// What serves each connection: a whole stack, whose errors have already become responses.
+/// What serves each connection: a whole stack, whose errors have already become responses,
+/// and whose future is boxed once at its top (so `Unpin`, and wrapped here without a second box).
 pub trait ConnService:
-    Service<Request<Incoming>, Response = Response<BoxBody>, Error = Infallible, Future: Send>
-    + Clone
+    Service<
+        Request<Incoming>,
+        Response = Response<BoxBody>,
+        Error = Infallible,
+        Future: Send + Unpin,
+    > + Clone
     + Send
     + 'static
 {
 }
 
 impl<T> ConnService for T where
-    T: Service<Request<Incoming>, Response = Response<BoxBody>, Error = Infallible, Future: Send>
-        + Clone
+    T: Service<
+            Request<Incoming>,
+            Response = Response<BoxBody>,
+            Error = Infallible,
+            Future: Send + Unpin,
+        > + Clone
         + Send
         + 'static
 {

@@ -54,7 +54,7 @@ fuzz_target!(|data: &[u8]| {
         });
         if let Some(method) = &classified.method {
             assert_eq!(seen.len(), 1, "one message read as {}", seen.len());
-            assert_eq!(seen[0].method.as_deref(), Some(method.as_str()));
+            assert_eq!(seen[0].method.as_deref(), Some(method.as_ref()));
             if method == "tools/call" {
                 assert_eq!(seen[0].name, classified.name, "the tool named");
             }

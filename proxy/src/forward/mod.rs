@@ -41,8 +41,6 @@ pub type Ranks = Vec<Vec<Arc<Endpoint>>>;
 pub enum Target {
     /// Any endpoint of these ranks (a capability, or the instances behind an address).
     Ranked {
-        /// What the endpoints serve, for messages and metrics (a capability or an agent).
-        name: String,
         /// The ranked endpoints.
         ranks: Arc<Ranks>,
     },

@@ -32,15 +32,17 @@ where
     fn handle(self, req: Attempt, next: S) -> impl Handled<Response<PeerBody>> {
         let proxy = self.proxy;
         async move {
-            let label = req.call.label.clone();
+            // The call itself (one pointer), not a copy of its label.
+            let spec = req.call.clone();
+            let label = spec.label.as_str();
             let t0 = Instant::now();
             let result = call(next, req).await;
             let m = &proxy.metrics;
             match &result {
-                Ok(resp) => m.answered(&label, resp.status(), t0.elapsed()),
+                Ok(resp) => m.answered(label, resp.status(), t0.elapsed()),
                 Err(e) => m
                     .responses
-                    .with_label_values(&[label.as_str(), e.status().as_str(), e.label()])
+                    .with_label_values(&[label, e.status().as_str(), e.label()])
                     .inc(),
             }
             result

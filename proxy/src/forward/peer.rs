@@ -77,8 +77,11 @@ pub fn request_for(call: &CallSpec, ep: &Endpoint) -> Result<Request<Bytes>, Pro
     let mut req = Request::new(body);
     *req.method_mut() = call.method.clone();
     *req.uri_mut() = uri;
-    *req.headers_mut() = call.headers.clone();
+    // Room for what is added below and by the pool (content length), so the map is allocated
+    // once, not cloned exactly and then grown.
     let h = req.headers_mut();
+    h.reserve(call.headers.len() + 3);
+    h.extend(call.headers.iter().map(|(k, v)| (k.clone(), v.clone())));
     match &call.upstream {
         Upstream::ToolCall { modern: true, .. } => {
             classify::set_routing_headers(h, "tools/call", Some(&ep.function));

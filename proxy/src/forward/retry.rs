@@ -301,7 +301,6 @@ mod tests {
     fn call_of(safe: bool) -> Call {
         Call(Arc::new(CallSpec {
             target: Target::Ranked {
-                name: "cap".into(),
                 ranks: Arc::new(vec![]),
             },
             upstream: Upstream::Message,

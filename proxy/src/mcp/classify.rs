@@ -52,13 +52,14 @@ pub enum Generation {
 pub struct Classified {
     /// Which protocol generation the request follows.
     pub generation: Generation,
-    /// The `MCP-Protocol-Version` header, else (modern only) the body's `_meta` version.
-    pub protocol_version: Option<String>,
+    /// The `MCP-Protocol-Version` header, else (modern only) the body's `_meta` version: one
+    /// of [`SUPPORTED_VERSIONS`].
+    pub protocol_version: Option<&'static str>,
     /// The parsed body; `None` for a single `tools/call` request, which is read without a
     /// tree ([`super::call`]): everything the mesh needs of it is in the fields here.
     pub message: Option<Parsed>,
-    /// The method of a single request or notification.
-    pub method: Option<String>,
+    /// The method of a single request or notification (`tools/call` without a copy).
+    pub method: Option<Cow<'static, str>>,
     /// `params.name` of `tools/call`/`prompts/get`, `params.uri` of `resources/read`.
     pub name: Option<String>,
     /// The id of a single request or response.
@@ -304,11 +305,14 @@ fn classify_as(
         (Generation::Legacy, Read::Tree(message)) => check_legacy_batch(message, header_version)?,
         (Generation::Legacy, Read::Call(_)) => {}
     }
+    // A supported version, so one of the constants (the header's was checked above, and a
+    // modern body's `_meta` version is the modern one).
     let protocol_version = match (header_version, generation) {
-        (Some(v), _) => Some(v.to_owned()),
-        (None, Generation::Modern) => meta_version.map(str::to_owned),
+        (Some(v), _) => Some(v),
+        (None, Generation::Modern) => meta_version,
         (None, Generation::Legacy) => None,
-    };
+    }
+    .and_then(|v| SUPPORTED_VERSIONS.iter().copied().find(|s| *s == v));
     let request_state = match generation {
         Generation::Modern => facts.request_state.map(str::to_owned),
         Generation::Legacy => None,
@@ -316,7 +320,10 @@ fn classify_as(
     Ok(Classified {
         generation,
         protocol_version,
-        method: facts.method.map(str::to_owned),
+        method: facts.method.map(|m| match m {
+            "tools/call" => Cow::Borrowed("tools/call"),
+            other => Cow::Owned(other.to_owned()),
+        }),
         name: name.map(str::to_owned),
         id,
         session_id,

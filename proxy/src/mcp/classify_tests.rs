@@ -39,7 +39,7 @@ fn legacy_request_with_session() {
     )
     .unwrap();
     assert_eq!(c.generation, Generation::Legacy);
-    assert_eq!(c.protocol_version.as_deref(), Some("2025-06-18"));
+    assert_eq!(c.protocol_version, Some("2025-06-18"));
     assert_eq!(c.method.as_deref(), Some("tools/call"));
     assert_eq!(c.name.as_deref(), Some("add"));
     assert_eq!(c.id, Some(Id::from(7)));
@@ -93,7 +93,7 @@ fn modern_by_header() {
     ];
     let c = classify(&headers(&h), MODERN_CALL.as_bytes()).unwrap();
     assert_eq!(c.generation, Generation::Modern);
-    assert_eq!(c.protocol_version.as_deref(), Some(MODERN));
+    assert_eq!(c.protocol_version, Some(MODERN));
     assert_eq!(c.name.as_deref(), Some("add"));
     assert_eq!(c.session_id, None, "2026-07-28 has no sessions");
 }
@@ -106,7 +106,7 @@ fn modern_by_meta_without_header() {
     )
     .unwrap();
     assert_eq!(c.generation, Generation::Modern);
-    assert_eq!(c.protocol_version.as_deref(), Some(MODERN));
+    assert_eq!(c.protocol_version, Some(MODERN));
     // ...and the modern rules then apply.
     let (status, code, _) = reject(&[], MODERN_CALL);
     assert_eq!((status, code), (StatusCode::BAD_REQUEST, HEADER_MISMATCH));

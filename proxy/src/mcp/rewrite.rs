@@ -221,10 +221,13 @@ fn splice_tool_call(
     let f =
         scan(body).map_err(|Malformed| RpcError::new(PARSE_ERROR, "the body is not valid JSON"))?;
     let slice = |span: Option<Span>| span.and_then(|(a, b)| body.get(a..b));
-    let id = slice(f.id)
-        .and_then(|raw| serde_json::from_slice::<Value>(raw).ok())
-        .and_then(|v| Id::from_value(&v));
-    let fail = |code, msg: &str| Err(RpcError::new(code, msg).with_id(id.clone()));
+    // The request's own id, read only for an error's answer.
+    let id = || {
+        slice(f.id)
+            .and_then(|raw| serde_json::from_slice::<Value>(raw).ok())
+            .and_then(|v| Id::from_value(&v))
+    };
+    let fail = |code, msg: &str| Err(RpcError::new(code, msg).with_id(id()));
     if f.duplicate {
         return fail(
             INVALID_REQUEST,
@@ -252,21 +255,44 @@ fn splice_tool_call(
     if body.get(start) != Some(&b'"') {
         return fail(INVALID_PARAMS, "\"params.name\" must be a string");
     }
-    let mut splices = vec![(start, end, Value::String(new_name.to_owned()).to_string())];
-    if let (Some(new_id), Some((a, b))) = (new_id, f.id) {
-        splices.push((a, b, new_id.to_string()));
-    }
-    splices.sort_by_key(|(a, _, _)| *a);
-    let added: usize = splices.iter().map(|(_, _, t)| t.len()).sum();
-    let mut out = Vec::with_capacity(body.len() + added);
+    // The name and the id (when given) written as JSON straight into the output, in the
+    // order they stand in the body.
+    let name = (start, end);
+    let write_name = |out: &mut Vec<u8>| write_json(out, new_name);
+    let mut out = Vec::with_capacity(body.len() + new_name.len() + 32);
     let mut at = 0;
-    for (a, b, text) in &splices {
-        out.extend_from_slice(body.get(at..*a).unwrap_or_default());
-        out.extend_from_slice(text.as_bytes());
-        at = *b;
+    match new_id.zip(f.id) {
+        Some((v, id)) if id.0 < start => {
+            splice(&mut out, body, &mut at, id, |out| write_json(out, v));
+            splice(&mut out, body, &mut at, name, write_name);
+        }
+        Some((v, id)) => {
+            splice(&mut out, body, &mut at, name, write_name);
+            splice(&mut out, body, &mut at, id, |out| write_json(out, v));
+        }
+        None => splice(&mut out, body, &mut at, name, write_name),
     }
     out.extend_from_slice(body.get(at..).unwrap_or_default());
     Ok(Bytes::from(out))
+}
+
+/// Copies `body` from `at` up to `span`, writes the replacement in its place, and moves `at`
+/// past it.
+fn splice(
+    out: &mut Vec<u8>,
+    body: &[u8],
+    at: &mut usize,
+    (a, b): Span,
+    write: impl FnOnce(&mut Vec<u8>),
+) {
+    out.extend_from_slice(body.get(*at..a).unwrap_or_default());
+    write(out);
+    *at = b;
+}
+
+/// `value` as JSON text at the end of `out` (writing to a vector cannot fail).
+fn write_json(out: &mut Vec<u8>, value: &(impl serde::Serialize + ?Sized)) {
+    let _ = serde_json::to_writer(out, value);
 }
 
 /// In a JSON-RPC response (one object, no `method`), replaces the top-level `id` with `to`
@@ -299,7 +325,8 @@ pub fn replace_response_id(body: &[u8], from: &[u8], to: &[u8]) -> Option<Bytes>
     if body.get(a..b)? != from {
         return None;
     }
-    let mut out = Vec::with_capacity(body.len() + to.len());
+    // Exactly the length written, so that `Bytes` takes the vector without a second allocation.
+    let mut out = Vec::with_capacity(body.len() - (b - a) + to.len());
     out.extend_from_slice(body.get(..a)?);
     out.extend_from_slice(to);
     out.extend_from_slice(body.get(b..)?);

@@ -208,13 +208,7 @@ fn plan(proxy: &Proxy, req: Request<Bytes>) -> Result<Plan, ProxyError> {
                 registered: all.len(),
             });
         }
-        (
-            Target::Ranked {
-                name: cap.to_string(),
-                ranks,
-            },
-            None,
-        )
+        (Target::Ranked { ranks }, None)
     };
     proxy
         .metrics

@@ -64,7 +64,9 @@ pub fn call_timeout(proxy: &Proxy, headers: &HeaderMap) -> Duration {
 /// both MCP answers), the client's `MCP-Protocol-Version`, the propagated headers and the
 /// trace continued.
 pub fn mesh_headers(proxy: &Proxy, client: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(8);
+    // Six fit the usual four (content type, accept, protocol version, trace context) and two
+    // propagated headers in a map small enough for the allocator's per-thread cache.
+    let mut out = HeaderMap::with_capacity(6);
     out.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
@@ -171,6 +173,21 @@ struct Ids {
     client: Bytes,
 }
 
+impl Ids {
+    /// Both written into one buffer, which the two share.
+    fn of(upstream: &Value, client: &Value) -> Self {
+        let mut raw = Vec::with_capacity(64);
+        let _ = serde_json::to_writer(&mut raw, upstream);
+        let split = raw.len();
+        let _ = serde_json::to_writer(&mut raw, client);
+        let raw = Bytes::from(raw);
+        Self {
+            upstream: raw.slice(..split),
+            client: raw.slice(split..),
+        }
+    }
+}
+
 /// Whether a message needs the JSON tree: a provider's request to the client (its id is
 /// sealed into a route) or an `input_required` result (its `requestState` is sealed).
 fn needs_tree(data: &[u8]) -> bool {
@@ -210,10 +227,7 @@ async fn relay(
     // The ids as raw JSON text: the provider echoes the mesh's id byte for byte, so the
     // response gets the client's back by a splice, without a tree (the slow path below only
     // for what needs one: a provider's request to the client, an input_required result).
-    let ids = Ids {
-        upstream: Bytes::from(serde_json::to_vec(upstream_id).unwrap_or_default()),
-        client: Bytes::from(serde_json::to_vec(&client_id).unwrap_or_default()),
-    };
+    let ids = Ids::of(upstream_id, &client_id);
     let body = if sse {
         let route = route();
         let sealer = sealer(proxy);
@@ -290,9 +304,12 @@ async fn relay(
         }
     }
     if let Some(v) = parts.headers.get("x-accel-buffering") {
-        out.headers_mut().insert("x-accel-buffering", v.clone());
+        out.headers_mut().insert(
+            http::HeaderName::from_static("x-accel-buffering"),
+            v.clone(),
+        );
     }
-    if let Ok(v) = HeaderValue::from_str(&format!("{}#{}", ep.identity, ep.instance)) {
+    if let Some(v) = crate::headers::served_by(&ep) {
         out.headers_mut()
             .insert(http::HeaderName::from_static(SERVED_BY_HEADER), v);
     }
@@ -350,19 +367,23 @@ where
 
 fn resolve(proxy: &Proxy, req: ToolCall) -> Result<Call, ProxyError> {
     let c = &req.mcp.classified;
-    let name = c.name.clone().unwrap_or_default();
+    let name = c.name.as_deref().unwrap_or_default();
     let routing = proxy.routing.load_full();
-    let Some(tool) = routing.tool(&name) else {
+    let Some(tool) = routing.tool(name) else {
         let known: Vec<String> = routing.tools.iter().map(|t| t.name.clone()).collect();
-        let why = match Capability::new(name.as_str()) {
+        let why = match Capability::new(name) {
             Ok(cap) if routing.known(&cap) => {
                 "it exists in the mesh, but this agent does not depend on it or may not call it"
             }
             _ => "no agent in the mesh provides it",
         };
-        return Err(ProxyError::UnknownTool { name, why, known });
+        return Err(ProxyError::UnknownTool {
+            name: name.to_owned(),
+            why,
+            known,
+        });
     };
-    let cap = tool.capability.clone();
+    let cap = &tool.capability;
     // A retry carrying the mesh's requestState goes to the instance that minted it.
     let (target, restored) = match request_state_route(proxy, c) {
         None => {
@@ -379,14 +400,13 @@ fn resolve(proxy: &Proxy, req: ToolCall) -> Result<Call, ProxyError> {
                 });
             }
             let target = Target::Ranked {
-                name: cap.to_string(),
                 ranks: tool.ranks.clone(),
             };
             (target, None)
         }
         Some(Some(route)) if route.capability == cap.as_str() => {
             let ep = routing
-                .endpoints(&cap)
+                .endpoints(cap)
                 .iter()
                 .find(|e| e.id == route.endpoint && e.instance == route.instance && e.healthy)
                 .cloned()

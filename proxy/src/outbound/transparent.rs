@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use capmesh_api::{Endpoint, Namespace};
-use http::{HeaderValue, Method, Request, Response};
+use http::{Method, Request, Response};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tower::ServiceBuilder;
@@ -313,10 +313,7 @@ where
                 .map_or_else(|| "/".to_owned(), |p| p.as_str().to_owned());
             proxy.retry_budget.deposit();
             let spec = Call(Arc::new(CallSpec {
-                target: Target::Ranked {
-                    name: label.clone(),
-                    ranks,
-                },
+                target: Target::Ranked { ranks },
                 upstream: Upstream::Transparent { path },
                 safe: parts.method == Method::HEAD || is_safe(&parts.method, &body),
                 timeout: call_timeout(proxy, &parts.headers),
@@ -352,7 +349,7 @@ fn stream_back(resp: Response<PeerBody>) -> Response<BoxBody> {
         }
     }
     if let Some(Served(ep)) = served
-        && let Ok(v) = HeaderValue::from_str(&format!("{}#{}", ep.identity, ep.instance))
+        && let Some(v) = crate::headers::served_by(&ep)
     {
         h.insert(SERVED_BY_HEADER, v);
     }

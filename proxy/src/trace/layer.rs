@@ -51,11 +51,11 @@ impl Hop for Mcp {
     fn describe(&self) -> Described {
         let c = &self.classified;
         Described {
-            method: c.method.clone(),
+            method: c.method.as_deref().map(str::to_owned),
             name: c.name.clone(),
             id: c.id.as_ref().map(ToString::to_string),
             session: c.session_id.clone(),
-            protocol: c.protocol_version.clone(),
+            protocol: c.protocol_version.map(str::to_owned),
         }
     }
 }
