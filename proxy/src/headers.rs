@@ -104,7 +104,7 @@ pub fn continue_trace(from: &HeaderMap, to: &mut HeaderMap) -> opentelemetry::tr
     let trace_id = match context::parent(from) {
         Some(parent) => {
             if let Some(v) = from.get(TRACEPARENT) {
-                to.insert(HeaderName::from_static(TRACEPARENT), v.clone());
+                to.insert(TRACEPARENT, v.clone());
             }
             parent.trace_id
         }
@@ -112,14 +112,15 @@ pub fn continue_trace(from: &HeaderMap, to: &mut HeaderMap) -> opentelemetry::tr
             let ids = RandomIdGenerator::default();
             let trace_id = ids.new_trace_id();
             to.insert(
-                HeaderName::from_static(TRACEPARENT),
+                TRACEPARENT,
                 context::value(trace_id, ids.new_span_id(), false),
             );
             trace_id
         }
     };
-    if let Some(state) = from.get("tracestate") {
-        to.insert(HeaderName::from_static("tracestate"), state.clone());
+    const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+    if let Some(state) = from.get(TRACESTATE) {
+        to.insert(TRACESTATE, state.clone());
     }
     trace_id
 }

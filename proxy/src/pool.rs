@@ -17,7 +17,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use capmesh_certs::{CredentialCell, Refusal, SpiffeId, TrustStore};
 use h2::client::SendRequest;
-use http::header::{CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TE};
+use http::header::{
+    CONNECTION, CONTENT_LENGTH, HeaderName, HeaderValue, TE, TRANSFER_ENCODING, UPGRADE,
+};
 use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -473,12 +475,10 @@ fn strip_connection_headers(headers: &mut HeaderMap) {
             }
         }
     }
-    for name in [
-        "keep-alive",
-        "proxy-connection",
-        "transfer-encoding",
-        "upgrade",
-    ] {
+    // Constant names: a `&str` key is parsed again on every lookup, and this runs per request.
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    for name in [KEEP_ALIVE, PROXY_CONNECTION, TRANSFER_ENCODING, UPGRADE] {
         headers.remove(name);
     }
     if headers.get(TE).is_some_and(|te| te != "trailers") {

@@ -13,6 +13,7 @@ use super::{CallSpec, Upstream};
 use crate::Proxy;
 use crate::contract::{CALL_PATH, CAPABILITY_HEADER, PASSTHROUGH_PATH};
 use crate::error::ProxyError;
+use crate::mcp::header::MCP_SESSION_ID;
 use crate::mcp::{classify, rewrite};
 use crate::pool::PeerBody;
 use crate::stack::{Handled, Handler};
@@ -91,10 +92,10 @@ pub fn request_for(call: &CallSpec, ep: &Endpoint) -> Result<Request<Bytes>, Pro
             session,
             ..
         } => {
-            h.remove("mcp-session-id");
+            h.remove(MCP_SESSION_ID);
             if let Some(s) = session {
                 let v = HeaderValue::from_str(s).map_err(|_| ProxyError::UnknownSession)?;
-                h.insert("mcp-session-id", v);
+                h.insert(MCP_SESSION_ID, v);
             }
             let v = HeaderValue::from_str(capability)
                 .map_err(|_| ProxyError::UnknownCapability(capability.clone()))?;

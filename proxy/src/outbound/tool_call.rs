@@ -44,8 +44,9 @@ pub fn sealer(proxy: &Proxy) -> Option<Sealer> {
 
 /// The caller's deadline: `x-capmesh-timeout`, else the mesh's default.
 pub fn call_timeout(proxy: &Proxy, headers: &HeaderMap) -> Duration {
+    const TIMEOUT: http::HeaderName = http::HeaderName::from_static(TIMEOUT_HEADER);
     headers
-        .get(TIMEOUT_HEADER)
+        .get(TIMEOUT)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| capmesh_api::duration::parse_duration(v).ok())
         .unwrap_or_else(|| {
@@ -80,11 +81,16 @@ pub fn mesh_headers(proxy: &Proxy, client: &HeaderMap) -> HeaderMap {
                 "application/json, text/event-stream",
             )),
     );
-    if let Some(v) = client.get("mcp-protocol-version") {
+    if let Some(v) = client.get(crate::mcp::header::MCP_PROTOCOL_VERSION) {
         out.insert(crate::mcp::header::MCP_PROTOCOL_VERSION, v.clone());
     }
     proxy.propagation.load().copy(client, &mut out);
     crate::headers::continue_trace(client, &mut out);
+    // A new value on every call: HPACK would add each to the peer connection's dynamic table
+    // and evict the entries that do repeat, so it is sent as a literal that is never indexed.
+    if let Some(v) = out.get_mut(crate::trace::TRACEPARENT) {
+        v.set_sensitive(true);
+    }
     out
 }
 
@@ -303,11 +309,9 @@ async fn relay(
             out.headers_mut().insert(name, v.clone());
         }
     }
-    if let Some(v) = parts.headers.get("x-accel-buffering") {
-        out.headers_mut().insert(
-            http::HeaderName::from_static("x-accel-buffering"),
-            v.clone(),
-        );
+    const ACCEL_BUFFERING: http::HeaderName = http::HeaderName::from_static("x-accel-buffering");
+    if let Some(v) = parts.headers.get(ACCEL_BUFFERING) {
+        out.headers_mut().insert(ACCEL_BUFFERING, v.clone());
     }
     if let Some(v) = crate::headers::served_by(&ep) {
         out.headers_mut()

@@ -1,11 +1,12 @@
 //! W3C trace context (`traceparent`): read what a request carries, write what the next hop
 //! sees.
 
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use opentelemetry::trace::{SpanId, TraceId};
 
-/// The trace context header.
-pub const TRACEPARENT: &str = "traceparent";
+/// The trace context header (a constant name: looked up and inserted on every call, and a
+/// `&str` key is parsed on each lookup and copied on each insert).
+pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// What a request's `traceparent` says: the trace, the span that sent it and whether that
 /// side sampled it.
