@@ -3,7 +3,7 @@
 //! function in counter mode. The mesh's per-call ids (`cm-…`) and session ids come from here;
 //! asking the kernel for each (`getrandom`) showed in the request path's profile. Each
 //! 32-byte block is served out in turn (a call's id takes 12 bytes), and bytes are wiped once
-//! handed out, so a block costs one SHA-256 for about three calls.
+//! handed out, so one SHA-256 serves two or three calls.
 
 use std::cell::RefCell;
 
