@@ -20,18 +20,8 @@ cd "$(dirname "$0")/.."
 path=${1:-capmesh}
 dir=${2:-}
 case $path in capmesh|floor) ;; *) echo "benches/instructions.sh: PATH is capmesh or floor" >&2; exit 2 ;; esac
-for tool in valgrind callgrind_control callgrind_annotate python3; do
-  command -v $tool >/dev/null || { echo "benches/instructions.sh: needs $tool" >&2; exit 2; }
-done
-if [ -z "$dir" ]; then
-  echo "== build (release)"
-  cargo build --release -q -p capmesh-proxy -p capmesh-control-plane -p capmesh-bench
-  dir=$PWD/target/release
-fi
-for b in capmesh-bench capmesh-control-plane capmesh-proxy; do
-  [ -x "$dir/$b" ] || { echo "benches/instructions.sh: $dir/$b is missing" >&2; exit 2; }
-done
 . benches/held.sh
+held_binaries benches/instructions.sh "$dir" valgrind callgrind_control callgrind_annotate python3 curl
 held_setup "$dir/capmesh-bench" ", binaries from $dir, $path path"
 out=$work/callgrind.out
 vg=(valgrind --tool=callgrind --instr-atstart=no "--callgrind-out-file=$out")

@@ -21,22 +21,12 @@ rate=${1:-5000}
 path=${2:-capmesh}
 dir=${3:-}
 case $path in capmesh|floor) ;; *) echo "benches/percall.sh: PATH is capmesh or floor" >&2; exit 2 ;; esac
-for tool in perf taskset python3; do
-  command -v $tool >/dev/null || { echo "benches/percall.sh: needs $tool" >&2; exit 2; }
-done
-if [ -z "$dir" ]; then
-  echo "== build (release)"
-  cargo build --release -q -p capmesh-proxy -p capmesh-control-plane -p capmesh-bench
-  dir=$PWD/target/release
-fi
-for b in capmesh-bench capmesh-control-plane capmesh-proxy; do
-  [ -x "$dir/$b" ] || { echo "benches/percall.sh: $dir/$b is missing" >&2; exit 2; }
-done
+. benches/held.sh
+held_binaries benches/percall.sh "$dir" perf taskset python3
 libc=$(ldd "$dir/capmesh-proxy" | awk '/libc\.so/{print $3}')
 probe=probe_libc:malloc
 perf probe -l 2>/dev/null | grep -q "$probe" || perf probe -q -x "$libc" malloc
 bin=$dir/capmesh-bench
-. benches/held.sh
 held_setup "$bin" ", binaries from $dir"
 taskset -c 1 "$bin" hold --path "$path" --upstream 19090 >"$work/held" 2>"$work/hold.log" &
 pids+=($!)
