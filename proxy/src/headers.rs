@@ -98,6 +98,10 @@ pub fn is_hop_by_hop(name: &str) -> bool {
 /// Carries the trace context of `from` to `to` (`traceparent` as the span layer left it, and
 /// `tracestate`), or starts a new unsampled trace when `from` has none that is valid. Returns
 /// the trace id.
+///
+/// `traceparent` is marked sensitive: its value is new on every call, and over HTTP/2 HPACK
+/// would add each one to the peer connection's dynamic table and evict the entries that do
+/// repeat, so it goes as a literal that is never indexed (HTTP/1 ignores the mark).
 pub fn continue_trace(from: &HeaderMap, to: &mut HeaderMap) -> opentelemetry::trace::TraceId {
     use crate::trace::{TRACEPARENT, context};
     use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
@@ -118,6 +122,9 @@ pub fn continue_trace(from: &HeaderMap, to: &mut HeaderMap) -> opentelemetry::tr
             trace_id
         }
     };
+    if let Some(v) = to.get_mut(TRACEPARENT) {
+        v.set_sensitive(true);
+    }
     const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
     if let Some(state) = from.get(TRACESTATE) {
         to.insert(TRACESTATE, state.clone());
@@ -161,6 +168,10 @@ mod tests {
         assert_eq!(
             to["traceparent"], "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
             "the next hop's parent is the recorded span"
+        );
+        assert!(
+            to["traceparent"].is_sensitive(),
+            "a new value per call stays out of HPACK's table"
         );
         assert_eq!(to["tracestate"], "vendor=1");
 

@@ -86,11 +86,6 @@ pub fn mesh_headers(proxy: &Proxy, client: &HeaderMap) -> HeaderMap {
     }
     proxy.propagation.load().copy(client, &mut out);
     crate::headers::continue_trace(client, &mut out);
-    // A new value on every call: HPACK would add each to the peer connection's dynamic table
-    // and evict the entries that do repeat, so it is sent as a literal that is never indexed.
-    if let Some(v) = out.get_mut(crate::trace::TRACEPARENT) {
-        v.set_sensitive(true);
-    }
     out
 }
 
