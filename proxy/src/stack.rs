@@ -7,9 +7,17 @@
 //! the services of a stack are [`Next`]s, not tower services: a call is one method, with no
 //! `poll_ready`.
 //!
-//! A request's whole way down a stack is one future. Each layer's `async` block holds the next
-//! layer's future inline, so the compiler sees the stack as one state machine: no allocation
-//! and no dynamic call per layer. Only [`Respond`], at the top, boxes it once, for hyper.
+//! A request's whole way down a stack is one future. Each layer's future holds the next
+//! layer's inline, so the compiler sees the stack as one state machine: no allocation and no
+//! dynamic call per layer. Only [`Respond`], at the top, boxes it once, for hyper.
+//!
+//! On the request path a layer does its own work before it calls the next layer, and returns
+//! the next layer's future as it is ([`Either`] where it may answer itself), or wrapped in
+//! `map` or `then` for what it does with the answer. An `async` block would keep room for the
+//! request it captured all its life, beside the next layer's future, so every layer would add
+//! the size of its request to each call's future, which is moved into its parent as each
+//! layer starts and into the box at the top (benches/RESULTS.md, "Futures without the
+//! request").
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -18,6 +26,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
+pub use futures_util::future::Either;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Limited};
 use tower::{Layer, Service};
@@ -116,6 +126,11 @@ where
     }
 }
 
+/// The future of an answer a layer gives without calling the next one: an error.
+pub fn refuse<R>(e: ProxyError) -> std::future::Ready<Result<R, ProxyError>> {
+    std::future::ready(Err(e))
+}
+
 /// A [`Next`] of an async function, for tests and small ends of a stack.
 pub fn service_fn<F>(f: F) -> ServiceFn<F> {
     ServiceFn(f)
@@ -212,11 +227,11 @@ where
     type Response = Response<BoxBody>;
 
     fn handle(self, req: Request<B>, next: S) -> impl Handled<Response<BoxBody>> {
-        async move {
-            let (parts, body) = req.into_parts();
-            let body = read_body(body, self.limit).await?;
-            call(next, Request::from_parts(parts, body)).await
-        }
+        let (parts, body) = req.into_parts();
+        read_body(body, self.limit).then(move |read| match read {
+            Ok(body) => Either::Left(call(next, Request::from_parts(parts, body))),
+            Err(e) => Either::Right(refuse(e)),
+        })
     }
 }
 

@@ -1,6 +1,7 @@
 //! The caller's deadline (`x-capmesh-timeout`, else the mesh default): it covers every attempt
 //! up to response headers. A streamed response is never cut by it.
 
+use futures_util::FutureExt;
 use http::Response;
 
 use super::Call;
@@ -20,10 +21,7 @@ where
 
     fn handle(self, req: Call, next: S) -> impl Handled<Response<PeerBody>> {
         let after = req.timeout;
-        async move {
-            tokio::time::timeout(after, call(next, req))
-                .await
-                .unwrap_or(Err(ProxyError::Timeout { after }))
-        }
+        tokio::time::timeout(after, call(next, req))
+            .map(move |answer| answer.unwrap_or(Err(ProxyError::Timeout { after })))
     }
 }

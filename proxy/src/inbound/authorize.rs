@@ -29,7 +29,7 @@ use crate::BoxBody;
 use crate::error::ProxyError;
 use crate::mcp::inspect::{Inspected, inspect};
 use crate::mcp::jsonrpc::{INVALID_PARAMS, INVALID_REQUEST, Id, RpcError};
-use crate::stack::{Handled, Middleware, Next, call};
+use crate::stack::{Either, Handled, Middleware, Next, call, refuse};
 
 /// What authorization needs: the snapshot's policy for this agent and the agent's tools.
 #[derive(Debug, Clone, Default)]
@@ -225,7 +225,7 @@ where
 {
     type Response = Response<BoxBody>;
 
-    fn handle(self, req: Request<Bytes>, next: S) -> impl Handled<Response<BoxBody>> {
+    fn handle(self, mut req: Request<Bytes>, next: S) -> impl Handled<Response<BoxBody>> {
         let view = self.view.load_full();
         let caller = req
             .extensions()
@@ -240,34 +240,30 @@ where
             req.method(),
             req.body(),
         );
-        let mut req = req;
-        let counted = self.counted;
-        async move {
-            let count = |capability: &str, outcome: &str| {
-                if let Some(c) = &counted {
-                    c.with_label_values(&[capability, outcome]).inc();
+        let count = |capability: &str, outcome: &str| {
+            if let Some(c) = &self.counted {
+                c.with_label_values(&[capability, outcome]).inc();
+            }
+        };
+        match decision {
+            Ok(decision) => {
+                for capability in &decision.allowed {
+                    count(capability, "allowed");
                 }
-            };
-            match decision {
-                Ok(decision) => {
-                    for capability in &decision.allowed {
-                        count(capability, "allowed");
-                    }
-                    req.extensions_mut()
-                        .insert(Inspection(decision.messages.into()));
-                    call(next, req).await
+                req.extensions_mut()
+                    .insert(Inspection(decision.messages.into()));
+                Either::Right(call(next, req))
+            }
+            Err(e) => {
+                if let ProxyError::Forbidden { capability, .. } = &e {
+                    count(capability, "denied");
+                    tracing::info!(caller = %caller, capability = %capability, "call denied by policy");
                 }
-                Err(e) => {
-                    if let ProxyError::Forbidden { capability, .. } = &e {
-                        count(capability, "denied");
-                        tracing::info!(caller = %caller, capability = %capability, "call denied by policy");
-                    }
-                    // The refusal answers the request by its id, when it has one.
-                    let id = serde_json::from_slice::<serde_json::Value>(req.body())
-                        .ok()
-                        .and_then(|v| v.get("id").and_then(Id::from_value));
-                    Err(e.for_request(id.as_ref()))
-                }
+                // The refusal answers the request by its id, when it has one.
+                let id = serde_json::from_slice::<serde_json::Value>(req.body())
+                    .ok()
+                    .and_then(|v| v.get("id").and_then(Id::from_value));
+                Either::Left(refuse(e.for_request(id.as_ref())))
             }
         }
     }

@@ -27,7 +27,8 @@ use crate::contract::{CALL_PATH, CAPABILITY_HEADER, MAX_REQUEST, PASSTHROUGH_PAT
 use crate::error::ProxyError;
 use crate::serve::{ConnService, Limits};
 use crate::stack::{
-    Handled, Handler, Middleware, Next, ReadBody, RespondLayer, Stage, Terminal, call,
+    Either, Handled, Handler, Middleware, Next, ReadBody, RespondLayer, Stage, Terminal, call,
+    refuse,
 };
 use crate::{BoxBody, Proxy};
 
@@ -135,33 +136,30 @@ where
 
     fn handle(self, mut req: Request<Incoming>, next: S) -> impl Handled<Response<BoxBody>> {
         let proxy = self.proxy;
-        async move {
-            let peer = req
-                .extensions()
-                .get::<Arc<Peer>>()
-                .cloned()
-                .ok_or_else(|| ProxyError::Internal("a request without its connection".into()))?;
-            if let Err(refusal) = peer.still_trusted(&proxy) {
-                proxy
-                    .metrics
-                    .tls_refusals
-                    .with_label_values(&[refusal.reason()])
-                    .inc();
-                return Err(ProxyError::Untrusted(format!(
-                    "your certificate is no longer trusted by this mesh: {refusal}"
-                )));
-            }
-            if proxy.agent.is_none() {
-                return Err(ProxyError::NoAgent);
-            }
-            if peer.identity.is_none() && Path::of(&req) != Path::Agent {
-                return Err(ProxyError::Untrusted(
-                    "mesh calls need a mesh certificate".into(),
-                ));
-            }
-            req.extensions_mut().insert(Caller(peer.identity.clone()));
-            call(next, req).await
+        let Some(peer) = req.extensions().get::<Arc<Peer>>().cloned() else {
+            let e = ProxyError::Internal("a request without its connection".into());
+            return Either::Left(refuse(e));
+        };
+        if let Err(refusal) = peer.still_trusted(&proxy) {
+            proxy
+                .metrics
+                .tls_refusals
+                .with_label_values(&[refusal.reason()])
+                .inc();
+            return Either::Left(refuse(ProxyError::Untrusted(format!(
+                "your certificate is no longer trusted by this mesh: {refusal}"
+            ))));
         }
+        if proxy.agent.is_none() {
+            return Either::Left(refuse(ProxyError::NoAgent));
+        }
+        if peer.identity.is_none() && Path::of(&req) != Path::Agent {
+            return Either::Left(refuse(ProxyError::Untrusted(
+                "mesh calls need a mesh certificate".into(),
+            )));
+        }
+        req.extensions_mut().insert(Caller(peer.identity.clone()));
+        Either::Right(call(next, req))
     }
 }
 
@@ -209,12 +207,10 @@ where
 {
     type Response = Response<BoxBody>;
     fn serve(self, req: Request<Bytes>) -> impl Handled<Response<BoxBody>> {
-        async move {
-            if req.uri().path() == CALL_PATH {
-                call(self.call, req).await
-            } else {
-                call(self.conversation, req).await
-            }
+        if req.uri().path() == CALL_PATH {
+            Either::Left(call(self.call, req))
+        } else {
+            Either::Right(call(self.conversation, req))
         }
     }
 }

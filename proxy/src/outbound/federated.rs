@@ -8,6 +8,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use serde_json::{Value, json};
@@ -17,7 +18,7 @@ use crate::error::ProxyError;
 use crate::mcp::classify::{self, Classified, Generation};
 use crate::mcp::jsonrpc::{self, Id, Message, Parsed};
 use crate::seal;
-use crate::stack::{Handled, Handler, Middleware, Next, call};
+use crate::stack::{BoxFuture, Either, Handled, Handler, Middleware, Next, call, refuse};
 use crate::{BoxBody, Proxy, boxed};
 
 /// A POST to the federated endpoint that passed the transport rules.
@@ -43,20 +44,20 @@ where
     type Response = Response<BoxBody>;
 
     fn handle(self, req: Request<Bytes>, next: S) -> impl Handled<Response<BoxBody>> {
-        async move {
-            let (parts, body) = req.into_parts();
-            let classified = classify::classify(&parts.headers, &body)
-                .map_err(|r| ProxyError::Protocol(*r.error))?;
-            let id = classified.id.clone();
-            let mcp = Mcp {
-                headers: parts.headers,
-                body,
-                classified,
-            };
-            call(next, mcp)
-                .await
-                .map_err(|e| e.for_request(id.as_ref()))
-        }
+        let (parts, body) = req.into_parts();
+        let classified = match classify::classify(&parts.headers, &body) {
+            Ok(c) => c,
+            Err(r) => return Either::Left(refuse(ProxyError::Protocol(*r.error))),
+        };
+        let id = classified.id.clone();
+        let mcp = Mcp {
+            headers: parts.headers,
+            body,
+            classified,
+        };
+        Either::Right(
+            call(next, mcp).map(move |answer| answer.map_err(|e| e.for_request(id.as_ref()))),
+        )
     }
 }
 
@@ -89,44 +90,57 @@ where
     type Response = Response<BoxBody>;
 
     fn handle(self, req: Mcp, next: S) -> impl Handled<Response<BoxBody>> {
-        async move {
-            let items = match &req.classified.message {
-                Some(Parsed::Batch(items)) => items.clone(),
-                _ => return call(next, req).await,
-            };
-            let mut out = Vec::new();
-            for item in items {
-                let Message::Request { id, .. } = &item else {
-                    continue;
-                };
-                let id = id.clone();
-                let body = item.to_bytes();
-                let answer = match classify::classify(&req.headers, &body) {
-                    Ok(classified) => {
-                        let single = Mcp {
-                            headers: req.headers.clone(),
-                            body,
-                            classified,
-                        };
-                        let resp = match call(next.clone(), single).await {
-                            Ok(r) => r,
-                            Err(e) => e.for_request(Some(&id)).into_response(),
-                        };
-                        collect_answer(resp, &id).await
-                    }
-                    Err(r) => serde_json::from_slice(&r.body).unwrap_or(Value::Null),
-                };
-                out.push(answer);
+        match &req.classified.message {
+            // Rare, and its future is large: boxed, so that a single message's is not.
+            Some(Parsed::Batch(items)) => {
+                let items = items.clone();
+                Either::Left(Box::pin(batch(req.headers, items, next)) as BoxFuture<_>)
             }
-            if out.is_empty() {
-                return Ok(accepted());
-            }
-            Ok(json_response(
-                StatusCode::OK,
-                Bytes::from(serde_json::to_vec(&out).unwrap_or_default()),
-            ))
+            _ => Either::Right(call(next, req)),
         }
     }
+}
+
+/// Each of a batch's `items` through `next`, and their answers as one array.
+async fn batch<S>(
+    headers: HeaderMap,
+    items: Vec<Message>,
+    next: S,
+) -> Result<Response<BoxBody>, ProxyError>
+where
+    S: Next<Mcp, Response<BoxBody>>,
+{
+    let mut out = Vec::new();
+    for item in items {
+        let Message::Request { id, .. } = &item else {
+            continue;
+        };
+        let id = id.clone();
+        let body = item.to_bytes();
+        let answer = match classify::classify(&headers, &body) {
+            Ok(classified) => {
+                let single = Mcp {
+                    headers: headers.clone(),
+                    body,
+                    classified,
+                };
+                let resp = match call(next.clone(), single).await {
+                    Ok(r) => r,
+                    Err(e) => e.for_request(Some(&id)).into_response(),
+                };
+                collect_answer(resp, &id).await
+            }
+            Err(r) => serde_json::from_slice(&r.body).unwrap_or(Value::Null),
+        };
+        out.push(answer);
+    }
+    if out.is_empty() {
+        return Ok(accepted());
+    }
+    Ok(json_response(
+        StatusCode::OK,
+        Bytes::from(serde_json::to_vec(&out).unwrap_or_default()),
+    ))
 }
 
 /// The JSON-RPC response with `id` in a whole response (JSON or SSE, at most 16 MiB).
@@ -240,32 +254,30 @@ where
     type Response = Response<BoxBody>;
 
     fn handle(self, req: Mcp, next: S) -> impl Handled<Response<BoxBody>> {
-        async move {
-            let generation = req.classified.generation;
-            let Some(Parsed::Single(Message::Request { id, method, params })) =
-                &req.classified.message
-            else {
-                // A single `tools/call` (read without a tree) is never answered here.
-                return call(next, req).await;
-            };
-            match self.answer(method, params.as_ref()) {
-                Ok(Some(result)) => {
-                    let result = match generation {
-                        Generation::Modern => modern_result(result, method),
-                        Generation::Legacy => result,
-                    };
-                    Ok(json_response(
-                        StatusCode::OK,
-                        jsonrpc::result_body(id, &result),
-                    ))
-                }
-                Ok(None) => call(next, req).await,
-                Err(()) => Err(ProxyError::MethodNotServed {
-                    method: method.clone(),
-                    modern: generation == Generation::Modern,
-                }),
+        let generation = req.classified.generation;
+        let Some(Parsed::Single(Message::Request { id, method, params })) = &req.classified.message
+        else {
+            // A single `tools/call` (read without a tree) is never answered here.
+            return Either::Left(call(next, req));
+        };
+        let answer = match self.answer(method, params.as_ref()) {
+            Ok(Some(result)) => {
+                let result = match generation {
+                    Generation::Modern => modern_result(result, method),
+                    Generation::Legacy => result,
+                };
+                Ok(json_response(
+                    StatusCode::OK,
+                    jsonrpc::result_body(id, &result),
+                ))
             }
-        }
+            Ok(None) => return Either::Left(call(next, req)),
+            Err(()) => Err(ProxyError::MethodNotServed {
+                method: method.clone(),
+                modern: generation == Generation::Modern,
+            }),
+        };
+        Either::Right(std::future::ready(answer))
     }
 }
 
@@ -288,28 +300,26 @@ where
 {
     type Response = Response<BoxBody>;
     fn serve(self, req: Mcp) -> impl Handled<Response<BoxBody>> {
-        async move {
-            let c = &req.classified;
-            let to_provider = match &c.message {
-                // A single `tools/call`, read without a tree.
-                None => return call(self.tool_call, req).await,
-                Some(Parsed::Single(Message::Request { method, .. })) if method == "tools/call" => {
-                    return call(self.tool_call, req).await;
-                }
-                Some(Parsed::Single(Message::Response {
-                    id: Some(Id::String(sealed)),
-                    ..
-                })) => sealed.starts_with(seal::PREFIX),
-                Some(Parsed::Single(Message::Notification { method, .. })) => {
-                    method == "notifications/cancelled" && c.generation == Generation::Legacy
-                }
-                _ => false,
-            };
-            if to_provider {
-                call(self.message, req).await
-            } else {
-                Ok(accepted())
+        let c = &req.classified;
+        let to_provider = match &c.message {
+            // A single `tools/call`, read without a tree.
+            None => return Either::Left(call(self.tool_call, req)),
+            Some(Parsed::Single(Message::Request { method, .. })) if method == "tools/call" => {
+                return Either::Left(call(self.tool_call, req));
             }
-        }
+            Some(Parsed::Single(Message::Response {
+                id: Some(Id::String(sealed)),
+                ..
+            })) => sealed.starts_with(seal::PREFIX),
+            Some(Parsed::Single(Message::Notification { method, .. })) => {
+                method == "notifications/cancelled" && c.generation == Generation::Legacy
+            }
+            _ => false,
+        };
+        Either::Right(if to_provider {
+            Either::Left(call(self.message, req))
+        } else {
+            Either::Right(std::future::ready(Ok(accepted())))
+        })
     }
 }

@@ -9,7 +9,7 @@ use http::{HeaderMap, Request, Response, header};
 use super::passthrough::capability_in_path;
 use crate::BoxBody;
 use crate::error::ProxyError;
-use crate::stack::{Handled, Middleware, Next, call};
+use crate::stack::{Either, Handled, Middleware, Next, call, refuse};
 
 /// See the module docs.
 #[derive(Debug, Clone, Copy, Default)]
@@ -24,12 +24,9 @@ where
 
     fn handle(self, req: Request<B>, next: S) -> impl Handled<Response<BoxBody>> {
         let passthrough = capability_in_path(req.uri().path()).is_some();
-        let refused = refusal(req.headers(), passthrough);
-        async move {
-            match refused {
-                Some(why) => Err(ProxyError::Rebinding(why)),
-                None => call(next, req).await,
-            }
+        match refusal(req.headers(), passthrough) {
+            Some(why) => Either::Left(refuse(ProxyError::Rebinding(why))),
+            None => Either::Right(call(next, req)),
         }
     }
 }

@@ -34,7 +34,9 @@ use crate::contract::MAX_REQUEST;
 use crate::error::ProxyError;
 use crate::forward;
 use crate::serve::{ConnService, Limits};
-use crate::stack::{Handled, Handler, Next, ReadBody, RespondLayer, Stage, Terminal, call};
+use crate::stack::{
+    Either, Handled, Handler, Next, ReadBody, RespondLayer, Stage, Terminal, call, refuse,
+};
 use crate::{BoxBody, Proxy, trace};
 
 /// The outbound listener's stack, top to bottom.
@@ -108,24 +110,24 @@ where
 {
     type Response = Response<BoxBody>;
     fn serve(self, req: Request<Incoming>) -> impl Handled<Response<BoxBody>> {
-        async move {
-            let path = req.uri().path();
-            if path == "/mcp" {
-                return match *req.method() {
-                    Method::POST => call(self.federated, req).await,
-                    Method::GET | Method::DELETE => call(self.sessions, req).await,
-                    _ => Err(ProxyError::MethodNotAllowed(
-                        "use POST (GET and DELETE for legacy sessions)",
-                    )),
-                };
-            }
-            if passthrough::capability_in_path(path).is_some() {
-                return call(self.passthrough, req).await;
-            }
-            Err(ProxyError::NotFound(
-                "the mesh is at /mcp; one capability's provider, unchanged, at /capabilities/<capability>/mcp",
-            ))
+        let path = req.uri().path();
+        if path == "/mcp" {
+            return match *req.method() {
+                Method::POST => Either::Left(Either::Left(call(self.federated, req))),
+                Method::GET | Method::DELETE => {
+                    Either::Left(Either::Right(call(self.sessions, req)))
+                }
+                _ => Either::Right(Either::Right(refuse(ProxyError::MethodNotAllowed(
+                    "use POST (GET and DELETE for legacy sessions)",
+                )))),
+            };
         }
+        if passthrough::capability_in_path(path).is_some() {
+            return Either::Right(Either::Left(call(self.passthrough, req)));
+        }
+        Either::Right(Either::Right(refuse(ProxyError::NotFound(
+            "the mesh is at /mcp; one capability's provider, unchanged, at /capabilities/<capability>/mcp",
+        ))))
     }
 }
 

@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use futures_util::FutureExt;
 use http::{HeaderValue, Response};
 use serde_json::Value;
 
@@ -15,7 +16,7 @@ use crate::error::ProxyError;
 use crate::mcp::classify::{self, Generation};
 use crate::mcp::jsonrpc::{self, Id, Message, Parsed, RpcError};
 use crate::seal::Route;
-use crate::stack::{Handled, Middleware, Next, call};
+use crate::stack::{Either, Handled, Middleware, Next, call, refuse};
 
 /// The sessions the proxy minted: id → negotiated protocol version; and the streaming calls.
 #[derive(Debug, Default)]
@@ -128,14 +129,10 @@ where
     type Response = Response<BoxBody>;
 
     fn handle(self, req: Mcp, next: S) -> impl Handled<Response<BoxBody>> {
-        let proxy = self.sessions;
-        async move {
-            let c = &req.classified;
-            if c.generation == Generation::Modern {
-                return call(next, req).await;
-            }
-            let sessions = &proxy.sessions;
-            let mut minted = None;
+        let c = &req.classified;
+        let mut minted = None;
+        if c.generation == Generation::Legacy {
+            let sessions = &self.sessions.sessions;
             if c.method.as_deref() == Some("initialize") {
                 let requested = match &c.message {
                     Some(Parsed::Single(Message::Request { params, .. })) => params
@@ -147,28 +144,30 @@ where
                 minted = Some(sessions.mint(negotiate(requested)));
             } else {
                 let Some(id) = c.session_id.as_deref() else {
-                    return Err(ProxyError::MissingSession);
+                    return Either::Left(refuse(ProxyError::MissingSession));
                 };
                 let Some(version) = sessions.version(id) else {
-                    return Err(ProxyError::UnknownSession);
+                    return Either::Left(refuse(ProxyError::UnknownSession));
                 };
                 if c.is_batch() && version != classify::BATCH_VERSION {
-                    return Err(ProxyError::Protocol(RpcError::new(
+                    return Either::Left(refuse(ProxyError::Protocol(RpcError::new(
                         jsonrpc::INVALID_REQUEST,
                         format!(
                             "JSON-RPC batches are only allowed in protocol {}; this session negotiated {version}: send one message per POST",
                             classify::BATCH_VERSION
                         ),
-                    )));
+                    ))));
                 }
             }
-            let mut resp = call(next, req).await?;
+        }
+        Either::Right(call(next, req).map(move |answer| {
+            let mut resp = answer?;
             if let Some(id) = minted
                 && let Ok(v) = HeaderValue::from_str(&id)
             {
                 resp.headers_mut().insert("mcp-session-id", v);
             }
             Ok(resp)
-        }
+        }))
     }
 }

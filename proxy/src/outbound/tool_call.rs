@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use capmesh_api::{Capability, Endpoint};
+use futures_util::FutureExt;
 use http::{HeaderMap, HeaderValue, Method, Response, header};
 use http_body_util::Full;
 use serde_json::{Value, json};
@@ -25,7 +26,7 @@ use crate::mcp::rewrite::replace_response_id;
 use crate::mcp::sse::Event;
 use crate::pool::PeerBody;
 use crate::seal::{self, Route, Sealer};
-use crate::stack::{Handled, Middleware, Next, call, read_body};
+use crate::stack::{Either, Handled, Middleware, Next, call, read_body, refuse};
 use crate::{BoxBody, Proxy, boxed};
 
 /// A `tools/call` on its way to a provider, with the id the provider will see.
@@ -111,27 +112,22 @@ where
 
     fn handle(self, req: Mcp, next: S) -> impl Handled<Response<BoxBody>> {
         let proxy = self.proxy;
-        async move {
-            let mut upstream_id = String::with_capacity(3 + 24);
-            upstream_id.push_str("cm-");
-            crate::ids::push_random_hex(&mut upstream_id, 12);
-            let upstream_id = Value::String(upstream_id);
-            // What the relay needs of the request (not the body's tree).
-            let asked = Asked {
-                id: req.classified.id.clone(),
-                session_id: req.classified.session_id.clone(),
-                generation: req.classified.generation,
-            };
-            let resp = call(
-                next,
-                ToolCall {
-                    mcp: req,
-                    upstream_id: upstream_id.clone(),
-                },
-            )
-            .await?;
-            relay(&proxy, resp, &asked, &upstream_id).await
-        }
+        let mut upstream_id = String::with_capacity(3 + 24);
+        upstream_id.push_str("cm-");
+        crate::ids::push_random_hex(&mut upstream_id, 12);
+        let upstream_id = Value::String(upstream_id);
+        // What the relay needs of the request (not the body's tree).
+        let asked = Asked {
+            id: req.classified.id.clone(),
+            session_id: req.classified.session_id.clone(),
+            generation: req.classified.generation,
+        };
+        let tool_call = ToolCall {
+            mcp: req,
+            upstream_id: upstream_id.clone(),
+        };
+        call(next, tool_call)
+            .then(move |answer| async move { relay(&proxy, answer?, &asked, &upstream_id).await })
     }
 }
 
@@ -356,10 +352,9 @@ where
     type Response = Response<PeerBody>;
 
     fn handle(self, req: ToolCall, next: S) -> impl Handled<Response<PeerBody>> {
-        let proxy = self.proxy;
-        async move {
-            let call_spec = resolve(&proxy, req)?;
-            call(next, call_spec).await
+        match resolve(&self.proxy, req) {
+            Ok(spec) => Either::Left(call(next, spec)),
+            Err(e) => Either::Right(refuse(e)),
         }
     }
 }

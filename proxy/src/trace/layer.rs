@@ -9,6 +9,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use capmesh_api::SpanKind;
+use futures_util::FutureExt;
 use http::{HeaderMap, Request, Response, header};
 use http_body::{Body, Frame};
 use serde_json::Value;
@@ -19,7 +20,7 @@ use crate::error::ProxyError;
 use crate::forward::{Call, Served};
 use crate::outbound::federated::Mcp;
 use crate::pool::PeerBody;
-use crate::stack::{Handled, Middleware, Next, call};
+use crate::stack::{Either, Handled, Middleware, Next, call};
 use crate::{BoxBody, Proxy, boxed};
 
 /// The largest response frame searched for a JSON-RPC error.
@@ -194,15 +195,14 @@ where
     type Response = Response<BoxBody>;
 
     fn handle(self, mut req: R, next: S) -> impl Handled<Response<BoxBody>> {
-        async move {
-            let Some(span) = self.proxy.tracer.begin(req.headers_mut(), SpanKind::Client) else {
-                return call(next, req).await;
-            };
-            describe(&span, req.describe());
-            span.set("capmesh.caller", self.proxy.identity.id.to_string());
-            let result = HOP.scope(span.clone(), call(next, req)).await;
-            finish(span, result)
-        }
+        let Some(span) = self.proxy.tracer.begin(req.headers_mut(), SpanKind::Client) else {
+            return Either::Left(call(next, req));
+        };
+        describe(&span, req.describe());
+        span.set("capmesh.caller", self.proxy.identity.id.to_string());
+        // The layers below read the span when they are called, not when polled.
+        let hop = HOP.sync_scope(span.clone(), || call(next, req));
+        Either::Right(hop.map(move |result| finish(span, result)))
     }
 }
 
@@ -218,13 +218,12 @@ where
     type Response = Response<PeerBody>;
 
     fn handle(self, req: Call, next: S) -> impl Handled<Response<PeerBody>> {
-        async move {
-            let Ok(span) = HOP.try_with(Span::clone) else {
-                return call(next, req).await;
-            };
-            span.set("capmesh.capability", req.label.as_str());
-            let spec = req.clone();
-            let result = call(next, req).await;
+        let Ok(span) = HOP.try_with(Span::clone) else {
+            return Either::Left(call(next, req));
+        };
+        span.set("capmesh.capability", req.label.as_str());
+        let spec = req.clone();
+        Either::Right(call(next, req).map(move |result| {
             let tried = spec.attempts.tried();
             span.set("capmesh.attempts", tried.len() as i64);
             span.set("capmesh.retries", tried.len().saturating_sub(1) as i64);
@@ -251,7 +250,7 @@ where
                 }
             }
             result
-        }
+        }))
     }
 }
 
@@ -276,50 +275,47 @@ where
     type Response = Response<BoxBody>;
 
     fn handle(self, mut req: Request<Bytes>, next: S) -> impl Handled<Response<BoxBody>> {
-        async move {
-            let proxy = &self.proxy;
-            let Some(span) = proxy.tracer.begin(req.headers_mut(), SpanKind::Server) else {
-                return call(next, req).await;
-            };
-            let described = req.describe();
-            let capability = match req
-                .headers()
-                .get(CAPABILITY_HEADER)
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(cap) => Some(cap.to_owned()),
-                None => described.name.as_ref().and_then(|function| {
-                    proxy.registration.borrow().as_ref().and_then(|reg| {
-                        reg.tools
-                            .iter()
-                            .find(|t| &t.function == function)
-                            .map(|t| t.capability.to_string())
-                    })
-                }),
-            };
-            describe(&span, described);
-            if let Some(cap) = capability {
-                span.set("capmesh.capability", cap);
-            }
-            let caller = req
-                .extensions()
-                .get::<crate::inbound::Caller>()
-                .map_or_else(
-                    || capmesh_api::UNAUTHENTICATED.to_owned(),
-                    ToString::to_string,
-                );
-            span.set("capmesh.caller", caller);
-            span.set("capmesh.provider", proxy.identity.id.to_string());
-            span.set("capmesh.instance", proxy.node.proxy_id.as_str());
-            let version = match req.version() {
-                http::Version::HTTP_2 => "2",
-                http::Version::HTTP_10 => "1.0",
-                _ => "1.1",
-            };
-            span.set("network.protocol.version", version);
-            let result = call(next, req).await;
-            finish(span, result)
+        let proxy = &self.proxy;
+        let Some(span) = proxy.tracer.begin(req.headers_mut(), SpanKind::Server) else {
+            return Either::Left(call(next, req));
+        };
+        let described = req.describe();
+        let capability = match req
+            .headers()
+            .get(CAPABILITY_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
+            Some(cap) => Some(cap.to_owned()),
+            None => described.name.as_ref().and_then(|function| {
+                proxy.registration.borrow().as_ref().and_then(|reg| {
+                    reg.tools
+                        .iter()
+                        .find(|t| &t.function == function)
+                        .map(|t| t.capability.to_string())
+                })
+            }),
+        };
+        describe(&span, described);
+        if let Some(cap) = capability {
+            span.set("capmesh.capability", cap);
         }
+        let caller = req
+            .extensions()
+            .get::<crate::inbound::Caller>()
+            .map_or_else(
+                || capmesh_api::UNAUTHENTICATED.to_owned(),
+                ToString::to_string,
+            );
+        span.set("capmesh.caller", caller);
+        span.set("capmesh.provider", proxy.identity.id.to_string());
+        span.set("capmesh.instance", proxy.node.proxy_id.as_str());
+        let version = match req.version() {
+            http::Version::HTTP_2 => "2",
+            http::Version::HTTP_10 => "1.0",
+            _ => "1.1",
+        };
+        span.set("network.protocol.version", version);
+        Either::Right(call(next, req).map(move |result| finish(span, result)))
     }
 }
 

@@ -316,10 +316,12 @@ impl Drop for Open {
 }
 
 tokio::task_local! {
-    /// The client span of the hop whose request is being sent: [`ClientSpan`] sets it around
-    /// the forward stack, whose [`Attempts`] layer adds what only it sees (the endpoint that
-    /// served, how many were tried). The forward stack's [`crate::forward::Call`] is shared by
-    /// every listener, so the span travels beside it rather than in it.
+    /// The client span of the hop whose request is being sent: [`ClientSpan`] sets it while
+    /// the forward stack's layers are called (they build their futures then: it is not set
+    /// while those are polled), and [`RecordAttempts`] takes it to add what only it sees (the
+    /// endpoint that served, how many were tried). The forward stack's
+    /// [`crate::forward::Call`] is shared by every listener, so the span travels beside it
+    /// rather than in it.
     static HOP: Span;
 }
 
