@@ -10,9 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bytes::Bytes;
 use capmesh_api::{Capability, CapabilityOverride, Registration, ToolSpec};
-use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header};
+use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -115,12 +114,10 @@ impl Agent {
         Ok(format!("http://{}{}", self.authority.to_str()?, path_and_query).parse()?)
     }
 
-    /// Sends a request to the agent as is.
-    pub async fn send(
-        &self,
-        req: Request<BoxBody>,
-    ) -> Result<Response<Incoming>, hyper_util::client::legacy::Error> {
-        crate::workers::mine(&self.clients).request(req).await
+    /// Sends a request to the agent as is. The future is hyper-util's, which holds its own
+    /// work boxed: a caller keeps a pointer, not the request.
+    pub fn send(&self, req: Request<BoxBody>) -> hyper_util::client::legacy::ResponseFuture {
+        crate::workers::mine(&self.clients).request(req)
     }
 
     fn rpc_request(
@@ -237,7 +234,9 @@ impl Agent {
         if let Some(s) = guard.as_ref() {
             return Ok(s.clone());
         }
-        let s = self.initialize().await?;
+        // Boxed: opening a session is rare, and its future (an `initialize` round trip) would
+        // otherwise make every 2025 call's future that much larger.
+        let s = Box::pin(self.initialize()).await?;
         *guard = Some(s.clone());
         Ok(s)
     }

@@ -12,6 +12,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use serde_json::Value;
@@ -29,7 +30,7 @@ use crate::mcp::relay::{EventFn, MapEvents};
 use crate::mcp::sse::Event;
 use crate::outbound::tool_call::sealer;
 use crate::seal::{self, Sealer};
-use crate::stack::{Handled, Handler, Middleware, Next, call};
+use crate::stack::{Either, Handled, Handler, Middleware, Next, call, refuse};
 use crate::{BoxBody, Proxy, boxed};
 
 fn caller_of<B>(req: &Request<B>) -> String {
@@ -65,35 +66,57 @@ where
     type Response = Response<BoxBody>;
 
     fn handle(self, req: Request<Bytes>, next: S) -> impl Handled<Response<BoxBody>> {
-        let proxy = self.proxy;
-        async move {
-            let agent = proxy.agent.clone().ok_or(ProxyError::NoAgent)?;
-            let sealer = ready_sealer(&proxy)?;
+        let Some(agent) = self.proxy.agent.clone() else {
+            return Either::Left(refuse(ProxyError::NoAgent));
+        };
+        let opened = ready_sealer(&self.proxy).and_then(|sealer| {
             let caller = caller_of(&req);
             let req = open_answer(req, &sealer, &caller)?;
-            let modern = req
-                .headers()
-                .get("mcp-protocol-version")
-                .is_some_and(|v| v.as_bytes() == MODERN.as_bytes());
-            if modern {
-                let resp = call(next, req).await?;
-                return Ok(seal_requests(resp, sealer, caller));
-            }
-            let session = agent_session(&agent).await?;
-            let resp = call(next.clone(), in_session(&req, &session)).await?;
-            // An agent that restarted or expired our session answers 404 without running
-            // anything: open a new session and send the request in it. Not a retry: the
-            // request has not been processed.
-            let resp = if resp.status() == StatusCode::NOT_FOUND && session.id.is_some() {
-                agent.forget_session(&session).await;
-                let fresh = agent_session(&agent).await?;
-                call(next, in_session(&req, &fresh)).await?
-            } else {
-                resp
-            };
-            Ok(seal_requests(resp, sealer, caller))
-        }
+            Ok((sealer, caller, req))
+        });
+        let (sealer, caller, req) = match opened {
+            Ok(opened) => opened,
+            Err(e) => return Either::Left(refuse(e)),
+        };
+        let modern = req
+            .headers()
+            .get("mcp-protocol-version")
+            .is_some_and(|v| v.as_bytes() == MODERN.as_bytes());
+        Either::Right(if modern {
+            Either::Left(
+                call(next, req).map(move |answer| Ok(seal_requests(answer?, sealer, caller))),
+            )
+        } else {
+            Either::Right(in_agent_session(agent, sealer, caller, req, next))
+        })
     }
+}
+
+/// A 2025 call in the proxy's session with the agent, opened again (once) if the agent has
+/// forgotten it.
+async fn in_agent_session<S>(
+    agent: Arc<Agent>,
+    sealer: Sealer,
+    caller: String,
+    req: Request<Bytes>,
+    next: S,
+) -> Result<Response<BoxBody>, ProxyError>
+where
+    S: Next<Request<Bytes>, Response<BoxBody>>,
+{
+    let session = agent_session(&agent).await?;
+    let resp = call(next.clone(), in_session(&req, &session)).await?;
+    // An agent that restarted or expired our session answers 404 without running anything:
+    // open a new session and send the request in it. Not a retry: the request has not been
+    // processed.
+    let resp = if resp.status() == StatusCode::NOT_FOUND && session.id.is_some() {
+        agent.forget_session(&session).await;
+        let fresh = agent_session(&agent).await?;
+        call(next, in_session(&req, &fresh)).await?
+    } else {
+        resp
+    };
+    Ok(seal_requests(resp, sealer, caller))
 }
 
 async fn agent_session(agent: &Agent) -> Result<AgentSession, ProxyError> {
@@ -204,22 +227,26 @@ where
     type Response = Response<BoxBody>;
 
     fn handle(self, mut req: Request<Bytes>, next: S) -> impl Handled<Response<BoxBody>> {
-        let proxy = self.proxy;
-        async move {
-            let sealer = ready_sealer(&proxy)?;
-            let caller = caller_of(&req);
-            let mut known: Option<(HeaderValue, String)> = None;
-            if let Some(sealed) = req.headers().get("mcp-session-id").cloned() {
-                let own = sealed
-                    .to_str()
-                    .ok()
-                    .and_then(|s| sealer.open_for(seal::AGENT_SESSION, &caller, s))
-                    .ok_or(ProxyError::UnknownSession)?;
-                let v = HeaderValue::from_str(&own).map_err(|_| ProxyError::UnknownSession)?;
-                req.headers_mut().insert(MCP_SESSION_ID, v);
-                known = Some((sealed, own));
-            }
-            let mut resp = call(next, req).await?;
+        let sealer = match ready_sealer(&self.proxy) {
+            Ok(sealer) => sealer,
+            Err(e) => return Either::Left(refuse(e)),
+        };
+        let caller = caller_of(&req);
+        let mut known: Option<(HeaderValue, String)> = None;
+        if let Some(sealed) = req.headers().get("mcp-session-id").cloned() {
+            let opened = sealed
+                .to_str()
+                .ok()
+                .and_then(|s| sealer.open_for(seal::AGENT_SESSION, &caller, s))
+                .and_then(|own| Some((HeaderValue::from_str(&own).ok()?, own)));
+            let Some((v, own)) = opened else {
+                return Either::Left(refuse(ProxyError::UnknownSession));
+            };
+            req.headers_mut().insert(MCP_SESSION_ID, v);
+            known = Some((sealed, own));
+        }
+        Either::Right(call(next, req).map(move |answer| {
+            let mut resp = answer?;
             let answered = resp
                 .headers()
                 .get("mcp-session-id")
@@ -239,7 +266,7 @@ where
                 };
             }
             Ok(resp)
-        }
+        }))
     }
 }
 
@@ -282,28 +309,34 @@ fn agent_headers(from: &HeaderMap, caller: &str, agent: &Agent) -> HeaderMap {
 impl Handler<Request<Bytes>> for AgentClient {
     type Response = Response<BoxBody>;
     fn serve(self, req: Request<Bytes>) -> impl Handled<Response<BoxBody>> {
-        let proxy = self.proxy;
-        async move {
-            let agent = proxy.agent.clone().ok_or(ProxyError::NoAgent)?;
-            let caller = caller_of(&req);
-            let uri = match Path::of(&req) {
-                Path::Agent => {
-                    let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
-                    agent.uri_for(path).map_err(|e| {
-                        ProxyError::Protocol(crate::mcp::jsonrpc::RpcError::new(
-                            crate::mcp::jsonrpc::INVALID_REQUEST,
-                            format!("bad path: {e}"),
-                        ))
-                    })?
+        let Some(agent) = self.proxy.agent.as_ref() else {
+            return Either::Left(refuse(ProxyError::NoAgent));
+        };
+        let caller = caller_of(&req);
+        let uri = match Path::of(&req) {
+            Path::Agent => {
+                let path = req.uri().path_and_query().map_or("/", |p| p.as_str());
+                match agent.uri_for(path) {
+                    Ok(uri) => uri,
+                    Err(e) => {
+                        return Either::Left(refuse(ProxyError::Protocol(
+                            crate::mcp::jsonrpc::RpcError::new(
+                                crate::mcp::jsonrpc::INVALID_REQUEST,
+                                format!("bad path: {e}"),
+                            ),
+                        )));
+                    }
                 }
-                _ => agent.url().clone(),
-            };
-            let (parts, body) = req.into_parts();
-            let mut out = Request::new(boxed(Full::new(body)));
-            *out.method_mut() = parts.method;
-            *out.uri_mut() = uri;
-            *out.headers_mut() = agent_headers(&parts.headers, &caller, &agent);
-            let resp = agent.send(out).await.map_err(|e| {
+            }
+            _ => agent.url().clone(),
+        };
+        let (parts, body) = req.into_parts();
+        let mut out = Request::new(boxed(Full::new(body)));
+        *out.method_mut() = parts.method;
+        *out.uri_mut() = uri;
+        *out.headers_mut() = agent_headers(&parts.headers, &caller, agent);
+        Either::Right(agent.send(out).map(|answer| {
+            let resp = answer.map_err(|e| {
                 if e.is_connect() {
                     ProxyError::AgentUnreachable(e.to_string())
                 } else {
@@ -321,6 +354,6 @@ impl Handler<Request<Bytes>> for AgentClient {
                 parts.headers.remove(k);
             }
             Ok(Response::from_parts(parts, boxed(body)))
-        }
+        }))
     }
 }
