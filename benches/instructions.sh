@@ -15,6 +15,10 @@
 # top functions, and keeps callgrind's file for `callgrind_annotate` (its path is printed).
 # The instance runs about fifty times slower under callgrind: the latencies are not quoted.
 # Needs valgrind, python3 and curl. Uses port 19090 for the echo upstream.
+#
+# INSTRUCTIONS_CACHE=1 also simulates the first-level caches (callgrind --cache-sim=yes, the
+# machine's sizes) and prints the misses per call: how much code and data a call touches, which
+# the instruction count alone does not show (benches/RESULTS.md, "Futures without the request").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 path=${1:-capmesh}
@@ -25,6 +29,7 @@ held_binaries benches/instructions.sh "$dir" valgrind callgrind_control callgrin
 held_setup "$dir/capmesh-bench" ", binaries from $dir, $path path"
 out=$work/callgrind.out
 vg=(valgrind --tool=callgrind --instr-atstart=no "--callgrind-out-file=$out")
+if [ -n "${INSTRUCTIONS_CACHE:-}" ]; then vg+=(--cache-sim=yes); fi
 if [ "$path" = capmesh ]; then
   # `hold` starts the sidecars from its own directory: a copy of the binaries where
   # capmesh-proxy runs the consumer's sidecar (agent bench-client) under callgrind. A sidecar
@@ -87,8 +92,10 @@ report = json.loads(open(sys.argv[2]).read().strip().splitlines()[-1])
 calls = report["sent"] * 6 / 5  # the measured 5 s and the 1 s of warm-up before them
 if report["errors"]:
     print(f"warning: {report['errors']} of {report['sent']} calls failed")
-text = subprocess.run(["callgrind_annotate", "--inclusive=no", "--threshold=100", sys.argv[1]],
-                      capture_output=True, text=True, check=True).stdout
+def annotate(*args):
+    return subprocess.run(["callgrind_annotate", *args, sys.argv[1]],
+                          capture_output=True, text=True, check=True).stdout
+text = annotate("--inclusive=no", "--threshold=100", "--show=Ir")
 crates, funcs = collections.Counter(), collections.Counter()
 total = 0
 for line in text.splitlines():
@@ -113,6 +120,14 @@ for line in text.splitlines():
     crates[group] += ir
     funcs[re.sub(r"\s*\[[^\]]*\]$", "", func)] += ir
 print(f"{calls:.0f} calls: {total / calls:,.0f} instructions per call")
+head = annotate("--inclusive=no", "--threshold=100", "--auto=no").splitlines()
+events = next((l.split(":", 1)[1].split() for l in head if l.startswith("Events shown:")), [])
+totals = next((l for l in head if "PROGRAM TOTALS" in l), "")
+counts = [int(n.replace(",", "")) for n in re.findall(r"([\d,]+)\s+\(", totals)]
+if "I1mr" in events and len(counts) == len(events):
+    per = dict(zip(events, (c / calls for c in counts)))
+    print(f"  first-level cache misses per call: instructions {per['I1mr']:,.0f}, "
+          f"data read {per['D1mr']:,.0f}, data write {per['D1mw']:,.0f}")
 for group, ir in crates.most_common():
     if ir / calls >= 500:
         print(f"  {group:24} {ir / calls:8,.0f}")
