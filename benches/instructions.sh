@@ -120,10 +120,15 @@ for line in text.splitlines():
     crates[group] += ir
     funcs[re.sub(r"\s*\[[^\]]*\]$", "", func)] += ir
 print(f"{calls:.0f} calls: {total / calls:,.0f} instructions per call")
-head = annotate("--inclusive=no", "--threshold=100", "--auto=no").splitlines()
-events = next((l.split(":", 1)[1].split() for l in head if l.startswith("Events shown:")), [])
-totals = next((l for l in head if "PROGRAM TOTALS" in l), "")
-counts = [int(n.replace(",", "")) for n in re.findall(r"([\d,]+)\s+\(", totals)]
+recorded = next((l.split(":", 1)[1].split() for l in text.splitlines()
+                 if l.startswith("Events recorded:")), [])
+if "I1mr" in recorded:  # INSTRUCTIONS_CACHE=1: read the cache events' totals too
+    head = annotate("--inclusive=no", "--threshold=100", "--auto=no").splitlines()
+    events = next((l.split(":", 1)[1].split() for l in head if l.startswith("Events shown:")), [])
+    totals = next((l for l in head if "PROGRAM TOTALS" in l), "")
+    counts = [int(n.replace(",", "")) for n in re.findall(r"([\d,]+)\s+\(", totals)]
+else:
+    events, counts = [], []
 if "I1mr" in events and len(counts) == len(events):
     per = dict(zip(events, (c / calls for c in counts)))
     print(f"  first-level cache misses per call: instructions {per['I1mr']:,.0f}, "

@@ -80,7 +80,7 @@ where
         };
         let modern = req
             .headers()
-            .get("mcp-protocol-version")
+            .get(MCP_PROTOCOL_VERSION)
             .is_some_and(|v| v.as_bytes() == MODERN.as_bytes());
         Either::Right(if modern {
             Either::Left(
@@ -134,7 +134,7 @@ fn in_session(req: &Request<Bytes>, session: &AgentSession) -> Request<Bytes> {
     *out.headers_mut() = req.headers().clone();
     *out.extensions_mut() = req.extensions().clone();
     let h = out.headers_mut();
-    h.remove("mcp-session-id");
+    h.remove(MCP_SESSION_ID);
     if let Ok(v) = HeaderValue::from_str(&session.version) {
         h.insert(MCP_PROTOCOL_VERSION, v);
     }
@@ -180,7 +180,7 @@ fn open_answer(
 /// each request the agent sends the caller sealed for that caller.
 fn seal_requests(resp: Response<BoxBody>, sealer: Sealer, caller: String) -> Response<BoxBody> {
     let (mut parts, body) = resp.into_parts();
-    parts.headers.remove("mcp-session-id");
+    parts.headers.remove(MCP_SESSION_ID);
     let sse = parts
         .headers
         .get(header::CONTENT_TYPE)
@@ -233,7 +233,7 @@ where
         };
         let caller = caller_of(&req);
         let mut known: Option<(HeaderValue, String)> = None;
-        if let Some(sealed) = req.headers().get("mcp-session-id").cloned() {
+        if let Some(sealed) = req.headers().get(MCP_SESSION_ID).cloned() {
             let opened = sealed
                 .to_str()
                 .ok()
@@ -249,7 +249,7 @@ where
             let mut resp = answer?;
             let answered = resp
                 .headers()
-                .get("mcp-session-id")
+                .get(MCP_SESSION_ID)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned);
             if let Some(own) = answered {
@@ -262,7 +262,7 @@ where
                 };
                 match v {
                     Some(v) => resp.headers_mut().insert(MCP_SESSION_ID, v),
-                    None => resp.headers_mut().remove("mcp-session-id"),
+                    None => resp.headers_mut().remove(MCP_SESSION_ID),
                 };
             }
             Ok(resp)
