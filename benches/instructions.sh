@@ -16,6 +16,9 @@
 # The instance runs about fifty times slower under callgrind: the latencies are not quoted.
 # Needs valgrind, python3 and curl. Uses port 19090 for the echo upstream.
 #
+# INSTRUCTIONS_SIDECAR=provider counts the provider's sidecar (agent echo) on the mesh path
+# instead of the consumer's.
+#
 # INSTRUCTIONS_CACHE=1 also simulates the first-level caches (callgrind --cache-sim=yes, the
 # machine's sizes) and prints the misses per call: how much code and data a call touches, which
 # the instruction count alone does not show (benches/RESULTS.md, "Futures without the request").
@@ -30,18 +33,25 @@ held_setup "$dir/capmesh-bench" ", binaries from $dir, $path path"
 out=$work/callgrind.out
 vg=(valgrind --tool=callgrind --instr-atstart=no "--callgrind-out-file=$out")
 if [ -n "${INSTRUCTIONS_CACHE:-}" ]; then vg+=(--cache-sim=yes); fi
+case ${INSTRUCTIONS_SIDECAR:-consumer} in
+  consumer) agent=bench-client ;;
+  provider) agent=echo ;;
+  *) echo "benches/instructions.sh: INSTRUCTIONS_SIDECAR is consumer or provider" >&2; exit 2 ;;
+esac
 if [ "$path" = capmesh ]; then
   # `hold` starts the sidecars from its own directory: a copy of the binaries where
-  # capmesh-proxy runs the consumer's sidecar (agent bench-client) under callgrind. A sidecar
-  # cannot be restarted in place, since its bootstrap token is single-use.
+  # capmesh-proxy runs the measured sidecar (the one for agent $agent) under callgrind. A
+  # sidecar cannot be restarted in place, since its bootstrap token is single-use.
   bin=$work/bin
   mkdir -p "$bin"
   cp "$dir/capmesh-bench" "$dir/capmesh-control-plane" "$bin/"
   cp "$dir/capmesh-proxy" "$bin/capmesh-proxy.real"
   cat >"$bin/capmesh-proxy" <<EOF
 #!/usr/bin/env bash
+prev=
 for a in "\$@"; do
-  [ "\$a" = bench-client ] && exec ${vg[*]} "$bin/capmesh-proxy.real" "\$@" 2>>"$work/valgrind.log"
+  [ "\$prev" = --agent-name ] && [ "\$a" = $agent ] && exec ${vg[*]} "$bin/capmesh-proxy.real" "\$@" 2>>"$work/valgrind.log"
+  prev=\$a
 done
 exec "$bin/capmesh-proxy.real" "\$@"
 EOF
@@ -83,7 +93,7 @@ taskset -c 0 "$dir/capmesh-bench" load --url "$entry" --rate 100 --warmup 1 --du
 callgrind_control -i off "$vgpid" >/dev/null 2>&1
 callgrind_control -d "$vgpid" >/dev/null 2>&1
 for _ in $(seq 100); do compgen -G "$out.*" >/dev/null && break; sleep 0.1; done
-keep=target/instructions-$path.callgrind
+keep=target/instructions-$path$([ "$agent" = echo ] && echo -provider).callgrind
 mkdir -p target
 cp "$(compgen -G "$out.*" | tail -1)" "$keep"
 python3 - "$keep" "$work/load.json" <<'PY'

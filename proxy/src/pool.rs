@@ -438,10 +438,7 @@ impl PeerPool {
             stream.send_data(body, true).map_err(sent)?;
         }
         let response = response.await.map_err(sent)?;
-        let mut response = response.map(|recv| PeerBody {
-            recv,
-            data_done: false,
-        });
+        let mut response = response.map(PeerBody::new);
         if let Some(waited) = waited {
             response.extensions_mut().insert(ConnectWait(waited));
         }
@@ -464,8 +461,9 @@ impl PeerPool {
 }
 
 /// Headers that name the HTTP/1 connection and are not allowed in HTTP/2 (RFC 9113 §8.2.2):
-/// dropped, with those the `Connection` header lists, and `TE` unless it is `trailers`.
-fn strip_connection_headers(headers: &mut HeaderMap) {
+/// dropped, with those the `Connection` header lists, and `TE` unless it is `trailers`. Used on
+/// the requests sent to peers and on the responses a peer gets ([`crate::serve`]).
+pub(crate) fn strip_connection_headers(headers: &mut HeaderMap) {
     if let Some(listed) = headers.remove(CONNECTION)
         && let Ok(names) = listed.to_str()
     {
@@ -487,8 +485,9 @@ fn strip_connection_headers(headers: &mut HeaderMap) {
 }
 
 /// Pings the peer every [`KEEP_ALIVE`]; returns (why) when an answer does not come within
-/// [`KEEP_ALIVE_TIMEOUT`] or cannot be asked for, which ends the connection.
-async fn keep_alive(pings: Option<h2::PingPong>) -> String {
+/// [`KEEP_ALIVE_TIMEOUT`] or cannot be asked for, which ends the connection. Both ends of a
+/// connection between proxies ping: the pool here, the peer's listener in [`crate::serve`].
+pub(crate) async fn keep_alive(pings: Option<h2::PingPong>) -> String {
     let Some(mut pings) = pings else {
         return std::future::pending().await;
     };
@@ -507,13 +506,24 @@ async fn keep_alive(pings: Option<h2::PingPong>) -> String {
     }
 }
 
-/// A peer's response body: its DATA frames, then its trailers. The flow-control window is given
-/// back as each frame is read. A reset with `NO_ERROR` after the response began ends the body
-/// early without failing it (RFC 9113 §8.1), as HTTP clients read it.
+/// A peer's response body (or, on the inbound listener, the body of a peer's request): its DATA
+/// frames, then its trailers. The flow-control window is given back as each frame is read. A
+/// reset with `NO_ERROR` after the response began ends the body early without failing it
+/// (RFC 9113 §8.1), as HTTP clients read it.
 #[derive(Debug)]
 pub struct PeerBody {
     recv: h2::RecvStream,
     data_done: bool,
+}
+
+impl PeerBody {
+    /// The body arriving on `recv`.
+    pub(crate) fn new(recv: h2::RecvStream) -> Self {
+        Self {
+            recv,
+            data_done: false,
+        }
+    }
 }
 
 impl Body for PeerBody {

@@ -6,16 +6,27 @@
 //! which a connection with nothing in flight is closed gracefully (GOAWAY, so a request racing
 //! the close is refused unprocessed, never lost). On drain, every connection is asked to
 //! finish gracefully and the listener waits for them, up to a bound.
+//!
+//! Connections are served by hyper, except the inbound listener's HTTP/2 connections from peer
+//! proxies, which [`connection_h2`] serves with `h2` directly under the same limits: each
+//! stream's call runs in the connection's task (benches/RESULTS.md, "The provider's HTTP/2
+//! server on h2").
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use futures_util::task::AtomicWaker;
+use http::header::{CONTENT_LENGTH, HeaderValue};
 use http::{Request, Response};
+use http_body::Body;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
@@ -26,6 +37,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tower::Service;
 
 use crate::BoxBody;
+use crate::pool::PeerBody;
 
 /// What a listener allows each client.
 #[derive(Debug, Clone, Copy)]
@@ -482,25 +494,18 @@ impl http_body::Body for Guarded {
 
 /// What serves each connection: a whole stack, whose errors have already become responses,
 /// and whose future is boxed once at its top (so `Unpin`, and wrapped here without a second box).
-pub trait ConnService:
-    Service<
-        Request<Incoming>,
-        Response = Response<BoxBody>,
-        Error = Infallible,
-        Future: Send + Unpin,
-    > + Clone
+/// `B` is the request body: hyper's, or a peer's HTTP/2 stream ([`connection_h2`]).
+pub trait ConnService<B = Incoming>:
+    Service<Request<B>, Response = Response<BoxBody>, Error = Infallible, Future: Send + Unpin>
+    + Clone
     + Send
     + 'static
 {
 }
 
-impl<T> ConnService for T where
-    T: Service<
-            Request<Incoming>,
-            Response = Response<BoxBody>,
-            Error = Infallible,
-            Future: Send + Unpin,
-        > + Clone
+impl<T, B> ConnService<B> for T where
+    T: Service<Request<B>, Response = Response<BoxBody>, Error = Infallible, Future: Send + Unpin>
+        + Clone
         + Send
         + 'static
 {
@@ -588,6 +593,492 @@ pub async fn connection_until<I, S>(
     }
 }
 
+/// HTTP/2 settings of a connection served by [`connection_h2`]: hyper's server defaults, which
+/// the other listeners keep, so that a peer sees the same limits either way.
+mod h2_settings {
+    /// Receive window of each stream and of the connection.
+    pub const WINDOW: u32 = 1024 * 1024;
+    pub const MAX_FRAME: u32 = 16 * 1024;
+    /// The most header bytes one request may carry.
+    pub const MAX_HEADER_LIST: u32 = 16 * 1024;
+    /// The most response bytes buffered for one stream beyond what the client's window takes.
+    pub const MAX_SEND_BUFFER: usize = 400 * 1024;
+    /// Streams this end may reset for the client's errors before the connection is closed.
+    pub const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+}
+
+/// [`connection_until`] for a connection that chose HTTP/2 in its TLS handshake, served with
+/// `h2` directly: every stream's call runs in the connection's own task, beside the connection
+/// (hyper's server spawns a task for each stream, and the connection's task is woken again to
+/// write what that task answered). The limits are the same: the stream cap, keep-alive PINGs,
+/// the idle timeout, a graceful close on drain, and a client that sends no preface within the
+/// head deadline is closed. A stream the client resets drops its call, as hyper does.
+pub async fn connection_h2<I, S>(
+    io: I,
+    svc: S,
+    limits: Limits,
+    drain: watch::Receiver<bool>,
+    close: impl Future<Output = ()> + Send,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: ConnService<PeerBody>,
+{
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(h2_settings::WINDOW)
+        .initial_connection_window_size(h2_settings::WINDOW)
+        .max_frame_size(h2_settings::MAX_FRAME)
+        .max_header_list_size(h2_settings::MAX_HEADER_LIST)
+        .max_send_buffer_size(h2_settings::MAX_SEND_BUFFER)
+        .max_local_error_reset_streams(Some(h2_settings::MAX_LOCAL_ERROR_RESETS))
+        .max_concurrent_streams(limits.max_streams)
+        .handshake::<_, Bytes>(io);
+    tokio::pin!(close);
+    let mut conn = tokio::select! {
+        () = &mut close => return,
+        shaken = tokio::time::timeout(limits.header_read_timeout, handshake) => match shaken {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "HTTP/2 handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::debug!("closing a connection that sent no HTTP/2 preface in time");
+                return;
+            }
+        },
+    };
+    let activity = Arc::new(Activity::new());
+    let mut events = Events {
+        keep_alive: Box::pin(crate::pool::keep_alive(conn.ping_pong())),
+        first_request: (limits.close_silent)
+            .then(|| Box::pin(tokio::time::sleep(limits.header_read_timeout))),
+        drain: Some(Box::pin(async move {
+            let mut drain = drain;
+            // Drained, or the proxy is going away.
+            let _ = drain.wait_for(|&drained| drained).await;
+        })),
+        idle: tokio::time::interval((limits.idle_timeout / 4).max(Duration::from_millis(50))),
+        idle_timeout: limits.idle_timeout,
+    };
+    let wakes = Wakes::new();
+    let mut streams = FuturesUnordered::new();
+    std::future::poll_fn(|cx| {
+        wakes.poll(cx, |cx, rare| {
+            if rare.is_some_and(|rare| events.poll(&mut close, &mut conn, &activity, rare)) {
+                return Poll::Ready(());
+            }
+            serve_streams(&mut conn, &mut streams, &svc, &activity, cx, &wakes.state)
+        })
+    })
+    .await;
+}
+
+/// What an HTTP/2 connection waits for besides its streams, polled only when one of them woke
+/// it ([`Wakes`]).
+struct Events<K, T, D> {
+    keep_alive: Pin<Box<K>>,
+    first_request: Option<Pin<Box<T>>>,
+    drain: Option<Pin<Box<D>>>,
+    idle: tokio::time::Interval,
+    idle_timeout: Duration,
+}
+
+impl<K, T, D> Events<K, T, D>
+where
+    K: Future<Output = String>,
+    T: Future<Output = ()>,
+    D: Future<Output = ()>,
+{
+    /// Polls each event: true when the connection is to close at once (its peer no longer
+    /// trusted, a keep-alive PING unanswered, no request in time); a drain or the idle timeout
+    /// closes it gracefully (GOAWAY, then the streams in flight finish).
+    fn poll<C, I>(
+        &mut self,
+        close: &mut Pin<&mut C>,
+        conn: &mut h2::server::Connection<I, Bytes>,
+        activity: &Activity,
+        cx: &mut Context<'_>,
+    ) -> bool
+    where
+        C: Future<Output = ()>,
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
+        if close.as_mut().poll(cx).is_ready() {
+            tracing::info!("closing a connection whose peer is no longer trusted");
+            return true;
+        }
+        if let Poll::Ready(why) = self.keep_alive.as_mut().poll(cx) {
+            tracing::debug!(reason = %why, "closing a connection whose client stopped answering");
+            return true;
+        }
+        if let Some(first) = &mut self.first_request {
+            if activity.started.load(Ordering::Acquire) {
+                self.first_request = None;
+            } else if first.as_mut().poll(cx).is_ready() {
+                tracing::debug!("closing a connection that sent no request in time");
+                return true;
+            }
+        }
+        let mut graceful = false;
+        if let Some(drain) = &mut self.drain
+            && drain.as_mut().poll(cx).is_ready()
+        {
+            graceful = true;
+        }
+        if self.drain.is_some() {
+            while self.idle.poll_tick(cx).is_ready() {
+                if activity.idle_for() >= self.idle_timeout {
+                    tracing::debug!("closing an idle connection");
+                    graceful = true;
+                }
+            }
+        }
+        if graceful {
+            // Once: then only the streams in flight are waited for.
+            self.drain = None;
+            conn.graceful_shutdown();
+        }
+        false
+    }
+}
+
+/// A connection task polling, not polling, or polling and woken meanwhile ([`Wakes`]).
+const IDLE: u8 = 0;
+const POLLING: u8 = 1;
+const AGAIN: u8 = 2;
+
+/// How an HTTP/2 connection served by [`connection_h2`] is woken. What the connection and its
+/// streams wait for wakes one waker; the connection's rarer events ([`Events`]) wake another,
+/// which marks them, so that each poll looks at them only when one fired. A wake while the task
+/// is polling does not schedule the task again: the poll goes round once more instead. Each
+/// call's answer queues frames, which wakes the connection, and the same poll then writes them;
+/// without this, every call would cost the task a second, empty poll.
+struct Wakes {
+    state: Arc<AtomicU8>,
+    rare_fired: Arc<AtomicBool>,
+    task: Arc<AtomicWaker>,
+    main: Waker,
+    rare: Waker,
+}
+
+struct MainWake {
+    state: Arc<AtomicU8>,
+    task: Arc<AtomicWaker>,
+}
+
+impl MainWake {
+    fn wake_task(&self) {
+        let mut now = self.state.load(Ordering::Acquire);
+        loop {
+            match now {
+                IDLE => return self.task.wake(),
+                AGAIN => return,
+                _ => match self.state.compare_exchange_weak(
+                    POLLING,
+                    AGAIN,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => return,
+                    Err(actual) => now = actual,
+                },
+            }
+        }
+    }
+}
+
+impl Wake for MainWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_task();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.wake_task();
+    }
+}
+
+struct RareWake {
+    fired: Arc<AtomicBool>,
+    main: MainWake,
+}
+
+impl Wake for RareWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.main.wake_task();
+    }
+}
+
+impl Wakes {
+    fn new() -> Self {
+        let state = Arc::new(AtomicU8::new(IDLE));
+        let task = Arc::new(AtomicWaker::new());
+        // Fired at first, so that every event is polled once and registers.
+        let rare_fired = Arc::new(AtomicBool::new(true));
+        let main = || MainWake {
+            state: state.clone(),
+            task: task.clone(),
+        };
+        Self {
+            main: Waker::from(Arc::new(main())),
+            rare: Waker::from(Arc::new(RareWake {
+                fired: rare_fired.clone(),
+                main: main(),
+            })),
+            state,
+            rare_fired,
+            task,
+        }
+    }
+
+    /// Polls `work` with the connection's waker (and, when an event fired, the events'
+    /// context) until it is ready or nothing woke it meanwhile; a bounded number of rounds, so
+    /// that a busy connection still yields to the other tasks.
+    fn poll(
+        &self,
+        cx: &mut Context<'_>,
+        mut work: impl FnMut(&mut Context<'_>, Option<&mut Context<'_>>) -> Poll<()>,
+    ) -> Poll<()> {
+        self.task.register(cx.waker());
+        self.state.store(POLLING, Ordering::Release);
+        let mut main = Context::from_waker(&self.main);
+        let mut rare = Context::from_waker(&self.rare);
+        for _ in 0..8 {
+            let fired = self.rare_fired.swap(false, Ordering::AcqRel);
+            if work(&mut main, fired.then_some(&mut rare)).is_ready() {
+                return Poll::Ready(());
+            }
+            if !self.rare_fired.load(Ordering::Acquire)
+                && self
+                    .state
+                    .compare_exchange(POLLING, IDLE, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                return Poll::Pending;
+            }
+            self.state.store(POLLING, Ordering::Release);
+        }
+        self.state.store(IDLE, Ordering::Release);
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// Drives an HTTP/2 connection and the calls of its streams: polls the calls that were woken,
+/// takes each new stream's request to `svc`, and starts the new calls. Ready when the
+/// connection has ended (closed, failed, or gracefully done).
+fn serve_streams<I, S>(
+    conn: &mut h2::server::Connection<I, Bytes>,
+    streams: &mut FuturesUnordered<Stream<S::Future>>,
+    svc: &S,
+    activity: &Arc<Activity>,
+    cx: &mut Context<'_>,
+    state: &AtomicU8,
+) -> Poll<()>
+where
+    I: AsyncRead + AsyncWrite + Unpin,
+    S: ConnService<PeerBody>,
+{
+    while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+    // What the calls queued so far (and whatever else woke the connection until now) is
+    // written by the `poll_accept` below: only a wake from here on needs another round.
+    state.store(POLLING, Ordering::Release);
+    loop {
+        match conn.poll_accept(cx) {
+            Poll::Ready(Some(Ok((req, reply)))) => {
+                activity.started.store(true, Ordering::Release);
+                activity.open.fetch_add(1, Ordering::AcqRel);
+                let _guard = InFlight(activity.clone());
+                let call = svc.clone().call(req.map(PeerBody::new));
+                streams.push(Stream {
+                    state: Answer::Call { call, reply },
+                    _guard,
+                });
+            }
+            Poll::Ready(Some(Err(e))) => {
+                tracing::debug!(error = %e, "HTTP/2 connection ended with an error");
+                return Poll::Ready(());
+            }
+            Poll::Ready(None) => return Poll::Ready(()),
+            Poll::Pending => break,
+        }
+    }
+    // The new calls start; what they queue wakes the connection, for another round.
+    while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+    Poll::Pending
+}
+
+/// One HTTP/2 stream's call: the stack's answer, then the answer's body sent to the client. It
+/// counts as in flight until the body is sent.
+struct Stream<F> {
+    state: Answer<F>,
+    _guard: InFlight,
+}
+
+enum Answer<F> {
+    /// The stack is answering.
+    Call {
+        call: F,
+        reply: h2::server::SendResponse<Bytes>,
+    },
+    /// The head is sent; the body follows, one frame at a time.
+    Body {
+        body: BoxBody,
+        send: h2::SendStream<Bytes>,
+        /// A frame read from the body, waiting for the client's window.
+        held: Option<(Bytes, bool)>,
+    },
+}
+
+impl<F> Future for Stream<F>
+where
+    F: Future<Output = Result<Response<BoxBody>, Infallible>> + Unpin,
+{
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = &mut *self;
+        // A panic in one call ends its stream (reset when dropped), not the connection's
+        // other calls: under hyper each stream had a task of its own.
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| this.answer(cx))).unwrap_or_else(
+            |_| {
+                tracing::error!("a request's handling panicked; its stream is reset");
+                Poll::Ready(())
+            },
+        )
+    }
+}
+
+impl<F> Stream<F>
+where
+    F: Future<Output = Result<Response<BoxBody>, Infallible>> + Unpin,
+{
+    fn answer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let (body, send) = match &mut self.state {
+            Answer::Call { call, reply } => {
+                let response = match Pin::new(call).poll(cx) {
+                    Poll::Ready(Ok(response)) => response,
+                    Poll::Ready(Err(never)) => match never {},
+                    Poll::Pending => {
+                        // The client gave up on the call: it is dropped, with what it awaits.
+                        if let Poll::Ready(reason) = reply.poll_reset(cx) {
+                            tracing::debug!(?reason, "a stream was reset before its answer");
+                            return Poll::Ready(());
+                        }
+                        return Poll::Pending;
+                    }
+                };
+                let (mut parts, body) = response.into_parts();
+                crate::pool::strip_connection_headers(&mut parts.headers);
+                let end = body.is_end_stream();
+                if !end
+                    && let Some(len) = body.size_hint().exact()
+                    && !parts.headers.contains_key(CONTENT_LENGTH)
+                {
+                    parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
+                }
+                match reply.send_response(Response::from_parts(parts, ()), end) {
+                    Ok(_) if end => return Poll::Ready(()),
+                    Ok(send) => (body, send),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "cannot send a response head");
+                        reply.send_reset(h2::Reason::INTERNAL_ERROR);
+                        return Poll::Ready(());
+                    }
+                }
+            }
+            Answer::Body { body, send, held } => return pipe(body, send, held, cx),
+        };
+        self.state = Answer::Body {
+            body,
+            send,
+            held: None,
+        };
+        match &mut self.state {
+            Answer::Body { body, send, held } => pipe(body, send, held, cx),
+            Answer::Call { .. } => Poll::Ready(()),
+        }
+    }
+}
+
+/// Sends `body` on `send` as the client's window allows: one frame read ahead at most, so a
+/// slow client holds back a streaming body instead of the proxy buffering it. Ready when the
+/// body is sent, or the stream is reset or fails (then the body is dropped).
+fn pipe(
+    body: &mut BoxBody,
+    send: &mut h2::SendStream<Bytes>,
+    held: &mut Option<(Bytes, bool)>,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    loop {
+        // Registered while the body or the window is awaited, so that a reset wakes the call.
+        if let Poll::Ready(reason) = send.poll_reset(cx) {
+            tracing::debug!(?reason, "a stream was reset while its body was sent");
+            return Poll::Ready(());
+        }
+        if let Some((data, end)) = held.take() {
+            if send.capacity() == 0 {
+                match send.poll_capacity(cx) {
+                    Poll::Pending => {
+                        *held = Some((data, end));
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Some(Ok(_))) => {
+                        *held = Some((data, end));
+                        continue;
+                    }
+                    Poll::Ready(Some(Err(e))) => {
+                        tracing::debug!(error = %e, "a stream's window failed");
+                        return Poll::Ready(());
+                    }
+                    Poll::Ready(None) => return Poll::Ready(()),
+                }
+            }
+            // h2 takes the whole frame and sends it as the window opens.
+            if send.send_data(data, end).is_err() || end {
+                return Poll::Ready(());
+            }
+            continue;
+        }
+        match std::task::ready!(Pin::new(&mut *body).poll_frame(cx)) {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    let end = body.is_end_stream();
+                    if data.is_empty() {
+                        if send.send_data(data, end).is_err() || end {
+                            return Poll::Ready(());
+                        }
+                    } else {
+                        // A claim of one byte: the rest is asked for as the frame is sent.
+                        send.reserve_capacity(1);
+                        *held = Some((data, end));
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        send.reserve_capacity(0);
+                        let _ = send.send_trailers(trailers);
+                        return Poll::Ready(());
+                    }
+                }
+            },
+            Some(Err(e)) => {
+                tracing::debug!(error = %e, "a response body failed; its stream is reset");
+                send.send_reset(h2::Reason::INTERNAL_ERROR);
+                return Poll::Ready(());
+            }
+            None => {
+                let _ = send.send_data(Bytes::new(), true);
+                return Poll::Ready(());
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -638,5 +1129,276 @@ mod tests {
         assert_eq!(a.open.load(Ordering::Acquire), 0);
         std::thread::sleep(Duration::from_millis(20));
         assert!(a.idle_for() >= Duration::from_millis(15));
+    }
+
+    /// The HTTP/2 listener's tests: a real `h2` client on one end of an in-memory pipe,
+    /// [`connection_h2`] on the other, serving the handlers of [`handler`].
+    mod h2_direct {
+        use super::*;
+        use bytes::BytesMut;
+        use http::StatusCode;
+        use http_body_util::{Full, StreamBody};
+        use tokio::sync::{Notify, oneshot};
+        use tokio::task::JoinHandle;
+
+        type Answer = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>>;
+
+        /// Tells `dropped` when the call holding it is dropped.
+        struct DropSignal(Arc<Notify>);
+
+        impl Drop for DropSignal {
+            fn drop(&mut self) {
+                self.0.notify_one();
+            }
+        }
+
+        /// By path: `/echo` answers the request's body, `/big` 3 MiB in 64 KiB frames and a
+        /// trailer, `/slow` after 300 ms, `/hang` never (`dropped` is told when the call is
+        /// dropped), `/panic` panics, anything else answers `ok`.
+        fn handler(dropped: Arc<Notify>) -> impl ConnService<PeerBody> {
+            tower::service_fn(move |req: Request<PeerBody>| -> Answer {
+                let dropped = dropped.clone();
+                Box::pin(async move {
+                    let body = match req.uri().path() {
+                        "/echo" => {
+                            let read = crate::stack::read_body(req.into_body(), 1 << 20).await;
+                            crate::boxed(Full::new(read.unwrap_or_default()))
+                        }
+                        "/big" => {
+                            let mut frames: Vec<Result<http_body::Frame<Bytes>, Infallible>> = (0
+                                ..48u8)
+                                .map(|i| Ok(http_body::Frame::data(Bytes::from(vec![i; 65_536]))))
+                                .collect();
+                            let mut trailers = http::HeaderMap::new();
+                            trailers.insert("x-done", HeaderValue::from_static("yes"));
+                            frames.push(Ok(http_body::Frame::trailers(trailers)));
+                            crate::boxed(StreamBody::new(futures_util::stream::iter(frames)))
+                        }
+                        "/slow" => {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            crate::boxed(Full::new(Bytes::from_static(b"slow")))
+                        }
+                        "/hang" => {
+                            let _signal = DropSignal(dropped);
+                            std::future::pending::<BoxBody>().await
+                        }
+                        "/panic" => panic!("a bug in one call's handling"),
+                        _ => crate::boxed(Full::new(Bytes::from_static(b"ok"))),
+                    };
+                    Ok(Response::new(body))
+                })
+            })
+        }
+
+        /// What the test holds of one served connection.
+        struct Served {
+            sender: h2::client::SendRequest<Bytes>,
+            /// The client's side of the connection: ends when the connection does.
+            client: JoinHandle<Result<(), h2::Error>>,
+            /// The server's [`connection_h2`].
+            server: JoinHandle<()>,
+            drain: watch::Sender<bool>,
+            /// Dropped or sent: the peer is no longer trusted.
+            distrust: oneshot::Sender<()>,
+            dropped: Arc<Notify>,
+        }
+
+        async fn serve(limits: Limits) -> Served {
+            let (client_io, server_io) = tokio::io::duplex(1 << 16);
+            let (drain, drain_rx) = watch::channel(false);
+            let (distrust, distrusted) = oneshot::channel::<()>();
+            let dropped = Arc::new(Notify::new());
+            let server = tokio::spawn(connection_h2(
+                server_io,
+                handler(dropped.clone()),
+                limits,
+                drain_rx,
+                async move {
+                    let _ = distrusted.await;
+                },
+            ));
+            let (sender, connection) = h2::client::handshake(client_io).await.unwrap();
+            Served {
+                sender,
+                client: tokio::spawn(connection),
+                server,
+                drain,
+                distrust,
+                dropped,
+            }
+        }
+
+        fn request(path: &str) -> Request<()> {
+            Request::post(format!("https://provider{path}"))
+                .body(())
+                .unwrap()
+        }
+
+        /// The answer to `path` (with `body`, if any): status, whole body, trailers, and the
+        /// content-length header.
+        async fn call(
+            sender: &h2::client::SendRequest<Bytes>,
+            path: &str,
+            body: Option<&'static [u8]>,
+        ) -> Result<
+            (
+                StatusCode,
+                Bytes,
+                Option<http::HeaderMap>,
+                Option<HeaderValue>,
+            ),
+            h2::Error,
+        > {
+            let mut sender = sender.clone().ready().await?;
+            let (response, mut stream) = sender.send_request(request(path), body.is_none())?;
+            if let Some(body) = body {
+                stream.send_data(Bytes::from_static(body), true)?;
+            }
+            let response = response.await?;
+            let (status, length) = (
+                response.status(),
+                response.headers().get(CONTENT_LENGTH).cloned(),
+            );
+            let mut recv = response.into_body();
+            let mut whole = BytesMut::new();
+            while let Some(data) = recv.data().await {
+                let data = data?;
+                let _ = recv.flow_control().release_capacity(data.len());
+                whole.extend_from_slice(&data);
+            }
+            let trailers = recv.trailers().await?;
+            Ok((status, whole.freeze(), trailers, length))
+        }
+
+        async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
+            tokio::time::timeout(Duration::from_secs(5), f)
+                .await
+                .unwrap_or_else(|_| panic!("{what}: not within 5 s"))
+        }
+
+        #[tokio::test]
+        async fn a_peer_gets_whole_answers_bodies_past_its_window_and_trailers() {
+            let served = serve(Limits::default()).await;
+            let (status, body, _, length) = call(&served.sender, "/echo", Some(b"{\"id\":1}"))
+                .await
+                .unwrap();
+            assert_eq!(status, StatusCode::OK);
+            assert_eq!(&body[..], b"{\"id\":1}");
+            assert_eq!(length.unwrap(), "8");
+            // 3 MiB against the client's 64 KiB window: sent as the client reads.
+            let (_, body, trailers, _) = within("the big body", call(&served.sender, "/big", None))
+                .await
+                .unwrap();
+            assert_eq!(body.len(), 48 * 65_536);
+            assert!(
+                body.chunks(65_536)
+                    .enumerate()
+                    .all(|(i, c)| c.iter().all(|&b| usize::from(b) == i))
+            );
+            assert_eq!(trailers.unwrap()["x-done"], "yes");
+            // Both at once on the one connection.
+            let (a, b) = tokio::join!(
+                call(&served.sender, "/slow", None),
+                call(&served.sender, "/echo", Some(b"second"))
+            );
+            assert_eq!(&a.unwrap().1[..], b"slow");
+            assert_eq!(&b.unwrap().1[..], b"second");
+        }
+
+        #[tokio::test]
+        async fn a_reset_stream_drops_its_call_and_a_panicking_call_spares_the_others() {
+            let served = serve(Limits::default()).await;
+            let mut sender = served.sender.clone().ready().await.unwrap();
+            let (_response, mut stream) = sender.send_request(request("/hang"), true).unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            stream.send_reset(h2::Reason::CANCEL);
+            within("the reset call dropped", served.dropped.notified()).await;
+            // A bug in one call resets its stream; the connection serves the next call.
+            assert!(call(&served.sender, "/panic", None).await.is_err());
+            let (status, body, ..) = call(&served.sender, "/", None).await.unwrap();
+            assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
+            assert!(!served.server.is_finished());
+        }
+
+        #[tokio::test]
+        async fn a_drain_lets_the_call_in_flight_finish_and_closes_the_connection() {
+            let served = serve(Limits::default()).await;
+            let slow = tokio::spawn({
+                let sender = served.sender.clone();
+                async move { call(&sender, "/slow", None).await }
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            served.drain.send(true).unwrap();
+            let (status, body, ..) = within("the call in flight", slow).await.unwrap().unwrap();
+            assert_eq!((status, &body[..]), (StatusCode::OK, &b"slow"[..]));
+            within("the server's close", served.server).await.unwrap();
+            within("the client's close", served.client)
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(call(&served.sender, "/", None).await.is_err());
+        }
+
+        #[tokio::test]
+        async fn an_idle_connection_is_closed_and_the_stream_cap_is_the_listeners() {
+            let limits = Limits {
+                idle_timeout: Duration::from_millis(300),
+                max_streams: 2,
+                ..Limits::default()
+            };
+            let served = serve(limits).await;
+            assert_eq!(
+                call(&served.sender, "/", None).await.unwrap().0,
+                StatusCode::OK
+            );
+            assert_eq!(served.sender.current_max_send_streams(), 2);
+            // Nothing in flight for the idle timeout: closed gracefully, on the server's side.
+            let began = Instant::now();
+            within("the idle close", served.server).await.unwrap();
+            assert!(
+                began.elapsed() >= Duration::from_millis(200),
+                "{:?}",
+                began.elapsed()
+            );
+            within("the client's close", served.client)
+                .await
+                .unwrap()
+                .unwrap();
+        }
+
+        #[tokio::test]
+        async fn a_peer_no_longer_trusted_is_cut_off_with_its_call_in_flight() {
+            let served = serve(Limits::default()).await;
+            let hang = tokio::spawn({
+                let sender = served.sender.clone();
+                async move { call(&sender, "/hang", None).await }
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            served.distrust.send(()).unwrap();
+            within("the server's close", served.server).await.unwrap();
+            within("the call dropped", served.dropped.notified()).await;
+            assert!(within("the call's end", hang).await.unwrap().is_err());
+        }
+
+        #[tokio::test]
+        async fn a_client_that_sends_no_preface_is_closed_at_the_head_deadline() {
+            let (_client_io, server_io) = tokio::io::duplex(1 << 16);
+            let (_drain, drain_rx) = watch::channel(false);
+            let limits = Limits {
+                header_read_timeout: Duration::from_millis(200),
+                ..Limits::default()
+            };
+            let dropped = Arc::new(Notify::new());
+            let began = Instant::now();
+            let served = connection_h2(
+                server_io,
+                handler(dropped),
+                limits,
+                drain_rx,
+                std::future::pending(),
+            );
+            within("the close", served).await;
+            assert!(began.elapsed() >= Duration::from_millis(200));
+        }
     }
 }

@@ -25,6 +25,7 @@ use tower::ServiceBuilder;
 
 use crate::contract::{CALL_PATH, CAPABILITY_HEADER, MAX_REQUEST, PASSTHROUGH_PATH};
 use crate::error::ProxyError;
+use crate::pool::PeerBody;
 use crate::serve::{ConnService, Limits};
 use crate::stack::{
     Either, Handled, Handler, Middleware, Next, ReadBody, RespondLayer, Stage, Terminal, call,
@@ -128,13 +129,13 @@ struct Verify {
     proxy: Arc<Proxy>,
 }
 
-impl<S> Middleware<Request<Incoming>, S> for Verify
+impl<S> Middleware<Request<Body>, S> for Verify
 where
-    S: Next<Request<Incoming>, Response<BoxBody>>,
+    S: Next<Request<Body>, Response<BoxBody>>,
 {
     type Response = Response<BoxBody>;
 
-    fn handle(self, mut req: Request<Incoming>, next: S) -> impl Handled<Response<BoxBody>> {
+    fn handle(self, mut req: Request<Body>, next: S) -> impl Handled<Response<BoxBody>> {
         let proxy = self.proxy;
         let Some(peer) = req.extensions().get::<Arc<Peer>>().cloned() else {
             let e = ProxyError::Internal("a request without its connection".into());
@@ -163,8 +164,13 @@ where
     }
 }
 
+/// A request's body as it arrives: through hyper (HTTP/1, or HTTP/2 without TLS), or on a
+/// stream of an HTTP/2 connection served with `h2` directly (a peer proxy's connection, which
+/// chose HTTP/2 in its TLS handshake; [`crate::serve::connection_h2`]).
+pub type Body = http_body_util::Either<Incoming, PeerBody>;
+
 /// The inbound listener's stack, top to bottom.
-pub fn stack(proxy: &Arc<Proxy>) -> impl Next<Request<Incoming>, Response<BoxBody>> {
+pub fn stack(proxy: &Arc<Proxy>) -> impl Next<Request<Body>, Response<BoxBody>> {
     ServiceBuilder::new()
         // Still trusted (a revocation ends open connections' calls too); the caller named.
         .layer(Stage(Verify {
@@ -247,7 +253,7 @@ async fn connection<S>(
     limits: Limits,
     drain: watch::Receiver<bool>,
 ) where
-    S: ConnService,
+    S: ConnService<Body>,
 {
     let handshakes = &proxy.metrics.tls_handshakes;
     let (io, peer) =
@@ -296,14 +302,33 @@ async fn connection<S>(
         };
     let peer = Arc::new(peer);
     let for_requests = peer.clone();
-    let svc = tower::util::MapRequest::new(svc, move |mut req: Request<Incoming>| {
-        req.extensions_mut().insert(for_requests.clone());
-        req
-    });
     let distrusted = async { peer.distrusted(&proxy).await };
+    let h2 = matches!(&io, Io::Tls(s) if s.get_ref().1.alpn_protocol() == Some(b"h2"));
     match io {
-        Io::Tls(s) => crate::serve::connection_until(s, svc, limits, drain, distrusted).await,
-        Io::Plain(s) => crate::serve::connection_until(s, svc, limits, drain, distrusted).await,
+        // Peer proxies: their pooled HTTP/2 connections, served without a task per stream.
+        Io::Tls(s) if h2 => {
+            let svc = tower::util::MapRequest::new(svc, move |req: Request<PeerBody>| {
+                let mut req = req.map(Body::Right);
+                req.extensions_mut().insert(for_requests.clone());
+                req
+            });
+            crate::serve::connection_h2(s, svc, limits, drain, distrusted).await;
+        }
+        io => {
+            let svc = tower::util::MapRequest::new(svc, move |req: Request<Incoming>| {
+                let mut req = req.map(Body::Left);
+                req.extensions_mut().insert(for_requests.clone());
+                req
+            });
+            match io {
+                Io::Tls(s) => {
+                    crate::serve::connection_until(s, svc, limits, drain, distrusted).await;
+                }
+                Io::Plain(s) => {
+                    crate::serve::connection_until(s, svc, limits, drain, distrusted).await;
+                }
+            }
+        }
     }
 }
 
