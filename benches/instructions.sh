@@ -93,7 +93,9 @@ taskset -c 0 "$dir/capmesh-bench" load --url "$entry" --rate 100 --warmup 1 --du
 callgrind_control -i off "$vgpid" >/dev/null 2>&1
 callgrind_control -d "$vgpid" >/dev/null 2>&1
 for _ in $(seq 100); do compgen -G "$out.*" >/dev/null && break; sleep 0.1; done
-keep=target/instructions-$path$([ "$agent" = echo ] && echo -provider).callgrind
+suffix=
+if [ "$agent" = echo ]; then suffix=-provider; fi
+keep=target/instructions-$path$suffix.callgrind
 mkdir -p target
 cp "$(compgen -G "$out.*" | tail -1)" "$keep"
 python3 - "$keep" "$work/load.json" <<'PY'

@@ -53,6 +53,11 @@ pub use config::Config;
 
 /// Errors a body may carry.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A map looked up on every call by keys the control plane gave (endpoint ids, capabilities,
+/// peer addresses): foldhash, seeded per process, instead of SipHash, which cost about a
+/// thousand instructions per call (benches/RESULTS.md, "Instructions per call").
+pub type FastMap<K, V> = std::collections::HashMap<K, V, foldhash::fast::RandomState>;
+
 /// The body type used on every hop.
 pub type BoxBody = http_body_util::combinators::BoxBody<Bytes, BoxError>;
 

@@ -208,7 +208,7 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
 const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
 
 type Slot = Arc<tokio::sync::Mutex<Option<Conn>>>;
-type Slots = HashMap<String, HashMap<String, Slot>>;
+type Slots = crate::FastMap<String, crate::FastMap<String, Slot>>;
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
@@ -514,6 +514,8 @@ pub(crate) async fn keep_alive(pings: Option<h2::PingPong>) -> String {
 pub struct PeerBody {
     recv: h2::RecvStream,
     data_done: bool,
+    /// The endpoint that answered, once the balancer has named it.
+    served: Option<Arc<capmesh_api::Endpoint>>,
 }
 
 impl PeerBody {
@@ -522,7 +524,19 @@ impl PeerBody {
         Self {
             recv,
             data_done: false,
+            served: None,
         }
+    }
+
+    /// Which endpoint served this response, as the balancer recorded it
+    /// ([`crate::forward::Balance`]). Kept in the body rather than in the response's
+    /// extensions, which would cost two allocations on every call.
+    pub fn served(&self) -> Option<&Arc<capmesh_api::Endpoint>> {
+        self.served.as_ref()
+    }
+
+    pub(crate) fn set_served(&mut self, endpoint: Arc<capmesh_api::Endpoint>) {
+        self.served = Some(endpoint);
     }
 }
 

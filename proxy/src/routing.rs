@@ -1,7 +1,7 @@
 //! The routing table: an immutable view built from each snapshot, swapped in atomically, plus
 //! the per-endpoint runtime state (latency, breaker) that survives from one table to the next.
 
-use std::collections::HashMap;
+use crate::FastMap;
 use std::sync::Arc;
 
 use capmesh_api::{
@@ -60,8 +60,8 @@ impl ToolEntry {
 pub struct Routing {
     /// The snapshot as received.
     pub snapshot: Option<Arc<Snapshot>>,
-    endpoints: HashMap<Capability, Vec<Arc<Endpoint>>>,
-    stats: HashMap<EndpointId, Arc<EndpointStats>>,
+    endpoints: FastMap<Capability, Vec<Arc<Endpoint>>>,
+    stats: FastMap<EndpointId, Arc<EndpointStats>>,
     /// The federated endpoint's tools, sorted by name.
     pub tools: Arc<Vec<ToolEntry>>,
     /// The mesh's sealing key from the snapshot's settings, ready to use (its key schedule is
@@ -79,8 +79,8 @@ impl Routing {
         previous: &Routing,
         breaker: BreakerConfig,
     ) -> Self {
-        let mut endpoints: HashMap<Capability, Vec<Arc<Endpoint>>> = HashMap::new();
-        let mut stats = HashMap::new();
+        let mut endpoints: FastMap<Capability, Vec<Arc<Endpoint>>> = FastMap::default();
+        let mut stats = FastMap::default();
         for ep in &snapshot.endpoints {
             let s = previous
                 .stats

@@ -26,10 +26,6 @@ pub struct Attempt {
     pub endpoint: Arc<Endpoint>,
 }
 
-/// Which endpoint served a response (a response extension).
-#[derive(Debug, Clone)]
-pub struct Served(pub Arc<Endpoint>);
-
 /// See the module docs.
 #[derive(Debug, Clone)]
 pub struct Balance {
@@ -132,7 +128,7 @@ where
                         req.attempts
                             .failed(format!("{} answered 503", endpoint.identity));
                     }
-                    resp.extensions_mut().insert(Served(endpoint));
+                    resp.body_mut().set_served(endpoint);
                     Ok(resp)
                 }
                 Err(e) => {

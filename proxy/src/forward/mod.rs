@@ -24,7 +24,7 @@ use http::{HeaderMap, Method, Response};
 use serde_json::Value;
 use tower::ServiceBuilder;
 
-pub use self::balance::{Balance, Served};
+pub use self::balance::Balance;
 pub use self::deadline::Deadline;
 pub use self::observe::Observe;
 pub use self::peer::PeerClient;

@@ -25,7 +25,7 @@ use super::tool_call::{call_timeout, seal_request_state, sealer};
 use crate::balance::rank;
 use crate::contract::{MAX_RESPONSE, MESH_HEADER_PREFIX, SERVED_BY_HEADER};
 use crate::error::ProxyError;
-use crate::forward::{Attempts, Call, CallSpec, Served, Target, Upstream};
+use crate::forward::{Attempts, Call, CallSpec, Target, Upstream};
 use crate::headers::is_hop_by_hop;
 use crate::mcp::classify;
 use crate::mcp::inspect::inspect;
@@ -284,7 +284,7 @@ fn restore_state(
 /// Streams the provider's response back: the session id sealed, a 2026-07-28
 /// `input_required` `requestState` sealed with its instance.
 async fn relay(resp: Response<PeerBody>, plan: &Plan) -> Result<Response<BoxBody>, ProxyError> {
-    let Some(Served(ep)) = resp.extensions().get::<Served>().cloned() else {
+    let Some(ep) = resp.body().served().cloned() else {
         return Err(ProxyError::Internal(
             "a response without its endpoint".into(),
         ));

@@ -18,7 +18,7 @@ use serde_json::{Value, json};
 use super::federated::Mcp;
 use crate::contract::{MAX_RESPONSE, SERVED_BY_HEADER, TIMEOUT_HEADER};
 use crate::error::ProxyError;
-use crate::forward::{Attempts, Call, CallSpec, Served, Target, Upstream};
+use crate::forward::{Attempts, Call, CallSpec, Target, Upstream};
 use crate::mcp::classify::{Classified, Generation};
 use crate::mcp::jsonrpc::Id;
 use crate::mcp::relay::{CutFn, EventFn, MapEvents};
@@ -202,7 +202,7 @@ async fn relay(
     classified: &Asked,
     upstream_id: &Value,
 ) -> Result<Response<BoxBody>, ProxyError> {
-    let Some(Served(ep)) = resp.extensions().get::<Served>().cloned() else {
+    let Some(ep) = resp.body().served().cloned() else {
         return Err(ProxyError::Internal(
             "a response without its endpoint".into(),
         ));

@@ -30,7 +30,7 @@ use tower::ServiceBuilder;
 use super::passthrough::is_safe;
 use super::tool_call::call_timeout;
 use crate::contract::SERVED_BY_HEADER;
-use crate::forward::{self, Attempts, Call, CallSpec, Served, Target, Upstream};
+use crate::forward::{self, Attempts, Call, CallSpec, Target, Upstream};
 use crate::headers::is_hop_by_hop;
 use crate::pool::PeerBody;
 use crate::routing::Routing;
@@ -338,7 +338,7 @@ fn request_host<B>(req: &Request<B>) -> Option<String> {
 }
 
 fn stream_back(resp: Response<PeerBody>) -> Response<BoxBody> {
-    let served = resp.extensions().get::<Served>().cloned();
+    let served = resp.body().served().cloned();
     let (parts, body) = resp.into_parts();
     let mut out = Response::new(boxed(body));
     *out.status_mut() = parts.status;
@@ -348,7 +348,7 @@ fn stream_back(resp: Response<PeerBody>) -> Response<BoxBody> {
             h.append(name.clone(), value.clone());
         }
     }
-    if let Some(Served(ep)) = served
+    if let Some(ep) = served
         && let Some(v) = crate::headers::served_by(&ep)
     {
         h.insert(SERVED_BY_HEADER, v);

@@ -17,7 +17,7 @@ use serde_json::Value;
 use super::{HOP, Span};
 use crate::contract::{CAPABILITY_HEADER, SERVED_BY_HEADER};
 use crate::error::ProxyError;
-use crate::forward::{Call, Served};
+use crate::forward::Call;
 use crate::outbound::federated::Mcp;
 use crate::pool::PeerBody;
 use crate::stack::{Either, Handled, Middleware, Next, call};
@@ -229,7 +229,7 @@ where
             span.set("capmesh.retries", tried.len().saturating_sub(1) as i64);
             match &result {
                 Ok(resp) => {
-                    if let Some(Served(ep)) = resp.extensions().get::<Served>() {
+                    if let Some(ep) = resp.body().served() {
                         span.set("capmesh.provider", ep.identity.as_str());
                         span.set("capmesh.instance", ep.instance.as_str());
                         span.set("capmesh.provider.function", ep.function.as_str());
