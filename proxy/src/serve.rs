@@ -598,6 +598,7 @@ pub async fn connection_until<I, S>(
 mod h2_settings {
     /// Receive window of each stream and of the connection.
     pub const WINDOW: u32 = 1024 * 1024;
+    /// The largest frame the client may send.
     pub const MAX_FRAME: u32 = 16 * 1024;
     /// The most header bytes one request may carry.
     pub const MAX_HEADER_LIST: u32 = 16 * 1024;
