@@ -1241,15 +1241,7 @@ mod tests {
             sender: &h2::client::SendRequest<Bytes>,
             path: &str,
             body: Option<&'static [u8]>,
-        ) -> Result<
-            (
-                StatusCode,
-                Bytes,
-                Option<http::HeaderMap>,
-                Option<HeaderValue>,
-            ),
-            h2::Error,
-        > {
+        ) -> Result<Answered, h2::Error> {
             let mut sender = sender.clone().ready().await?;
             let (response, mut stream) = sender.send_request(request(path), body.is_none())?;
             if let Some(body) = body {
@@ -1269,6 +1261,25 @@ mod tests {
             }
             let trailers = recv.trailers().await?;
             Ok((status, whole.freeze(), trailers, length))
+        }
+
+        /// Status, whole body, trailers and content-length of an answer.
+        type Answered = (
+            StatusCode,
+            Bytes,
+            Option<http::HeaderMap>,
+            Option<HeaderValue>,
+        );
+
+        /// A call to `path` on a task of its own, given 50 ms to reach the server.
+        async fn in_flight(
+            served: &Served,
+            path: &'static str,
+        ) -> JoinHandle<Result<Answered, h2::Error>> {
+            let sender = served.sender.clone();
+            let call = tokio::spawn(async move { call(&sender, path, None).await });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            call
         }
 
         async fn within<T>(what: &str, f: impl Future<Output = T>) -> T {
@@ -1324,11 +1335,7 @@ mod tests {
         #[tokio::test]
         async fn a_drain_lets_the_call_in_flight_finish_and_closes_the_connection() {
             let served = serve(Limits::default()).await;
-            let slow = tokio::spawn({
-                let sender = served.sender.clone();
-                async move { call(&sender, "/slow", None).await }
-            });
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            let slow = in_flight(&served, "/slow").await;
             served.drain.send(true).unwrap();
             let (status, body, ..) = within("the call in flight", slow).await.unwrap().unwrap();
             assert_eq!((status, &body[..]), (StatusCode::OK, &b"slow"[..]));
@@ -1370,11 +1377,7 @@ mod tests {
         #[tokio::test]
         async fn a_peer_no_longer_trusted_is_cut_off_with_its_call_in_flight() {
             let served = serve(Limits::default()).await;
-            let hang = tokio::spawn({
-                let sender = served.sender.clone();
-                async move { call(&sender, "/hang", None).await }
-            });
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            let hang = in_flight(&served, "/hang").await;
             served.distrust.send(()).unwrap();
             within("the server's close", served.server).await.unwrap();
             within("the call dropped", served.dropped.notified()).await;
