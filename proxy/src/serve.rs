@@ -58,6 +58,13 @@ pub struct Limits {
     pub close_silent: bool,
 }
 
+impl Limits {
+    /// How often a connection checks whether it has idled past [`Limits::idle_timeout`].
+    fn idle_check(&self) -> Duration {
+        (self.idle_timeout / 4).max(Duration::from_millis(50))
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self {
@@ -555,7 +562,7 @@ pub async fn connection_until<I, S>(
     if closing {
         conn.as_mut().graceful_shutdown();
     }
-    let check = (limits.idle_timeout / 4).max(Duration::from_millis(50));
+    let check = limits.idle_check();
     // Where `close_silent` is set, a client that opens a connection and sends nothing is
     // closed like a slow one (HTTP/1's head deadline only starts with the first byte).
     let first_request = tokio::time::sleep(limits.header_read_timeout);
@@ -658,7 +665,7 @@ pub async fn connection_h2<I, S>(
             // Drained, or the proxy is going away.
             let _ = drain.wait_for(|&drained| drained).await;
         })),
-        idle: tokio::time::interval((limits.idle_timeout / 4).max(Duration::from_millis(50))),
+        idle: tokio::time::interval(limits.idle_check()),
         idle_timeout: limits.idle_timeout,
     };
     let wakes = Wakes::new();
@@ -959,48 +966,46 @@ where
     F: Future<Output = Result<Response<BoxBody>, Infallible>> + Unpin,
 {
     fn answer(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let (body, send) = match &mut self.state {
-            Answer::Call { call, reply } => {
-                let response = match Pin::new(call).poll(cx) {
-                    Poll::Ready(Ok(response)) => response,
-                    Poll::Ready(Err(never)) => match never {},
-                    Poll::Pending => {
-                        // The client gave up on the call: it is dropped, with what it awaits.
-                        if let Poll::Ready(reason) = reply.poll_reset(cx) {
-                            tracing::debug!(?reason, "a stream was reset before its answer");
-                            return Poll::Ready(());
-                        }
-                        return Poll::Pending;
-                    }
-                };
-                let (mut parts, body) = response.into_parts();
-                crate::pool::strip_connection_headers(&mut parts.headers);
-                let end = body.is_end_stream();
-                if !end
-                    && let Some(len) = body.size_hint().exact()
-                    && !parts.headers.contains_key(CONTENT_LENGTH)
-                {
-                    parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
-                }
-                match reply.send_response(Response::from_parts(parts, ()), end) {
-                    Ok(_) if end => return Poll::Ready(()),
-                    Ok(send) => (body, send),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "cannot send a response head");
-                        reply.send_reset(h2::Reason::INTERNAL_ERROR);
+        if let Answer::Call { call, reply } = &mut self.state {
+            let response = match Pin::new(call).poll(cx) {
+                Poll::Ready(Ok(response)) => response,
+                Poll::Ready(Err(never)) => match never {},
+                Poll::Pending => {
+                    // The client gave up on the call: it is dropped, with what it awaits.
+                    if let Poll::Ready(reason) = reply.poll_reset(cx) {
+                        tracing::debug!(?reason, "a stream was reset before its answer");
                         return Poll::Ready(());
                     }
+                    return Poll::Pending;
                 }
+            };
+            let (mut parts, body) = response.into_parts();
+            crate::pool::strip_connection_headers(&mut parts.headers);
+            let end = body.is_end_stream();
+            if !end
+                && let Some(len) = body.size_hint().exact()
+                && !parts.headers.contains_key(CONTENT_LENGTH)
+            {
+                parts.headers.insert(CONTENT_LENGTH, HeaderValue::from(len));
             }
-            Answer::Body { body, send, held } => return pipe(body, send, held, cx),
-        };
-        self.state = Answer::Body {
-            body,
-            send,
-            held: None,
-        };
+            let send = match reply.send_response(Response::from_parts(parts, ()), end) {
+                Ok(_) if end => return Poll::Ready(()),
+                Ok(send) => send,
+                Err(e) => {
+                    tracing::debug!(error = %e, "cannot send a response head");
+                    reply.send_reset(h2::Reason::INTERNAL_ERROR);
+                    return Poll::Ready(());
+                }
+            };
+            self.state = Answer::Body {
+                body,
+                send,
+                held: None,
+            };
+        }
         match &mut self.state {
             Answer::Body { body, send, held } => pipe(body, send, held, cx),
+            // Not reached: the call answered above, or this returned.
             Answer::Call { .. } => Poll::Ready(()),
         }
     }
