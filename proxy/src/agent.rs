@@ -11,17 +11,14 @@ use anyhow::{Context, bail};
 use bytes::Bytes;
 use capmesh_api::{Capability, CapabilityOverride, Registration, ToolSpec};
 use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use http_body_util::{BodyExt, Limited};
 use serde_json::{Value, json};
 use tokio::sync::{Mutex, watch};
 
+use crate::agent_http::{self, Client};
 use crate::mcp::jsonrpc::Id;
 use crate::mcp::sse::find_response;
 use crate::readiness::{Condition, Readiness, StartupWait};
-use crate::{BoxBody, boxed};
 
 /// The newest session-based protocol version the proxy speaks to agents.
 pub const LEGACY_VERSION: &str = "2025-11-25";
@@ -63,8 +60,8 @@ pub struct AgentTool {
 pub struct Agent {
     url: Uri,
     authority: HeaderValue,
-    /// One client (and so one pool of connections) per worker thread ([`crate::workers`]).
-    clients: Box<[Client<HttpConnector, BoxBody>]>,
+    /// The agent's connections, kept per worker thread ([`crate::workers`]).
+    client: Arc<Client>,
     session: Mutex<Option<AgentSession>>,
 }
 
@@ -83,18 +80,13 @@ impl Agent {
             .authority()
             .map(|a| a.as_str().to_owned())
             .with_context(|| format!("--agent-url {url:?} has no host:port"))?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(Duration::from_secs(1)));
-        let clients = crate::workers::per_worker(workers, |_| {
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(Duration::from_secs(60))
-                .build(connector.clone())
-        });
+        let port = uri.port_u16().unwrap_or(80);
+        let host = uri.host().unwrap_or_default();
+        let client = Arc::new(Client::new(format!("{host}:{port}"), workers));
         Ok(Self {
             authority: HeaderValue::from_str(&authority)?,
             url: uri,
-            clients,
+            client,
             session: Mutex::new(None),
         })
     }
@@ -114,17 +106,20 @@ impl Agent {
         Ok(format!("http://{}{}", self.authority.to_str()?, path_and_query).parse()?)
     }
 
-    /// Sends a request to the agent as is. The future is hyper-util's, which holds its own
-    /// work boxed: a caller keeps a pointer, not the request.
-    pub fn send(&self, req: Request<BoxBody>) -> hyper_util::client::legacy::ResponseFuture {
-        crate::workers::mine(&self.clients).request(req)
+    /// Sends a request to the agent as is; the answer's body streams from the connection.
+    pub fn send(
+        &self,
+        req: Request<Bytes>,
+    ) -> impl Future<Output = Result<http::Response<agent_http::Body>, agent_http::Error>> + Send + use<>
+    {
+        self.client.send(req)
     }
 
     fn rpc_request(
         &self,
         session: Option<&AgentSession>,
         body: &Value,
-    ) -> anyhow::Result<Request<BoxBody>> {
+    ) -> anyhow::Result<Request<Bytes>> {
         let mut req = Request::builder()
             .method(Method::POST)
             .uri(self.url.clone())
@@ -142,7 +137,7 @@ impl Agent {
                 req = req.header("mcp-method", method);
             }
         }
-        Ok(req.body(boxed(Full::new(Bytes::from(serde_json::to_vec(body)?))))?)
+        Ok(req.body(Bytes::from(serde_json::to_vec(body)?))?)
     }
 
     async fn call(
@@ -386,8 +381,8 @@ impl RegistrationTemplate {
 /// Whether `e` is "nothing accepts connections at the agent's address" (yet).
 fn nothing_listening(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        c.downcast_ref::<hyper_util::client::legacy::Error>()
-            .is_some_and(hyper_util::client::legacy::Error::is_connect)
+        c.downcast_ref::<agent_http::Error>()
+            .is_some_and(agent_http::Error::is_connect)
     })
 }
 

@@ -11,6 +11,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod agent_http;
 pub mod backoff;
 pub mod balance;
 pub mod breaker;

@@ -14,7 +14,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
-use http_body_util::Full;
 use serde_json::Value;
 
 use super::authorize::Inspection;
@@ -331,7 +330,7 @@ impl Handler<Request<Bytes>> for AgentClient {
             _ => agent.url().clone(),
         };
         let (parts, body) = req.into_parts();
-        let mut out = Request::new(boxed(Full::new(body)));
+        let mut out = Request::new(body);
         *out.method_mut() = parts.method;
         *out.uri_mut() = uri;
         *out.headers_mut() = agent_headers(&parts.headers, &caller, agent);
