@@ -196,6 +196,36 @@ fn verdict(ok: bool) -> &'static str {
     if ok { "met" } else { "**missed**" }
 }
 
+/// The added-latency budget (capmesh adds at most 0.8 × what nginx adds), judged only where
+/// nginx adds something: when the direct path's percentile came out above nginx's (noise at
+/// a tail), the ratio of two negative figures says nothing either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Added {
+    Met,
+    Missed,
+    NoReading,
+}
+
+impl Added {
+    fn text(self) -> &'static str {
+        match self {
+            Self::Met => "met",
+            Self::Missed => "**missed**",
+            Self::NoReading => "no reading",
+        }
+    }
+}
+
+fn added_verdict(capmesh_adds: f64, nginx_adds: f64) -> Added {
+    if nginx_adds <= 0.0 {
+        Added::NoReading
+    } else if capmesh_adds <= 0.8 * nginx_adds {
+        Added::Met
+    } else {
+        Added::Missed
+    }
+}
+
 const PATHS: [&str; 4] = ["direct", "capmesh", "nginx", "haproxy"];
 
 fn latency_table(out: &mut String, d: &Data, setup: Setup, proto: Proto, loads: &[&str]) {
@@ -283,9 +313,13 @@ pub fn render(inputs: &[PathBuf]) -> Result<String> {
                 ("p99", |c: &Cell| c.p99),
             ] {
                 let (a, n, h) = (f(cm) - f(dir), f(ng) - f(dir), f(ha) - f(dir));
-                let ok = a <= 0.8 * n;
-                if !ok {
-                    missed.push(format!("added latency {name} at {load} req/s"));
+                let judged = added_verdict(a, n);
+                match judged {
+                    Added::Met => {}
+                    Added::Missed => missed.push(format!("added latency {name} at {load} req/s")),
+                    Added::NoReading => missed.push(format!(
+                        "added latency {name} at {load} req/s (no reading: the direct path's {name} was above nginx's)"
+                    )),
                 }
                 let _ = writeln!(
                     out,
@@ -293,9 +327,13 @@ pub fn render(inputs: &[PathBuf]) -> Result<String> {
                     ms(a),
                     ms(n),
                     ms(h),
-                    ratio(a, n),
+                    if judged == Added::NoReading {
+                        "–".into()
+                    } else {
+                        ratio(a, n)
+                    },
                     ratio(a, h),
-                    verdict(ok)
+                    judged.text()
                 );
             }
         }
@@ -534,7 +572,16 @@ pub fn render(inputs: &[PathBuf]) -> Result<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::median;
+    use super::{Added, added_verdict, median};
+
+    #[test]
+    fn added_latency_is_judged_only_where_nginx_adds_some() {
+        assert_eq!(added_verdict(0.10, 0.15), Added::Met);
+        assert_eq!(added_verdict(0.25, 0.15), Added::Missed);
+        // The run of 2026-12-07 19:44: the direct path's p99 above every proxy's.
+        assert_eq!(added_verdict(-0.470, -0.161), Added::NoReading);
+        assert_eq!(added_verdict(0.1, 0.0), Added::NoReading);
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {
