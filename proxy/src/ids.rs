@@ -96,6 +96,27 @@ pub fn hex_into(bytes: &[u8], out: &mut [u8]) {
     }
 }
 
+/// `N` bytes from exactly `2 × N` hex digits (either case); `None` for anything else. The
+/// reverse of [`hex_into`].
+pub fn hex_from<const N: usize>(digits: &[u8]) -> Option<[u8; N]> {
+    fn nibble(d: u8) -> Option<u8> {
+        match d {
+            b'0'..=b'9' => Some(d - b'0'),
+            b'a'..=b'f' => Some(d - b'a' + 10),
+            b'A'..=b'F' => Some(d - b'A' + 10),
+            _ => None,
+        }
+    }
+    if digits.len() != 2 * N {
+        return None;
+    }
+    let mut out = [0u8; N];
+    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
+        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,6 +147,17 @@ mod tests {
             .join()
             .unwrap_or_default();
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn hex_from_reads_exactly_two_digits_a_byte() {
+        let mut digits = [0u8; 8];
+        hex_into(&[0x00, 0xab, 0x7f, 0xff], &mut digits);
+        assert_eq!(hex_from::<4>(&digits), Some([0x00, 0xab, 0x7f, 0xff]));
+        assert_eq!(hex_from::<2>(b"AbcD"), Some([0xab, 0xcd]));
+        for bad in [&b"abc"[..], b"abcdef", b"+1ab", b"g0ab", b" 1ab"] {
+            assert_eq!(hex_from::<2>(bad), None, "{bad:?}");
+        }
     }
 
     #[test]

@@ -48,13 +48,8 @@ impl std::fmt::Debug for Sealer {
 impl Sealer {
     /// From the mesh settings' hex key (32 bytes); `None` when absent or malformed.
     pub fn from_hex(hex: &str) -> Option<Self> {
-        if hex.len() != 64 {
-            return None;
-        }
-        let bytes: Option<Vec<u8>> = (0..32)
-            .map(|i| u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok())
-            .collect();
-        let key = UnboundKey::new(&CHACHA20_POLY1305, &bytes?).ok()?;
+        let bytes = crate::ids::hex_from::<32>(hex.as_bytes())?;
+        let key = UnboundKey::new(&CHACHA20_POLY1305, &bytes).ok()?;
         Some(Self {
             key: std::sync::Arc::new(LessSafeKey::new(key)),
         })

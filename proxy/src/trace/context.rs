@@ -30,14 +30,14 @@ pub fn parent(headers: &HeaderMap) -> Option<Parent> {
     let mut parts = value.split(|&b| b == b'-');
     let (version, trace, span, flags) =
         (parts.next()?, parts.next()?, parts.next()?, parts.next()?);
-    let [version] = hex::<1>(version)?;
-    let [flags] = hex::<1>(flags)?;
+    let [version] = crate::ids::hex_from::<1>(version)?;
+    let [flags] = crate::ids::hex_from::<1>(flags)?;
     // Version 00 has exactly four fields; later versions may append more.
     if version == 0xff || (version == 0 && parts.next().is_some()) {
         return None;
     }
-    let trace_id = TraceId::from_bytes(hex::<16>(trace)?);
-    let span_id = SpanId::from_bytes(hex::<8>(span)?);
+    let trace_id = TraceId::from_bytes(crate::ids::hex_from::<16>(trace)?);
+    let span_id = SpanId::from_bytes(crate::ids::hex_from::<8>(span)?);
     if trace_id == TraceId::INVALID || span_id == SpanId::INVALID {
         return None;
     }
@@ -46,26 +46,6 @@ pub fn parent(headers: &HeaderMap) -> Option<Parent> {
         span_id,
         sampled: flags & 1 == 1,
     })
-}
-
-/// `N` bytes from exactly `2 × N` hex digits (either case).
-fn hex<const N: usize>(digits: &[u8]) -> Option<[u8; N]> {
-    fn nibble(d: u8) -> Option<u8> {
-        match d {
-            b'0'..=b'9' => Some(d - b'0'),
-            b'a'..=b'f' => Some(d - b'a' + 10),
-            b'A'..=b'F' => Some(d - b'A' + 10),
-            _ => None,
-        }
-    }
-    if digits.len() != 2 * N {
-        return None;
-    }
-    let mut out = [0u8; N];
-    for (byte, pair) in out.iter_mut().zip(digits.chunks_exact(2)) {
-        *byte = (nibble(pair[0])? << 4) | nibble(pair[1])?;
-    }
-    Some(out)
 }
 
 /// The `traceparent` value naming `span_id` of `trace_id` as the parent of the next hop.
