@@ -248,25 +248,3 @@ pub async fn watch_files(
         }
     }
 }
-
-/// Runs `connection` (one peer's connection, served or dialled) while the peer's certificate
-/// chain stays trusted: when a trust change refuses it (its identity, serial or entity revoked)
-/// or its certificate expires, the connection is dropped, which closes it, and `None` is
-/// returned. A plaintext peer (empty chain) is never cut off here.
-///
-/// The peer pool runs each connection it opens inside this (`PeerRole::Server`); inbound
-/// connections race `TrustStore::until_refused` the same way (`inbound::Peer::distrusted`).
-pub async fn while_trusted<F: std::future::Future>(
-    trust: &TrustStore,
-    chain: &[rustls::pki_types::CertificateDer<'static>],
-    role: capmesh_certs::PeerRole,
-    connection: F,
-) -> Option<F::Output> {
-    tokio::select! {
-        out = connection => Some(out),
-        refusal = trust.until_refused(chain, role) => {
-            tracing::info!(reason = %refusal, "closing a connection: the peer's certificate is no longer trusted");
-            None
-        }
-    }
-}

@@ -35,6 +35,7 @@ pub mod seal;
 pub mod serve;
 pub mod stack;
 pub mod trace;
+mod wakes;
 pub mod workers;
 
 use std::sync::Arc;

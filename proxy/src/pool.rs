@@ -22,8 +22,11 @@ use http::header::{
 };
 use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame};
+use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::wakes::Wakes;
 
 /// Why a request to a peer got no response headers. [`PeerError::may_have_reached`] tells
 /// whether the peer can have processed it: only [`PeerError::Reset`] may have.
@@ -319,21 +322,10 @@ impl PeerPool {
             let peer = addr.to_owned();
             let (trust, chain) = (self.trust.clone(), server_chain);
             let ended = closed.clone();
-            // Boxed as a plain `Send` future: rustc cannot prove the connection `Send` through
-            // the generic select otherwise.
-            let conn: std::pin::Pin<Box<dyn Future<Output = Result<(), String>> + Send>> =
-                Box::pin(async move {
-                    tokio::select! {
-                        done = &mut connection => done.map_err(|e| e.to_string()),
-                        silent = keep_alive(pings) => Err(silent),
-                    }
-                });
             tokio::spawn(async move {
-                // A provider revoked (or expired) while pooled: its connection closes.
-                let role = capmesh_certs::PeerRole::Server;
-                let outcome = crate::identity::while_trusted(&trust, &chain, role, conn).await;
+                let outcome = drive(connection, pings, &trust, &chain).await;
                 ended.store(true, Ordering::Release);
-                if let Some(Err(e)) = outcome {
+                if let Err(e) = outcome {
                     tracing::debug!(peer = %peer, error = %e, "peer connection ended");
                 }
             });
@@ -482,6 +474,46 @@ pub(crate) fn strip_connection_headers(headers: &mut HeaderMap) {
     if headers.get(TE).is_some_and(|te| te != "trailers") {
         headers.remove(TE);
     }
+}
+
+/// Drives a connection to a peer until it ends: closed, failed (the error), a keep-alive PING
+/// unanswered (why), or the peer's certificate no longer trusted (revoked, or expired while
+/// pooled; logged, and `Ok`). Dropping the connection closes it. The PINGs and the trust are
+/// polled only when one of them woke the task ([`Wakes`]), not on each of the connection's
+/// wakes, which come several times a call. A plaintext peer (empty chain) is never cut off.
+async fn drive<T>(
+    mut connection: h2::client::Connection<T, Bytes>,
+    pings: Option<h2::PingPong>,
+    trust: &TrustStore,
+    chain: &[CertificateDer<'static>],
+) -> Result<(), String>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let keep_alive = keep_alive(pings);
+    let refused = trust.until_refused(chain, capmesh_certs::PeerRole::Server);
+    tokio::pin!(keep_alive, refused);
+    let mut outcome = Ok(());
+    let wakes = Wakes::new();
+    std::future::poll_fn(|cx| {
+        wakes.poll(cx, |cx, rare| {
+            if let Some(rare) = rare {
+                if let Poll::Ready(refusal) = refused.as_mut().poll(rare) {
+                    tracing::info!(reason = %refusal, "closing a connection: the peer's certificate is no longer trusted");
+                    return Poll::Ready(());
+                }
+                if let Poll::Ready(silent) = keep_alive.as_mut().poll(rare) {
+                    outcome = Err(silent);
+                    return Poll::Ready(());
+                }
+            }
+            Pin::new(&mut connection).poll(cx).map(|done| {
+                outcome = done.map_err(|e| e.to_string());
+            })
+        })
+    })
+    .await;
+    outcome
 }
 
 /// Pings the peer every [`KEEP_ALIVE`]; returns (why) when an answer does not come within

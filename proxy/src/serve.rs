@@ -16,14 +16,13 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::task::{Context, Poll, Wake, Waker};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
-use futures_util::task::AtomicWaker;
 use http::header::{CONTENT_LENGTH, HeaderValue};
 use http::{Request, Response};
 use http_body::Body;
@@ -38,6 +37,7 @@ use tower::Service;
 
 use crate::BoxBody;
 use crate::pool::PeerBody;
+use crate::wakes::Wakes;
 
 /// What a listener allows each client.
 #[derive(Debug, Clone, Copy)]
@@ -534,7 +534,7 @@ pub async fn connection_until<I, S>(
     io: I,
     svc: S,
     limits: Limits,
-    mut drain: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
     close: impl Future<Output = ()> + Send,
 ) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -557,47 +557,33 @@ pub async fn connection_until<I, S>(
         .keep_alive_interval(Some(Duration::from_secs(10)))
         .keep_alive_timeout(Duration::from_secs(20));
     let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
-    tokio::pin!(conn);
-    let mut closing = *drain.borrow();
-    if closing {
-        conn.as_mut().graceful_shutdown();
-    }
-    let check = limits.idle_check();
-    // Where `close_silent` is set, a client that opens a connection and sends nothing is
-    // closed like a slow one (HTTP/1's head deadline only starts with the first byte).
-    let first_request = tokio::time::sleep(limits.header_read_timeout);
-    tokio::pin!(close, first_request);
-    loop {
-        tokio::select! {
-            () = &mut close => {
-                tracing::info!("closing a connection whose peer is no longer trusted");
-                return;
+    tokio::pin!(conn, close);
+    // hyper pings an HTTP/2 client itself. Where `close_silent` is set, a client that opens a
+    // connection and sends nothing is closed like a slow one (HTTP/1's head deadline only
+    // starts with the first byte).
+    let mut events = Events::new(
+        &limits,
+        None::<Pin<Box<std::future::Pending<String>>>>,
+        drain,
+    );
+    let wakes = Wakes::new();
+    std::future::poll_fn(|cx| {
+        wakes.poll(cx, |cx, rare| {
+            if let Some(rare) = rare {
+                match events.poll(&mut close, &activity, rare) {
+                    Some(Closing::Now) => return Poll::Ready(()),
+                    Some(Closing::Gracefully) => conn.as_mut().graceful_shutdown(),
+                    None => {}
+                }
             }
-            () = &mut first_request, if limits.close_silent && !activity.started.load(Ordering::Acquire) => {
-                tracing::debug!("closing a connection that sent no request in time");
-                return;
-            }
-            result = conn.as_mut() => {
+            conn.as_mut().poll(cx).map(|result| {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
-                return;
-            }
-            changed = drain.changed(), if !closing => {
-                if changed.is_err() || *drain.borrow() {
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
-                }
-            }
-            _ = tokio::time::sleep(check), if !closing => {
-                if activity.idle_for() >= limits.idle_timeout {
-                    tracing::debug!("closing an idle connection");
-                    conn.as_mut().graceful_shutdown();
-                    closing = true;
-                }
-            }
-        }
-    }
+            })
+        })
+    })
+    .await;
 }
 
 /// HTTP/2 settings of a connection served by [`connection_h2`]: hyper's server defaults, which
@@ -656,223 +642,109 @@ pub async fn connection_h2<I, S>(
         },
     };
     let activity = Arc::new(Activity::new());
-    let mut events = Events {
-        keep_alive: Box::pin(crate::pool::keep_alive(conn.ping_pong())),
-        first_request: (limits.close_silent)
-            .then(|| Box::pin(tokio::time::sleep(limits.header_read_timeout))),
-        drain: Some(Box::pin(async move {
-            let mut drain = drain;
-            // Drained, or the proxy is going away.
-            let _ = drain.wait_for(|&drained| drained).await;
-        })),
-        idle: tokio::time::interval(limits.idle_check()),
-        idle_timeout: limits.idle_timeout,
-    };
+    let keep_alive = Box::pin(crate::pool::keep_alive(conn.ping_pong()));
+    let mut events = Events::new(&limits, Some(keep_alive), drain);
     let wakes = Wakes::new();
     let mut streams = FuturesUnordered::new();
     std::future::poll_fn(|cx| {
         wakes.poll(cx, |cx, rare| {
-            if rare.is_some_and(|rare| events.poll(&mut close, &mut conn, &activity, rare)) {
-                return Poll::Ready(());
+            if let Some(rare) = rare {
+                match events.poll(&mut close, &activity, rare) {
+                    Some(Closing::Now) => return Poll::Ready(()),
+                    Some(Closing::Gracefully) => conn.graceful_shutdown(),
+                    None => {}
+                }
             }
-            serve_streams(&mut conn, &mut streams, &svc, &activity, cx, &wakes.state)
+            serve_streams(&mut conn, &mut streams, &svc, &activity, cx, &wakes)
         })
     })
     .await;
 }
 
-/// What an HTTP/2 connection waits for besides its streams, polled only when one of them woke
-/// it ([`Wakes`]).
-struct Events<K, T, D> {
-    keep_alive: Pin<Box<K>>,
-    first_request: Option<Pin<Box<T>>>,
-    drain: Option<Pin<Box<D>>>,
+/// What a served connection waits for besides its requests, polled only when one of them woke
+/// it ([`Wakes`]): the peer no longer trusted, keep-alive PINGs (HTTP/2 served with `h2`), no
+/// request in time (`close_silent`), drain, and the idle timeout.
+struct Events<K> {
+    keep_alive: Option<Pin<Box<K>>>,
+    first_request: Option<Pin<Box<tokio::time::Sleep>>>,
+    drain: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     idle: tokio::time::Interval,
     idle_timeout: Duration,
 }
 
-impl<K, T, D> Events<K, T, D>
+/// How an event closes a connection.
+enum Closing {
+    /// At once: the peer is no longer trusted, a keep-alive PING went unanswered, or no request
+    /// came in time.
+    Now,
+    /// Gracefully, once (GOAWAY, or HTTP/1's close after the request in flight): drain, or
+    /// the idle timeout.
+    Gracefully,
+}
+
+impl<K> Events<K>
 where
     K: Future<Output = String>,
-    T: Future<Output = ()>,
-    D: Future<Output = ()>,
 {
-    /// Polls each event: true when the connection is to close at once (its peer no longer
-    /// trusted, a keep-alive PING unanswered, no request in time); a drain or the idle timeout
-    /// closes it gracefully (GOAWAY, then the streams in flight finish).
-    fn poll<C, I>(
+    fn new(limits: &Limits, keep_alive: Option<Pin<Box<K>>>, drain: watch::Receiver<bool>) -> Self {
+        Self {
+            keep_alive,
+            first_request: (limits.close_silent)
+                .then(|| Box::pin(tokio::time::sleep(limits.header_read_timeout))),
+            drain: Some(Box::pin(async move {
+                let mut drain = drain;
+                // Drained, or the proxy is going away.
+                let _ = drain.wait_for(|&drained| drained).await;
+            })),
+            idle: tokio::time::interval(limits.idle_check()),
+            idle_timeout: limits.idle_timeout,
+        }
+    }
+
+    /// Polls each event, and tells whether the connection is to close.
+    fn poll<C>(
         &mut self,
         close: &mut Pin<&mut C>,
-        conn: &mut h2::server::Connection<I, Bytes>,
         activity: &Activity,
         cx: &mut Context<'_>,
-    ) -> bool
+    ) -> Option<Closing>
     where
         C: Future<Output = ()>,
-        I: AsyncRead + AsyncWrite + Unpin,
     {
         if close.as_mut().poll(cx).is_ready() {
             tracing::info!("closing a connection whose peer is no longer trusted");
-            return true;
+            return Some(Closing::Now);
         }
-        if let Poll::Ready(why) = self.keep_alive.as_mut().poll(cx) {
+        if let Some(keep_alive) = &mut self.keep_alive
+            && let Poll::Ready(why) = keep_alive.as_mut().poll(cx)
+        {
             tracing::debug!(reason = %why, "closing a connection whose client stopped answering");
-            return true;
+            return Some(Closing::Now);
         }
         if let Some(first) = &mut self.first_request {
             if activity.started.load(Ordering::Acquire) {
                 self.first_request = None;
             } else if first.as_mut().poll(cx).is_ready() {
                 tracing::debug!("closing a connection that sent no request in time");
-                return true;
+                return Some(Closing::Now);
             }
         }
-        let mut graceful = false;
-        if let Some(drain) = &mut self.drain
-            && drain.as_mut().poll(cx).is_ready()
-        {
-            graceful = true;
-        }
-        if self.drain.is_some() {
-            while self.idle.poll_tick(cx).is_ready() {
-                if activity.idle_for() >= self.idle_timeout {
-                    tracing::debug!("closing an idle connection");
-                    graceful = true;
-                }
+        self.drain.as_ref()?;
+        let mut graceful = self
+            .drain
+            .as_mut()
+            .is_some_and(|drain| drain.as_mut().poll(cx).is_ready());
+        while self.idle.poll_tick(cx).is_ready() {
+            if activity.idle_for() >= self.idle_timeout {
+                tracing::debug!("closing an idle connection");
+                graceful = true;
             }
         }
-        if graceful {
-            // Once: then only the streams in flight are waited for.
+        // Once: then only the requests in flight are waited for.
+        graceful.then(|| {
             self.drain = None;
-            conn.graceful_shutdown();
-        }
-        false
-    }
-}
-
-/// A connection task polling, not polling, or polling and woken meanwhile ([`Wakes`]).
-const IDLE: u8 = 0;
-const POLLING: u8 = 1;
-const AGAIN: u8 = 2;
-
-/// How an HTTP/2 connection served by [`connection_h2`] is woken. What the connection and its
-/// streams wait for wakes one waker; the connection's rarer events ([`Events`]) wake another,
-/// which marks them, so that each poll looks at them only when one fired. A wake while the task
-/// is polling does not schedule the task again: the poll goes round once more instead. Each
-/// call's answer queues frames, which wakes the connection, and the same poll then writes them;
-/// without this, every call would cost the task a second, empty poll.
-struct Wakes {
-    state: Arc<AtomicU8>,
-    rare_fired: Arc<AtomicBool>,
-    task: Arc<AtomicWaker>,
-    main: Waker,
-    rare: Waker,
-}
-
-struct MainWake {
-    state: Arc<AtomicU8>,
-    task: Arc<AtomicWaker>,
-}
-
-impl MainWake {
-    fn wake_task(&self) {
-        let mut now = self.state.load(Ordering::Acquire);
-        loop {
-            match now {
-                IDLE => return self.task.wake(),
-                AGAIN => return,
-                _ => match self.state.compare_exchange_weak(
-                    POLLING,
-                    AGAIN,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
-                    Ok(_) => return,
-                    Err(actual) => now = actual,
-                },
-            }
-        }
-    }
-}
-
-impl Wake for MainWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_task();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.wake_task();
-    }
-}
-
-struct RareWake {
-    fired: Arc<AtomicBool>,
-    main: MainWake,
-}
-
-impl Wake for RareWake {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.fired.store(true, Ordering::Release);
-        self.main.wake_task();
-    }
-}
-
-impl Wakes {
-    fn new() -> Self {
-        let state = Arc::new(AtomicU8::new(IDLE));
-        let task = Arc::new(AtomicWaker::new());
-        // Fired at first, so that every event is polled once and registers.
-        let rare_fired = Arc::new(AtomicBool::new(true));
-        let main = || MainWake {
-            state: state.clone(),
-            task: task.clone(),
-        };
-        Self {
-            main: Waker::from(Arc::new(main())),
-            rare: Waker::from(Arc::new(RareWake {
-                fired: rare_fired.clone(),
-                main: main(),
-            })),
-            state,
-            rare_fired,
-            task,
-        }
-    }
-
-    /// Polls `work` with the connection's waker (and, when an event fired, the events'
-    /// context) until it is ready or nothing woke it meanwhile; a bounded number of rounds, so
-    /// that a busy connection still yields to the other tasks.
-    fn poll(
-        &self,
-        cx: &mut Context<'_>,
-        mut work: impl FnMut(&mut Context<'_>, Option<&mut Context<'_>>) -> Poll<()>,
-    ) -> Poll<()> {
-        self.task.register(cx.waker());
-        self.state.store(POLLING, Ordering::Release);
-        let mut main = Context::from_waker(&self.main);
-        let mut rare = Context::from_waker(&self.rare);
-        for _ in 0..8 {
-            let fired = self.rare_fired.swap(false, Ordering::AcqRel);
-            if work(&mut main, fired.then_some(&mut rare)).is_ready() {
-                return Poll::Ready(());
-            }
-            if !self.rare_fired.load(Ordering::Acquire)
-                && self
-                    .state
-                    .compare_exchange(POLLING, IDLE, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            {
-                return Poll::Pending;
-            }
-            self.state.store(POLLING, Ordering::Release);
-        }
-        self.state.store(IDLE, Ordering::Release);
-        cx.waker().wake_by_ref();
-        Poll::Pending
+            Closing::Gracefully
+        })
     }
 }
 
@@ -885,7 +757,7 @@ fn serve_streams<I, S>(
     svc: &S,
     activity: &Arc<Activity>,
     cx: &mut Context<'_>,
-    state: &AtomicU8,
+    wakes: &Wakes,
 ) -> Poll<()>
 where
     I: AsyncRead + AsyncWrite + Unpin,
@@ -894,7 +766,7 @@ where
     while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
     // What the calls queued so far (and whatever else woke the connection until now) is
     // written by the `poll_accept` below: only a wake from here on needs another round.
-    state.store(POLLING, Ordering::Release);
+    wakes.rearm();
     loop {
         match conn.poll_accept(cx) {
             Poll::Ready(Some(Ok((req, reply)))) => {
