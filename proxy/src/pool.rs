@@ -456,6 +456,21 @@ impl PeerPool {
 /// dropped, with those the `Connection` header lists, and `TE` unless it is `trailers`. Used on
 /// the requests sent to peers and on the responses a peer gets ([`crate::serve`]).
 pub(crate) fn strip_connection_headers(headers: &mut HeaderMap) {
+    // Constant names: a `&str` key is parsed again on every lookup, and this runs per request.
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    // Most heads have none of them (a request the mesh wrote, an agent's answer): one look at
+    // each name costs less than a lookup of each of them.
+    let connection_specific = |name: &HeaderName| {
+        name == CONNECTION
+            || name == TE
+            || name == TRANSFER_ENCODING
+            || name == UPGRADE
+            || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+    };
+    if !headers.keys().any(connection_specific) {
+        return;
+    }
     if let Some(listed) = headers.remove(CONNECTION)
         && let Ok(names) = listed.to_str()
     {
@@ -465,9 +480,6 @@ pub(crate) fn strip_connection_headers(headers: &mut HeaderMap) {
             }
         }
     }
-    // Constant names: a `&str` key is parsed again on every lookup, and this runs per request.
-    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
     for name in [KEEP_ALIVE, PROXY_CONNECTION, TRANSFER_ENCODING, UPGRADE] {
         headers.remove(name);
     }
@@ -602,5 +614,66 @@ impl Body for PeerBody {
 
     fn is_end_stream(&self) -> bool {
         self.recv.is_end_stream()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    #[test]
+    fn connection_specific_headers_go_and_the_rest_stay() {
+        // A head with none of them is left as it is.
+        let mut plain = head(&[
+            ("content-type", "application/json"),
+            ("accept", "application/json, text/event-stream"),
+            ("te", "trailers"),
+            ("x-tenant", "t1"),
+        ]);
+        let before = plain.clone();
+        strip_connection_headers(&mut plain);
+        assert_eq!(plain, before);
+
+        // Each of them goes, with the names `connection` lists; `te: trailers` stays.
+        let mut h = head(&[
+            ("connection", "keep-alive, x-hop"),
+            ("x-hop", "1"),
+            ("keep-alive", "timeout=5"),
+            ("proxy-connection", "keep-alive"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("te", "trailers"),
+            ("x-tenant", "t1"),
+        ]);
+        strip_connection_headers(&mut h);
+        let mut left: Vec<_> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["te", "x-tenant"]);
+
+        // Found on its own, any one of them sets the stripping off; `te` other than
+        // `trailers` goes.
+        for name in [
+            "keep-alive",
+            "proxy-connection",
+            "upgrade",
+            "transfer-encoding",
+            "te",
+        ] {
+            let mut h = head(&[("x-tenant", "t1")]);
+            h.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static("gzip"),
+            );
+            strip_connection_headers(&mut h);
+            assert_eq!(h, head(&[("x-tenant", "t1")]), "{name} was left");
+        }
     }
 }
