@@ -59,9 +59,17 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// How often a connection checks whether it has idled past [`Limits::idle_timeout`].
-    fn idle_check(&self) -> Duration {
-        (self.idle_timeout / 4).max(Duration::from_millis(50))
+    /// How often a connection checks whether it has idled past [`Limits::idle_timeout`] and,
+    /// where `head` (HTTP/1 served by hyper), past [`Limits::header_read_timeout`] without a
+    /// whole request head: so a deadline is enforced within a quarter of itself.
+    fn idle_check(&self, head: bool) -> Duration {
+        let idle = self.idle_timeout / 4;
+        let every = if head {
+            idle.min(self.header_read_timeout / 4)
+        } else {
+            idle
+        };
+        every.max(Duration::from_millis(50))
     }
 }
 
@@ -370,11 +378,96 @@ pub async fn accept<F, Fut>(
     }
 }
 
+/// A client connection's bytes as [`connection_until`] reads them, watched until it is known
+/// what the client speaks: its first byte starts HTTP/1's head deadline ([`Activity::heard`];
+/// hyper's deadline also started there, after hyper-util's look at the first bytes), and
+/// HTTP/2's preface, byte for byte, marks the connection as HTTP/2 ([`Activity::h2`]).
+/// Afterwards each read costs one comparison.
+struct Watched<I> {
+    io: I,
+    activity: Arc<Activity>,
+    /// How many bytes of the preface the client has sent so far; [`Watched::KNOWN`] once a
+    /// byte differed or the whole preface came.
+    matched: usize,
+}
+
+impl<I> Watched<I> {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    const KNOWN: usize = usize::MAX;
+
+    fn watch(&mut self, read: &[u8]) {
+        if self.matched == 0 && !read.is_empty() {
+            self.activity.heard();
+        }
+        for &byte in read {
+            if Self::PREFACE.get(self.matched) != Some(&byte) {
+                self.matched = Self::KNOWN;
+                return;
+            }
+            self.matched += 1;
+            if self.matched == Self::PREFACE.len() {
+                self.activity.h2.store(true, Ordering::Release);
+                self.matched = Self::KNOWN;
+                return;
+            }
+        }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if self.matched != Self::KNOWN {
+            self.watch(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// Requests in flight on one connection and when the last one ended.
 #[derive(Debug)]
 struct Activity {
     /// Whether a request has arrived (a connection that sends none in time is closed).
     started: AtomicBool,
+    /// Whether the client has sent a byte ([`Watched`]).
+    heard: AtomicBool,
+    /// Whether the client opened with HTTP/2's preface ([`Watched`]).
+    h2: AtomicBool,
     open: AtomicUsize,
     /// Milliseconds since `origin` when the connection last went idle.
     idle_since: AtomicU64,
@@ -385,6 +478,8 @@ impl Activity {
     fn new() -> Self {
         Self {
             started: AtomicBool::new(false),
+            heard: AtomicBool::new(false),
+            h2: AtomicBool::new(false),
             open: AtomicUsize::new(0),
             idle_since: AtomicU64::new(0),
             origin: Instant::now(),
@@ -393,6 +488,13 @@ impl Activity {
 
     fn now_ms(&self) -> u64 {
         self.origin.elapsed().as_millis() as u64
+    }
+
+    /// The client's first byte: HTTP/1's head deadline runs from here (not from the accept,
+    /// so that a pooled client's spare connection is not closed for its silence).
+    fn heard(&self) {
+        self.idle_since.store(self.now_ms(), Ordering::Release);
+        self.heard.store(true, Ordering::Release);
     }
 
     /// How long the connection has had nothing in flight (zero while busy).
@@ -545,27 +647,33 @@ pub async fn connection_until<I, S>(
         inner: svc,
         activity: activity.clone(),
     });
+    // HTTP/1's head deadline is kept by `Events`, not by hyper, whose timer cost each request
+    // an allocation and a timer registered and removed (benches/RESULTS.md, "The head
+    // deadline without a timer per request").
     let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
     builder
         .http2()
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_streams)
         .keep_alive_interval(Some(Duration::from_secs(10)))
         .keep_alive_timeout(Duration::from_secs(20));
+    let io = Watched {
+        io,
+        activity: activity.clone(),
+        matched: 0,
+    };
     let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
     tokio::pin!(conn, close);
-    // hyper pings an HTTP/2 client itself. Where `close_silent` is set, a client that opens a
-    // connection and sends nothing is closed like a slow one (HTTP/1's head deadline only
-    // starts with the first byte).
+    // hyper pings an HTTP/2 client itself. An HTTP/1 client has the head deadline from its
+    // first byte on, and again from each answer's end (the keep-alive idle between requests).
+    // Where `close_silent` is set, a client that opens a connection and sends nothing is closed
+    // like a slow one.
     let mut events = Events::new(
         &limits,
         None::<Pin<Box<std::future::Pending<String>>>>,
         drain,
-    );
+    )
+    .with_head_deadline(&limits);
     let wakes = Wakes::new();
     std::future::poll_fn(|cx| {
         wakes.poll(cx, |cx, rare| {
@@ -670,12 +778,14 @@ struct Events<K> {
     drain: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     idle: tokio::time::Interval,
     idle_timeout: Duration,
+    /// HTTP/1's head deadline (see [`Events::with_head_deadline`]).
+    head: Option<Duration>,
 }
 
 /// How an event closes a connection.
 enum Closing {
     /// At once: the peer is no longer trusted, a keep-alive PING went unanswered, or no request
-    /// came in time.
+    /// (or no whole HTTP/1 request head) came in time.
     Now,
     /// Gracefully, once (GOAWAY, or HTTP/1's close after the request in flight): drain, or
     /// the idle timeout.
@@ -696,9 +806,21 @@ where
                 // Drained, or the proxy is going away.
                 let _ = drain.wait_for(|&drained| drained).await;
             })),
-            idle: tokio::time::interval(limits.idle_check()),
+            idle: tokio::time::interval(limits.idle_check(false)),
             idle_timeout: limits.idle_timeout,
+            head: None,
         }
+    }
+
+    /// Also closes, at once, an HTTP/1 connection whose client has not sent a whole request
+    /// head within [`Limits::header_read_timeout`] of its first byte, or of the end of its last
+    /// answer (hyper's `header_read_timeout` kept the same deadline with a timer per request).
+    /// The check runs on the idle tick, a quarter of the deadline apart. A client that opened
+    /// with HTTP/2's preface is left to hyper's HTTP/2 server, as before.
+    fn with_head_deadline(mut self, limits: &Limits) -> Self {
+        self.idle = tokio::time::interval(limits.idle_check(true));
+        self.head = Some(limits.header_read_timeout);
+        self
     }
 
     /// Polls each event, and tells whether the connection is to close.
@@ -735,7 +857,16 @@ where
             .as_mut()
             .is_some_and(|drain| drain.as_mut().poll(cx).is_ready());
         while self.idle.poll_tick(cx).is_ready() {
-            if activity.idle_for() >= self.idle_timeout {
+            let idle = activity.idle_for();
+            if let Some(head) = self.head
+                && idle >= head
+                && activity.heard.load(Ordering::Acquire)
+                && !activity.h2.load(Ordering::Acquire)
+            {
+                tracing::debug!("closing a connection whose request head did not come in time");
+                return Some(Closing::Now);
+            }
+            if idle >= self.idle_timeout {
                 tracing::debug!("closing an idle connection");
                 graceful = true;
             }
@@ -1007,6 +1138,116 @@ mod tests {
         assert_eq!(a.open.load(Ordering::Acquire), 0);
         std::thread::sleep(Duration::from_millis(20));
         assert!(a.idle_for() >= Duration::from_millis(15));
+    }
+
+    /// HTTP/1's head deadline, kept by [`Events`]: from the client's first byte and from the end
+    /// of each answer, never for a client that has sent nothing (unless `close_silent`), and
+    /// not for a client that speaks HTTP/2 with prior knowledge.
+    mod head_deadline {
+        use super::*;
+        use http_body_util::Full;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+        use tokio::task::JoinHandle;
+
+        const DEADLINE: Duration = Duration::from_millis(200);
+
+        type Answer = Pin<Box<dyn Future<Output = Result<Response<BoxBody>, Infallible>> + Send>>;
+
+        /// A connection served by [`connection`] that answers `ok` to every request.
+        fn serve() -> (DuplexStream, JoinHandle<()>, watch::Sender<bool>) {
+            let (client, server_io) = tokio::io::duplex(1 << 16);
+            let (drain, drain_rx) = watch::channel(false);
+            let svc = tower::service_fn(|_req: Request<Incoming>| -> Answer {
+                Box::pin(async {
+                    Ok(Response::new(crate::boxed(Full::new(Bytes::from_static(
+                        b"ok",
+                    )))))
+                })
+            });
+            let limits = Limits {
+                header_read_timeout: DEADLINE,
+                ..Limits::default()
+            };
+            let server = tokio::spawn(connection(server_io, svc, limits, drain_rx));
+            (client, server, drain)
+        }
+
+        /// Reads until the answer's body `ok` has come.
+        async fn answer(client: &mut DuplexStream) -> String {
+            let mut got = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !got.ends_with(b"ok") {
+                let n = client.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed before the answer: {got:?}");
+                got.extend_from_slice(&buf[..n]);
+            }
+            String::from_utf8(got).unwrap()
+        }
+
+        async fn closed_within(server: JoinHandle<()>, bound: Duration) -> Duration {
+            let began = Instant::now();
+            tokio::time::timeout(bound, server)
+                .await
+                .unwrap_or_else(|_| panic!("the connection was not closed within {bound:?}"))
+                .unwrap();
+            began.elapsed()
+        }
+
+        #[tokio::test]
+        async fn a_silent_client_waits_and_a_slow_head_or_idle_keep_alive_is_closed() {
+            let (mut client, server, _drain) = serve();
+            // Silent for twice the deadline: a pooled client's spare connection stays open.
+            tokio::time::sleep(DEADLINE * 2).await;
+            assert!(!server.is_finished(), "a silent connection was closed");
+            // A whole request is answered, and the connection idles from the answer's end.
+            client
+                .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                .await
+                .unwrap();
+            assert!(answer(&mut client).await.starts_with("HTTP/1.1 200"));
+            let idle = closed_within(server, DEADLINE * 3).await;
+            assert!(idle >= DEADLINE - Duration::from_millis(20), "{idle:?}");
+
+            // A head begun and not finished is closed from its first byte on.
+            let (mut client, server, _drain) = serve();
+            client.write_all(b"GET / HTTP/1.1\r\nho").await.unwrap();
+            let slow = closed_within(server, DEADLINE * 3).await;
+            assert!(slow >= DEADLINE - Duration::from_millis(20), "{slow:?}");
+            let mut rest = Vec::new();
+            client.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty(), "no answer to a head that never came");
+        }
+
+        #[tokio::test]
+        async fn requests_keep_a_connection_open_past_the_deadline() {
+            let (mut client, server, _drain) = serve();
+            for _ in 0..6 {
+                client
+                    .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+                    .await
+                    .unwrap();
+                answer(&mut client).await;
+                tokio::time::sleep(DEADLINE / 2).await;
+            }
+            assert!(!server.is_finished(), "closed while requests kept coming");
+        }
+
+        #[tokio::test]
+        async fn an_http2_client_is_not_held_to_the_http1_deadline() {
+            let (client, server, _drain) = serve();
+            let (sender, connection) = h2::client::handshake(client).await.unwrap();
+            let _connection = tokio::spawn(connection);
+            for _ in 0..2 {
+                let mut sender = sender.clone().ready().await.unwrap();
+                let (response, _) = sender
+                    .send_request(Request::get("http://x/").body(()).unwrap(), true)
+                    .unwrap();
+                assert_eq!(response.await.unwrap().status(), http::StatusCode::OK);
+                // Idle past the deadline between the two requests.
+                tokio::time::sleep(DEADLINE * 2).await;
+            }
+            assert!(!server.is_finished(), "an HTTP/2 connection was closed");
+        }
     }
 
     /// The HTTP/2 listener's tests: a real `h2` client on one end of an in-memory pipe,
