@@ -466,7 +466,8 @@ pub(crate) fn strip_connection_headers(headers: &mut HeaderMap) {
             || name == TE
             || name == TRANSFER_ENCODING
             || name == UPGRADE
-            || matches!(name.as_str(), "keep-alive" | "proxy-connection")
+            || name == KEEP_ALIVE
+            || name == PROXY_CONNECTION
     };
     if !headers.keys().any(connection_specific) {
         return;
