@@ -25,6 +25,7 @@ pub mod identity;
 pub mod ids;
 pub mod inbound;
 pub mod init;
+mod io;
 pub mod mcp;
 pub mod metrics;
 pub mod outbound;

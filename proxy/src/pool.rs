@@ -23,9 +23,10 @@ use http::header::{
 use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame};
 use rustls::pki_types::CertificateDer;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
+use crate::io::Watched;
 use crate::wakes::Wakes;
 
 /// Why a request to a peer got no response headers. [`PeerError::may_have_reached`] tells
@@ -115,61 +116,6 @@ impl PeerError {
 fn refused_stream(source: &h2::Error) -> bool {
     source.reason() == Some(h2::Reason::REFUSED_STREAM)
         || (source.is_go_away() && source.reason() == Some(h2::Reason::NO_ERROR))
-}
-
-/// The TLS stream to a peer, noting whether the peer has sent it anything. An HTTP/2 server
-/// sends its SETTINGS before it serves a stream, so a connection that failed before a single
-/// byte came back was never accepted (with TLS 1.3 a server that refuses the client's
-/// certificate says so only after the client sent its first request): nothing on it reached
-/// an agent.
-struct Heard<T> {
-    io: T,
-    heard: Arc<AtomicBool>,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Heard<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        if buf.filled().len() > before {
-            self.heard.store(true, Ordering::Release);
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Heard<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
 }
 
 /// One pooled connection: its sender, whether the peer has spoken on it, and whether it has
@@ -303,10 +249,15 @@ impl PeerPool {
                 .peer_certificates()
                 .map(|c| c.to_vec())
                 .unwrap_or_default();
+            // Whether the peer has sent anything. An HTTP/2 server sends its SETTINGS before it
+            // serves a stream, so a connection that failed before a single byte came back was
+            // never accepted (with TLS 1.3 a server that refuses the client's certificate says
+            // so only after the client sent its first request): nothing on it reached an agent.
             let heard = Arc::new(AtomicBool::new(false));
-            let tls = Heard {
+            let told = heard.clone();
+            let tls = Watched {
                 io: tls,
-                heard: heard.clone(),
+                seen: move |_: &[u8]| told.store(true, Ordering::Release),
             };
             let (sender, mut connection) = h2::client::Builder::new()
                 .initial_window_size(1024 * 1024)

@@ -36,6 +36,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tower::Service;
 
 use crate::BoxBody;
+use crate::io::Watched;
 use crate::pool::PeerBody;
 use crate::wakes::Wakes;
 
@@ -378,25 +379,26 @@ pub async fn accept<F, Fut>(
     }
 }
 
-/// A client connection's bytes as [`connection_until`] reads them, watched until it is known
-/// what the client speaks: its first byte starts HTTP/1's head deadline ([`Activity::heard`];
-/// hyper's deadline also started there, after hyper-util's look at the first bytes), and
-/// HTTP/2's preface, byte for byte, marks the connection as HTTP/2 ([`Activity::h2`]).
-/// Afterwards each read costs one comparison.
-struct Watched<I> {
-    io: I,
+/// What [`connection_until`] learns from its client's first bytes: the first byte starts
+/// HTTP/1's head deadline ([`Activity::heard`]; hyper's deadline also started there, after
+/// hyper-util's look at the first bytes), and HTTP/2's preface, byte for byte, marks the
+/// connection as HTTP/2 ([`Activity::h2`]). Once it knows, each read costs one comparison.
+struct FirstBytes {
     activity: Arc<Activity>,
-    /// How many bytes of the preface the client has sent so far; [`Watched::KNOWN`] once a
+    /// How many bytes of the preface the client has sent so far; [`FirstBytes::KNOWN`] once a
     /// byte differed or the whole preface came.
     matched: usize,
 }
 
-impl<I> Watched<I> {
+impl FirstBytes {
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
     const KNOWN: usize = usize::MAX;
 
-    fn watch(&mut self, read: &[u8]) {
-        if self.matched == 0 && !read.is_empty() {
+    fn seen(&mut self, read: &[u8]) {
+        if self.matched == Self::KNOWN {
+            return;
+        }
+        if self.matched == 0 {
             self.activity.heard();
         }
         for &byte in read {
@@ -414,59 +416,14 @@ impl<I> Watched<I> {
     }
 }
 
-impl<I: AsyncRead + Unpin> AsyncRead for Watched<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        if self.matched != Self::KNOWN {
-            self.watch(&buf.filled()[before..]);
-        }
-        polled
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
-}
-
 /// Requests in flight on one connection and when the last one ended.
 #[derive(Debug)]
 struct Activity {
     /// Whether a request has arrived (a connection that sends none in time is closed).
     started: AtomicBool,
-    /// Whether the client has sent a byte ([`Watched`]).
+    /// Whether the client has sent a byte ([`FirstBytes`]).
     heard: AtomicBool,
-    /// Whether the client opened with HTTP/2's preface ([`Watched`]).
+    /// Whether the client opened with HTTP/2's preface ([`FirstBytes`]).
     h2: AtomicBool,
     open: AtomicUsize,
     /// Milliseconds since `origin` when the connection last went idle.
@@ -657,10 +614,13 @@ pub async fn connection_until<I, S>(
         .max_concurrent_streams(limits.max_streams)
         .keep_alive_interval(Some(Duration::from_secs(10)))
         .keep_alive_timeout(Duration::from_secs(20));
-    let io = Watched {
-        io,
+    let mut first = FirstBytes {
         activity: activity.clone(),
         matched: 0,
+    };
+    let io = Watched {
+        io,
+        seen: move |read: &[u8]| first.seen(read),
     };
     let conn = builder.serve_connection(TokioIo::new(io), svc).into_owned();
     tokio::pin!(conn, close);
