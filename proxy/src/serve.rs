@@ -632,8 +632,8 @@ pub async fn connection_until<I, S>(
         &limits,
         None::<Pin<Box<std::future::Pending<String>>>>,
         drain,
-    )
-    .with_head_deadline(&limits);
+        Some(limits.header_read_timeout),
+    );
     let wakes = Wakes::new();
     std::future::poll_fn(|cx| {
         wakes.poll(cx, |cx, rare| {
@@ -711,7 +711,7 @@ pub async fn connection_h2<I, S>(
     };
     let activity = Arc::new(Activity::new());
     let keep_alive = Box::pin(crate::pool::keep_alive(conn.ping_pong()));
-    let mut events = Events::new(&limits, Some(keep_alive), drain);
+    let mut events = Events::new(&limits, Some(keep_alive), drain, None);
     let wakes = Wakes::new();
     let mut streams = FuturesUnordered::new();
     std::future::poll_fn(|cx| {
@@ -738,7 +738,7 @@ struct Events<K> {
     drain: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     idle: tokio::time::Interval,
     idle_timeout: Duration,
-    /// HTTP/1's head deadline (see [`Events::with_head_deadline`]).
+    /// HTTP/1's head deadline (see [`Events::new`]).
     head: Option<Duration>,
 }
 
@@ -756,7 +756,18 @@ impl<K> Events<K>
 where
     K: Future<Output = String>,
 {
-    fn new(limits: &Limits, keep_alive: Option<Pin<Box<K>>>, drain: watch::Receiver<bool>) -> Self {
+    /// The events of one connection. With `head` (HTTP/1 served by hyper), an HTTP/1
+    /// connection whose client has not sent a whole request head within it, counted from its
+    /// first byte or from the end of its last answer, is also closed at once (hyper's
+    /// `header_read_timeout` kept the same deadline with a timer per request). That check runs
+    /// on the idle tick, a quarter of the deadline apart, also while the connection drains. A
+    /// client that opened with HTTP/2's preface is left to hyper's HTTP/2 server, as before.
+    fn new(
+        limits: &Limits,
+        keep_alive: Option<Pin<Box<K>>>,
+        drain: watch::Receiver<bool>,
+        head: Option<Duration>,
+    ) -> Self {
         Self {
             keep_alive,
             first_request: (limits.close_silent)
@@ -766,21 +777,10 @@ where
                 // Drained, or the proxy is going away.
                 let _ = drain.wait_for(|&drained| drained).await;
             })),
-            idle: tokio::time::interval(limits.idle_check(false)),
+            idle: tokio::time::interval(limits.idle_check(head.is_some())),
             idle_timeout: limits.idle_timeout,
-            head: None,
+            head,
         }
-    }
-
-    /// Also closes, at once, an HTTP/1 connection whose client has not sent a whole request
-    /// head within [`Limits::header_read_timeout`] of its first byte, or of the end of its last
-    /// answer (hyper's `header_read_timeout` kept the same deadline with a timer per request).
-    /// The check runs on the idle tick, a quarter of the deadline apart. A client that opened
-    /// with HTTP/2's preface is left to hyper's HTTP/2 server, as before.
-    fn with_head_deadline(mut self, limits: &Limits) -> Self {
-        self.idle = tokio::time::interval(limits.idle_check(true));
-        self.head = Some(limits.header_read_timeout);
-        self
     }
 
     /// Polls each event, and tells whether the connection is to close.
@@ -811,13 +811,13 @@ where
                 return Some(Closing::Now);
             }
         }
-        self.drain.as_ref()?;
         let mut graceful = self
             .drain
             .as_mut()
             .is_some_and(|drain| drain.as_mut().poll(cx).is_ready());
         while self.idle.poll_tick(cx).is_ready() {
             let idle = activity.idle_for();
+            // Also while draining: hyper's graceful close waits for a first request's head.
             if let Some(head) = self.head
                 && idle >= head
                 && activity.heard.load(Ordering::Acquire)
@@ -826,7 +826,7 @@ where
                 tracing::debug!("closing a connection whose request head did not come in time");
                 return Some(Closing::Now);
             }
-            if idle >= self.idle_timeout {
+            if self.drain.is_some() && idle >= self.idle_timeout {
                 tracing::debug!("closing an idle connection");
                 graceful = true;
             }
@@ -1176,6 +1176,16 @@ mod tests {
             let mut rest = Vec::new();
             client.read_to_end(&mut rest).await.unwrap();
             assert!(rest.is_empty(), "no answer to a head that never came");
+        }
+
+        #[tokio::test]
+        async fn a_slow_head_is_closed_at_its_deadline_while_the_listener_drains() {
+            let (mut client, server, drain) = serve();
+            client.write_all(b"GET / HTTP/1.1\r\nho").await.unwrap();
+            tokio::time::sleep(DEADLINE / 4).await;
+            drain.send_replace(true);
+            let slow = closed_within(server, DEADLINE * 3).await;
+            assert!(slow >= DEADLINE / 2, "{slow:?}");
         }
 
         #[tokio::test]
