@@ -209,8 +209,8 @@ enum Added {
 impl Added {
     fn text(self) -> &'static str {
         match self {
-            Self::Met => "met",
-            Self::Missed => "**missed**",
+            Self::Met => verdict(true),
+            Self::Missed => verdict(false),
             Self::NoReading => "no reading",
         }
     }
