@@ -1,7 +1,7 @@
 //! The bottom of every outbound stack: writes the attempt's request for its endpoint and sends
 //! it over the peer pool's mutual TLS.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use bytes::Bytes;
 use capmesh_api::Endpoint;
@@ -51,6 +51,9 @@ impl Handler<Attempt> for PeerClient {
     }
 }
 
+/// The path every call and message to a provider's proxy takes, parsed once.
+static CALL: LazyLock<PathAndQuery> = LazyLock::new(|| PathAndQuery::from_static(CALL_PATH));
+
 /// The request `call` becomes when sent to `ep`.
 pub fn request_for(call: &CallSpec, ep: &Endpoint) -> Result<Request<Bytes>, ProxyError> {
     let (path, body) = match &call.upstream {
@@ -59,7 +62,7 @@ pub fn request_for(call: &CallSpec, ep: &Endpoint) -> Result<Request<Bytes>, Pro
             request_state,
             ..
         } => (
-            PathAndQuery::from_static(CALL_PATH),
+            CALL.clone(),
             tool_call_body(
                 &call.body,
                 &ep.function,
@@ -67,7 +70,7 @@ pub fn request_for(call: &CallSpec, ep: &Endpoint) -> Result<Request<Bytes>, Pro
                 request_state.as_ref(),
             )?,
         ),
-        Upstream::Message => (PathAndQuery::from_static(CALL_PATH), call.body.clone()),
+        Upstream::Message => (CALL.clone(), call.body.clone()),
         Upstream::Passthrough { query, .. } => (
             PathAndQuery::try_from(format!("{PASSTHROUGH_PATH}{query}"))
                 .map_err(|e| ProxyError::Internal(format!("passthrough query {query}: {e}")))?,
