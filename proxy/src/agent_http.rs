@@ -222,7 +222,8 @@ fn encode(req: &Request<Bytes>, addr: &str) -> (Vec<u8>, Bytes) {
     }
 }
 
-fn header_line(w: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+/// One header field of an HTTP/1.1 head.
+pub(crate) fn header_line(w: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     w.extend_from_slice(name);
     w.extend_from_slice(b": ");
     w.extend_from_slice(value);
@@ -230,7 +231,7 @@ fn header_line(w: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 /// `n` in decimal, written at the end of `out`.
-fn decimal(mut n: usize, out: &mut [u8; 20]) -> &[u8] {
+pub(crate) fn decimal(mut n: usize, out: &mut [u8; 20]) -> &[u8] {
     let mut at = out.len();
     loop {
         at -= 1;
@@ -583,7 +584,8 @@ fn take_line(buf: &mut BytesMut, max: usize) -> Result<Option<BytesMut>, ()> {
     Ok(Some(line))
 }
 
-fn parse_decimal(s: &[u8]) -> Option<u64> {
+/// A length field's value: ASCII digits only, at most 19 of them.
+pub(crate) fn parse_decimal(s: &[u8]) -> Option<u64> {
     if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
         return None;
     }

@@ -40,6 +40,8 @@ use crate::io::Watched;
 use crate::pool::PeerBody;
 use crate::wakes::Wakes;
 
+pub mod h1;
+
 /// What a listener allows each client.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {

@@ -5,10 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::serve::h1::AgentBody;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
-use hyper::body::Incoming;
 
 use crate::error::ProxyError;
 use crate::mcp::classify;
@@ -43,9 +43,9 @@ fn session(headers: &HeaderMap) -> Result<&str, ProxyError> {
         .ok_or(ProxyError::MissingSession)
 }
 
-impl Handler<Request<Incoming>> for Listen {
+impl Handler<Request<AgentBody>> for Listen {
     type Response = Response<BoxBody>;
-    fn serve(self, req: Request<Incoming>) -> impl Handled<Response<BoxBody>> {
+    fn serve(self, req: Request<AgentBody>) -> impl Handled<Response<BoxBody>> {
         let result = match *req.method() {
             Method::DELETE => self.end(req.headers()),
             _ => self.stream(req.headers()),

@@ -23,8 +23,8 @@ pub mod transparent;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::serve::h1::AgentBody;
 use http::{Method, Request, Response};
-use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tower::ServiceBuilder;
@@ -40,7 +40,7 @@ use crate::stack::{
 use crate::{BoxBody, Proxy, trace};
 
 /// The outbound listener's stack, top to bottom.
-pub fn stack(proxy: &Arc<Proxy>) -> impl ConnService {
+pub fn stack(proxy: &Arc<Proxy>) -> impl ConnService<AgentBody> {
     ServiceBuilder::new()
         // Errors become JSON-RPC error responses here, and only here.
         .layer(RespondLayer)
@@ -54,7 +54,7 @@ pub fn stack(proxy: &Arc<Proxy>) -> impl ConnService {
 }
 
 /// `POST /mcp`.
-fn federated_stack(proxy: &Arc<Proxy>) -> impl Next<Request<Incoming>, Response<BoxBody>> {
+fn federated_stack(proxy: &Arc<Proxy>) -> impl Next<Request<AgentBody>, Response<BoxBody>> {
     ServiceBuilder::new()
         // A bounded body: the mesh reads every message it answers or routes.
         .layer(Stage(ReadBody { limit: MAX_REQUEST }))
@@ -83,7 +83,7 @@ fn federated_stack(proxy: &Arc<Proxy>) -> impl Next<Request<Incoming>, Response<
 }
 
 /// `/capabilities/<capability>/mcp`.
-fn passthrough_stack(proxy: &Arc<Proxy>) -> impl Next<Request<Incoming>, Response<BoxBody>> {
+fn passthrough_stack(proxy: &Arc<Proxy>) -> impl Next<Request<AgentBody>, Response<BoxBody>> {
     ServiceBuilder::new()
         // Bounded, so that it can be authorized on the other side and sent again.
         .layer(Stage(ReadBody { limit: MAX_REQUEST }))
@@ -102,14 +102,14 @@ struct Router<F, L, P> {
     passthrough: P,
 }
 
-impl<F, L, P> Handler<Request<Incoming>> for Router<F, L, P>
+impl<F, L, P> Handler<Request<AgentBody>> for Router<F, L, P>
 where
-    F: Next<Request<Incoming>, Response<BoxBody>>,
-    L: Next<Request<Incoming>, Response<BoxBody>>,
-    P: Next<Request<Incoming>, Response<BoxBody>>,
+    F: Next<Request<AgentBody>, Response<BoxBody>>,
+    L: Next<Request<AgentBody>, Response<BoxBody>>,
+    P: Next<Request<AgentBody>, Response<BoxBody>>,
 {
     type Response = Response<BoxBody>;
-    fn serve(self, req: Request<Incoming>) -> impl Handled<Response<BoxBody>> {
+    fn serve(self, req: Request<AgentBody>) -> impl Handled<Response<BoxBody>> {
         let path = req.uri().path();
         if path == "/mcp" {
             return match *req.method() {
@@ -150,7 +150,7 @@ pub async fn serve(
             if let Some(dst) = transparent::original_dst(&tcp) {
                 transparent::serve(proxy, tcp, dst, limits, drain).await;
             } else {
-                crate::serve::connection(tcp, svc, limits, drain).await;
+                crate::serve::h1::connection(tcp, svc, limits, drain, MAX_REQUEST).await;
             }
         }
     };
