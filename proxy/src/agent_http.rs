@@ -377,10 +377,7 @@ fn parse_head_with<const N: usize>(buf: &mut BytesMut) -> Result<Option<Head>, E
         let value = HeaderValue::from_maybe_shared(head.slice(v0..v1))
             .map_err(|_| Error::Malformed(format!("header {name}'s value is not valid")))?;
         if name == CONNECTION {
-            close |= value
-                .as_bytes()
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            close |= has_close(value.as_bytes());
         }
         headers.append(name, value);
     }
@@ -390,6 +387,13 @@ fn parse_head_with<const N: usize>(buf: &mut BytesMut) -> Result<Option<Head>, E
         headers,
         keep_alive: !close,
     }))
+}
+
+/// Whether a `connection` field's value names `close`.
+pub(crate) fn has_close(value: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
 }
 
 /// How an answer's body ends (RFC 9112 §6.3), and the decoder that takes it off the bytes

@@ -36,7 +36,7 @@ use tokio::sync::watch;
 
 use super::{Activity, Closing, ConnService, Events, InFlight, Limits};
 use crate::BoxBody;
-use crate::agent_http::{decimal, header_line as line, parse_decimal};
+use crate::agent_http::{decimal, has_close, header_line as line, parse_decimal};
 use crate::io::Rewind;
 use crate::wakes::Wakes;
 
@@ -51,6 +51,8 @@ const FIELDS: usize = 32;
 const READ_ROOM: usize = 8 * 1024;
 /// An answer's body frame larger than this is written on its own, not copied behind the head.
 const INLINE_BODY: usize = 16 * 1024;
+/// The most of an answer gathered before it is written.
+const OUT_ROOM: usize = 64 * 1024;
 
 /// Serves one connection of the outbound listener with `svc` under `limits` until it closes or
 /// `drain` turns true (then gracefully); requests with a body over `max_body` go to hyper,
@@ -91,14 +93,41 @@ pub async fn connection<S>(
         })
     })
     .await;
-    if let Some(Served::Handover(io, read)) = outcome {
+    let Some(Served::Handover(io, read)) = outcome else {
+        return;
+    };
+    let io = Rewind {
+        prefix: read.freeze(),
+        io,
+    };
+    if !closing.load(Ordering::Acquire) {
         let svc =
             tower::util::MapRequest::new(svc, |req: Request<Incoming>| req.map(AgentBody::Left));
-        let io = Rewind {
-            prefix: read.freeze(),
-            io,
-        };
         super::connection_until(io, svc, limits, drain, std::future::pending()).await;
+        return;
+    }
+    // Draining already, with a request on its way (a connection with nothing read is not
+    // handed over while draining): hyper, told at once, would close the connection before it
+    // read that request. It is told once the request has reached the stack, and then closes
+    // after the answer, as this server does.
+    let reached = Arc::new(tokio::sync::Notify::new());
+    let svc = {
+        let reached = reached.clone();
+        tower::util::MapRequest::new(svc, move |req: Request<Incoming>| {
+            reached.notify_one();
+            req.map(AgentBody::Left)
+        })
+    };
+    let (tell, told) = watch::channel(false);
+    let later = async move {
+        reached.notified().await;
+        let _ = tell.send(true);
+        // Kept, so that hyper's drain does not see the sender gone.
+        std::future::pending::<()>().await;
+    };
+    tokio::select! {
+        () = super::connection_until(io, svc, limits, told, std::future::pending()) => {}
+        () = later => {}
     }
 }
 
@@ -155,7 +184,8 @@ where
         activity.open.fetch_add(1, Ordering::AcqRel);
         let in_flight = InFlight(activity.clone());
         while buf.len() < head.length {
-            buf.reserve(head.length - buf.len());
+            // Room as the body comes, not all its claimed length at once.
+            buf.reserve((head.length - buf.len()).min(READ_ROOM * 8));
             match poll_fn(|cx| poll_fill(&mut io, &mut buf, cx)).await {
                 Ok(0) | Err(_) => return Served::Closed,
                 Ok(_) => {}
@@ -170,7 +200,12 @@ where
         let Some(response) = answer(call, &mut io, &mut buf).await else {
             return Served::Closed;
         };
-        let close = head.close || closing.load(Ordering::Acquire);
+        let close = head.close
+            || closing.load(Ordering::Acquire)
+            || response
+                .headers()
+                .get(CONNECTION)
+                .is_some_and(|v| has_close(v.as_bytes()));
         match respond(&mut io, &mut buf, response, close).await {
             Ok(true) => drop(in_flight),
             Ok(false) | Err(_) => return Served::Closed,
@@ -301,6 +336,11 @@ async fn respond(
                 if chunked {
                     out.extend_from_slice(b"\r\n");
                 }
+                // A body whose frames are all there at once is still written as it goes.
+                if out.len() >= OUT_ROOM {
+                    io.write_all(&out).await?;
+                    out.clear();
+                }
             }
             Some(Err(e)) => {
                 tracing::debug!(error = %e, "an answer's body failed");
@@ -370,15 +410,14 @@ fn date(with: impl FnOnce(&[u8])) {
     thread_local! {
         static NOW: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
     }
-    let now = SystemTime::now();
-    let second = now
+    let second = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .as_secs();
     NOW.with_borrow_mut(|(at, text)| {
         if *at != second {
             *at = second;
-            *text = httpdate::fmt_http_date(now);
+            *text = httpdate::fmt_http_date(UNIX_EPOCH + Duration::from_secs(second));
         }
         with(text.as_bytes());
     });
@@ -449,10 +488,7 @@ pub fn parse(buf: &mut BytesMut, max_body: usize) -> Parsed {
         {
             return Parsed::Other;
         } else if name.eq_ignore_ascii_case(b"connection") {
-            close |= field
-                .value
-                .split(|&b| b == b',')
-                .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+            close |= has_close(field.value);
         }
     }
     // Where the path and each field lie in the head, so that they can share its bytes.
@@ -706,6 +742,7 @@ mod tests {
         for want in ["one", "two", "three"] {
             assert_eq!(s.answer().await.1, want);
         }
+        assert!(s.seen().iter().all(|(_, read_here, _)| *read_here));
     }
 
     #[tokio::test]
@@ -875,6 +912,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_request_for_hyper_still_arriving_when_the_drain_begins_is_answered() {
+        let mut s = serve(echo).await;
+        s.send("GET /mcp HTTP/1.1\r\nhost: h\r\n").await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s.drain.send(true).unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        s.send("\r\n").await;
+        let (head, body) = s.answer().await;
+        assert_eq!((head.status, body.as_str()), (StatusCode::OK, ""));
+        // Then closed (hyper may have written the answer before it heard of the drain, so
+        // without `connection: close`).
+        assert!(s.closed_within(Duration::from_secs(2)).await);
+        assert_eq!(s.seen(), [("GET /mcp".into(), false, "".into())]);
+    }
+
+    #[tokio::test]
     async fn a_slow_head_and_an_idle_keep_alive_are_closed_at_the_head_deadline() {
         // Silent: a pooled client's spare connection stays open.
         let mut silent = serve(echo).await;
@@ -889,10 +942,11 @@ mod tests {
         assert!(slow.seen().is_empty());
 
         let mut kept = serve(echo).await;
+        let asked = Instant::now();
         kept.send(&post("one", "")).await;
         kept.answer().await;
-        let answered = Instant::now();
         assert!(kept.closed_within(DEADLINE * 3).await);
-        assert!(answered.elapsed() >= DEADLINE);
+        // From the answer's end, which came after the request was sent.
+        assert!(asked.elapsed() >= DEADLINE);
     }
 }
