@@ -93,14 +93,38 @@ pub async fn connection<S>(
         })
     })
     .await;
-    let Some(Served::Handover(io, read)) = outcome else {
-        return;
-    };
+    if let Some(Served::Handover(io, read)) = outcome {
+        // Boxed: hyper's connection is large, and a connection's future is moved whole into
+        // its task when the task is spawned (every connection pays for what is inline).
+        Box::pin(hand_over(
+            io,
+            read,
+            svc,
+            limits,
+            drain,
+            closing.load(Ordering::Acquire),
+        ))
+        .await;
+    }
+}
+
+/// Serves the rest of a connection with hyper (see the module docs): `read` is what was read of
+/// it, and `closing` whether the listener began to drain or the connection idled out.
+async fn hand_over<S>(
+    io: TcpStream,
+    read: BytesMut,
+    svc: S,
+    limits: Limits,
+    drain: watch::Receiver<bool>,
+    closing: bool,
+) where
+    S: ConnService<AgentBody>,
+{
     let io = Rewind {
         prefix: read.freeze(),
         io,
     };
-    if !closing.load(Ordering::Acquire) {
+    if !closing {
         let svc =
             tower::util::MapRequest::new(svc, |req: Request<Incoming>| req.map(AgentBody::Left));
         super::connection_until(io, svc, limits, drain, std::future::pending()).await;
