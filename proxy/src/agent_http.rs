@@ -355,19 +355,8 @@ fn parse_head_with<const N: usize>(buf: &mut BytesMut) -> Result<Option<Head>, E
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or_else(|| Error::Malformed("no valid status code".into()))?;
     // Where each field lies in the head, so that values can share the head's bytes.
-    let start = buf.as_ptr() as usize;
-    let mut at = [(0usize, 0usize, 0usize, 0usize); N];
+    let at = field_spans::<N>(buf, parsed.headers);
     let count = parsed.headers.len();
-    for (slot, field) in at.iter_mut().zip(parsed.headers.iter()) {
-        let name = field.name.as_ptr() as usize - start;
-        let value = field.value.as_ptr() as usize - start;
-        *slot = (
-            name,
-            name + field.name.len(),
-            value,
-            value + field.value.len(),
-        );
-    }
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
     let mut close = version == Version::HTTP_10;
@@ -394,6 +383,27 @@ pub(crate) fn has_close(value: &[u8]) -> bool {
     value
         .split(|&b| b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
+}
+
+/// Where each of `fields`, parsed from `head`, lies in it (name start and end, value start and
+/// end), so that once the head is frozen its fields can share its bytes. Up to `N` fields.
+pub(crate) fn field_spans<const N: usize>(
+    head: &[u8],
+    fields: &[httparse::Header<'_>],
+) -> [(usize, usize, usize, usize); N] {
+    let start = head.as_ptr() as usize;
+    let mut at = [(0, 0, 0, 0); N];
+    for (slot, field) in at.iter_mut().zip(fields) {
+        let name = field.name.as_ptr() as usize - start;
+        let value = field.value.as_ptr() as usize - start;
+        *slot = (
+            name,
+            name + field.name.len(),
+            value,
+            value + field.value.len(),
+        );
+    }
+    at
 }
 
 /// How an answer's body ends (RFC 9112 §6.3), and the decoder that takes it off the bytes

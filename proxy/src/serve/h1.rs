@@ -36,7 +36,7 @@ use tokio::sync::watch;
 
 use super::{Activity, Closing, ConnService, Events, InFlight, Limits};
 use crate::BoxBody;
-use crate::agent_http::{decimal, has_close, header_line as line, parse_decimal};
+use crate::agent_http::{decimal, field_spans, has_close, header_line as line, parse_decimal};
 use crate::io::Rewind;
 use crate::wakes::Wakes;
 
@@ -516,21 +516,10 @@ pub fn parse(buf: &mut BytesMut, max_body: usize) -> Parsed {
         }
     }
     // Where the path and each field lie in the head, so that they can share its bytes.
-    let start = buf.as_ptr() as usize;
-    let path_at = (path.as_ptr() as usize - start, path.len());
+    let path_at = (path.as_ptr() as usize - buf.as_ptr() as usize, path.len());
     let is_mcp = path == "/mcp";
-    let mut at = [(0usize, 0usize, 0usize, 0usize); FIELDS];
+    let at = field_spans::<FIELDS>(buf, parsed.headers);
     let count = parsed.headers.len();
-    for (slot, field) in at.iter_mut().zip(parsed.headers.iter()) {
-        let name = field.name.as_ptr() as usize - start;
-        let value = field.value.as_ptr() as usize - start;
-        *slot = (
-            name,
-            name + field.name.len(),
-            value,
-            value + field.value.len(),
-        );
-    }
     let uri = if is_mcp {
         Some(MCP.clone())
     } else {
