@@ -5,13 +5,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::serve::h1::AgentBody;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 
 use crate::error::ProxyError;
 use crate::mcp::classify;
+use crate::serve::h1::AgentBody;
 use crate::stack::{Handled, Handler};
 use crate::{BoxBody, Proxy, boxed};
 

@@ -23,7 +23,6 @@ pub mod transparent;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::serve::h1::AgentBody;
 use http::{Method, Request, Response};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -33,6 +32,7 @@ pub use self::sessions::Sessions;
 use crate::contract::MAX_REQUEST;
 use crate::error::ProxyError;
 use crate::forward;
+use crate::serve::h1::AgentBody;
 use crate::serve::{ConnService, Limits};
 use crate::stack::{
     Either, Handled, Handler, Next, ReadBody, RespondLayer, Stage, Terminal, call, refuse,

@@ -701,6 +701,13 @@ mod tests {
                     .is_ok()
         }
 
+        /// Waits until the stack has been given a request.
+        async fn called(&self) {
+            while self.seen.lock().unwrap().is_empty() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+
         fn seen(&self) -> Vec<(String, bool, String)> {
             self.seen
                 .lock()
@@ -878,9 +885,7 @@ mod tests {
         }
         let mut s = serve(never).await;
         s.send(&post("hang", "")).await;
-        while s.seen.lock().unwrap().is_empty() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        s.called().await;
         let Served { client, server, .. } = s;
         drop(client);
         // The call's future is dropped, and with it what it held.
@@ -912,9 +917,7 @@ mod tests {
         }
         let mut busy = serve(held).await;
         busy.send(&post("late", "")).await;
-        while busy.seen.lock().unwrap().is_empty() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        busy.called().await;
         busy.drain.send(true).unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
         release.send(()).unwrap();
